@@ -1,0 +1,171 @@
+"""What every reconstruction model tells the rest of spark3r.
+
+Two narrow interfaces live here:
+
+* `Adapter`: what `spark3r.reduce` needs to patch a model's global attention. It works by module *name*, so the same
+  adapter patches our model classes and upstream-built model objects alike (both use the official names).
+* `ReconstructionModel`: our model classes run their alternating trunk as a list of *steps* over a `TrunkState`, so the
+  profiler can cache the state entering any global layer and resume the forward from there.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from spark3r.errors import Spark3rError
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """How the S*P tokens entering a global attention layer are laid out, frame-major.
+
+    Each frame holds `tokens_per_frame` = `n_special` + `grid_h` * `grid_w` tokens: first its special tokens (camera,
+    registers), then its patch tokens in row-major order. Frame 0 is the reference frame.
+    """
+
+    frames: int
+    n_special: int
+    grid_h: int
+    grid_w: int
+
+    @property
+    def patches_per_frame(self) -> int:
+        return self.grid_h * self.grid_w
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.n_special + self.patches_per_frame
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * self.tokens_per_frame
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """`count` identical transformer blocks, for the FLOP model.
+
+    sequence: what one attention sequence spans: "frame" (one frame's tokens), "global" (all frames' tokens: the
+    reducible layers), "special" (only the special tokens of all frames, VGGT-Omega's register layers) or "camera"
+    (one token per frame, as in camera-head trunks).
+    """
+
+    name: str
+    count: int
+    width: int
+    mlp_hidden: int
+    sequence: str
+    tokens_per_frame: int
+    mlp_matrices: int = 2  # 3 for SwiGLU
+
+
+@dataclass(frozen=True)
+class FlopConfig:
+    """The numbers the FLOP model needs for one model config at one image size.
+
+    groups: every block list of the model (encoder, frame, global, head trunks).
+    other_flops_per_frame: dense per-frame cost of everything that is not a transformer block (patch embedding, DPT
+    convolutions, head MLPs), counted once by the model; never reduced.
+    """
+
+    layout_n_special: int
+    tokens_per_frame: int
+    groups: tuple[BlockGroup, ...]
+    other_flops_per_frame: float
+
+
+@dataclass
+class Adapter:
+    """Where a model's reducible global attention is and how its tokens are laid out.
+
+    `global_attention` holds the dotted names of the attention modules (each with `qkv`, `q_norm`, `k_norm`, `proj`,
+    `num_heads` and optionally `rope`, as in `spark3r.models.blocks.Attention`), in global-layer order 0..L-1.
+    """
+
+    model_name: str
+    global_attention: list[str]
+    n_special: int
+    patch_size: int
+    rope_in_global: bool = True
+    image_arg: str = "images"
+
+    @property
+    def num_global_layers(self) -> int:
+        return len(self.global_attention)
+
+    def modules(self, model: nn.Module) -> list[nn.Module]:
+        """The global attention modules of `model`, in order; a clear error if a name is missing."""
+        named = dict(model.named_modules())
+        missing = [name for name in self.global_attention if name not in named]
+        if missing:
+            raise Spark3rError(
+                f"this model has no module {missing[0]!r}: it is not a {self.model_name} model "
+                f"(build it with spark3r.load_model({self.model_name!r}) or pass the adapter of its family)"
+            )
+        return [named[name] for name in self.global_attention]
+
+    def layout(self, images: torch.Tensor) -> FrameLayout:
+        """Frame layout for preprocessed `images` [B, S, 3, H, W] (or [S, 3, H, W])."""
+        if images.dim() == 4:
+            images = images[None]
+        _, frames, _, height, width = images.shape
+        return FrameLayout(frames, self.n_special, height // self.patch_size, width // self.patch_size)
+
+
+@dataclass
+class TrunkState:
+    """The alternating trunk between two steps.
+
+    tokens: [B, S, P, C] residual stream (fp32, as upstream).
+    step:   index of the next step to run.
+    taps:   step outputs the heads read, keyed by layer index (e.g. VGGT's 4, 11, 17, 23), [B, S, P, 2C].
+    extras: model-specific tensors that do not change step to step (positions, view order, frame-block output).
+    """
+
+    tokens: torch.Tensor
+    step: int = 0
+    taps: dict[int, torch.Tensor] = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+    def copy(self) -> "TrunkState":
+        """A copy that later steps can advance without touching this one (tensors are never mutated in place)."""
+        return dataclasses.replace(self, taps=dict(self.taps), extras=dict(self.extras))
+
+
+class ReconstructionModel(nn.Module):
+    """Base of our model classes: `forward(images) = decode(run_steps(prepare(images)), images)`.
+
+    Subclasses define `prepare`, `run_steps`, `decode`, `num_steps`, `global_layer_steps` (the step index at which each
+    global layer's block runs), `adapter` and `flop_config`. Outputs are a dict of tensors with at least:
+      depth [B, S, H, W], depth_conf [B, S, H, W], points [B, S, H, W, 3] (reference-frame or world coordinates),
+      extrinsics [B, S, 3, 4] (world-to-camera, OpenCV), intrinsics [B, S, 3, 3].
+    """
+
+    config: object
+    adapter: Adapter
+
+    def prepare(self, images: torch.Tensor) -> TrunkState:
+        raise NotImplementedError
+
+    def run_steps(self, state: TrunkState, stop: int | None = None) -> TrunkState:
+        raise NotImplementedError
+
+    def decode(self, state: TrunkState, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def num_steps(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def global_layer_steps(self) -> list[int]:
+        raise NotImplementedError
+
+    def flop_config(self, height: int, width: int) -> FlopConfig:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.decode(self.run_steps(self.prepare(images)), images)
