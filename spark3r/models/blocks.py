@@ -1,0 +1,201 @@
+"""Shared transformer blocks with the official (DINOv2 / VGGT) key names.
+
+Every attention module here exposes `qkv`, `q_norm`, `k_norm`, `rope`, `proj`, `num_heads`, `head_dim` and
+`qk_to_v_dtype`. `spark3r.reduce` patches global attention through those attributes only, using the module-level
+`qkv_heads` and `merge_heads`, so it works on upstream-built modules with the same attributes too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spark3r.errors import Spark3rError
+
+
+def patch_positions(grid_h: int, grid_w: int, n_special: int, device: torch.device | str | None = None) -> Tensor:
+    """RoPE positions of one frame: [n_special + grid_h * grid_w, 2] long (y, x).
+
+    Special tokens get (0, 0); patches get (row + 1, col + 1) in row-major order.
+    """
+    rows = torch.arange(grid_h, device=device)
+    cols = torch.arange(grid_w, device=device)
+    patches = torch.cartesian_prod(rows, cols) + 1
+    special = torch.zeros(n_special, 2, dtype=torch.long, device=device)
+    return torch.cat([special, patches], dim=0)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """[x1 | x2] -> [-x2 | x1] over the last dim (split-half RoPE convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class RotaryPositionEmbedding2D(nn.Module):
+    """2D RoPE: the first half of the head dim rotates with y (row), the second half with x (col).
+
+    Inside each half of d channels, frequency j = base^(-2j/d) pairs channel j with channel j + d/2. Angles are
+    computed in fp32 and cast to the input dtype before cos/sin, as upstream. No parameters.
+    """
+
+    def __init__(self, base: float = 100.0):
+        super().__init__()
+        self.base = base
+
+    def axis_angles(self, positions: Tensor, dim: int) -> Tensor:
+        """positions [..., N] long, dim = channels of one axis half -> angles [..., N, dim] fp32."""
+        inv_freq = 1.0 / self.base ** (torch.arange(0, dim, 2, device=positions.device).float() / dim)
+        angles = positions.float()[..., None] * inv_freq
+        return torch.cat([angles, angles], dim=-1)
+
+    def rotate_axis(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x [B, h, N, d], positions [B, N] -> x rotated by the angles of `positions`."""
+        angles = self.axis_angles(positions, x.shape[-1]).to(x.dtype)[:, None]
+        return x * angles.cos() + rotate_half(x) * angles.sin()
+
+    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
+        """x [B, h, N, D], pos [B, N, 2] (y, x) -> [B, h, N, D]."""
+        y_half, x_half = x.chunk(2, dim=-1)
+        return torch.cat([self.rotate_axis(y_half, pos[..., 0]), self.rotate_axis(x_half, pos[..., 1])], dim=-1)
+
+
+def qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The pre-attention math of `attn`: x [B, N, C] -> q, k, v each [B, h, N, D], after qk-norm and RoPE.
+
+    Reads only `attn.qkv`, `attn.num_heads`, `attn.q_norm`, `attn.k_norm`, and optionally `attn.rope` and
+    `attn.qk_to_v_dtype` (pi3 casts q and k back to v's dtype after qk-norm).
+    """
+    batch, tokens, width = x.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if getattr(attn, "qk_to_v_dtype", False):
+        q, k = q.to(v.dtype), k.to(v.dtype)
+    rope = getattr(attn, "rope", None)
+    if rope is not None and pos is not None:
+        q, k = rope(q, pos), rope(k, pos)
+    return q, k, v
+
+
+def merge_heads(out: Tensor) -> Tensor:
+    """[B, h, N, D] -> [B, N, h * D]."""
+    batch, heads, tokens, head_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with fused qkv, optional per-head qk-norm and optional 2D RoPE.
+
+    x [B, N, C], pos [B, N, 2] or None -> [B, N, C].
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        qk_norm: bool = False,
+        rope: nn.Module | None = None,
+        qk_to_v_dtype: bool = False,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise Spark3rError(
+                f"attention width {dim} is not divisible by num_heads {num_heads}: "
+                f"pick a head count that divides it"
+            )
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qk_to_v_dtype = qk_to_v_dtype
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-5) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-5) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.rope = rope
+
+    def forward(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
+        return self.proj(merge_heads(F.scaled_dot_product_attention(*qkv_heads(self, x, pos))))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (exact erf) -> fc2. x [..., C] -> [..., out]."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def swiglu_hidden(hidden_features: int) -> int:
+    """DINOv2's packed SwiGLU width: 2/3 of the MLP width rounded up to a multiple of 8 (4096 for C = 1536)."""
+    return (int(hidden_features * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLUFFN(nn.Module):
+    """w12 (packed gate and value) -> silu(gate) * value -> w3. `hidden_features` is the plain-MLP width (4C)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True):
+        super().__init__()
+        hidden = swiglu_hidden(hidden_features)
+        self.w12 = nn.Linear(in_features, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, out_features or in_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class LayerScale(nn.Module):
+    """x * gamma, out of place: an fp32 gamma promotes a bf16 branch to fp32 under autocast, as upstream."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+FFN_LAYERS = {"mlp": Mlp, "swiglu": SwiGLUFFN}
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x + ls1(attn(norm1(x), pos)), then x + ls2(mlp(norm2(x))). x [B, N, C] -> [B, N, C].
+
+    init_values None drops LayerScale (ls1/ls2 become Identity, no keys); `rope` is a shared RoPE module or None.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        init_values: float | None = None,
+        norm_eps: float = 1e-6,
+        qk_norm: bool = False,
+        rope: nn.Module | None = None,
+        ffn_layer: str = "mlp",
+        qk_to_v_dtype: bool = False,
+    ):
+        super().__init__()
+        if ffn_layer not in FFN_LAYERS:
+            raise Spark3rError(f"ffn_layer {ffn_layer!r} is unknown: use one of {sorted(FFN_LAYERS)}")
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, qk_norm, rope, qk_to_v_dtype)
+        self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = FFN_LAYERS[ffn_layer](dim, int(dim * mlp_ratio), bias=ffn_bias)
+        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+
+    def forward(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
+        return x + self.ls2(self.mlp(self.norm2(x)))
