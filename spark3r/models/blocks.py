@@ -104,7 +104,7 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise Spark3rError(
                 f"attention width {dim} is not divisible by num_heads {num_heads}: "
-                f"pick a head count that divides it"
+                "pick a head count that divides it"
             )
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
