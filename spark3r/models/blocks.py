@@ -6,6 +6,8 @@ Every attention module here exposes `qkv`, `q_norm`, `k_norm`, `rope`, `proj`, `
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -156,7 +158,12 @@ class LayerScale(nn.Module):
 
     def __init__(self, dim: int, init_values: float = 1e-5):
         super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+        self.init_values = init_values
+        self.gamma = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gamma, self.init_values)
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gamma
@@ -199,3 +206,38 @@ class Block(nn.Module):
     def forward(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
         return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def init_weights(model: nn.Module) -> nn.Module:
+    """Random init of every parameter, e.g. after building on meta and `to_empty`: Linear weights trunc-normal
+    (std 0.02) with zero bias; every other module with `reset_parameters` (convs, norms, LayerScale, the models' own
+    tokens) resets its own tensors. Seed the global RNG first for reproducible weights."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return model
+
+
+def compute_autocast(device_type: str, dtype: torch.dtype):
+    """autocast to `dtype` for a model's trunk; fp32 is a no-op context, so an outer autocast stays in force."""
+    if dtype == torch.float32 or device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def no_autocast(device_type: str):
+    """autocast off (heads run in fp32 as upstream); a no-op on the meta device, which has no autocast."""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def active_compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
+    """The autocast dtype in force on `device_type`, else `default`."""
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return default
