@@ -69,12 +69,15 @@ class FlopConfig:
     groups: every block list of the model (encoder, frame, global, head trunks).
     other_flops_per_frame: dense per-frame cost of everything that is not a transformer block (patch embedding, DPT
     convolutions, head MLPs), counted once by the model; never reduced.
+    patch_grid: (grid_h, grid_w) of the patch tokens at the global layers; the reduced counts of the grid K/V method
+    and of query merging depend on it (None: the squarest factorisation of the patch count is assumed).
     """
 
     layout_n_special: int
     tokens_per_frame: int
     groups: tuple[BlockGroup, ...]
     other_flops_per_frame: float
+    patch_grid: tuple[int, int] | None = None
 
 
 @dataclass
