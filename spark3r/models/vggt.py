@@ -324,7 +324,8 @@ class VGGT(ReconstructionModel):
         """
         config = self.config
         check_images(torch.empty(1, 3, height, width, device="meta"), config.patch_size)
-        grid = (height // config.patch_size) * (width // config.patch_size)
+        grid_h, grid_w = height // config.patch_size, width // config.patch_size
+        grid = grid_h * grid_w
         tokens = config.n_special + grid
         width_c, hidden = config.embed_dim, int(config.embed_dim * config.mlp_ratio)
         encoder = self.aggregator.patch_embed
@@ -341,6 +342,7 @@ class VGGT(ReconstructionModel):
             tokens_per_frame=tokens,
             groups=tuple(group for group in groups if group.count),
             other_flops_per_frame=other_flops_per_frame(config, height, width),
+            patch_grid=(grid_h, grid_w),
         )
 
 
