@@ -237,7 +237,7 @@ class Pi3(ReconstructionModel):
         self.conf_head = LinearPts3d(config.patch_size, config.head_dim, 1)
         self.camera_decoder = TransformerDecoder(2 * dim, out_dim=config.camera_dim, **head)
         self.camera_head = CameraHead(config.camera_dim)
-        nn.init.normal_(self.register_token, std=1e-6)
+        self.reset_parameters()
         self.adapter = Adapter(
             model_name=config.name,
             global_attention=[f"decoder.{index}.attn" for index in range(1, config.decoder_depth, 2)],
@@ -245,6 +245,12 @@ class Pi3(ReconstructionModel):
             patch_size=config.patch_size,
             rope_in_global=True,
         )
+
+    def reset_parameters(self) -> None:
+        """Upstream init of the model's own tensors (the ImageNet buffers are also in the checkpoint)."""
+        nn.init.normal_(self.register_token, std=1e-6)
+        self.image_mean.copy_(torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.image_std.copy_(torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     @property
     def num_steps(self) -> int:
