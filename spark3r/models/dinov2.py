@@ -115,7 +115,8 @@ class DinoVisionTransformer(nn.Module):
         p = self.patch_size
         if height < p or width < p or height % p or width % p:
             raise Spark3rError(
-                f"image size {height}x{width} is not a multiple of the patch size {p}: resize or crop to multiples of {p}"
+                f"image size {height}x{width} is not a multiple of the patch size {p}: "
+                f"resize or crop to multiples of {p}"
             )
         return height // p, width // p
 

@@ -98,7 +98,8 @@ class ResidualConvUnit(nn.Module):
     """skip + conv2(relu(conv1(relu(x)))), 3x3 convs, x [B, F, h, w] -> [B, F, h, w].
 
     relu_skip=True: skip = relu(x). VGGT builds this unit with ReLU(inplace=True), whose first call rectifies x itself,
-    so the residual it adds back is relu(x); relu_skip=False gives the textbook skip = x (Depth-Anything-V2's ReLU(False)).
+    so the residual it adds back is relu(x); relu_skip=False gives the textbook skip = x
+    (Depth-Anything-V2 builds it with ReLU(False)).
     """
 
     def __init__(self, features: int, relu_skip: bool = True):

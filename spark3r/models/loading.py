@@ -28,7 +28,9 @@ def find_weights_file(path: str | os.PathLike) -> Path:
     """A weights file, or the one weights file (or safetensors shard index) inside a folder."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise Spark3rError(f"weights path {str(path)!r} does not exist: pass an existing .safetensors/.pt file or folder")
+        raise Spark3rError(
+            f"weights path {str(path)!r} does not exist: pass an existing .safetensors/.pt file or a folder holding one"
+        )
     if path.is_file():
         return path
     if (path / SAFETENSORS_INDEX).is_file():
@@ -54,7 +56,8 @@ def _read_torch_file(path: Path) -> dict[str, Tensor]:
             f"torch.save(model.state_dict(), path) or as .safetensors"
         ) from None
     except Exception as error:  # a truncated or foreign file: say which file, not a traceback
-        raise Spark3rError(f"could not read weights file {str(path)!r} ({type(error).__name__}): check the file") from None
+        raise Spark3rError(f"could not read weights file {str(path)!r} ({type(error).__name__}): check the file") \
+            from None
     for key in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
@@ -67,7 +70,8 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(path, device="cpu")
     except Exception as error:
-        raise Spark3rError(f"could not read weights file {str(path)!r} ({type(error).__name__}): check the file") from None
+        raise Spark3rError(f"could not read weights file {str(path)!r} ({type(error).__name__}): check the file") \
+            from None
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:

@@ -5,7 +5,8 @@ A model family registers its configs when its module is imported:
     register(ModelEntry(name="pi3", family="pi3", builder=lambda: Pi3(), image_width=518, preprocess="pi3",
                         hf_repo="yyfz233/Pi3", hf_files=("model.safetensors",)))
 
-Lookups import every family module in `FAMILY_MODULES` that exists, so nothing else needs to import them first.
+A lookup imports the family modules in `FAMILY_MODULES` (the one named in the model name first) until the name is
+registered, so nothing else needs to import them first.
 """
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ from torch import nn
 from spark3r.errors import Spark3rError
 from spark3r.models.blocks import init_weights
 
-FAMILY_MODULES = ("spark3r.models.vggt", "spark3r.models.pi3", "spark3r.models.da3", "spark3r.models.omega")
+FAMILY_MODULES = {
+    "vggt": "spark3r.models.vggt",
+    "pi3": "spark3r.models.pi3",
+    "da3": "spark3r.models.da3",
+    "omega": "spark3r.models.omega",
+}
 
 
 @dataclass(frozen=True)
@@ -64,15 +70,22 @@ def register(entry: ModelEntry) -> ModelEntry:
     return entry
 
 
-def _import_families() -> None:
-    for module in FAMILY_MODULES:
-        if module in sys.modules:
-            continue
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            if error.name != module:
-                raise
+def _import_family(module: str) -> None:
+    """Import a family module (it registers its configs); a family not written yet is skipped."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if error.name != module:
+            raise
+
+
+def _import_families(name: str | None = None) -> None:
+    """Import family modules, those named in `name` first, until `name` is registered (all of them for None)."""
+    ordered = sorted(FAMILY_MODULES.items(), key=lambda item: name is None or item[0] not in name)
+    for _, module in ordered:
+        if name is not None and (name in _ENTRIES or name in _ALIASES):
+            return
+        _import_family(module)
 
 
 def model_names() -> list[str]:
@@ -83,16 +96,15 @@ def model_names() -> list[str]:
 
 def resolve_model_name(name: str) -> str:
     """The registered name for `name` or one of its aliases; an alias's resolution is printed to stderr."""
-    _import_families()
+    _import_families(name)
     if name in _ENTRIES:
         return name
     if name in _ALIASES:
         print(f"model {name!r} is {_ALIASES[name]!r}", file=sys.stderr)
         return _ALIASES[name]
     aliases = ", ".join(f"{alias} -> {target}" for alias, target in sorted(_ALIASES.items()))
-    raise Spark3rError(
-        f"unknown model {name!r}: use one of {', '.join(sorted(_ENTRIES))}" + (f" (aliases: {aliases})" if aliases else "")
-    )
+    alias_note = f" (aliases: {aliases})" if aliases else ""
+    raise Spark3rError(f"unknown model {name!r}: use one of {', '.join(sorted(_ENTRIES))}{alias_note}")
 
 
 def get_entry(name: str) -> ModelEntry:

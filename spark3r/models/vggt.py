@@ -346,9 +346,9 @@ class VGGT(ReconstructionModel):
         )
 
 
-BLOCK_NAME = re.compile(
-    r"VGGT\.(aggregator\.patch_embed\.blocks|aggregator\.frame_blocks|aggregator\.global_blocks|camera_head\.trunk)\.\d+"
-)
+BLOCK_LISTS = ("aggregator.patch_embed.blocks", "aggregator.frame_blocks", "aggregator.global_blocks",
+               "camera_head.trunk")
+BLOCK_NAME = re.compile(r"VGGT\.(" + "|".join(re.escape(name) for name in BLOCK_LISTS) + r")\.\d+")
 
 
 @functools.lru_cache(maxsize=32)
