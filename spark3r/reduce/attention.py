@@ -1,0 +1,38 @@
+"""The reduced global attention: pruned keys/values, merged queries, one scaled_dot_product_attention."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from spark3r.errors import Spark3rError
+from spark3r.models.base import FrameLayout
+from spark3r.reduce.kv import kv_count, select_kv
+from spark3r.reduce.merge import merge_queries, merge_slots, query_count, unmerge
+from spark3r.reduce.reduction import Reduction
+
+
+def is_dense(layout: FrameLayout, reduction: Reduction) -> bool:
+    """True when `reduction` keeps every key/value and every query at this layout (the dense path runs)."""
+    return kv_count(layout, reduction) == layout.tokens and query_count(layout, reduction) == layout.tokens
+
+
+def reduced_attention(q: Tensor, k: Tensor, v: Tensor, layout: FrameLayout, reduction: Reduction,
+                      x: Tensor | None = None) -> Tensor:
+    """Global attention with `reduction`: q, k, v [B, h, N, D] (after qk-norm and RoPE), N = S * P -> [B, h, N, D].
+
+    x [B, N, C] is the attention input, needed only when `reduction.similarity` is "input". Keep 1 and merge 1 run the
+    plain dense attention, so they equal it exactly.
+    """
+    if q.shape[2] != layout.tokens:
+        raise Spark3rError(
+            f"the global attention got {q.shape[2]} tokens but the frame layout says {layout.frames} frames x "
+            f"{layout.tokens_per_frame} tokens = {layout.tokens}: set the layout of the clip being run"
+        )
+    kept_k, kept_v = select_kv(k, v, layout, reduction) if kv_count(layout, reduction) < layout.tokens else (k, v)
+    n_q = query_count(layout, reduction)
+    if n_q == layout.tokens:
+        return F.scaled_dot_product_attention(q, kept_k, kept_v)
+    if reduction.similarity == "input" and x is None:
+        raise Spark3rError("similarity 'input' needs the attention input x: pass x or use similarity 'key'")
+    slot = merge_slots(x if reduction.similarity == "input" else k.mean(dim=1), layout, reduction)
+    return unmerge(F.scaled_dot_product_attention(merge_queries(q, slot, n_q), kept_k, kept_v), slot)

@@ -1,0 +1,143 @@
+"""Patching a model's global attention with reductions, and restoring it bit for bit.
+
+Each patched attention module gets an instance-level `forward` (qkv_heads -> reduced_attention -> merge_heads -> proj);
+`remove()` deletes it, so the class forward runs again. The frame layout of the clip comes from a forward pre-hook on
+the model root reading its images argument, or from `handle.set_layout(layout)` for callers that run trunk steps
+directly. A layer whose reduction keeps everything at the current layout runs the class forward unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+from torch import Tensor, nn
+
+from spark3r.errors import Spark3rError
+from spark3r.models.base import Adapter, FrameLayout
+from spark3r.models.blocks import merge_heads, qkv_heads
+from spark3r.reduce.attention import is_dense, reduced_attention
+from spark3r.reduce.reduction import Reduction
+from spark3r.schedule import Schedule, check_model, load_schedule
+
+
+class ReductionHandle:
+    """A live patch of a model's global attention. Use `remove()` (or `with handle:`) to restore the dense model.
+
+    resolve(layer, frames) -> the Reduction of global layer `layer` on a clip of `frames` frames.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, resolve: Callable[[int, int], Reduction],
+                 layers: list[int]):
+        self.model = model
+        self.adapter = adapter
+        self.layout: FrameLayout | None = None
+        self._resolve = resolve
+        self._resolved: dict[tuple[int, int], Reduction] = {}
+        modules = adapter.modules(model)
+        busy = [layer for layer in layers if "forward" in vars(modules[layer])]
+        if busy:
+            raise Spark3rError(f"global attention layer {busy[0]} is already patched: remove() the other handle first")
+        self._patched = {layer: modules[layer] for layer in layers}
+        for layer, attn in self._patched.items():
+            attn.forward = self._reduced_forward(layer, attn)
+        self._hook = model.register_forward_pre_hook(self._read_layout, with_kwargs=True)
+
+    def set_layout(self, layout: FrameLayout) -> None:
+        """Set the frame layout of the clip the global layers will see (the pre-hook overwrites it on model(images))."""
+        self.layout = layout
+
+    def reduction(self, layer: int, frames: int) -> Reduction:
+        """The reduction global layer `layer` applies on a clip of `frames` frames."""
+        key = (layer, frames)
+        if key not in self._resolved:
+            self._resolved[key] = self._resolve(layer, frames)
+        return self._resolved[key]
+
+    def remove(self) -> None:
+        """Restore the dense model (idempotent)."""
+        for attn in self._patched.values():
+            vars(attn).pop("forward", None)
+        self._patched = {}
+        self._hook.remove()
+
+    def __enter__(self) -> "ReductionHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _read_layout(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        images = args[0] if args else kwargs.get(self.adapter.image_arg)
+        if isinstance(images, Tensor):
+            self.layout = self.adapter.layout(images)
+
+    def _reduced_forward(self, layer: int, attn: nn.Module) -> Callable[..., Tensor]:
+        dense_forward = type(attn).forward
+
+        def forward(x: Tensor, pos: Tensor | None = None) -> Tensor:
+            layout = self.layout
+            if layout is None:
+                raise Spark3rError(
+                    "the reduced model does not know the frame layout: call the model on images, or call "
+                    "handle.set_layout(layout) before running trunk steps directly"
+                )
+            if x.shape[1] != layout.tokens:
+                raise Spark3rError(
+                    f"global layer {layer} got {x.shape[1]} tokens but the frame layout holds {layout.tokens}: call "
+                    f"handle.set_layout with the layout of the clip being run"
+                )
+            reduction = self.reduction(layer, layout.frames)
+            if is_dense(layout, reduction):
+                return dense_forward(attn, x, pos=pos)
+            q, k, v = qkv_heads(attn, x, pos)
+            return attn.proj(merge_heads(reduced_attention(q, k, v, layout, reduction, x=x)))
+
+        return forward
+
+
+def _adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:
+    adapter = adapter if adapter is not None else getattr(model, "adapter", None)
+    if not isinstance(adapter, Adapter):
+        raise Spark3rError(
+            f"{type(model).__name__} has no spark3r adapter: pass adapter= (the Adapter of its model family)"
+        )
+    return adapter
+
+
+def apply_schedule(model: nn.Module, schedule: Schedule | str | Path, adapter: Adapter | None = None) -> ReductionHandle:
+    """Patch every global attention layer of `model` with `schedule` (a Schedule or a YAML path).
+
+    adapter defaults to `model.adapter`. The schedule's model name and layer count must match the adapter's.
+    """
+    adapter = _adapter_of(model, adapter)
+    if not isinstance(schedule, Schedule):
+        schedule = load_schedule(schedule)
+    check_model(schedule, adapter.model_name, adapter.num_global_layers)
+    return ReductionHandle(model, adapter, schedule.resolve, list(range(adapter.num_global_layers)))
+
+
+def apply_reductions(model: nn.Module, reductions: Mapping[int, Reduction],
+                     adapter: Adapter | None = None) -> ReductionHandle:
+    """Patch only the listed global layers, each with a fixed reduction (whatever the clip length); others stay dense."""
+    adapter = _adapter_of(model, adapter)
+    for layer, reduction in reductions.items():
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < adapter.num_global_layers:
+            raise Spark3rError(
+                f"global layer {layer!r} does not exist: {adapter.model_name} has layers 0..{adapter.num_global_layers - 1}"
+            )
+        if not isinstance(reduction, Reduction):
+            raise Spark3rError(f"the reduction of layer {layer} must be a spark3r Reduction, got {type(reduction).__name__}")
+    fixed = dict(reductions)
+    return ReductionHandle(model, adapter, lambda layer, frames: fixed[layer], sorted(fixed))
+
+
+@contextlib.contextmanager
+def reduced(model: nn.Module, schedule: Schedule | str | Path,
+            adapter: Adapter | None = None) -> Iterator[ReductionHandle]:
+    """`with reduced(model, schedule):` runs `model` with the schedule applied and restores it on exit."""
+    handle = apply_schedule(model, schedule, adapter)
+    try:
+        yield handle
+    finally:
+        handle.remove()

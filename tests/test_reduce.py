@@ -1,0 +1,364 @@
+"""Runtime reduction against independent loop references (float64), and patching on vggt-tiny."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spark3r.errors import Spark3rError
+from spark3r.models.base import FrameLayout
+from spark3r.reduce import (
+    KV_METHODS, Reduction, apply_reductions, apply_schedule, kv_count, kv_index, query_count, reduced,
+    reduced_attention,
+)
+from spark3r.reduce import merge as merge_module
+from spark3r.reduce.kv import grid_steps
+from spark3r.schedule import load_schedule
+
+LAYOUT = FrameLayout(frames=7, n_special=2, grid_h=4, grid_w=6)
+
+
+def qkv(layout, batch=2, heads=3, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(3, batch, heads, layout.tokens, dim, generator=generator, dtype=torch.float64).unbind(0)
+
+
+def attention(q, k, v):
+    """Plain softmax attention in float64 (the reference)."""
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return weights @ v
+
+
+def token(layout, frame, index):
+    return frame * layout.tokens_per_frame + index
+
+
+# ---------------------------------------------------------------------------------------------------- identity
+
+
+@pytest.mark.parametrize("method", KV_METHODS)
+def test_keep_one_and_merge_one_are_dense_exactly(method):
+    q, k, v = qkv(LAYOUT, dim=8)
+    q, k, v = q.float(), k.float(), v.float()
+    dense = F.scaled_dot_product_attention(q, k, v)
+    for reduction in (Reduction(kv_keep=1.0, kv_method=method), Reduction(kv_keep=1.0, kv_method=method,
+                                                                          query_merge=1, keep_reference_frame=False)):
+        assert torch.equal(reduced_attention(q, k, v, LAYOUT, reduction), dense)
+    assert kv_count(LAYOUT, Reduction(kv_keep=0.7)) == LAYOUT.tokens  # frame stride round(1 / 0.7) = 1: dense
+
+
+# ---------------------------------------------------------------------------------------------------- K/V pruning
+
+
+def reference_frame_stride(layout, stride):
+    return {token(layout, f, t) for f in range(layout.frames) for t in range(layout.tokens_per_frame)
+            if t < layout.n_special or f % stride == 0}
+
+
+def reference_grid(layout, steps, keep_reference_frame):
+    step_y, step_x = steps
+    kept = set()
+    for f in range(layout.frames):
+        phase_y, phase_x = (f // step_x) % step_y, f % step_x
+        for t in range(layout.tokens_per_frame):
+            if t < layout.n_special or (f == 0 and keep_reference_frame):
+                kept.add(token(layout, f, t))
+                continue
+            y, x = divmod(t - layout.n_special, layout.grid_w)
+            inside = y < (layout.grid_h // step_y) * step_y and x < (layout.grid_w // step_x) * step_x
+            if inside and y % step_y == phase_y and x % step_x == phase_x:
+                kept.add(token(layout, f, t))
+    return kept
+
+
+def reference_key_norm(layout, keys, per_frame, keep_reference_frame):
+    """{(b, h): kept tokens} by looping over frames and sorting patch norms."""
+    kept = {}
+    for b in range(keys.shape[0]):
+        for h in range(keys.shape[1]):
+            chosen = set()
+            for f in range(layout.frames):
+                patches = range(layout.n_special, layout.tokens_per_frame)
+                chosen.update(token(layout, f, t) for t in range(layout.n_special))
+                if f == 0 and keep_reference_frame:
+                    chosen.update(token(layout, f, t) for t in patches)
+                    continue
+                norms = sorted(patches, key=lambda t: -keys[b, h, token(layout, f, t)].norm().item())
+                chosen.update(token(layout, f, t) for t in norms[:per_frame])
+            kept[b, h] = chosen
+    return kept
+
+
+def test_grid_steps_are_the_squarest_factorisation():
+    assert grid_steps(4, 10, 10) == (2, 2)
+    assert grid_steps(6, 10, 10) == (2, 3)
+    assert grid_steps(3, 10, 10) == (1, 3)
+    assert grid_steps(25, 10, 10) == (5, 5)
+    assert grid_steps(25, 3, 10) == (3, 5)  # capped by the grid
+
+
+@pytest.mark.parametrize("stride", [2, 3, 10])
+def test_frame_stride_equals_reference(stride):
+    _, k, _ = qkv(LAYOUT)
+    reduction = Reduction(kv_keep=1 / stride)
+    index = kv_index(k, LAYOUT, reduction)
+    assert len(index) == kv_count(LAYOUT, reduction) == len(set(index.tolist()))
+    assert set(index.tolist()) == reference_frame_stride(LAYOUT, stride)
+
+
+@pytest.mark.parametrize("keep, steps", [(1 / 4, (2, 2)), (1 / 6, (2, 3)), (1 / 3, (1, 3))])
+@pytest.mark.parametrize("keep_reference_frame", [True, False])
+def test_grid_equals_reference(keep, steps, keep_reference_frame):
+    _, k, _ = qkv(LAYOUT)
+    reduction = Reduction(kv_keep=keep, kv_method="grid", keep_reference_frame=keep_reference_frame)
+    index = kv_index(k, LAYOUT, reduction)
+    assert len(index) == kv_count(LAYOUT, reduction) == len(set(index.tolist()))
+    assert set(index.tolist()) == reference_grid(LAYOUT, steps, keep_reference_frame)
+
+
+@pytest.mark.parametrize("keep_reference_frame", [True, False])
+def test_key_norm_equals_reference(keep_reference_frame):
+    _, k, _ = qkv(LAYOUT)
+    reduction = Reduction(kv_keep=0.25, kv_method="key_norm", keep_reference_frame=keep_reference_frame)
+    index = kv_index(k, LAYOUT, reduction)
+    assert index.shape == (2, 3, kv_count(LAYOUT, reduction))
+    expected = reference_key_norm(LAYOUT, k, round(0.25 * LAYOUT.patches_per_frame), keep_reference_frame)
+    for (b, h), kept in expected.items():
+        assert set(index[b, h].tolist()) == kept
+
+
+def test_random_is_seeded_per_frame_and_static():
+    _, k, _ = qkv(LAYOUT)
+    reduction = Reduction(kv_keep=0.25, kv_method="random", seed=3)
+    index = kv_index(k, LAYOUT, reduction).tolist()
+    assert index == kv_index(k * 2, LAYOUT, reduction).tolist()  # data-independent
+    assert len(index) == len(set(index)) == kv_count(LAYOUT, reduction)
+    per_frame = [sorted(t % LAYOUT.tokens_per_frame for t in index
+                        if t // LAYOUT.tokens_per_frame == f and t % LAYOUT.tokens_per_frame >= LAYOUT.n_special)
+                 for f in range(LAYOUT.frames)]
+    assert len(per_frame[0]) == LAYOUT.patches_per_frame
+    assert all(len(kept) == 6 for kept in per_frame[1:])
+    assert len({tuple(kept) for kept in per_frame[1:]}) > 1  # frames differ
+    assert index != kv_index(k, LAYOUT, Reduction(kv_keep=0.25, kv_method="random", seed=4)).tolist()
+
+
+@pytest.mark.parametrize("method", KV_METHODS)
+@pytest.mark.parametrize("keep_reference_frame", [True, False])
+def test_special_and_reference_tokens_survive(method, keep_reference_frame):
+    _, k, _ = qkv(LAYOUT)
+    reduction = Reduction(kv_keep=0.1, kv_method=method, keep_reference_frame=keep_reference_frame)
+    index = kv_index(k, LAYOUT, reduction)
+    kept = set(index.reshape(-1, index.shape[-1])[0].tolist())
+    specials = {token(LAYOUT, f, t) for f in range(LAYOUT.frames) for t in range(LAYOUT.n_special)}
+    assert specials <= kept
+    reference = set(range(LAYOUT.tokens_per_frame))
+    assert (reference <= kept) == (keep_reference_frame or method == "frame_stride")
+
+
+@pytest.mark.parametrize("method", KV_METHODS)
+def test_pruned_attention_equals_attention_over_the_reference_subset(method):
+    q, k, v = qkv(LAYOUT)
+    reduction = Reduction(kv_keep=1 / 3, kv_method=method, seed=1)
+    out = reduced_attention(q, k, v, LAYOUT, reduction)
+    index = kv_index(k, LAYOUT, reduction)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            kept = sorted((index if index.dim() == 1 else index[b, h]).tolist())
+            expected = attention(q[b, h], k[b, h, kept], v[b, h, kept])
+            torch.testing.assert_close(out[b, h], expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- query merging
+
+
+def reference_merged_attention(q, k, v, layout, merge, group_frames, metric, kv_tokens=None):
+    """Bipartite merging written out with loops: groups, destinations, best match, top-M, mean, attention, copy."""
+    batch, heads, tokens, _ = q.shape
+    out = torch.empty_like(q)
+    tokens_per_frame, n_special = layout.tokens_per_frame, layout.n_special
+
+    def is_destination(cell, local_frame, t):
+        if local_frame == 0 or t < n_special:
+            return True
+        y, x = divmod(t - n_special, layout.grid_w)
+        return y % cell == 0 and x % cell == 0
+
+    def destinations_in(group, cell):
+        return sum(is_destination(cell, f, t) for f in range(group) for t in range(tokens_per_frame))
+
+    first_group = min(group_frames, layout.frames)
+    target = math.ceil(first_group * tokens_per_frame / merge)
+    cell = next(c for c in range(2, 100) if destinations_in(first_group, c) <= target
+                or c >= max(layout.grid_h, layout.grid_w))
+    for b in range(batch):
+        slots = []  # list of lists of token positions, each merged into one query
+        for start in range(0, layout.frames, group_frames):
+            group = min(group_frames, layout.frames - start)
+            positions = [token(layout, start + f, t) for f in range(group) for t in range(tokens_per_frame)]
+            roles = [is_destination(cell, f, t) for f in range(group) for t in range(tokens_per_frame)]
+            dst = [p for p, d in zip(positions, roles) if d]
+            src = [p for p, d in zip(positions, roles) if not d]
+            unit = metric[b] / metric[b].norm(dim=-1, keepdim=True)
+            best = []
+            for s in src:
+                similarity = [(unit[s] @ unit[d]).item() for d in dst]
+                j = max(range(len(dst)), key=lambda i: similarity[i])
+                best.append((similarity[j], s, j))
+            best.sort(key=lambda item: -item[0])
+            merged = max(0, min(len(src), len(positions) - math.ceil(len(positions) / merge)))
+            members = [[d] for d in dst]
+            for _, s, j in best[:merged]:
+                members[j].append(s)
+            slots += members + [[s] for _, s, _ in best[merged:]]
+        for h in range(heads):
+            kept = list(range(tokens)) if kv_tokens is None else kv_tokens
+            queries = torch.stack([q[b, h, members].mean(0) for members in slots])
+            result = attention(queries, k[b, h, kept], v[b, h, kept])
+            for row, members in enumerate(slots):
+                out[b, h, members] = result[row]
+    return out
+
+
+@pytest.mark.parametrize("merge, group_frames", [(2, 3), (2, 20), (3, 4), (5, 3)])
+def test_merge_and_unmerge_equal_reference_loop(merge, group_frames):
+    q, k, v = qkv(LAYOUT)
+    reduction = Reduction(query_merge=merge, group_frames=group_frames)
+    out = reduced_attention(q, k, v, LAYOUT, reduction)
+    expected = reference_merged_attention(q, k, v, LAYOUT, merge, group_frames, k.mean(dim=1))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert query_count(LAYOUT, reduction) < LAYOUT.tokens
+
+
+def test_merge_with_input_similarity_and_pruned_kv_equals_reference():
+    q, k, v = qkv(LAYOUT)
+    x = torch.randn(2, LAYOUT.tokens, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    reduction = Reduction(kv_keep=0.5, query_merge=2, group_frames=3, similarity="input")
+    out = reduced_attention(q, k, v, LAYOUT, reduction, x=x)
+    kept = sorted(kv_index(k, LAYOUT, reduction).tolist())
+    expected = reference_merged_attention(q, k, v, LAYOUT, 2, 3, x, kv_tokens=kept)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(Spark3rError, match="needs the attention input"):
+        reduced_attention(q, k, v, LAYOUT, reduction)
+
+
+def test_merge_reaches_about_n_over_r_and_keeps_special_tokens():
+    layout = FrameLayout(frames=100, n_special=5, grid_h=37, grid_w=37)
+    for merge in (2, 3, 4, 8):
+        count = query_count(layout, Reduction(query_merge=merge))
+        assert abs(count - layout.tokens / merge) <= 0.01 * layout.tokens / merge
+    small = FrameLayout(frames=5, n_special=2, grid_h=4, grid_w=4)
+    q, k, v = qkv(small, batch=1, heads=1)
+    slot = merge_module.merge_slots(k.mean(1), small, Reduction(query_merge=3, group_frames=5))
+    specials = [token(small, f, t) for f in range(1, small.frames) for t in range(small.n_special)]
+    firsts = list(range(small.tokens_per_frame))
+    owners = slot[0, specials + firsts].tolist()
+    assert len(set(owners)) == len(owners)  # each special / reference token owns its own query
+
+
+def test_similarity_chunking_does_not_change_the_result(monkeypatch):
+    q, k, v = qkv(LAYOUT)
+    reduction = Reduction(query_merge=2, group_frames=4)
+    whole = reduced_attention(q, k, v, LAYOUT, reduction)
+    monkeypatch.setattr(merge_module, "SIMILARITY_CHUNK_ELEMENTS", 7)
+    monkeypatch.setattr(merge_module, "ACCUMULATOR_ELEMENTS", 5)
+    assert torch.equal(reduced_attention(q, k, v, LAYOUT, reduction), whole)
+
+
+def test_wrong_token_count_is_a_clear_error():
+    q, k, v = qkv(LAYOUT)
+    with pytest.raises(Spark3rError, match="set the layout"):
+        reduced_attention(q, k, v, FrameLayout(6, 2, 4, 6), Reduction(kv_keep=0.5))
+
+
+# ---------------------------------------------------------------------------------------------------- patching
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from spark3r.models.blocks import init_weights
+    from spark3r.models.vggt import VGGT, VGGT_TINY
+
+    torch.manual_seed(0)
+    model = init_weights(VGGT(VGGT_TINY)).eval()
+    images = torch.rand(1, 6, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(images)
+    return model, images, dense
+
+
+def run(model, images):
+    with torch.no_grad():
+        return model(images)
+
+
+def assert_same(outputs, expected):
+    assert all(torch.equal(outputs[name], expected[name]) for name in expected)
+
+
+def test_apply_then_remove_restores_bit_exact_outputs(tiny):
+    model, images, dense = tiny
+    handle = apply_reductions(model, {layer: Reduction(kv_keep=0.5, query_merge=2, group_frames=3)
+                                      for layer in range(6)})
+    reduced_out = run(model, images)
+    assert not torch.equal(reduced_out["depth"], dense["depth"])
+    assert torch.isfinite(reduced_out["depth"]).all()
+    handle.remove()
+    handle.remove()  # idempotent
+    assert all("forward" not in vars(attn) for attn in model.adapter.modules(model))
+    assert_same(run(model, images), dense)
+
+
+def test_identity_schedule_is_bit_exact_and_shipped_schedule_reduces(tiny):
+    model, images, dense = tiny
+    identity = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6, "default": {"kv": {"keep": 1.0}}}
+    with reduced(model, identity):
+        assert_same(run(model, images), dense)
+    with reduced(model, "schedules/vggt-tiny-paper.yaml") as handle:
+        assert handle.reduction(0, 6).kv_factor == 3 and handle.reduction(3, 6).kv_factor == 1
+        assert not torch.equal(run(model, images)["depth"], dense["depth"])
+    assert_same(run(model, images), dense)
+
+
+def test_one_layer_reduction_matches_manual_layer(tiny):
+    model, images, _ = tiny
+    layer, reduction = 2, Reduction(kv_keep=0.5, kv_method="grid", query_merge=2, group_frames=3)
+    attn = model.adapter.modules(model)[layer]
+    captured = {}
+    hook = attn.register_forward_hook(lambda module, args, kwargs, out: captured.update(x=args[0], pos=kwargs["pos"],
+                                                                                       out=out), with_kwargs=True)
+    try:
+        with apply_reductions(model, {layer: reduction}):
+            run(model, images)
+    finally:
+        hook.remove()
+    from spark3r.models.blocks import merge_heads, qkv_heads
+
+    layout = model.adapter.layout(images)
+    with torch.no_grad():
+        q, k, v = qkv_heads(attn, captured["x"], captured["pos"])
+        expected = attn.proj(merge_heads(reduced_attention(q, k, v, layout, reduction)))
+    assert torch.equal(captured["out"], expected)
+
+
+def test_run_steps_needs_the_layout_and_uses_set_layout(tiny):
+    model, images, _ = tiny
+    reduction = Reduction(kv_keep=0.5, query_merge=2, group_frames=3)
+    with apply_reductions(model, {1: reduction}) as handle:
+        with torch.no_grad():
+            with pytest.raises(Spark3rError, match="set_layout"):
+                model.run_steps(model.prepare(images))
+            handle.set_layout(model.adapter.layout(images))
+            stepped = model.decode(model.run_steps(model.prepare(images)), images)
+            assert_same(stepped, model(images))
+
+
+def test_patch_errors_are_clear(tiny):
+    model, _, _ = tiny
+    with pytest.raises(Spark3rError, match="made for vggt-1b, not vggt-tiny"):
+        apply_schedule(model, "schedules/vggt-1b-paper.yaml")
+    with pytest.raises(Spark3rError, match="layers 0..5"):
+        apply_reductions(model, {6: Reduction()})
+    with apply_reductions(model, {0: Reduction(kv_keep=0.5)}):
+        with pytest.raises(Spark3rError, match="already patched"):
+            apply_schedule(model, load_schedule("schedules/vggt-tiny-paper.yaml"))
+    assert all("forward" not in vars(attn) for attn in model.adapter.modules(model))
