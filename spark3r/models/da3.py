@@ -28,6 +28,7 @@ only), the ray-based pose path (the DualDPT ray branch is available through `Dua
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +37,21 @@ from torch import Tensor, nn
 
 from spark3r.errors import Spark3rError
 from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState
-from spark3r.models.blocks import Block, Mlp, RotaryPositionEmbedding2D, patch_positions, swiglu_hidden
+from spark3r.models.blocks import (
+    Block,
+    Mlp,
+    RotaryPositionEmbedding2D,
+    active_compute_dtype,
+    compute_autocast,
+    no_autocast,
+    patch_positions,
+    swiglu_hidden,
+)
 from spark3r.models.dinov2 import DinoVisionTransformer
 from spark3r.models.dpt import FeatureFusionBlock, add_uv_pos_embed, interpolate, make_resize_layers, make_scratch
-from spark3r.models.pi3 import IMAGENET_MEAN, IMAGENET_STD, images_5d, se3_inverse
+from spark3r.models.pi3 import non_block_flops, se3_inverse
+from spark3r.models.registry import ModelEntry, register
+from spark3r.models.vggt import IMAGENET_MEAN, IMAGENET_STD, check_images, quaternion_to_matrix
 
 REF_VIEW_STRATEGIES = ("saddle_balanced", "first")
 MIN_VIEWS_FOR_REFERENCE = 3  # upstream THRESH_FOR_REF_SELECTION
@@ -124,21 +136,6 @@ def gather_frames(x: Tensor, order: Tensor) -> Tensor:
     return x[torch.arange(x.shape[0], device=x.device)[:, None], order]
 
 
-def quat_to_mat(quaternions: Tensor) -> Tensor:
-    """Quaternions [..., 4] scalar-last (x, y, z, w), any norm -> rotation matrices [..., 3, 3]."""
-    i, j, k, r = quaternions.unbind(-1)
-    two_s = 2.0 / (quaternions * quaternions).sum(-1)
-    matrix = torch.stack(
-        (
-            1 - two_s * (j * j + k * k), two_s * (i * j - k * r), two_s * (i * k + j * r),
-            two_s * (i * j + k * r), 1 - two_s * (i * i + k * k), two_s * (j * k - i * r),
-            two_s * (i * k - j * r), two_s * (j * k + i * r), 1 - two_s * (i * i + j * j),
-        ),
-        -1,
-    )
-    return matrix.reshape(quaternions.shape[:-1] + (3, 3))
-
-
 def pose_encoding_to_camera(pose_enc: Tensor, image_size: tuple[int, int], min_tan: float | None = None):
     """pose_enc [B, S, 9] = [t, quaternion xyzw, fov_h, fov_w] -> ([R | t] [B, S, 3, 4], intrinsics [B, S, 3, 3]).
 
@@ -146,7 +143,7 @@ def pose_encoding_to_camera(pose_enc: Tensor, image_size: tuple[int, int], min_t
     (W / 2, H / 2). Whether [R | t] is camera-to-world (DA3) or world-to-camera (VGGT, VGGT-Omega) is the model's.
     """
     height, width = image_size
-    rotation = quat_to_mat(pose_enc[..., 3:7])
+    rotation = quaternion_to_matrix(pose_enc[..., 3:7])
     pose = torch.cat([rotation, pose_enc[..., :3, None]], dim=-1)
     tan_h, tan_w = torch.tan(pose_enc[..., 7] / 2.0), torch.tan(pose_enc[..., 8] / 2.0)
     if min_tan is not None:
@@ -175,22 +172,6 @@ def unproject_depth(depth: Tensor, intrinsics: Tensor, cam_to_world: Tensor) -> 
     rays = torch.einsum("bsij,hwj->bshwi", torch.linalg.inv(intrinsics), pixels)
     points = rays * depth[..., None]
     return torch.einsum("bsij,bshwj->bshwi", cam_to_world[..., :3, :3], points) + cam_to_world[:, :, None, None, :3, 3]
-
-
-def dpt_flops(dim_in: int, features: int, out_channels: tuple[int, ...], patches: int, pixels: int,
-              final_scale: int = 8) -> float:
-    """Multiply-adds x 2 of one frame through a DPT trunk with one output branch (approximate, convs only).
-
-    Pyramid levels sit at 16, 4, 1 and 1/4 times the patch count; the fused map at final_scale^2 times it.
-    """
-    sizes = (16 * patches, 4 * patches, patches, patches / 4)
-    flops = sum(patches * dim_in * oc for oc in out_channels)
-    flops += 16 * patches * out_channels[0] ** 2 + 4 * patches * out_channels[1] ** 2 + sizes[3] * 9 * out_channels[3] ** 2
-    flops += sum(size * 9 * oc * features for size, oc in zip(sizes, out_channels))
-    flops += sum(units * size * 2 * 9 * features**2 for units, size in zip((2, 2, 2, 1), sizes))
-    flops += sum(size * features**2 for size in (final_scale**2 * patches, *sizes[:3]))
-    flops += final_scale**2 * patches * 9 * features * features // 2 + pixels * 9 * (features // 2) * 32
-    return 2.0 * flops
 
 
 class Permute(nn.Module):
@@ -409,19 +390,26 @@ class DepthAnything3Net(nn.Module):
 class DA3(ReconstructionModel):
     """DA3 any-view model; `model` holds the upstream module tree (keys `model.*`).
 
+    The trunk runs one ViT block per step from the first local block paired with a global block (g_0 - 1) on; the
+    earlier blocks run in `prepare`. Each tap is stored as [local | norm(global)] (the heads' input), in the compute
+    dtype if lean (default True; 1000 frames of giant taps are 32 GB in bf16) or fp32 if not (then bit-exact with
+    upstream's fp32 taps); the last tap's raw camera token stays fp32 in extras["camera_token"].
     ref_view_strategy: "saddle_balanced" (upstream's default) or "first" (keep frame 0 as the reference).
+    compute_dtype: the backbone runs under autocast to this dtype (fp32: none of its own); heads run fp32, autocast off.
     """
 
-    def __init__(self, config: DA3Config, ref_view_strategy: str = "saddle_balanced"):
+    def __init__(self, config: DA3Config, ref_view_strategy: str = "saddle_balanced", lean: bool = True,
+                 compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         if ref_view_strategy not in REF_VIEW_STRATEGIES:
             raise Spark3rError(
                 f"ref_view_strategy {ref_view_strategy!r} is unknown: use one of {', '.join(REF_VIEW_STRATEGIES)}"
             )
-        if config.alt_start < 2 or any(g not in config.global_blocks for g in config.out_layers):
-            raise Spark3rError(f"DA3 config {config.name!r} needs alt_start >= 2 and out_layers among its global blocks")
         self.config = config
         self.ref_view_strategy = ref_view_strategy
+        self.lean = lean
+        self.compute_dtype = compute_dtype
+        self.first_step_block = config.global_blocks[0] - 1
         self.model = DepthAnything3Net(config)
         self.adapter = Adapter(
             model_name=config.name,
@@ -437,38 +425,36 @@ class DA3(ReconstructionModel):
 
     @property
     def num_steps(self) -> int:
-        return len(self.config.global_blocks)
+        return self.config.depth - self.first_step_block
 
     @property
     def global_layer_steps(self) -> list[int]:
-        return list(range(self.num_steps))
+        return [block - self.first_step_block for block in self.config.global_blocks]
 
     def prepare(self, images: Tensor) -> TrunkState:
-        """images [B, S, 3, H, W] in [0, 1] -> the state entering step 0 (blocks before the first pair have run).
-
-        tokens [B, S, 1 + Hp * Wp, C] fp32, frames in reference-first order; extras: pos / pos_global [P, 2] (local
-        and global RoPE positions), order [B, S] (the frame order, or None), grid (Hp, Wp).
-        """
+        """Normalise, embed, run the blocks before the first pair and reorder views: tokens [B, S, 1 + Hp * Wp, C]
+        fp32 in reference-first order; extras: pos / pos_global [P, 2] (local and global RoPE positions), order
+        [B, S] (the frame order, or None), grid (Hp, Wp)."""
         config = self.config
-        images = images_5d(images, config.patch_size)
+        images = check_images(images, config.patch_size)
         batch, frames, _, height, width = images.shape
-        grid_h, grid_w = height // config.patch_size, width // config.patch_size
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(3, 1, 1)
-        x = self.vit.prepare_tokens(((images - mean) / std).flatten(0, 1))
-        x = x.unflatten(0, (batch, frames))
-        first_pair = config.global_blocks[0] - 1
+        grid = (height // config.patch_size, width // config.patch_size)
+        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
         order = None
-        for index in range(first_pair + 1):
-            if index == config.alt_start - 1 and frames >= MIN_VIEWS_FOR_REFERENCE and self.ref_view_strategy != "first":
-                order = reference_order(select_reference_view(x[:, :, 0], self.ref_view_strategy), frames)
-                x = gather_frames(x, order)
-            if index < first_pair:
-                x = self.vit.blocks[index](x.flatten(0, 1)).unflatten(0, (batch, frames))
-        pos = patch_positions(grid_h, grid_w, 1, device=images.device)
+        with compute_autocast(images.device.type, self.compute_dtype):
+            x = self.vit.prepare_tokens(((images - mean) / std).flatten(0, 1)).unflatten(0, (batch, frames))
+            for index in range(self.first_step_block + 1):
+                if index == config.alt_start - 1 and frames >= MIN_VIEWS_FOR_REFERENCE \
+                        and self.ref_view_strategy != "first":
+                    order = reference_order(select_reference_view(x[:, :, 0], self.ref_view_strategy), frames)
+                    x = gather_frames(x, order)
+                if index < self.first_step_block:
+                    x = self.vit.blocks[index](x.flatten(0, 1)).unflatten(0, (batch, frames))
+        pos = patch_positions(*grid, 1, images.device)
         pos_global = torch.ones_like(pos)
         pos_global[0] = 0
-        extras = {"pos": pos, "pos_global": pos_global, "order": order, "grid": (grid_h, grid_w)}
+        extras = {"pos": pos, "pos_global": pos_global, "order": order, "grid": grid}
         return TrunkState(tokens=x.float(), extras=extras)
 
     def insert_camera_token(self, x: Tensor) -> Tensor:
@@ -479,45 +465,54 @@ class DA3(ReconstructionModel):
         return torch.cat([tokens[:, :, None].to(x.dtype), x[:, :, 1:]], dim=2)
 
     def run_steps(self, state: TrunkState, stop: int | None = None) -> TrunkState:
-        """Run steps state.step .. stop - 1 (default: to the end); each is a local block then a global block."""
+        """Run steps state.step .. stop - 1 (default: to the end) and return a new state; `state` is left as it is."""
         config = self.config
         stop = self.num_steps if stop is None else stop
+        if not 0 <= state.step <= stop <= self.num_steps:
+            raise Spark3rError(
+                f"cannot run steps {state.step}..{stop}: stop must lie between the state's step and {self.num_steps}"
+            )
         state = state.copy()
         x = state.tokens
-        batch, frames, tokens_per_frame, dim = x.shape
+        batch, frames, per_frame, width = x.shape
         local_pos = state.extras["pos"][None]
         global_pos = state.extras["pos_global"].repeat(frames, 1)[None]
-        for step in range(state.step, stop):
-            global_index = config.global_blocks[step]
-            local_index = global_index - 1
-            if local_index == config.alt_start:
-                x = self.insert_camera_token(x)
-            rope_pos = local_pos if local_index >= config.alt_start else None
-            local_x = self.vit.blocks[local_index](x.flatten(0, 1), pos=rope_pos).unflatten(0, (batch, frames))
-            x = local_x
-            if global_index == config.alt_start:
-                x = self.insert_camera_token(x)
-            x = self.vit.blocks[global_index](x.reshape(batch, -1, dim), pos=global_pos)
-            x = x.reshape(batch, frames, tokens_per_frame, dim)
-            if global_index in config.out_layers:
-                tap = torch.cat([local_x, x], dim=-1)
-                order = state.extras["order"]
-                state.taps[global_index] = tap if order is None else gather_frames(tap, torch.argsort(order, dim=1))
-        state.tokens, state.step = x, max(state.step, stop)
+        restore = None if state.extras["order"] is None else torch.argsort(state.extras["order"], dim=1)
+        with compute_autocast(x.device.type, self.compute_dtype):
+            tap_dtype = active_compute_dtype(x.device.type, x.dtype) if self.lean else x.dtype
+            for step in range(state.step, stop):
+                index = self.first_step_block + step
+                block = self.vit.blocks[index]
+                if index == config.alt_start:
+                    x = self.insert_camera_token(x)
+                if index in config.global_blocks:
+                    out = block(x.reshape(batch, frames * per_frame, width), pos=global_pos)
+                else:
+                    rope_pos = local_pos if index >= config.alt_start else None
+                    out = block(x.reshape(batch * frames, per_frame, width), pos=rope_pos)
+                out = out.view(batch, frames, per_frame, width)
+                if index in config.out_layers:
+                    tap = torch.cat([x, self.vit.norm(out)], dim=-1)
+                    state.taps[index] = (tap if restore is None else gather_frames(tap, restore)).to(tap_dtype)
+                    if index == config.out_layers[-1]:
+                        camera = torch.cat([x[:, :, 0], out[:, :, 0]], dim=-1).float()
+                        state.extras["camera_token"] = camera if restore is None else gather_frames(camera, restore)
+                x = out
+        state.tokens, state.step = x, stop
         return state
 
     def decode(self, state: TrunkState, images: Tensor) -> dict[str, Tensor]:
-        """Taps -> DualDPT depth and cam_dec cameras, in fp32 with autocast off as upstream (module docstring)."""
+        """Taps -> DualDPT depth and cam_dec cameras, fp32 with autocast off as upstream (see the module docstring)."""
         if state.step != self.num_steps:
-            raise Spark3rError(f"decode needs the trunk run to the end (step {self.num_steps}), got step {state.step}")
-        dim = self.config.embed_dim
+            raise Spark3rError(
+                f"the trunk state is at step {state.step} of {self.num_steps}: finish it with run_steps before decode"
+            )
         grid_h, grid_w = state.extras["grid"]
         image_size = (grid_h * self.config.patch_size, grid_w * self.config.patch_size)
-        taps = [state.taps[layer] for layer in self.config.out_layers]
-        feats = [torch.cat([tap[..., :dim], self.vit.norm(tap[..., dim:])], dim=-1)[:, :, 1:] for tap in taps]
-        with torch.autocast(device_type=taps[0].device.type, enabled=False):
-            out = self.model.head([f.float() for f in feats], image_size)
-            pose_enc = self.model.cam_dec(taps[-1][:, :, 0].float())
+        feats = [state.taps[layer][:, :, 1:].float() for layer in self.config.out_layers]
+        with no_autocast(feats[0].device.type):
+            out = self.model.head(feats, image_size)
+            pose_enc = self.model.cam_dec(state.extras["camera_token"])
             cam_to_world, intrinsics = pose_encoding_to_camera(pose_enc, image_size, min_tan=1e-6)
             out.update(
                 extrinsics=se3_inverse(cam_to_world)[..., :3, :],
@@ -529,26 +524,31 @@ class DA3(ReconstructionModel):
         return out
 
     def flop_config(self, height: int, width: int) -> FlopConfig:
-        """Block lists and the dense non-block cost per frame for H x W input (multiply-adds count 2)."""
-        c, p = self.config, self.config.patch_size
-        patches = (height // p) * (width // p)
-        tokens = 1 + patches
-        swiglu = c.ffn_layer == "swiglu"
-        hidden = swiglu_hidden(4 * c.embed_dim) if swiglu else 4 * c.embed_dim
+        """FLOP-model numbers at an H x W input: the ViT blocks as BlockGroups (local and global); everything else
+        (patch conv, DualDPT main branch, cam_dec) counted per frame on the meta device (`non_block_flops`)."""
+        config = self.config
+        check_images(torch.empty(1, 3, height, width, device="meta"), config.patch_size)
+        grid = (height // config.patch_size, width // config.patch_size)
+        tokens = 1 + grid[0] * grid[1]
+        swiglu = config.ffn_layer == "swiglu"
+        hidden = swiglu_hidden(4 * config.embed_dim) if swiglu else 4 * config.embed_dim
         matrices = 3 if swiglu else 2
-        global_count = len(c.global_blocks)
+        count = len(config.global_blocks)
         groups = (
-            BlockGroup("frame", c.depth - global_count, c.embed_dim, hidden, "frame", tokens, matrices),
-            BlockGroup("global", global_count, c.embed_dim, hidden, "global", tokens, matrices),
+            BlockGroup("blocks (local)", config.depth - count, config.embed_dim, hidden, "frame", tokens, matrices),
+            BlockGroup("blocks (global)", count, config.embed_dim, hidden, "global", tokens, matrices),
         )
-        other = 2 * patches * 3 * p * p * c.embed_dim
-        other += dpt_flops(2 * c.embed_dim, c.features, c.out_channels, patches, height * width)
-        other += 2 * (2 * (2 * c.embed_dim) ** 2)  # cam_dec MLP on one token
-        return FlopConfig(1, tokens, groups, float(other))
+        other = non_block_flops(DA3, config, height, width, DA3_BLOCKS)
+        return FlopConfig(1, tokens, groups, other, patch_grid=grid)
 
 
-def build_da3(name: str = "da3-giant", ref_view_strategy: str = "saddle_balanced") -> DA3:
-    """A DA3 model of config `name` with random weights."""
-    if name not in CONFIGS:
-        raise Spark3rError(f"unknown DA3 config {name!r}: use one of {', '.join(CONFIGS)}")
-    return DA3(CONFIGS[name], ref_view_strategy)
+DA3_BLOCKS = re.compile(r"DA3\.model\.backbone\.pretrained\.blocks\.\d+")
+
+for _config in CONFIGS.values():
+    register(ModelEntry(
+        name=_config.name, family="da3", builder=lambda config=_config: DA3(config), image_width=_config.default_size[1],
+        preprocess="da3", hf_repo=_config.hf_repo, hf_files=("model.safetensors",) if _config.hf_repo else (),
+        aliases=("da3",) if _config.name == "da3-giant" else (),
+        description=f"Depth-Anything-3 any-view {_config.name.removeprefix('da3-')} "
+                    f"(ViT {_config.embed_dim} x {_config.depth}, {len(_config.global_blocks)} global layers)",
+    ))

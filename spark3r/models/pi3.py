@@ -18,19 +18,30 @@ Outputs (the common dict of `ReconstructionModel`, plus pi3's own):
 """
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from spark3r.errors import Spark3rError
 from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState
-from spark3r.models.blocks import Block, RotaryPositionEmbedding2D, patch_positions
+from spark3r.models.blocks import (
+    Block,
+    RotaryPositionEmbedding2D,
+    active_compute_dtype,
+    compute_autocast,
+    no_autocast,
+    patch_positions,
+)
 from spark3r.models.dinov2 import DinoVisionTransformer
+from spark3r.models.registry import ModelEntry, register
+from spark3r.models.vggt import IMAGENET_MEAN, IMAGENET_STD, check_images
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+HEAD_CHUNK_FRAMES = 32
 
 
 @dataclass(frozen=True)
@@ -71,25 +82,6 @@ CONFIGS = {
         default_size=(42, 56),
     ),
 }
-
-
-def images_5d(images: Tensor, patch_size: int) -> Tensor:
-    """Check `images` and return them as [B, S, 3, H, W]; a Spark3rError names what is wrong."""
-    if not isinstance(images, Tensor) or not images.is_floating_point():
-        raise Spark3rError("images must be a floating-point tensor in [0, 1]: convert them with .float() / 255")
-    if images.dim() == 4:
-        images = images[None]
-    if images.dim() != 5 or images.shape[2] != 3:
-        raise Spark3rError(
-            f"images must have shape [S, 3, H, W] or [B, S, 3, H, W], got {tuple(images.shape)}: stack RGB frames"
-        )
-    height, width = images.shape[-2:]
-    if height < patch_size or width < patch_size or height % patch_size or width % patch_size:
-        raise Spark3rError(
-            f"image size {height}x{width} is not a multiple of the patch size {patch_size}: "
-            f"resize or crop to multiples of {patch_size} (the model's preprocess recipe does this)"
-        )
-    return images
 
 
 def se3_inverse(pose: Tensor) -> Tensor:
@@ -198,15 +190,24 @@ class CameraHead(nn.Module):
 
 
 class Pi3(ReconstructionModel):
-    """pi3 with the official module names (`encoder`, `decoder.{i}`, `register_token`, heads)."""
+    """pi3 with the official module names (`encoder`, `decoder.{i}`, `register_token`, heads).
 
-    def __init__(self, config: Pi3Config):
+    The trunk runs as 36 steps, step i = decoder block i (even: per frame, odd: global over all S * P tokens of a
+    scene). lean (default True): the one tap [frame 34 | global 35] is stored in the compute dtype, which loses
+    nothing, since its only readers are the head decoders' input projections running under the same autocast; lean
+    False keeps it fp32. compute_dtype: the encoder, trunk and head transformers run under autocast to this dtype
+    (fp32: no autocast of their own); the pixel heads and the camera head always run fp32 with autocast off.
+    """
+
+    def __init__(self, config: Pi3Config, lean: bool = True, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
+        self.lean = lean
+        self.compute_dtype = compute_dtype
         dim = config.embed_dim
         self.register_token = nn.Parameter(torch.empty(1, 1, config.num_register_tokens, dim))
-        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.register_buffer("image_mean", torch.empty(1, 3, 1, 1))
+        self.register_buffer("image_std", torch.empty(1, 3, 1, 1))
         self.encoder = DinoVisionTransformer(
             img_size=config.img_size,
             patch_size=config.patch_size,
@@ -219,15 +220,8 @@ class Pi3(ReconstructionModel):
         )
         rope = RotaryPositionEmbedding2D(config.rope_base)
         self.decoder = nn.ModuleList(
-            Block(
-                dim,
-                config.decoder_heads,
-                init_values=0.01,
-                norm_eps=1e-6,
-                qk_norm=True,
-                rope=rope,
-                qk_to_v_dtype=True,
-            )
+            Block(dim, config.decoder_heads, init_values=0.01, norm_eps=1e-6, qk_norm=True, rope=rope,
+                  qk_to_v_dtype=True)
             for _ in range(config.decoder_depth)
         )
         head = dict(dim=config.head_dim, depth=config.head_depth, num_heads=config.head_heads, rope=rope)
@@ -240,10 +234,9 @@ class Pi3(ReconstructionModel):
         self.reset_parameters()
         self.adapter = Adapter(
             model_name=config.name,
-            global_attention=[f"decoder.{index}.attn" for index in range(1, config.decoder_depth, 2)],
+            global_attention=[f"decoder.{i}.attn" for i in self.global_layer_steps],
             n_special=config.num_register_tokens,
             patch_size=config.patch_size,
-            rope_in_global=True,
         )
 
     def reset_parameters(self) -> None:
@@ -254,100 +247,138 @@ class Pi3(ReconstructionModel):
 
     @property
     def num_steps(self) -> int:
-        return self.config.decoder_depth // 2
+        return self.config.decoder_depth
 
     @property
     def global_layer_steps(self) -> list[int]:
-        return list(range(self.num_steps))
+        return list(range(1, self.config.decoder_depth, 2))
 
     def prepare(self, images: Tensor) -> TrunkState:
-        """images [B, S, 3, H, W] in [0, 1] -> the state entering step 0: tokens [B, S, 5 + Hp * Wp, C] fp32."""
-        images = images_5d(images, self.config.patch_size)
+        """Normalise, encode, add the registers: tokens [B, S, 5 + Hp * Wp, C] fp32; extras pos [P, 2], grid."""
+        config = self.config
+        images = check_images(images, config.patch_size)
         batch, frames, _, height, width = images.shape
-        grid_h, grid_w = height // self.config.patch_size, width // self.config.patch_size
-        normed = (images - self.image_mean) / self.image_std
-        patches = self.encoder(normed.reshape(batch * frames, 3, height, width))
+        grid = (height // config.patch_size, width // config.patch_size)
+        with compute_autocast(images.device.type, self.compute_dtype):
+            normed = (images - self.image_mean) / self.image_std
+            patches = self.encoder(normed.flatten(0, 1)).unflatten(0, (batch, frames))
         registers = self.register_token.expand(batch, frames, -1, -1)
-        tokens = torch.cat([registers, patches.reshape(batch, frames, grid_h * grid_w, -1)], dim=2).float()
-        pos = patch_positions(grid_h, grid_w, self.config.num_register_tokens, device=images.device)
-        return TrunkState(tokens=tokens, extras={"pos": pos, "grid": (grid_h, grid_w)})
+        tokens = torch.cat([registers.to(patches.dtype), patches], dim=2).float()
+        pos = patch_positions(*grid, config.num_register_tokens, images.device)
+        return TrunkState(tokens=tokens, extras={"pos": pos, "grid": grid})
 
     def run_steps(self, state: TrunkState, stop: int | None = None) -> TrunkState:
-        """Run steps state.step .. stop - 1 (default: to the end); each is a frame block then a global block."""
+        """Run steps state.step .. stop - 1 (default: to the end) and return a new state; `state` is left as it is."""
         stop = self.num_steps if stop is None else stop
+        if not 0 <= state.step <= stop <= self.num_steps:
+            raise Spark3rError(
+                f"cannot run steps {state.step}..{stop}: stop must lie between the state's step and {self.num_steps}"
+            )
         state = state.copy()
-        batch, frames, tokens_per_frame, dim = state.tokens.shape
+        tokens = state.tokens
+        batch, frames, per_frame, width = tokens.shape
         pos = state.extras["pos"]
         frame_pos, global_pos = pos[None], pos.repeat(frames, 1)[None]
-        tokens = state.tokens
-        for step in range(state.step, stop):
-            frame_out = self.decoder[2 * step](tokens.reshape(batch * frames, tokens_per_frame, dim), pos=frame_pos)
-            global_out = self.decoder[2 * step + 1](frame_out.reshape(batch, -1, dim), pos=global_pos)
-            tokens = global_out.reshape(batch, frames, tokens_per_frame, dim)
-            if step == self.num_steps - 1:
-                state.taps[step] = torch.cat([frame_out.reshape_as(tokens), tokens], dim=-1)
-        state.tokens, state.step = tokens, max(state.step, stop)
+        with compute_autocast(tokens.device.type, self.compute_dtype):
+            tap_dtype = active_compute_dtype(tokens.device.type, tokens.dtype) if self.lean else tokens.dtype
+            for step in range(state.step, stop):
+                if step % 2 == 0:
+                    out = self.decoder[step](tokens.reshape(batch * frames, per_frame, width), pos=frame_pos)
+                else:
+                    out = self.decoder[step](tokens.reshape(batch, frames * per_frame, width), pos=global_pos)
+                out = out.view(batch, frames, per_frame, width)
+                if step == self.num_steps - 1:
+                    state.taps[step] = torch.cat([tokens, out], dim=-1).to(tap_dtype)
+                tokens = out
+        state.tokens, state.step = tokens, stop
         return state
 
-    def decode(self, state: TrunkState, images: Tensor) -> dict[str, Tensor]:
-        """The heads on the last tap [B, S, P, 2C] -> the output dict (see the module docstring)."""
-        if state.step != self.num_steps:
-            raise Spark3rError(f"decode needs the trunk run to the end (step {self.num_steps}), got step {state.step}")
-        hidden = state.taps[self.num_steps - 1]
-        batch, frames, tokens_per_frame, width = hidden.shape
-        grid_h, grid_w = state.extras["grid"]
-        height, width_px = grid_h * self.config.patch_size, grid_w * self.config.patch_size
-        hidden = hidden.reshape(batch * frames, tokens_per_frame, width)
-        pos = state.extras["pos"][None]
+    def decode_frames(self, hidden: Tensor, pos: Tensor, grid: tuple[int, int]) -> dict[str, Tensor]:
+        """Heads on the tap of N frames [N, P, 2C] -> local points [N, H, W, 3], conf logits [N, H, W], c2w [N, 4, 4]."""
         start = self.config.num_register_tokens
-        point_hidden = self.point_decoder(hidden, pos)
-        conf_hidden = self.conf_decoder(hidden, pos)
-        camera_hidden = self.camera_decoder(hidden, pos)
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
-            raw = self.point_head(point_hidden[:, start:].float(), grid_h, grid_w)
-            raw = raw.reshape(batch, frames, height, width_px, 3)
-            xy, z = raw.split([2, 1], dim=-1)
+        with compute_autocast(hidden.device.type, self.compute_dtype):
+            point_hidden = self.point_decoder(hidden, pos)
+            conf_hidden = self.conf_decoder(hidden, pos)
+            camera_hidden = self.camera_decoder(hidden, pos)
+        with no_autocast(hidden.device.type):
+            xy, z = self.point_head(point_hidden[:, start:].float(), *grid).split([2, 1], dim=-1)
             z = torch.exp(z)
-            local_points = torch.cat([xy * z, z], dim=-1)
-            conf = self.conf_head(conf_hidden[:, start:].float(), grid_h, grid_w)
-            conf = conf.reshape(batch, frames, height, width_px)
-            camera_poses = self.camera_head(camera_hidden[:, start:].float()).reshape(batch, frames, 4, 4)
-            points = torch.einsum("bsij,bshwj->bshwi", camera_poses[..., :3, :3], local_points)
-            points = points + camera_poses[:, :, None, None, :3, 3]
-            confidence = torch.sigmoid(conf)
             return {
-                "depth": local_points[..., 2],
-                "depth_conf": confidence,
-                "points": points,
-                "points_conf": confidence,
-                "extrinsics": se3_inverse(camera_poses)[..., :3, :],
-                "intrinsics": centred_focal_lengths(local_points),
-                "local_points": local_points,
-                "conf": conf,
-                "camera_poses": camera_poses,
+                "local_points": torch.cat([xy * z, z], dim=-1),
+                "conf": self.conf_head(conf_hidden[:, start:].float(), *grid)[..., 0],
+                "camera_poses": self.camera_head(camera_hidden[:, start:].float()),
             }
 
+    def decode(self, state: TrunkState, images: Tensor) -> dict[str, Tensor]:
+        """The heads over chunks of frames of the last tap [B, S, P, 2C] -> the output dict (module docstring)."""
+        if state.step != self.num_steps:
+            raise Spark3rError(
+                f"the trunk state is at step {state.step} of {self.num_steps}: finish it with run_steps before decode"
+            )
+        hidden = state.taps[self.num_steps - 1]
+        batch, frames = hidden.shape[:2]
+        pos = state.extras["pos"][None]
+        flat = hidden.flatten(0, 1)
+        chunks = [self.decode_frames(flat[i : i + HEAD_CHUNK_FRAMES], pos, state.extras["grid"])
+                  for i in range(0, batch * frames, HEAD_CHUNK_FRAMES)]
+        out = {key: torch.cat([c[key] for c in chunks]).unflatten(0, (batch, frames)) for key in chunks[0]}
+        local_points, camera_poses = out["local_points"], out["camera_poses"]
+        with no_autocast(hidden.device.type):
+            points = torch.einsum("bsij,bshwj->bshwi", camera_poses[..., :3, :3], local_points)
+            points = points + camera_poses[:, :, None, None, :3, 3]
+            confidence = torch.sigmoid(out["conf"])
+            out.update(
+                depth=local_points[..., 2],
+                depth_conf=confidence,
+                points=points,
+                points_conf=confidence,
+                extrinsics=se3_inverse(camera_poses)[..., :3, :],
+                intrinsics=centred_focal_lengths(local_points),
+            )
+        return out
+
     def flop_config(self, height: int, width: int) -> FlopConfig:
-        """Block lists and the dense non-block cost per frame for H x W input (multiply-adds count 2)."""
-        c, p = self.config, self.config.patch_size
-        patches = (height // p) * (width // p)
-        tokens = c.num_register_tokens + patches
-        dim, head = c.embed_dim, c.head_dim
+        """FLOP-model numbers at an H x W input: block lists as BlockGroups; everything else (patch conv, head
+        projections, pixel heads, camera head) counted per frame on the meta device (`non_block_flops`)."""
+        config = self.config
+        check_images(torch.empty(1, 3, height, width, device="meta"), config.patch_size)
+        grid = (height // config.patch_size, width // config.patch_size)
+        patches = grid[0] * grid[1]
+        tokens = config.num_register_tokens + patches
+        dim, head = config.embed_dim, config.head_dim
         groups = (
-            BlockGroup("encoder", c.encoder_depth, dim, 4 * dim, "frame", 1 + 4 + patches),
-            BlockGroup("frame", c.decoder_depth // 2, dim, 4 * dim, "frame", tokens),
-            BlockGroup("global", c.decoder_depth // 2, dim, 4 * dim, "global", tokens),
-            BlockGroup("heads", 3 * c.head_depth, head, 4 * head, "frame", tokens),
+            BlockGroup("encoder.blocks", config.encoder_depth, dim, 4 * dim, "frame", 1 + 4 + patches),
+            BlockGroup("decoder (frame)", config.decoder_depth // 2, dim, 4 * dim, "frame", tokens),
+            BlockGroup("decoder (global)", config.decoder_depth // 2, dim, 4 * dim, "global", tokens),
+            BlockGroup("point/conf/camera_decoder.blocks", 3 * config.head_depth, head, 4 * head, "frame", tokens),
         )
-        other = 2 * patches * 3 * p * p * dim  # patch embedding
-        other += 2 * tokens * (3 * 2 * dim * head + head * (2 * head + c.camera_dim))  # head projections in / out
-        other += 2 * patches * head * 4 * p * p  # point and conf pixel heads
-        other += 2 * patches * 6 * c.camera_dim**2  # camera head residual convs
-        return FlopConfig(c.num_register_tokens, tokens, groups, float(other))
+        other = non_block_flops(Pi3, config, height, width, PI3_BLOCKS)
+        return FlopConfig(config.num_register_tokens, tokens, groups, other, patch_grid=grid)
 
 
-def build_pi3(name: str = "pi3") -> Pi3:
-    """A pi3 model of config `name` with random weights."""
-    if name not in CONFIGS:
-        raise Spark3rError(f"unknown pi3 config {name!r}: use one of {', '.join(CONFIGS)}")
-    return Pi3(CONFIGS[name])
+PI3_BLOCKS = re.compile(r"Pi3\.(encoder\.blocks|decoder|(point|conf|camera)_decoder\.blocks)\.\d+")
+
+
+@functools.lru_cache(maxsize=32)
+def non_block_flops(model_class: type, config, height: int, width: int, block_names: re.Pattern) -> float:
+    """FLOPs of one frame's forward of `model_class(config)` outside its transformer blocks (modules whose qualified
+    name `block_names` matches in full, e.g. "Pi3.decoder.3"), counted by torch.utils.flop_counter on meta."""
+    with torch.device("meta"):
+        model = model_class(config).requires_grad_(False)
+        images = torch.empty(1, 1, 3, height, width)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(images)
+    in_blocks = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if block_names.fullmatch(name))
+    return float(counter.get_total_flops() - in_blocks)
+
+
+register(ModelEntry(
+    name="pi3", family="pi3", builder=lambda: Pi3(CONFIGS["pi3"]), image_width=504, preprocess="pi3",
+    hf_repo="yyfz233/Pi3", hf_files=("model.safetensors",),
+    description="pi3 (yyfz/Pi3): DINOv2-L encoder, 36-block alternating decoder, point/conf/camera heads",
+))
+register(ModelEntry(
+    name="pi3-tiny", family="pi3", builder=lambda: Pi3(CONFIGS["pi3-tiny"]), image_width=56, preprocess="pi3",
+    description="toy pi3 (width 64, 2 encoder + 4 decoder blocks) for CPU tests",
+))
