@@ -229,7 +229,7 @@ class _Reader:
                           f"{', '.join(allowed)}")
         for key in required:
             if key not in value:
-                self.fail(f"{_join(where, key)} is missing: it is required")
+                self.fail(f"{_join(where, key)} is missing: add it (it is required)")
         return value
 
     def integer(self, value, where: str, low: int | None = None, high: int | None = None) -> int:

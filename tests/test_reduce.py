@@ -1,5 +1,6 @@
 """Runtime reduction against independent loop references (float64), and patching on vggt-tiny."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from spark3r.reduce import (
 from spark3r.reduce import merge as merge_module
 from spark3r.reduce.kv import grid_steps
 from spark3r.schedule import load_schedule
+
+SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
 
 LAYOUT = FrameLayout(frames=7, n_special=2, grid_h=4, grid_w=6)
 
@@ -313,7 +316,7 @@ def test_identity_schedule_is_bit_exact_and_shipped_schedule_reduces(tiny):
     identity = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6, "default": {"kv": {"keep": 1.0}}}
     with reduced(model, identity):
         assert_same(run(model, images), dense)
-    with reduced(model, "schedules/vggt-tiny-paper.yaml") as handle:
+    with reduced(model, SCHEDULES / "vggt-tiny-paper.yaml") as handle:
         assert handle.reduction(0, 6).kv_factor == 3 and handle.reduction(3, 6).kv_factor == 1
         assert not torch.equal(run(model, images)["depth"], dense["depth"])
     assert_same(run(model, images), dense)
@@ -355,10 +358,10 @@ def test_run_steps_needs_the_layout_and_uses_set_layout(tiny):
 def test_patch_errors_are_clear(tiny):
     model, _, _ = tiny
     with pytest.raises(Spark3rError, match="made for vggt-1b, not vggt-tiny"):
-        apply_schedule(model, "schedules/vggt-1b-paper.yaml")
+        apply_schedule(model, SCHEDULES / "vggt-1b-paper.yaml")
     with pytest.raises(Spark3rError, match="layers 0..5"):
         apply_reductions(model, {6: Reduction()})
     with apply_reductions(model, {0: Reduction(kv_keep=0.5)}):
         with pytest.raises(Spark3rError, match="already patched"):
-            apply_schedule(model, load_schedule("schedules/vggt-tiny-paper.yaml"))
+            apply_schedule(model, load_schedule(SCHEDULES / "vggt-tiny-paper.yaml"))
     assert all("forward" not in vars(attn) for attn in model.adapter.modules(model))
