@@ -1,0 +1,135 @@
+import math
+
+import pytest
+import torch
+
+from spark3r.data.clips import unproject_depth
+from spark3r.data.synthetic import Scene, SceneConfig, clip_seeds, render_batch, render_clip, render_views, sample_clip
+from spark3r.errors import Spark3rError
+
+
+def hand_scene(boxes=(), spheres=(), color=(0.2, 0.4, 0.6)) -> Scene:
+    """Room of half extents (2, 1.5, 3), flat-coloured surfaces (no waves), light straight up (-y)."""
+    count = 6 + len(boxes) + len(spheres)
+    box_center = torch.tensor([[c for c, _, _ in boxes]]).reshape(1, len(boxes), 3)
+    box_half = torch.tensor([[h for _, h, _ in boxes]]).reshape(1, len(boxes), 3)
+    box_yaw = torch.tensor([[y for _, _, y in boxes]]).reshape(1, len(boxes))
+    return Scene(
+        room_half=torch.tensor([[2.0, 1.5, 3.0]]), box_center=box_center, box_half=box_half, box_yaw=box_yaw,
+        sphere_center=torch.tensor([[c for c, _ in spheres]]).reshape(1, len(spheres), 3),
+        sphere_radius=torch.tensor([[r for _, r in spheres]]).reshape(1, len(spheres)),
+        light=torch.tensor([[0.0, -1.0, 0.0]]), wave_vector=torch.zeros(1, count, 1, 3),
+        wave_phase=torch.zeros(1, count, 1), wave_amplitude=torch.zeros(1, count, 1), sharpness=torch.ones(1, count),
+        colors=torch.tensor(color).expand(1, count, 2, 3).clone())
+
+
+def identity_camera(size=9):
+    """Camera at the origin looking down +z with a 90-degree field of view; pixel (4, 4) looks straight ahead."""
+    intrinsics = torch.tensor([[[[size / 2, 0, size / 2], [0, size / 2, size / 2], [0, 0, 1]]]])
+    extrinsics = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)[None, None]
+    return intrinsics, extrinsics
+
+
+def test_room_depth_and_shading_match_hand_computed_values():
+    intrinsics, extrinsics = identity_camera()
+    images, depth = render_views(hand_scene(), intrinsics, extrinsics, 9, 9)
+    assert depth[0, 0, 4, 4] == pytest.approx(3.0)  # far wall z = 3
+    assert depth[0, 0, 4, 8] == pytest.approx(2.0 / (4 / 4.5))  # side wall x = 2 along ray (0.889, 0, 1)
+    assert depth[0, 0, 8, 4] == pytest.approx(1.5 / (4 / 4.5))  # floor y = 1.5
+    # the far wall faces the camera, perpendicular to the light: ambient 0.45 only; the floor is fully lit
+    assert images[0, 0, :, 4, 4].tolist() == pytest.approx([0.45 * c for c in (0.2, 0.4, 0.6)])
+    assert images[0, 0, :, 8, 4].tolist() == pytest.approx([0.2, 0.4, 0.6])
+    points = unproject_depth(depth[0], intrinsics[0], extrinsics[0])  # same pixel convention as the renderer
+    assert points[0, 4, 8, 0] == pytest.approx(2.0) and points[0, 8, 4, 1] == pytest.approx(1.5)
+
+
+def test_objects_depth_match_hand_computed_values():
+    intrinsics, extrinsics = identity_camera()
+    sphere = hand_scene(spheres=[((0.0, 0.0, 2.0), 0.5)])
+    assert render_views(sphere, intrinsics, extrinsics, 9, 9)[1][0, 0, 4, 4] == pytest.approx(1.5)
+    box = hand_scene(boxes=[((0.0, 0.0, 2.0), (0.5, 0.5, 0.5), 0.0)])
+    assert render_views(box, intrinsics, extrinsics, 9, 9)[1][0, 0, 4, 4] == pytest.approx(1.5)
+    turned = hand_scene(boxes=[((0.0, 0.0, 2.0), (0.5, 0.5, 0.5), math.pi / 4)])
+    assert render_views(turned, intrinsics, extrinsics, 9, 9)[1][0, 0, 4, 4] == pytest.approx(2 - 0.5 * math.sqrt(2))
+
+
+def project(points, intrinsics, extrinsics):
+    """Pixel coordinates [N, 2] and z-depth [N] of world points [N, 3] in one camera."""
+    camera = points @ extrinsics[:, :3].T + extrinsics[:, 3]
+    pixels = camera @ intrinsics.T
+    return pixels[:, :2] / pixels[:, 2:], camera[:, 2]
+
+
+@pytest.mark.parametrize("other", [1, 3])
+def test_reprojected_pixels_land_on_the_same_surface_point(other):
+    clip = render_clip(3, frames=4, height=48, width=64)
+    points = unproject_depth(clip.depth, clip.intrinsics, clip.extrinsics)[0].reshape(-1, 3)
+    pixels, z = project(points, clip.intrinsics[other], clip.extrinsics[other])
+    col, row = pixels[:, 0].floor().long(), pixels[:, 1].floor().long()
+    inside = (z > 0) & (col >= 0) & (col < 64) & (row >= 0) & (row < 48)
+    assert inside.float().mean() > 0.5  # consecutive views overlap
+    seen = clip.depth[other][row[inside], col[inside]]
+    agree = (seen - z[inside]).abs() / z[inside] < 0.02
+    assert agree.float().mean() > 0.95  # the rest: occlusion boundaries and pixel-edge effects
+    source_colors = clip.images[0].permute(1, 2, 0).reshape(-1, 3)[inside][agree]
+    target_colors = clip.images[other].permute(1, 2, 0)[row[inside][agree], col[inside][agree]]
+    assert (source_colors - target_colors).abs().median() < 0.03  # view-independent texture and shading
+
+
+def test_same_seed_gives_the_same_clip_and_batching_changes_nothing():
+    first, again = render_clip(5, frames=3, height=24, width=32), render_clip(5, frames=3, height=24, width=32)
+    for key in ("images", "depth", "intrinsics", "extrinsics"):
+        assert torch.equal(getattr(first, key), getattr(again, key))
+    assert not torch.equal(first.images, render_clip(6, frames=3, height=24, width=32).images)
+    batch = render_batch([6, 5], frames=3, height=24, width=32)
+    assert torch.allclose(batch.images[1], first.images, atol=1e-6)
+    assert torch.allclose(batch.depth[1], first.depth, rtol=1e-6)
+    drawn = [render_batch(torch.Generator().manual_seed(1), frames=2, height=8, width=8, batch_size=2).seeds
+             for _ in range(2)]
+    assert drawn[0] == drawn[1] and len(set(drawn[0])) == 2
+    assert clip_seeds(0, 3)[:2] == clip_seeds(0, 2) and clip_seeds(0, 2) != clip_seeds(1, 2)
+
+
+def test_camera_path_is_smooth_level_and_clear_of_objects():
+    config = SceneConfig()
+    for seed in range(6):
+        scene, intrinsics, extrinsics = sample_clip(seed, 10, 32, 32, config)
+        rotation = extrinsics[:, :, :3]
+        centers = -(rotation.transpose(1, 2) @ extrinsics[:, :, 3:])[..., 0]
+        assert rotation[:, 0, 1].abs().max() < 1e-12  # camera x axis horizontal: no roll
+        forward = rotation[:, 2]
+        yaw = torch.atan2(forward[:, 0], forward[:, 2])
+        step = torch.rad2deg(torch.remainder(yaw[1:] - yaw[:-1] + math.pi, 2 * math.pi) - math.pi).abs()
+        assert step.min() >= 3 - 1e-9 and step.max() <= 9 + 1e-9
+        assert torch.rad2deg(torch.asin(forward[:, 1].abs())).max() <= config.max_pitch + 1e-9
+        assert (centers.abs() < scene.room_half[0] - 0.3).all()
+        distance = (centers[:, None] - scene.sphere_center[0][None]).norm(dim=-1)
+        assert (distance > scene.sphere_radius[0] + config.clearance - 1e-9).all()
+        footprint = scene.box_half[0, :, [0, 2]].norm(dim=-1)
+        ground = (centers[:, None, [0, 2]] - scene.box_center[0][None, :, [0, 2]]).norm(dim=-1)
+        assert (ground > footprint + config.clearance - 1e-9).all()
+
+
+def test_unordered_views_shuffle_the_same_cameras():
+    ordered = sample_clip(2, 6, 16, 16, SceneConfig())[2]
+    shuffled = sample_clip(2, 6, 16, 16, SceneConfig(shuffle=True))[2]
+    assert not torch.equal(ordered, shuffled)
+    assert sorted(map(tuple, ordered.flatten(1).tolist())) == sorted(map(tuple, shuffled.flatten(1).tolist()))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"boxes": -1}, "SceneConfig.boxes"),
+    ({"fov": (70.0, 50.0)}, "SceneConfig.fov"),
+    ({"room_half_width": (1.5, 2.0)}, "too small"),
+])
+def test_bad_scene_config_is_one_sentence(kwargs, message):
+    with pytest.raises(Spark3rError, match=message) as error:
+        SceneConfig(**kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_render_batch_rejects_bad_sizes():
+    with pytest.raises(Spark3rError, match="positive sizes"):
+        render_batch([0], frames=0)
+    with pytest.raises(Spark3rError, match="batch_size"):
+        render_batch(torch.Generator())
