@@ -10,6 +10,7 @@ import os
 import pickle
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -90,14 +91,16 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     raise Spark3rError(f"{str(path)!r} is not a weights file: pass a {', '.join(WEIGHT_SUFFIXES)} file")
 
 
-def adapt_state_dict(state_dict: dict[str, Tensor], key_prefix: str = "",
-                     drop_prefixes: tuple[str, ...] = ()) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """Strip `key_prefix` from the keys that carry it, then drop keys under `drop_prefixes` (matched after stripping).
+def adapt_state_dict(state_dict: dict[str, Tensor], key_prefix: str = "", drop_prefixes: tuple[str, ...] = (),
+                     convert: Callable[[dict], dict] | None = None) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Strip `key_prefix` from the keys that carry it, apply `convert`, then drop keys under `drop_prefixes`.
 
     Returns the new state_dict and the number of keys dropped per prefix.
     """
     if key_prefix:
         state_dict = {k.removeprefix(key_prefix): v for k, v in state_dict.items()}
+    if convert is not None:
+        state_dict = convert(state_dict)
     dropped = {prefix: sum(k.startswith(prefix) for k in state_dict) for prefix in drop_prefixes}
     kept = {k: v for k, v in state_dict.items() if not k.startswith(tuple(drop_prefixes))}
     return kept, {prefix: count for prefix, count in dropped.items() if count}
@@ -134,10 +137,11 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], model_name
 def load_weights(model: nn.Module, state_dict: dict[str, Tensor], entry: ModelEntry) -> nn.Module:
     """Strict load of a checkpoint into `model` (which may be on the meta device: tensors are then assigned).
 
-    The entry's key prefix is stripped and its dropped prefixes are removed, with a line on stderr saying how many keys
+    The entry's key prefix is stripped, its conversion applied and its dropped prefixes removed, with a line on stderr saying how many keys
     were dropped. Floating tensors are converted to the model's parameter dtype.
     """
-    state_dict, dropped = adapt_state_dict(state_dict, entry.key_prefix, entry.drop_prefixes)
+    state_dict, dropped = adapt_state_dict(state_dict, entry.key_prefix, entry.drop_prefixes,
+                                           entry.convert_state_dict)
     for prefix, count in dropped.items():
         print(f"{entry.name}: dropped {count} checkpoint keys under {prefix!r} (not built by this model)",
               file=sys.stderr)

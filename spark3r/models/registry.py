@@ -39,6 +39,8 @@ class ModelEntry:
     preprocess:    name of the preprocessing recipe in spark3r.data (e.g. "vggt": VGGT's crop mode at image_width).
     hf_repo, hf_files: Hugging Face repo id and candidate weight files, in order of preference, for the cache lookup.
     key_prefix:    prefix the checkpoint puts in front of our state_dict keys (stripped on load).
+    convert_state_dict: optional state_dict -> state_dict applied after stripping the prefix (e.g. key renames of
+                   older checkpoints); it must return the official key names.
     drop_prefixes: checkpoint key prefixes this model does not build (e.g. VGGT's "track_head."), dropped and reported.
     aliases:       other names that resolve to this entry (printed when used).
     """
@@ -51,6 +53,7 @@ class ModelEntry:
     hf_repo: str | None = None
     hf_files: tuple[str, ...] = ()
     key_prefix: str = ""
+    convert_state_dict: Callable[[dict], dict] | None = None
     drop_prefixes: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     description: str = ""
