@@ -66,7 +66,7 @@ def test_strict_load_names_missing_unexpected_and_mis_shaped_keys(tmp_path, tiny
     message = str(error.value)
     assert "1 missing keys ('depth_head.norm.bias')" in message
     assert "1 unexpected keys ('extra.weight')" in message
-    assert "1 shape mismatches ('point_head.norm.weight': checkpoint [7], model [512])" in message
+    assert "1 shape mismatches ('point_head.norm.weight': checkpoint [7], model [256])" in message
     assert "\n" not in message
 
 

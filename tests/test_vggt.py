@@ -88,8 +88,8 @@ def test_taps_are_frame_output_then_global_output(tiny, images):
         before_global = tiny.run_steps(state, stop=2 * 3 + 1)
         after_global = tiny.run_steps(before_global, stop=2 * 3 + 2)
     tap = after_global.taps[3]
-    assert torch.equal(tap[..., :256], before_global.tokens)
-    assert torch.equal(tap[..., 256:], after_global.tokens)
+    assert torch.equal(tap[..., :VGGT_TINY.embed_dim], before_global.tokens)
+    assert torch.equal(tap[..., VGGT_TINY.embed_dim:], after_global.tokens)
 
 
 def test_lean_mode_leaves_taps_and_outputs_unchanged_in_fp32(tiny, images):
@@ -130,7 +130,7 @@ def test_special_tokens_distinguish_frame_zero(tiny, images):
     with torch.no_grad():
         tokens = tiny.prepare(images).tokens
     camera, registers = tiny.aggregator.camera_token, tiny.aggregator.register_token
-    assert tokens.shape == (1, 4, 5 + 12, 256)
+    assert tokens.shape == (1, 4, 5 + 12, VGGT_TINY.embed_dim)
     assert torch.equal(tokens[0, 0, 0], camera[0, 0, 0]) and torch.equal(tokens[0, 2, 0], camera[0, 1, 0])
     assert torch.equal(tokens[0, 0, 1:5], registers[0, 0]) and torch.equal(tokens[0, 3, 1:5], registers[0, 1])
 

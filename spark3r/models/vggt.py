@@ -65,8 +65,8 @@ class VGGTConfig:
 
 VGGT_1B = VGGTConfig()
 VGGT_TINY = VGGTConfig(
-    name="vggt-tiny", img_size=112, embed_dim=256, depth=6, num_heads=4, encoder="conv", taps=(1, 3, 4, 5),
-    head_features=64, head_channels=(32, 64, 128, 128), camera_depth=2, camera_heads=4,
+    name="vggt-tiny", img_size=112, embed_dim=128, depth=6, num_heads=2, encoder="conv", taps=(1, 3, 4, 5),
+    head_features=32, head_channels=(32, 64, 128, 128), camera_depth=2, camera_heads=4,
 )
 
 
@@ -371,5 +371,5 @@ register(ModelEntry(
 ))
 register(ModelEntry(
     name="vggt-tiny", family="vggt", builder=lambda: VGGT(VGGT_TINY), image_width=112, preprocess="vggt",
-    description="toy VGGT (width 256, 6 + 6 blocks, conv patch embed) for CPU tests and the walkthrough",
+    description="toy VGGT (width 128, 6 + 6 blocks, conv patch embed, 5.3 M parameters) for tests and the walkthrough",
 ))
