@@ -365,3 +365,27 @@ def test_patch_errors_are_clear(tiny):
         with pytest.raises(Spark3rError, match="already patched"):
             apply_schedule(model, load_schedule(SCHEDULES / "vggt-tiny-paper.yaml"))
     assert all("forward" not in vars(attn) for attn in model.adapter.modules(model))
+
+
+def test_reduced_layers_run_in_the_autocast_dtype(tiny, monkeypatch):
+    import spark3r.reduce.patch as patch_module
+    from spark3r.models.blocks import qkv_heads
+
+    model, images, _ = tiny
+    seen = []
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return reduced_attention(q, k, v, *args, **kwargs)
+
+    def fp32_qk(attn, x, pos):  # as qk-norm leaves q and k under CUDA autocast
+        q, k, v = qkv_heads(attn, x, pos)
+        return q.float(), k.float(), v
+
+    monkeypatch.setattr(patch_module, "reduced_attention", recording)
+    monkeypatch.setattr(patch_module, "qkv_heads", fp32_qk)
+    with apply_reductions(model, {0: Reduction(kv_keep=0.5, query_merge=2, group_frames=3)}):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = model(images)
+    assert seen == [(torch.bfloat16,) * 3]
+    assert torch.isfinite(outputs["depth"]).all()

@@ -3,7 +3,8 @@
 Each patched attention module gets an instance-level `forward` (qkv_heads -> reduced_attention -> merge_heads -> proj);
 `remove()` deletes it, so the class forward runs again. The frame layout of the clip comes from a forward pre-hook on
 the model root reading its images argument, or from `handle.set_layout(layout)` for callers that run trunk steps
-directly. A layer whose reduction keeps everything at the current layout runs the class forward unchanged.
+directly. A layer whose reduction keeps everything at the current layout runs the class forward unchanged. Under
+autocast, q, k and v are cast to the autocast dtype before selection and merging (the attention would cast them anyway).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from spark3r.errors import Spark3rError
 from spark3r.models.base import Adapter, FrameLayout
-from spark3r.models.blocks import merge_heads, qkv_heads
+from spark3r.models.blocks import active_compute_dtype, merge_heads, qkv_heads
 from spark3r.reduce.attention import is_dense, reduced_attention
 from spark3r.reduce.reduction import Reduction
 from spark3r.schedule import Schedule, check_model, load_schedule
@@ -90,7 +91,8 @@ class ReductionHandle:
             reduction = self.reduction(layer, layout.frames)
             if is_dense(layout, reduction):
                 return dense_forward(attn, x, pos=pos)
-            q, k, v = qkv_heads(attn, x, pos)
+            dtype = active_compute_dtype(x.device.type, x.dtype)
+            q, k, v = (t.to(dtype) for t in qkv_heads(attn, x, pos))
             return attn.proj(merge_heads(reduced_attention(q, k, v, layout, reduction, x=x)))
 
         return forward
