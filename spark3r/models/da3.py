@@ -261,15 +261,17 @@ class DualDPT(nn.Module):
             out.update(ray=aux[..., :6], ray_conf=1.0 + torch.exp(aux[..., 6]))
         return out
 
-    def forward(self, feats: list[Tensor], image_size: tuple[int, int], rays: bool = False) -> dict[str, Tensor]:
-        """feats: 4 tensors [B, S, Hp * Wp, dim_in] -> dict of [B, S, ...], run over chunks of 8 frames."""
-        batch, frames = feats[0].shape[:2]
-        flat = [f.flatten(0, 1) for f in feats]
-        chunks = [
-            self.forward_frames([f[start : start + HEAD_CHUNK_FRAMES] for f in flat], image_size, rays)
-            for start in range(0, batch * frames, HEAD_CHUNK_FRAMES)
-        ]
-        return {key: torch.cat([c[key] for c in chunks]).unflatten(0, (batch, frames)) for key in chunks[0]}
+    def forward(self, taps: list[Tensor], image_size: tuple[int, int], patch_start_idx: int = 1,
+                rays: bool = False) -> dict[str, Tensor]:
+        """taps: 4 tensors [B, S, P, dim_in], patch tokens from `patch_start_idx`, any dtype -> dict of [B, S, ...];
+        frames run in chunks of 8, each cast to fp32 on its own (1000 frames of taps stay in their dtype)."""
+        frames = taps[0].shape[1]
+        chunks = []
+        for start in range(0, frames, HEAD_CHUNK_FRAMES):
+            chunk = [t[:, start : start + HEAD_CHUNK_FRAMES, patch_start_idx:] for t in taps]
+            out = self.forward_frames([c.flatten(0, 1).float() for c in chunk], image_size, rays)
+            chunks.append({key: value.unflatten(0, chunk[0].shape[:2]) for key, value in out.items()})
+        return {key: torch.cat([c[key] for c in chunks], dim=1) for key in chunks[0]}
 
 
 class CameraDec(nn.Module):
@@ -509,9 +511,9 @@ class DA3(ReconstructionModel):
             )
         grid_h, grid_w = state.extras["grid"]
         image_size = (grid_h * self.config.patch_size, grid_w * self.config.patch_size)
-        feats = [state.taps[layer][:, :, 1:].float() for layer in self.config.out_layers]
-        with no_autocast(feats[0].device.type):
-            out = self.model.head(feats, image_size)
+        taps = [state.taps[layer] for layer in self.config.out_layers]
+        with no_autocast(taps[0].device.type):
+            out = self.model.head(taps, image_size)
             pose_enc = self.model.cam_dec(state.extras["camera_token"])
             cam_to_world, intrinsics = pose_encoding_to_camera(pose_enc, image_size, min_tan=1e-6)
             out.update(

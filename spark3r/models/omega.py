@@ -382,7 +382,8 @@ class VGGTOmega(ReconstructionModel):
         return state
 
     def decode(self, state: TrunkState, images: Tensor) -> dict[str, Tensor]:
-        """Heads over a finished trunk, fp32 with autocast off; the dense head runs over chunks of frames."""
+        """Heads over a finished trunk, fp32 with autocast off; the dense head runs over chunks of 8 frames, each cast
+        to fp32 on its own."""
         config = self.config
         if state.step != self.num_steps:
             raise Spark3rError(
@@ -390,14 +391,17 @@ class VGGTOmega(ReconstructionModel):
             )
         grid_h, grid_w = state.extras["grid"]
         image_size = (grid_h * config.patch_size, grid_w * config.patch_size)
-        taps = [state.taps[layer][:, :, config.n_special :].flatten(0, 1) for layer in config.taps]
-        batch, frames = state.tokens.shape[:2]
+        taps = [state.taps[layer] for layer in config.taps]
+        frames = taps[0].shape[1]
+        depths, confs = [], []
         with no_autocast(state.tokens.device.type):
             pose_enc = self.camera_head(state.extras["camera_tokens"])
-            chunks = [self.dense_head([t[i : i + HEAD_CHUNK_FRAMES].float() for t in taps], image_size)
-                      for i in range(0, batch * frames, HEAD_CHUNK_FRAMES)]
-            depth = torch.cat([c[0] for c in chunks]).unflatten(0, (batch, frames))
-            depth_conf = torch.cat([c[1] for c in chunks]).unflatten(0, (batch, frames))
+            for start in range(0, frames, HEAD_CHUNK_FRAMES):
+                chunk = [t[:, start : start + HEAD_CHUNK_FRAMES, config.n_special :] for t in taps]
+                depth, conf = self.dense_head([c.flatten(0, 1).float() for c in chunk], image_size)
+                depths.append(depth.unflatten(0, chunk[0].shape[:2]))
+                confs.append(conf.unflatten(0, chunk[0].shape[:2]))
+            depth, depth_conf = torch.cat(depths, dim=1), torch.cat(confs, dim=1)
             extrinsics, intrinsics = pose_encoding_to_extrinsics_intrinsics(pose_enc, image_size)
             points = unproject_depth(depth, intrinsics, se3_inverse(extrinsics))
         return {
