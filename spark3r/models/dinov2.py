@@ -10,7 +10,6 @@ A square input whose grid equals the pretraining grid (37 x 37 at 518 px) uses p
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
