@@ -389,3 +389,23 @@ def test_reduced_layers_run_in_the_autocast_dtype(tiny, monkeypatch):
             outputs = model(images)
     assert seen == [(torch.bfloat16,) * 3]
     assert torch.isfinite(outputs["depth"]).all()
+
+
+def test_speed_benchmark_smoke_on_vggt_tiny(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    out = tmp_path / "speed.json"
+    assert speed.main(["--model", "vggt-tiny", "--frames", "2", "4", "--size", "112", "--repeats", "1",
+                       "--dense-max-frames", "2", "--dtype", "fp32", "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["frames"], row["schedule"]) for row in rows] == [
+        (frames, name) for frames in (2, 4) for name in ("dense", "vggt-tiny-paper", "vggt-tiny-uniform")]
+    assert rows[3]["note"].startswith("assembled") and rows[0]["note"] == "measured"
+    assert all(row["end_to_end_s"] > 0 and row["flop_speedup"] >= 1 for row in rows)
+    assert 0 < rows[4]["global_attention_flop_fraction"] < 1 and rows[4]["select_merge_share"] is not None
+    assert "| 4 | vggt-tiny-paper |" in capsys.readouterr().out
