@@ -409,3 +409,12 @@ def test_speed_benchmark_smoke_on_vggt_tiny(tmp_path, capsys):
     assert all(row["end_to_end_s"] > 0 and row["flop_speedup"] >= 1 for row in rows)
     assert 0 < rows[4]["global_attention_flop_fraction"] < 1 and rows[4]["select_merge_share"] is not None
     assert "| 4 | vggt-tiny-paper |" in capsys.readouterr().out
+
+
+def test_reduced_attention_captures_as_one_graph():
+    """No graph breaks (hence no host syncs or data-dependent shapes) under torch.compile(fullgraph=True)."""
+    q, k, v = (t.float() for t in qkv(LAYOUT, batch=1))
+    reduction = Reduction(kv_keep=0.25, kv_method="key_norm", query_merge=2, group_frames=3)
+    compiled = torch.compile(lambda q, k, v: reduced_attention(q, k, v, LAYOUT, reduction), backend="eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), reduced_attention(q, k, v, LAYOUT, reduction))

@@ -28,10 +28,12 @@ SEED_STRIDE = 0x9E3779B9
 
 def grid_steps(factor: int, grid_h: int, grid_w: int) -> tuple[int, int]:
     """The (sy, sx) patch-grid steps whose product is closest to `factor` (squarest on ties), capped by the grid."""
-    best = min(
-        ((rows, max(1, round(factor / rows))) for rows in range(1, factor + 1)),
-        key=lambda steps: (abs(steps[0] * steps[1] - factor), abs(steps[0] - steps[1])),
-    )
+    best, best_cost = (1, factor), (0, factor)
+    for rows in range(1, factor + 1):
+        cols = max(1, round(factor / rows))
+        cost = (abs(rows * cols - factor), abs(rows - cols))
+        if cost < best_cost:
+            best, best_cost = (rows, cols), cost
     return min(best[0], grid_h), min(best[1], grid_w)
 
 
