@@ -15,7 +15,8 @@ Ground-truth arrays (each optional, one entry per frame of the whole clip, befor
 Other arrays in these files are ignored.
 
 A clip spec (what every command's --calib / --clips takes) is a folder of clips (sub-folders of images, videos, .npz
-files), one clip, or `synthetic:N[:SEED]`: N generated clips with ground truth (spark3r.data.synthetic), seed 0 by default.
+files), one clip, or `synthetic:N[:SEED]`: N generated clips with ground truth (spark3r.data.synthetic), seed 0 by
+default.
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def open_clips(spec: str | os.PathLike, *, preprocess: str | Recipe | None, max_
     """Every clip a spec names, subsampled (every `stride`-th frame, at most `max_frames`) and preprocessed.
 
     spec: a folder of clips, one clip, or `synthetic:N[:SEED]`.
-    preprocess: a recipe (see spark3r.data.preprocess, e.g. "vggt", "vggt:112", "da3") or None to keep the images as read.
+    preprocess: a recipe (spark3r.data.preprocess, e.g. "vggt", "vggt:112", "da3"), or None to keep the images as read.
     frames, size, scene: for `synthetic:` only: frames per clip (8), (height, width) to render at (the recipe's size
     for a square image, or 224 x 224 without a recipe) and a `SceneConfig`.
     """
@@ -254,7 +255,8 @@ def _read_image_folder(folder: Path, stride: int, max_frames: int | None) -> Cli
         if array.shape != pixels[0].shape:
             raise Spark3rError(
                 f"images in {folder} have different sizes ({files[indices[0]].name} is {pixels[0].shape[1]}x"
-                f"{pixels[0].shape[0]}, {files[index].name} is {array.shape[1]}x{array.shape[0]}): resize them to one size")
+                f"{pixels[0].shape[0]}, {files[index].name} is {array.shape[1]}x{array.shape[0]}): "
+                "resize them to one size")
     images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255)
     ground_truth = folder / GROUND_TRUTH_FILE
     truth = _ground_truth(_load_npz(ground_truth), ground_truth, len(files), images.shape[-2:], indices) \
@@ -322,7 +324,8 @@ def _load_image(path: Path) -> np.ndarray:
                 image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
             return np.asarray(image.convert("RGB"))
     except (OSError, SyntaxError, ValueError):
-        raise Spark3rError(f"cannot read the image {path}: it is corrupt or not an image (remove or replace it)") from None
+        raise Spark3rError(f"cannot read the image {path}: it is corrupt or not an image "
+                           "(remove or replace it)") from None
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -364,7 +367,7 @@ def write_clip(clip: Clip, out_dir: str | os.PathLike, format: str = "folder") -
     """Write `clip` under `out_dir` in a clip format `read_clip` reads back, atomically; returns its path.
 
     folder: `<out>/<name>/000000.png ...` plus `gt.npz`; npz: `<out>/<name>.npz` (uint8 images + ground truth);
-    mp4: `<out>/<name>.mp4` (H.264, needs PyAV and even sizes) plus `<out>/<name>.gt.npz`. An older clip of the same
+    mp4: `<out>/<name>.mp4` (H.264 4:4:4, needs PyAV) plus `<out>/<name>.gt.npz`. An older clip of the same
     name is replaced.
     """
     if format not in FORMATS:
@@ -435,18 +438,15 @@ def _remove(path: Path) -> None:
 
 
 def _write_video(path: Path, pixels: np.ndarray) -> None:
-    """H.264 (yuv420p, crf 10) mp4 of uint8 frames [S, H, W, 3]."""
+    """H.264 mp4 of uint8 frames [S, H, W, 3]: 4:4:4 chroma (no colour bleeding on small frames), crf 10."""
     try:
         import av
     except ImportError:
         raise Spark3rError(f"writing the video {path} needs PyAV: install spark3r[video]") from None
     height, width = pixels.shape[1:3]
-    if height % 2 or width % 2:
-        raise Spark3rError(f"an mp4 clip needs an even height and width, not {height}x{width}: "
-                           "use an even --size or --format folder / npz")
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=VIDEO_FPS, options={"crf": "10"})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
         for frame in pixels:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode(None))

@@ -9,8 +9,8 @@ width ratio and fy, cy by the height ratio exactly.
 Recipes (architectures.md 2.6, 3.5, 4.5, 2.8); all return images in [0, 1]:
 - "vggt[:WIDTH]"  width -> WIDTH (518), height -> round(h * WIDTH / w / 14) * 14, bicubic; a height above WIDTH is
   centre-cropped to WIDTH ("crop" mode). The tiny models use vggt:112 or vggt:224.
-- "pi3[:LIMIT]"   one size from the pixel limit (255000): scale to the limit, round each side to patches of 14, then take
-  patches off the side that keeps the aspect ratio closest until the area fits; LANCZOS.
+- "pi3[:LIMIT]"   one size from the pixel limit (255000): scale to the limit, round each side to patches of 14, then
+  take patches off the side that keeps the aspect ratio closest until the area fits; LANCZOS.
 - "da3[:RES]"     longest side -> RES (504) (bicubic when upscaling, area when downscaling), then each side to its
   nearest multiple of 14 (ties up) by a second small resize. Upstream applies ImageNet mean/std in its processor;
   here images stay in [0, 1] and spark3r's DA3 model applies mean/std in its forward.

@@ -28,6 +28,7 @@ from spark3r.data.clips import Clip
 from spark3r.errors import Spark3rError
 
 WALLS = 6
+PANEL_HALF_THICKNESS = 0.02
 _EPS = 1e-4
 
 
@@ -55,11 +56,13 @@ class SceneConfig:
         for item in fields(self):
             value = getattr(self, item.name)
             if isinstance(value, tuple) and not (len(value) == 2 and 0 <= value[0] <= value[1]):
-                raise Spark3rError(f"SceneConfig.{item.name} is {value}: give a range (low, high) with 0 <= low <= high")
+                raise Spark3rError(f"SceneConfig.{item.name} is {value}: "
+                                   "give a range (low, high) with 0 <= low <= high")
         if self.texture_waves < 1:
             raise Spark3rError(f"SceneConfig.texture_waves is {self.texture_waves}: give at least 1")
         if not (0 < self.fov[0] and self.fov[1] < 170):
-            raise Spark3rError(f"SceneConfig.fov is {self.fov}: give a horizontal field of view within (0, 170) degrees")
+            raise Spark3rError(f"SceneConfig.fov is {self.fov}: "
+                               "give a horizontal field of view within (0, 170) degrees")
         if self.room_half_width[0] < self.path_radius[1] * 1.15 + self.clearance + 1.0:
             raise Spark3rError("SceneConfig.room_half_width is too small for path_radius and clearance: "
                                "keep room_half_width[0] >= 1.15 * path_radius[1] + clearance + 1")
@@ -220,13 +223,15 @@ def _sample_boxes(uniform, config: SceneConfig, room_half, center, keep_out):
         if index < config.boxes:
             half = torch.stack([uniform(0.25, 0.7, 1)[0], uniform(0.25, 0.9, 1)[0], uniform(0.25, 0.7, 1)[0]])
         else:
-            half = torch.stack([uniform(0.4, 1.0, 1)[0], uniform(0.5, 1.0, 1)[0], torch.tensor(0.02, dtype=torch.float64)])
+            thickness = torch.tensor(PANEL_HALF_THICKNESS, dtype=torch.float64)
+            half = torch.stack([uniform(0.4, 1.0, 1)[0], uniform(0.5, 1.0, 1)[0], thickness])
         x, z = _place(uniform, room_half, center, keep_out, math.hypot(half[0].item(), half[2].item()))
         centers.append(torch.tensor([x, room_half[1].item() - half[1].item(), z], dtype=torch.float64))
         halves.append(half)
         yaws.append(uniform(0, math.pi, 1)[0])
     if not centers:
-        return torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        empty = torch.zeros(0, 3, dtype=torch.float64)
+        return empty, empty, empty[:, 0]
     return torch.stack(centers), torch.stack(halves), torch.stack(yaws)
 
 
