@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     peak_text = f"{peak:.2f}" if peak is not None else "-"
     print(f"| {result['device']} | {args.batch} x {args.frames} x {height} x {width} | {sample_seconds * 1e3:.1f} | "
-          f"{render_seconds * 1e3:.1f} | {result["mrays_per_second"]:.1f} | {peak_text} | {image_difference:.2e} |")
+          f"{render_seconds * 1e3:.1f} | {result['mrays_per_second']:.1f} | {peak_text} | {image_difference:.2e} |")
     write_json(args.out, result)
     return 0
 
