@@ -133,3 +133,10 @@ def test_render_batch_rejects_bad_sizes():
         render_batch([0], frames=0)
     with pytest.raises(Spark3rError, match="batch_size"):
         render_batch(torch.Generator())
+
+
+def test_long_clips_render_in_frame_chunks_with_the_same_result(monkeypatch):
+    whole = render_batch([3, 4], frames=5, height=16, width=16)
+    monkeypatch.setattr("spark3r.data.synthetic.MAX_RAYS_PER_CALL", 2 * 2 * 16 * 16)  # 2 frames per call
+    chunked = render_batch([3, 4], frames=5, height=16, width=16)
+    assert torch.equal(whole.images, chunked.images) and torch.equal(whole.depth, chunked.depth)

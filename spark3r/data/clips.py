@@ -30,7 +30,7 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from PIL import Image, ImageOps
 
 from spark3r.data.preprocess import Recipe, apply_plan, get_recipe
 from spark3r.errors import Spark3rError
+
+if TYPE_CHECKING:
+    from spark3r.data.synthetic import SceneConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
@@ -144,7 +147,7 @@ def frame_indices(total: int, stride: int = 1, max_frames: int | None = None) ->
 
 def open_clips(spec: str | os.PathLike, *, preprocess: str | Recipe | None, max_frames: int | None = None,
                stride: int = 1, frames: int | None = None, size: tuple[int, int] | None = None,
-               scene=None) -> list[Clip]:
+               scene: SceneConfig | None = None) -> list[Clip]:
     """Every clip a spec names, subsampled (every `stride`-th frame, at most `max_frames`) and preprocessed.
 
     spec: a folder of clips, one clip, or `synthetic:N[:SEED]`.
@@ -158,7 +161,7 @@ def open_clips(spec: str | os.PathLike, *, preprocess: str | Recipe | None, max_
 
 def iter_clips(spec: str | os.PathLike, *, preprocess: str | Recipe | None, max_frames: int | None = None,
                stride: int = 1, frames: int | None = None, size: tuple[int, int] | None = None,
-               scene=None) -> Iterator[Clip]:
+               scene: SceneConfig | None = None) -> Iterator[Clip]:
     """`open_clips` one clip at a time (the spec is checked before the first clip is read)."""
     if stride < 1:
         raise Spark3rError(f"stride is {stride}: give a stride of at least 1")
@@ -190,7 +193,7 @@ def parse_synthetic_spec(spec: str) -> tuple[int, int]:
 
 
 def _synthetic_clips(spec: str, recipe: Recipe | None, frames: int | None, size: tuple[int, int] | None,
-                     scene) -> Iterator[Clip]:
+                     scene: SceneConfig | None) -> Iterator[Clip]:
     from spark3r.data.synthetic import clip_seeds, render_clip
 
     count, seed = parse_synthetic_spec(spec)

@@ -28,6 +28,7 @@ from spark3r.data.clips import Clip
 from spark3r.errors import Spark3rError
 
 WALLS = 6
+MAX_RAYS_PER_CALL = 1 << 23
 PANEL_HALF_THICKNESS = 0.02
 _EPS = 1e-4
 
@@ -139,9 +140,10 @@ def render_clip(seed: int, frames: int = 8, height: int = 112, width: int = 112,
 def render_batch(seeds: Sequence[int] | torch.Generator, frames: int = 8, height: int = 112, width: int = 112,
                  config: SceneConfig | None = None, device: torch.device | str | None = None,
                  batch_size: int | None = None) -> SyntheticBatch:
-    """Render one clip per seed in a single batched ray cast on `device` (for training loops).
+    """Render one clip per seed, batched, on `device` (for training loops).
 
-    seeds: clip seeds, or a generator from which `batch_size` clip seeds are drawn.
+    seeds: clip seeds, or a generator from which `batch_size` clip seeds are drawn. Frames are cast in chunks of at
+    most MAX_RAYS_PER_CALL rays, so long clips fit in memory.
     """
     config = config or SceneConfig()
     if isinstance(seeds, torch.Generator):
@@ -157,7 +159,10 @@ def render_batch(seeds: Sequence[int] | torch.Generator, frames: int = 8, height
     scene = Scene.stack([item[0] for item in sampled]).to(device)
     intrinsics = torch.stack([item[1] for item in sampled]).to(device, torch.float32)
     extrinsics = torch.stack([item[2] for item in sampled]).to(device, torch.float32)
-    images, depth = render_views(scene, intrinsics, extrinsics, height, width)
+    chunk = max(1, MAX_RAYS_PER_CALL // (len(seeds) * height * width))
+    rendered = [render_views(scene, intrinsics[:, start:start + chunk], extrinsics[:, start:start + chunk], height,
+                             width) for start in range(0, frames, chunk)]
+    images, depth = (torch.cat(parts, dim=1) for parts in zip(*rendered))
     return SyntheticBatch(images, depth, intrinsics, extrinsics, seeds)
 
 
