@@ -85,10 +85,17 @@ def test_recipe_sizes_match_upstream_tables(recipe, width, height, expected):
     assert get_recipe(recipe).output_size(height, width) == expected
 
 
+@pytest.mark.parametrize("name", ["vggt", "pi3", "da3", "omega"])
+def test_recipe_side_is_the_size_of_a_square_image(name):
+    side = 64 if name == "omega" else 56
+    assert get_recipe(f"{name}:{side}").output_size(300, 300) == (side, side)
+    assert get_recipe("pi3:504").pixel_limit == 255000
+
+
 @pytest.mark.parametrize("recipe, height, width", [
     ("vggt:56", 64, 96),   # resize only
     ("vggt:28", 96, 64),   # portrait: resize then centre crop
-    ("pi3:2500", 64, 96),  # pixel-limit rule, LANCZOS
+    ("pi3:50", 64, 96),    # pixel-limit rule (limit 2510), LANCZOS
     ("da3:56", 64, 96),    # two resizes (area)
     ("omega:32", 32, 96),  # aspect-ratio crop then balanced resize
 ])

@@ -6,15 +6,17 @@ and the intrinsics (scaled by each resize, shifted by each crop), so the ground 
 Image coordinates put the centre of pixel (row i, column j) at (j + 0.5, i + 0.5), so a resize scales fx, cx by the
 width ratio and fy, cy by the height ratio exactly.
 
-Recipes (architectures.md 2.6, 3.5, 4.5, 2.8); all return images in [0, 1]:
-- "vggt[:WIDTH]"  width -> WIDTH (518), height -> round(h * WIDTH / w / 14) * 14, bicubic; a height above WIDTH is
-  centre-cropped to WIDTH ("crop" mode). The tiny models use vggt:112 or vggt:224.
-- "pi3[:LIMIT]"   one size from the pixel limit (255000): scale to the limit, round each side to patches of 14, then
-  take patches off the side that keeps the aspect ratio closest until the area fits; LANCZOS.
-- "da3[:RES]"     longest side -> RES (504) (bicubic when upscaling, area when downscaling), then each side to its
-  nearest multiple of 14 (ties up) by a second small resize. Upstream applies ImageNet mean/std in its processor;
-  here images stay in [0, 1] and spark3r's DA3 model applies mean/std in its forward.
-- "omega[:RES]"   centre-crop the aspect ratio (h / w) into [0.5, 2], then "balanced": about (RES / 16)^2 patches of 16
+Recipes (architectures.md 2.6, 3.5, 4.5, 2.8), named "NAME" or "NAME:SIDE", where SIDE is the output size of a square
+image (the upstream default when omitted); all return images in [0, 1]:
+- "vggt[:518]"  width -> SIDE, height -> round(h * SIDE / w / 14) * 14, bicubic; a height above SIDE is centre-cropped
+  to SIDE ("crop" mode). The tiny models use vggt:112 or vggt:224.
+- "pi3[:504]"   one size from the pixel limit 255000 * (SIDE / 504)^2 (upstream's PIXEL_LIMIT 255000 at 504): scale to
+  the limit, round each side to patches of 14, then take patches off the side that keeps the aspect ratio closest
+  until the area fits; LANCZOS.
+- "da3[:504]"   longest side -> SIDE (bicubic when upscaling, area when downscaling), then each side to its nearest
+  multiple of 14 (ties up) by a second small resize. Upstream applies ImageNet mean/std in its processor; here images
+  stay in [0, 1] and spark3r's DA3 model applies mean/std in its forward.
+- "omega[:512]" centre-crop the aspect ratio (h / w) into [0.5, 2], then "balanced": about (SIDE / 16)^2 patches of 16
   with the input's aspect ratio; bicubic.
 """
 from __future__ import annotations
@@ -61,6 +63,11 @@ class Recipe:
     name: ClassVar[str]
     patch_size: int
 
+    @classmethod
+    def from_side(cls, side: int) -> "Recipe":
+        """The recipe that makes a square image `side` pixels wide."""
+        return cls(side)
+
     def plan(self, height: int, width: int) -> list[Step]:
         raise NotImplementedError
 
@@ -91,9 +98,13 @@ class VGGTRecipe(Recipe):
 class Pi3Recipe(Recipe):
     """pi3 `load_images_as_tensor` with PIXEL_LIMIT `pixel_limit`."""
 
-    pixel_limit: int = 255000
+    pixel_limit: float = 255000
     patch_size: int = 14
     name: ClassVar[str] = "pi3"
+
+    @classmethod
+    def from_side(cls, side: int) -> "Pi3Recipe":
+        return cls(255000 * (side / 504) ** 2)
 
     def plan(self, height: int, width: int) -> list[Step]:
         scale = math.sqrt(self.pixel_limit / (width * height))
@@ -163,14 +174,14 @@ RECIPES: dict[str, type[Recipe]] = {"vggt": VGGTRecipe, "pi3": Pi3Recipe, "da3":
 
 
 def get_recipe(spec: str | Recipe) -> Recipe:
-    """A recipe from its name with an optional size, e.g. "vggt", "vggt:224", "pi3:255000", "da3:504", "omega:512"."""
+    """A recipe from "NAME" or "NAME:SIDE" (SIDE: output size of a square image), e.g. "vggt", "vggt:224", "pi3:56"."""
     if isinstance(spec, Recipe):
         return spec
-    name, _, size = str(spec).partition(":")
-    if name not in RECIPES or (size and not (size.isdigit() and int(size) > 0)):
+    name, _, side = str(spec).partition(":")
+    if name not in RECIPES or (side and not (side.isdigit() and int(side) > 0)):
         raise Spark3rError(f"unknown preprocessing recipe {spec!r}: use one of {', '.join(RECIPES)}, "
-                           "optionally with a positive size as in vggt:224")
-    return RECIPES[name](int(size)) if size else RECIPES[name]()
+                           "optionally with a positive square size as in vggt:224")
+    return RECIPES[name].from_side(int(side)) if side else RECIPES[name]()
 
 
 def apply_plan(steps: list[Step], images: torch.Tensor, depth: torch.Tensor | None = None,
