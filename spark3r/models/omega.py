@@ -473,7 +473,7 @@ for _config in CONFIGS.values():
     _released = _config.name == "vggt-omega"
     register(ModelEntry(
         name=_config.name, family="vggt-omega", builder=lambda config=_config: VGGTOmega(config),
-        image_width=_config.default_size[1], preprocess="vggt-omega",
+        image_width=_config.default_size[1], preprocess="omega",
         hf_repo="facebook/VGGT-Omega" if _released else None,
         hf_files=("vggt_omega_1b_512.pt",) if _released else (),
         drop_prefixes=("alignment_head.",), convert_state_dict=convert_checkpoint,
