@@ -1,0 +1,241 @@
+"""vggt-tiny training: targets and losses against float64 references, the training loop on CPU, the weights file, the
+frame-only ablation patch and the held-out evaluation command."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from scipy.spatial.transform import Rotation
+
+import spark3r
+from spark3r.data.synthetic import render_batch
+from spark3r.errors import Spark3rError
+from spark3r.models import train_tiny as tt
+from spark3r.models.blocks import patch_positions
+from spark3r.models.vggt import pose_encoding_to_extrinsics_intrinsics
+
+
+@pytest.fixture(scope="module")
+def clips():
+    """Two rendered clips of 3 frames at 28 x 28 (float64 ground truth kept as rendered)."""
+    return render_batch([11, 12], frames=3, height=28, width=28)
+
+
+def test_matrix_to_quaternion_matches_scipy():
+    rotations = Rotation.random(64, random_state=0).as_matrix()
+    special = [np.eye(3), Rotation.from_rotvec([math.pi, 0, 0]).as_matrix(),
+               Rotation.from_rotvec([0, math.pi * 0.999, 0]).as_matrix(), np.diag([-1.0, -1.0, 1.0])]
+    matrices = np.concatenate([rotations, np.stack(special)])
+    expected = Rotation.from_matrix(matrices).as_quat()  # xyzw
+    expected *= np.where(expected[:, 3:] < 0, -1.0, 1.0)
+    ours = tt.matrix_to_quaternion(torch.from_numpy(matrices)).numpy()
+    # a 180-degree rotation has w = 0, where q and -q are both valid: compare up to sign there
+    assert np.allclose(np.abs((ours * expected).sum(-1)), 1.0, atol=1e-9)
+    assert np.allclose(ours[:-3], expected[:-3], atol=1e-9)
+    assert (ours[:, 3] >= 0).all()
+
+
+def test_pose_encoding_round_trips_through_the_model_decoder(clips):
+    extrinsics, intrinsics = clips.extrinsics.double(), clips.intrinsics.double()
+    encoding = tt.pose_encoding(extrinsics, intrinsics, (28, 28))
+    decoded_extrinsics, decoded_intrinsics = pose_encoding_to_extrinsics_intrinsics(encoding, (28, 28))
+    assert torch.allclose(decoded_extrinsics, extrinsics, atol=1e-9)
+    assert torch.allclose(decoded_intrinsics, intrinsics, atol=1e-9)
+
+
+def test_scene_targets_against_a_float64_reference(clips):
+    targets = tt.scene_targets(clips.depth, clips.intrinsics, clips.extrinsics)
+    depth, intrinsics, extrinsics = (x.double().numpy() for x in (clips.depth, clips.intrinsics, clips.extrinsics))
+    for b in range(2):
+        to_4x4 = [np.vstack([e, [0, 0, 0, 1]]) for e in extrinsics[b]]
+        relative = [e @ np.linalg.inv(to_4x4[0]) for e in to_4x4]
+        points = []
+        for s in range(3):
+            rows, cols = np.meshgrid(np.arange(28) + 0.5, np.arange(28) + 0.5, indexing="ij")
+            rays = np.stack([cols, rows, np.ones_like(rows)], -1) @ np.linalg.inv(intrinsics[b, s]).T
+            camera = rays * depth[b, s][..., None]
+            world = (camera - extrinsics[b, s][:, 3]) @ extrinsics[b, s][:, :3]
+            points.append(world @ to_4x4[0][:3, :3].T + to_4x4[0][:3, 3])
+        points = np.stack(points)
+        scale = np.linalg.norm(points, axis=-1).mean()
+        assert np.allclose(targets.points[b].numpy(), points / scale, atol=1e-4)
+        assert np.allclose(targets.depth[b].numpy(), depth[b] / scale, atol=1e-5)
+        assert np.allclose(targets.scale[b].item(), scale, rtol=1e-5)
+        for s in range(3):
+            assert np.allclose(targets.extrinsics[b, s, :, :3].numpy(), relative[s][:3, :3], atol=1e-5)
+            assert np.allclose(targets.extrinsics[b, s, :, 3].numpy(), relative[s][:3, 3] / scale, atol=1e-5)
+        fov = 2 * math.atan(14 / intrinsics[b, 0, 0, 0])
+        assert np.allclose(targets.pose_enc[b, 0].numpy(), [0, 0, 0, 0, 0, 0, 1, fov, fov], atol=1e-5)
+    assert targets.valid.all()
+
+
+def test_confidence_and_gradient_losses_against_loops():
+    generator = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 5, 6, 3, generator=generator, dtype=torch.float64)
+    target = torch.randn(2, 5, 6, 3, generator=generator, dtype=torch.float64)
+    conf = 1 + torch.rand(2, 5, 6, generator=generator, dtype=torch.float64) * 3
+    valid = torch.rand(2, 5, 6, generator=generator) > 0.3
+    error = (pred - target).norm(dim=-1)
+    terms = [conf[i] * error[i] - 0.2 * math.log(conf[i]) for i in np.ndindex(2, 5, 6) if valid[i]]
+    assert math.isclose(tt.confidence_loss(error, conf, valid).item(), (sum(terms) / len(terms)).item(), rel_tol=1e-12)
+    scales = []
+    for scale in range(3):
+        step = 2**scale
+        p, t, m = pred[:, ::step, ::step], target[:, ::step, ::step], valid[:, ::step, ::step]
+        total = 0.0
+        for n, i, j, c in np.ndindex(*p.shape):
+            d = (p[n, i, j, c] - t[n, i, j, c]).item()
+            if j + 1 < p.shape[2] and m[n, i, j] and m[n, i, j + 1]:
+                total += abs((p[n, i, j + 1, c] - t[n, i, j + 1, c]).item() - d)
+            if i + 1 < p.shape[1] and m[n, i, j] and m[n, i + 1, j]:
+                total += abs((p[n, i + 1, j, c] - t[n, i + 1, j, c]).item() - d)
+        scales.append(total / (m.sum().item() * 3))
+    assert math.isclose(tt.gradient_loss(pred, target, valid).item(), sum(scales) / 3, rel_tol=1e-10)
+
+
+def test_camera_loss_weights_later_iterations_more():
+    target = torch.zeros(1, 2, 9)
+    first, last = torch.zeros(1, 2, 9), torch.zeros(1, 2, 9)
+    first[..., 0], last[..., 7] = 1.0, 1.0  # translation error 1/3 on the first, FoV error 1/2 on the last iteration
+    expected = (0.6 * (1 / 3) + 1.0 * 0.5 * (1 / 2)) / 2
+    assert math.isclose(tt.camera_loss([first, last], target).item(), expected, rel_tol=1e-6)
+
+
+def test_learning_rate_warms_up_then_decays_to_five_percent():
+    rates = [tt.learning_rate(step, step / 100, 1e-3, warmup=10) for step in range(101)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[100] == pytest.approx(5e-5)
+    assert tt.learning_rate(500, 0.5, 1e-3, warmup=10) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
+
+
+def test_training_seeds_never_reach_held_out_specs():
+    assert tt.train_spec_seed(0, 0) == 10**9 and tt.train_spec_seed(2, 5) == 3 * 10**9 + 5
+    first = tt.StepScenes(0, 2, 2, (28, 28), tt.SceneConfig())
+    assert all(torch.equal(a, b) for a, b in zip(first[3].values(), first[3].values()))
+    assert not torch.equal(first[3]["extrinsics"], first[4]["extrinsics"])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return spark3r.load_model("vggt-tiny", weights="none", seed=0)
+
+
+def test_camera_iterations_end_at_the_head_output(tiny):
+    images = torch.rand(1, 2, 3, 28, 28)
+    with torch.no_grad(), tt.camera_iterations(tiny) as poses:
+        outputs = tiny(images)
+    assert len(poses) == tiny.camera_head.iterations
+    assert torch.equal(poses[-1], outputs["pose_enc"])
+    assert not torch.equal(poses[0], poses[-1])
+
+
+def test_frame_only_attention_equals_attention_run_per_frame(tiny):
+    attn = tiny.aggregator.global_blocks[2].attn
+    layout = tiny.adapter.layout(torch.zeros(1, 3, 3, 28, 28))
+    x = torch.randn(2, layout.tokens, tiny.config.embed_dim)
+    pos = patch_positions(2, 2, layout.n_special)
+    with torch.no_grad():
+        dense = attn(x, pos=pos.repeat(3, 1)[None])
+        with tt.frame_only_global_attention(tiny, layout):
+            patched = attn(x, pos=pos.repeat(3, 1)[None])
+        per_frame = torch.cat([attn(chunk, pos=pos[None]) for chunk in x.split(layout.tokens_per_frame, dim=1)], 1)
+        restored = attn(x, pos=pos.repeat(3, 1)[None])
+    assert torch.allclose(patched, per_frame, atol=1e-5)
+    assert not torch.allclose(patched, dense, atol=1e-3)
+    assert torch.equal(restored, dense)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = spark3r.load_model("vggt-tiny", weights="none", seed=0).train()
+    images, targets = tt.render_step(tt.StepScenes(0, 1, 2, (28, 28), tt.SceneConfig())[0], (28, 28),
+                                     torch.device("cpu"))
+    optimizer = torch.optim.AdamW(tt.parameter_groups(model, 0.05), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        with tt.camera_iterations(model) as poses:
+            outputs = model(images)
+        loss, parts = tt.training_loss(outputs, poses, targets, camera_weight=5.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(value) for value in losses)
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
+
+
+def test_training_writes_strictly_loadable_fp16_weights_and_resumes(tmp_path, capsys):
+    out = tmp_path / "tiny.safetensors"
+    args = ["--out", str(out), "--batch", "1", "--frames", "2", "--size", "28", "--log-every", "1",
+            "--eval-every", "2", "--held-out", "synthetic:1:999", "--device", "cpu"]
+    assert tt.main(["--steps", "2", *args]) == 0
+    first = capsys.readouterr().out
+    assert "step 2/2" in first and "eval step 2" in first and f"wrote {out}" in first
+    state = load_file(out)
+    assert all(value.dtype == torch.float16 for value in state.values())
+    assert out.stat().st_size < 15 * 2**20
+    loaded = spark3r.load_model("vggt-tiny", weights=out)
+    assert all(torch.equal(loaded.state_dict()[key], value.float()) for key, value in state.items())
+
+    assert tt.main(["--steps", "3", *args]) == 0
+    second = capsys.readouterr()
+    assert "resuming" in second.err and "step 3/3" in second.out and "step 1/" not in second.out
+    assert torch.load(out.with_suffix(".ckpt.pt"), weights_only=True)["step"] == 3
+    assert tt.main(["--steps", "3", *args[:2], "--batch", "2", *args[4:]]) == 2
+    assert "was made with --batch 1, not 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--frames", "1"], "at least 2 frames"),
+    (["--out", "tiny.pt"], "must name a .safetensors file"),
+    (["--size", "30"], "not a multiple of the patch size"),
+    (["--held-out", f"synthetic:2:{10**9 + 1}"], "uses a training seed"),
+])
+def test_bad_training_settings_exit_2_with_one_sentence(tmp_path, capsys, bad, message):
+    args = ["--out", str(tmp_path / "w.safetensors"), "--steps", "1", "--batch", "1", "--frames", "2", "--size", "28",
+            "--device", "cpu"]
+    assert tt.main(args + bad) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_clip_scores_of_perfect_and_identity_cameras(clips):
+    targets = tt.scene_targets(clips.depth, clips.intrinsics, clips.extrinsics)
+    gt = targets.extrinsics[0].double()
+    perfect = tt.clip_scores(targets.depth[0] * 3.0, gt.float(), targets, 0)
+    assert perfect["abs_rel"] < 1e-6 and perfect["delta_1.25"] == 1.0
+    assert perfect["rotation_deg"] < 0.1 and perfect["translation"] < 1e-4 and perfect["ate"] < 1e-4
+    assert perfect["auc30"] > 0.95
+    trivial = tt.clip_scores(torch.ones(3, 28, 28), None, targets, 0)
+    angles = [math.degrees(math.acos(np.clip((np.trace(gt[s, :, :3].numpy()) - 1) / 2, -1, 1))) for s in (1, 2)]
+    assert trivial["rotation_deg"] == pytest.approx(np.mean(angles), abs=1e-6)
+    assert trivial["translation"] == pytest.approx(gt[1:, :, 3].norm(dim=-1).mean().item(), abs=1e-6)
+    assert trivial["auc30"] == 0.0
+    depth = targets.depth[0].double().numpy()
+    constant = np.median(depth)
+    assert trivial["abs_rel"] == pytest.approx(np.mean(np.abs(constant - depth) / depth), rel=1e-6)
+
+
+def test_evaluate_command_prints_the_three_rows(capsys):
+    assert tt.main(["--evaluate", "none", "--clips", "synthetic:2:1000", "--frames", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for label in ("model", "model, frame-only global attention", "constant depth / identity cameras",
+                  "frame-only / model pose error"):
+        assert label in out
+    assert tt.main(["--evaluate", "none", "--clips", "synthetic:2:1000", "--frames", "2", "--device", "cpu",
+                    "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["results"]) == {"model", "frame_only", "trivial"} and report["count"] == 2
+    assert report["results"]["trivial"]["auc30"] == 0.0
+
+
+def test_evaluate_refuses_clips_without_ground_truth(tmp_path, capsys):
+    from spark3r.data.clips import Clip, write_clip
+    write_clip(Clip(name="plain", images=torch.rand(2, 3, 112, 112)), tmp_path, "npz")
+    assert tt.main(["--evaluate", "none", "--clips", str(tmp_path), "--device", "cpu"]) == 2
+    assert "has no ground-truth depth and cameras" in capsys.readouterr().err
