@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from spark3r.cli import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
-from spark3r.data.clips import Clip, open_clips, parse_synthetic_spec, unproject_depth
+from spark3r.data.clips import Clip, open_clips, parse_synthetic_spec
 from spark3r.data.synthetic import Scene, SceneConfig, clip_seeds, render_batch, render_views, sample_clip
 from spark3r.errors import Spark3rError
 from spark3r.evaluate.metrics import camera_centers, camera_metrics, depth_metrics, pose_auc, rotation_angle_deg
@@ -126,19 +126,32 @@ class Targets:
     scale: Tensor
 
 
+def camera_points(depth: Tensor, intrinsics: Tensor) -> Tensor:
+    """Camera-frame points [..., H, W, 3] of z-depth [..., H, W] with skew-free intrinsics [..., 3, 3]: pixel
+    (row i, column j) has its centre at (j + 0.5, i + 0.5), as spark3r.data.clips.unproject_depth. Written without a
+    matrix inverse (torch.linalg.inv waits for the GPU), so the training loop has no host sync."""
+    height, width = depth.shape[-2:]
+    fx, fy = intrinsics[..., 0, 0, None, None], intrinsics[..., 1, 1, None, None]
+    cx, cy = intrinsics[..., 0, 2, None, None], intrinsics[..., 1, 2, None, None]
+    cols = torch.arange(width, device=depth.device, dtype=depth.dtype) + 0.5
+    rows = torch.arange(height, device=depth.device, dtype=depth.dtype)[:, None] + 0.5
+    return torch.stack([(cols - cx) / fx * depth, (rows - cy) / fy * depth, depth], dim=-1)
+
+
 def scene_targets(depth: Tensor, intrinsics: Tensor, extrinsics: Tensor) -> Targets:
-    """Normalised targets of clips: depth [B, S, H, W] (z-depth; <= 0 or non-finite = none), intrinsics [B, S, 3, 3],
-    extrinsics [B, S, 3, 4] world-to-camera (OpenCV)."""
-    batch, frames, height, width = depth.shape
+    """Normalised targets of clips: depth [B, S, H, W] (z-depth; <= 0 or non-finite = none), intrinsics [B, S, 3, 3]
+    (no skew), extrinsics [B, S, 3, 4] world-to-camera (OpenCV)."""
+    height, width = depth.shape[-2:]
     depth, intrinsics, extrinsics = depth.float(), intrinsics.float(), extrinsics.float()
     relative = relative_to_first(extrinsics)
-    points = unproject_depth(depth.flatten(0, 1), intrinsics.flatten(0, 1), relative.flatten(0, 1))
-    points = points.unflatten(0, (batch, frames))
     valid = torch.isfinite(depth) & (depth > 0)
+    depth = torch.where(valid, depth, 0.0)
+    offset = camera_points(depth, intrinsics) - relative[:, :, None, None, :, 3]
+    points = torch.einsum("bshwi,bsij->bshwj", offset, relative[..., :3])  # R^T (x - t): frame 0's camera frame
     points = torch.where(valid[..., None], points, 0.0)
     count = valid.flatten(1).sum(1).clamp(min=1)
     scale = (points.norm(dim=-1).flatten(1).sum(1) / count).clamp(min=1e-6)
-    depth = torch.where(valid, depth, 0.0) / scale[:, None, None, None]
+    depth = depth / scale[:, None, None, None]
     points = points / scale[:, None, None, None, None]
     relative = torch.cat([relative[..., :3], relative[..., 3:] / scale[:, None, None, None]], dim=-1)
     return Targets(depth, points, valid, relative, pose_encoding(relative, intrinsics, (height, width)), scale)
