@@ -184,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             benchmark(model, 2, size, args.head_frames, device, 1)  # warm-up: kernels, cuDNN plans
             for frames in args.frames:
-                rows.append(benchmark(model, frames, size, args.head_frames, device, args.repeats))
+                try:
+                    rows.append(benchmark(model, frames, size, args.head_frames, device, args.repeats))
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    print(f"out of memory: {name} at {frames} frames (longer clips skipped)", file=sys.stderr)
+                    break
                 print(f"done: {name} at {frames} frames", file=sys.stderr)
         del model
         if device.type == "cuda":

@@ -13,8 +13,8 @@ alt_start - 1, when S >= 3, a reference view is chosen from the cls tokens ("sad
 and moved to frame 0; the taps are restored to the input order. Before block alt_start, token 0 of every frame becomes
 the camera token (frame 0: camera_token[:, 0], others: camera_token[:, 1]). From alt_start on, odd blocks are global
 (all S * P tokens of a scene, RoPE with the constant position (1, 1) for every patch and (0, 0) for the camera token)
-and even blocks are local (RoPE with the patch grid positions). The trunk runs as steps: step k runs local block
-g_k - 1 then global block g_k; blocks before the first pair run in `prepare`. A tap at an out_layer is
+and even blocks are local (RoPE with the patch grid positions). The trunk runs one block per step from the local
+block just before the first global block; the blocks before it run in `prepare`. A tap at an out_layer is
 [local | global] (2C wide); the heads see the local half raw and the global half through the backbone's final `norm`.
 
 Outputs: depth [B, S, H, W] (exp), depth_conf (1 + exp), extrinsics [B, S, 3, 4] world-to-camera (the inverse of the
@@ -32,7 +32,6 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spark3r.errors import Spark3rError
@@ -48,7 +47,14 @@ from spark3r.models.blocks import (
     swiglu_hidden,
 )
 from spark3r.models.dinov2 import DinoVisionTransformer
-from spark3r.models.dpt import FeatureFusionBlock, add_uv_pos_embed, interpolate, make_resize_layers, make_scratch
+from spark3r.models.dpt import (
+    FeatureFusionBlock,
+    add_uv_pos_embed,
+    fuse,
+    interpolate,
+    make_resize_layers,
+    make_scratch,
+)
 from spark3r.models.pi3 import non_block_flops, se3_inverse
 from spark3r.models.registry import ModelEntry, register
 from spark3r.models.vggt import IMAGENET_MEAN, IMAGENET_STD, check_images, quaternion_to_matrix
@@ -139,8 +145,8 @@ def gather_frames(x: Tensor, order: Tensor) -> Tensor:
 def pose_encoding_to_camera(pose_enc: Tensor, image_size: tuple[int, int], min_tan: float | None = None):
     """pose_enc [B, S, 9] = [t, quaternion xyzw, fov_h, fov_w] -> ([R | t] [B, S, 3, 4], intrinsics [B, S, 3, 3]).
 
-    fy = (H / 2) / tan(fov_h / 2), fx = (W / 2) / tan(fov_w / 2) (tan clamped at `min_tan` if given), principal point
-    (W / 2, H / 2). Whether [R | t] is camera-to-world (DA3) or world-to-camera (VGGT, VGGT-Omega) is the model's.
+    fy = (H / 2) / tan(fov_h / 2), fx = (W / 2) / tan(fov_w / 2) (tan clamped at `min_tan` if given, as DA3 does),
+    principal point (W / 2, H / 2). DA3 reads [R | t] as camera-to-world.
     """
     height, width = image_size
     rotation = quaternion_to_matrix(pose_enc[..., 3:7])
@@ -239,24 +245,16 @@ class DualDPT(nn.Module):
             levels.append(getattr(self.scratch, f"layer{index}_rn")(x))
         return levels
 
-    @staticmethod
-    def fuse(scratch: nn.Module, levels: list[Tensor], suffix: str) -> Tensor:
-        l1, l2, l3, l4 = levels
-        out = getattr(scratch, f"refinenet4{suffix}")(l4, size=l3.shape[2:])
-        out = getattr(scratch, f"refinenet3{suffix}")(out, l3, size=l2.shape[2:])
-        out = getattr(scratch, f"refinenet2{suffix}")(out, l2, size=l1.shape[2:])
-        return getattr(scratch, f"refinenet1{suffix}")(out, l1)
-
     def forward_frames(self, feats: list[Tensor], image_size: tuple[int, int], rays: bool) -> dict[str, Tensor]:
         """feats: 4 tensors [N, Hp * Wp, dim_in] -> depth, depth_conf [N, H, W] (+ ray [N, 8Hp, 8Wp, 6], ray_conf)."""
         levels = self.fusion_levels(feats, image_size)
         grid_h, grid_w = image_size[0] // self.patch_size, image_size[1] // self.patch_size
-        main = self.scratch.output_conv1(self.fuse(self.scratch, levels, ""))
+        main = self.scratch.output_conv1(fuse(self.scratch, levels))
         main = self.add_pos(interpolate(main, size=(grid_h * self.patch_size, grid_w * self.patch_size)), image_size)
         logits = self.scratch.output_conv2(main)
         out = {"depth": torch.exp(logits[:, 0]), "depth_conf": 1.0 + torch.exp(logits[:, 1])}
         if rays:
-            aux = self.scratch.output_conv1_aux[-1](self.fuse(self.scratch, levels, "_aux"))
+            aux = self.scratch.output_conv1_aux[-1](fuse(self.scratch, levels, "_aux"))
             aux = self.scratch.output_conv2_aux[-1](self.add_pos(aux, image_size)).permute(0, 2, 3, 1)
             out.update(ray=aux[..., :6], ray_conf=1.0 + torch.exp(aux[..., 6]))
         return out
@@ -343,7 +341,7 @@ class GSDPT(nn.Module):
             x = project(tokens.permute(0, 2, 1).reshape(tokens.shape[0], -1, grid_h, grid_w))
             x = resize(add_uv_pos_embed(x, width, height, freq_dtype=torch.float32))
             levels.append(getattr(self.scratch, f"layer{index}_rn")(x))
-        fused = self.scratch.output_conv1(DualDPT.fuse(self.scratch, levels, ""))
+        fused = self.scratch.output_conv1(fuse(self.scratch, levels))
         fused = interpolate(fused, size=(height, width)) + self.images_merger(images)
         return self.scratch.output_conv2(add_uv_pos_embed(fused, width, height, freq_dtype=torch.float32))
 

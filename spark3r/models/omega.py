@@ -37,7 +37,7 @@ from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionM
 from spark3r.models.blocks import Block, active_compute_dtype, compute_autocast, no_autocast, rotate_half
 from spark3r.models.da3 import unproject_depth
 from spark3r.models.dinov2 import PatchEmbed
-from spark3r.models.dpt import FeatureFusionBlock, add_uv_pos_embed, interpolate, make_resize_layers, make_scratch
+from spark3r.models.dpt import FeatureFusionBlock, add_uv_pos_embed, make_resize_layers, make_scratch
 from spark3r.models.pi3 import non_block_flops, se3_inverse
 from spark3r.models.registry import ModelEntry, register
 from spark3r.models.vggt import (

@@ -4,8 +4,8 @@ Keys and shapes equal `Pi3()`'s state_dict (spec/state_dict/pi3.tsv), so the off
 Input: images [B, S, 3, H, W] (or [S, 3, H, W]) in [0, 1], H and W multiples of 14; ImageNet normalisation happens
 inside, with the checkpoint's persistent `image_mean` / `image_std` buffers.
 
-The trunk runs as 18 steps; step k runs frame block `decoder.{2k}` then global block `decoder.{2k+1}`. The heads read
-[frame block 34 | global block 35] of every token (the tap of the last step).
+The trunk runs as 36 steps, one decoder block each: even blocks attend within a frame, odd blocks over all S * P tokens
+of a scene (the 18 global layers). The heads read [frame block 34 | global block 35] of every token (the one tap).
 
 Outputs (the common dict of `ReconstructionModel`, plus pi3's own):
   local_points [B, S, H, W, 3] camera-frame points; depth = their z;
