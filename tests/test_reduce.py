@@ -418,3 +418,19 @@ def test_reduced_attention_captures_as_one_graph():
     compiled = torch.compile(lambda q, k, v: reduced_attention(q, k, v, LAYOUT, reduction), backend="eager",
                              fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), reduced_attention(q, k, v, LAYOUT, reduction))
+
+
+def test_reduction_validates_and_normalises_its_fields():
+    import numpy as np
+
+    reduction = Reduction(kv_keep=np.float32(0.5), query_merge=np.int64(2), seed=np.int64(3))
+    assert reduction == Reduction(kv_keep=0.5, query_merge=2, seed=3)
+    assert type(reduction.query_merge) is int and type(reduction.kv_keep) is float
+    for bad, sentence in [({"kv_keep": 0}, "kv_keep must be a number in"), ({"kv_keep": 1.5}, "kv_keep"),
+                          ({"kv_method": "stride"}, "kv_method 'stride' is unknown"),
+                          ({"query_merge": 0}, "query_merge must be an integer >= 1"),
+                          ({"query_merge": 2.5}, "query_merge"), ({"group_frames": True}, "group_frames"),
+                          ({"similarity": "value"}, "similarity 'value' is unknown"),
+                          ({"keep_reference_frame": 1}, "keep_reference_frame must be true or false")]:
+        with pytest.raises(Spark3rError, match=sentence):
+            Reduction(**bad)

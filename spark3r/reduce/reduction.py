@@ -1,6 +1,7 @@
 """The resolved reduction of one global attention layer at one sequence length."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from spark3r.errors import Spark3rError
@@ -32,20 +33,21 @@ class Reduction:
     seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.kv_keep, bool) or not isinstance(self.kv_keep, (int, float)) or not 0 < self.kv_keep <= 1:
-            raise Spark3rError(f"kv_keep must be a number in (0, 1], got {self.kv_keep!r}")
+        keep = self.kv_keep
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0 < keep <= 1:
+            raise Spark3rError(f"kv_keep must be a number in (0, 1], got {keep!r}")
+        object.__setattr__(self, "kv_keep", float(keep))
         if self.kv_method not in KV_METHODS:
             raise Spark3rError(f"kv_method {self.kv_method!r} is unknown: use one of {', '.join(KV_METHODS)}")
         if not isinstance(self.keep_reference_frame, bool):
             raise Spark3rError(f"keep_reference_frame must be true or false, got {self.keep_reference_frame!r}")
-        for name in ("query_merge", "group_frames"):
+        for name, low in (("query_merge", 1), ("group_frames", 1), ("seed", None)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise Spark3rError(f"{name} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+                raise Spark3rError(f"{name} must be an integer{'' if low is None else f' >= {low}'}, got {value!r}")
+            object.__setattr__(self, name, int(value))
         if self.similarity not in SIMILARITIES:
             raise Spark3rError(f"similarity {self.similarity!r} is unknown: use one of {', '.join(SIMILARITIES)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise Spark3rError(f"seed must be an integer, got {self.seed!r}")
 
     @property
     def kv_factor(self) -> int:
