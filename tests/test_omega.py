@@ -14,7 +14,8 @@ from spark3r.errors import Spark3rError
 from spark3r.models.loading import load_model
 from spark3r.models.omega import CONFIGS, VGGTOmega, convert_checkpoint
 from spark3r.models.registry import build_model
-from spark3r.reduce import Reduction, apply_reductions
+from spark3r.reduce import Reduction, apply_reductions, apply_schedule
+from spark3r.schedule import paper_schedule
 
 MANIFEST = Path("/work/shared/spec/state_dict/omega.tsv")
 H, W = 48, 64  # 3 x 4 patches of 16
@@ -210,6 +211,22 @@ def test_reduction_patch_changes_outputs_and_remove_restores_them_bit_for_bit(ti
     assert not torch.equal(reduced["depth"], dense["depth"])
     for name in dense:
         assert torch.equal(restored[name], dense[name]), name
+
+
+def test_paper_rule_schedule_applies_and_remove_restores_bit_for_bit(tiny, images, dense):
+    schedule = paper_schedule("vggt-omega-tiny", 5, [2])  # short clips: 3 x frame-stride K/V off the sensitive layer
+    handle = apply_schedule(tiny, schedule)
+    with torch.no_grad():
+        reduced = tiny(images)
+    assert handle.reduction(0, images.shape[1]).kv_keep < 1
+    handle.remove()
+    with torch.no_grad():
+        restored = tiny(images)
+    assert not torch.equal(reduced["depth"], dense["depth"])
+    for name in dense:
+        assert torch.equal(restored[name], dense[name]), name
+    with pytest.raises(Spark3rError, match="vggt-tiny"):
+        apply_schedule(tiny, paper_schedule("vggt-tiny", 6, [3]))
 
 
 def test_bad_input_raises_one_sentence(tiny):
