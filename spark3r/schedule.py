@@ -131,7 +131,9 @@ class Schedule:
     def layer(self, index: int) -> LayerSpec:
         """The merged settings of global layer `index`."""
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.global_layers:
-            raise Spark3rError(f"global layer {index!r} does not exist: this schedule has layers 0..{self.global_layers - 1}")
+            raise Spark3rError(
+                f"global layer {index!r} does not exist: this schedule has layers 0..{self.global_layers - 1}"
+            )
         override = self.layers.get(index)
         return override.over(self.default) if override is not None else self.default
 
@@ -451,7 +453,8 @@ def paper_schedule(model: str, global_layers: int, sensitive: list[int]) -> Sche
         query=QuerySpec(merge=Stepped(PAPER_QUERY_MERGE, PAPER_QUERY_MERGE_ELSE), group_frames=20),
     )
     layers = {index: LayerSpec(kv=KVSpec(factor=1)) for index in sorted(sensitive)}
-    return Schedule(model, global_layers, default, layers, provenance={"rule": "paper", "sensitive": _range_text(sensitive)})
+    provenance = {"rule": "paper", "sensitive": _range_text(sensitive)}
+    return Schedule(model, global_layers, default, layers, provenance=provenance)
 
 
 def uniform_schedule(model: str, global_layers: int, sensitive_count: int) -> Schedule:
@@ -466,7 +469,8 @@ def uniform_schedule(model: str, global_layers: int, sensitive_count: int) -> Sc
                   method="frame_stride", keep_reference_frame=True),
         query=QuerySpec(merge=Stepped(PAPER_QUERY_MERGE, PAPER_QUERY_MERGE_ELSE), group_frames=20),
     )
-    return Schedule(model, global_layers, default, provenance={"rule": "uniform", "matches": "paper rule mean K/V keep"})
+    provenance = {"rule": "uniform", "matches": "paper rule mean K/V keep"}
+    return Schedule(model, global_layers, default, provenance=provenance)
 
 
 def _range_text(layers: list[int]) -> str:
@@ -502,8 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rule == "paper":
         schedule = paper_schedule(args.model, args.global_layers, args.sensitive)
         what = (f"The Spark3R paper's hand-set rule for {args.model} (spec/method.md sections 3-4): r_Q 1/2/3/4 up to "
-                f"100/300/500 frames and beyond; r_KV = 1 up to 100 frames, else ceil(S/40), by frame stride; sensitive "
-                f"layers {_range_text(args.sensitive)} use r_KV, all others 3 x r_KV.")
+                f"100/300/500 frames and beyond; r_KV = 1 up to 100 frames, else ceil(S/40), by frame stride; "
+                f"sensitive layers {_range_text(args.sensitive)} use r_KV, all others 3 x r_KV.")
     else:
         schedule = uniform_schedule(args.model, args.global_layers, len(args.sensitive))
         what = (f"Uniform K/V reduction for {args.model}: every layer {schedule.default.kv.factor} x r_KV, the paper "

@@ -57,7 +57,8 @@ def frame_layout(flop_config: FlopConfig, frames: int) -> FrameLayout:
         grid_w = patches // grid_h
     if grid_h * grid_w != patches:
         raise Spark3rError(
-            f"the FLOP config's patch grid {grid_h}x{grid_w} does not hold its {patches} patches per frame: fix patch_grid"
+            f"the FLOP config's patch grid {grid_h}x{grid_w} does not hold its {patches} patches per frame: "
+            f"fix patch_grid"
         )
     return FrameLayout(frames, flop_config.layout_n_special, grid_h, grid_w)
 

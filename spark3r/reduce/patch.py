@@ -107,7 +107,8 @@ def _adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:
     return adapter
 
 
-def apply_schedule(model: nn.Module, schedule: Schedule | str | Path, adapter: Adapter | None = None) -> ReductionHandle:
+def apply_schedule(model: nn.Module, schedule: Schedule | str | Path,
+                   adapter: Adapter | None = None) -> ReductionHandle:
     """Patch every global attention layer of `model` with `schedule` (a Schedule or a YAML path).
 
     adapter defaults to `model.adapter`. The schedule's model name and layer count must match the adapter's.
@@ -121,15 +122,18 @@ def apply_schedule(model: nn.Module, schedule: Schedule | str | Path, adapter: A
 
 def apply_reductions(model: nn.Module, reductions: Mapping[int, Reduction],
                      adapter: Adapter | None = None) -> ReductionHandle:
-    """Patch only the listed global layers, each with a fixed reduction (whatever the clip length); others stay dense."""
+    """Patch only the listed global layers, each with a fixed reduction whatever the clip length; others stay dense."""
     adapter = _adapter_of(model, adapter)
     for layer, reduction in reductions.items():
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < adapter.num_global_layers:
             raise Spark3rError(
-                f"global layer {layer!r} does not exist: {adapter.model_name} has layers 0..{adapter.num_global_layers - 1}"
+                f"global layer {layer!r} does not exist: {adapter.model_name} has layers "
+                f"0..{adapter.num_global_layers - 1}"
             )
         if not isinstance(reduction, Reduction):
-            raise Spark3rError(f"the reduction of layer {layer} must be a spark3r Reduction, got {type(reduction).__name__}")
+            raise Spark3rError(
+                f"the reduction of layer {layer} must be a spark3r Reduction, got {type(reduction).__name__}"
+            )
     fixed = dict(reductions)
     return ReductionHandle(model, adapter, lambda layer, frames: fixed[layer], sorted(fixed))
 
