@@ -434,3 +434,14 @@ def test_reduction_validates_and_normalises_its_fields():
                           ({"keep_reference_frame": 1}, "keep_reference_frame must be true or false")]:
         with pytest.raises(Spark3rError, match=sentence):
             Reduction(**bad)
+
+
+def test_merging_identical_frames_changes_nothing():
+    """Frames that repeat the first one merge into it (similarity 1), and their merged queries are their own."""
+    layout = FrameLayout(frames=4, n_special=1, grid_h=4, grid_w=4)
+    frame = torch.randn(3, 1, 2, layout.tokens_per_frame, 8, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(2))
+    q, k, v = frame.repeat(1, 1, 1, layout.frames, 1).unbind(0)
+    reduction = Reduction(query_merge=2, group_frames=4)
+    assert query_count(layout, reduction) == math.ceil(layout.tokens / 2)
+    torch.testing.assert_close(reduced_attention(q, k, v, layout, reduction), attention(q, k, v))
