@@ -91,6 +91,8 @@ class QuerySpec:
 
 @dataclass(frozen=True)
 class LayerSpec:
+    """The K/V and query settings of the default or of one layer's override."""
+
     kv: KVSpec = field(default_factory=KVSpec)
     query: QuerySpec = field(default_factory=QuerySpec)
 
@@ -111,6 +113,8 @@ def _overlay(top, base):
 
 @dataclass(frozen=True)
 class Budget:
+    """The budget a schedule was searched under: `fraction` of the dense `of` FLOPs at `frames` frames."""
+
     fraction: float
     of: str = "global_attention"
     frames: int | None = None
