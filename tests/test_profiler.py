@@ -58,3 +58,225 @@ def test_clip_file_round_trip_and_option_mismatch(tmp_path):
     np.testing.assert_array_equal(loaded.arrays["kv_score"], result.arrays["kv_score"])
     with pytest.raises(Spark3rError, match=r"other options \(kv_keep differ\).*new --out"):
         load_clip(tmp_path, "ab" * 32, {**options, "kv_keep": (1.0, 0.25)})
+
+
+# ---------------------------------------------------------------- the engine, on vggt-tiny with random weights
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import spark3r
+from spark3r.data.clips import open_clips
+from spark3r.evaluate.deviation import output_deviation
+from spark3r.profiler import cli
+from spark3r.profiler.format import load_profile
+from spark3r.profiler.run import PhaseTimer, ProfileOptions, dense_run, end_to_end, local_deviation, profile_clip
+from spark3r.reduce import Reduction, apply_reductions
+
+FRAMES = 4
+CLI_ARGS = ["--model", "vggt-tiny", "--weights", "none", "--calib", "synthetic:2", "--frames", str(FRAMES),
+            "--kv-keep", "0.5", "--query-merge", "2", "--additivity", "3", "--device", "cpu", "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine more threads spin against each other (several times slower),
+    and the 2-rank run below uses one thread per rank, so both runs round the same way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = spark3r.load_model("vggt-tiny", weights=None, seed=0)
+    images = open_clips("synthetic:1", preprocess="vggt:112", frames=FRAMES)[0].images
+    return model, images
+
+
+def reference_outputs(model, images, reductions=None):
+    """A plain full forward (optionally with `reductions` patched), recording every global attention output."""
+    attention = {}
+    hooks = [attn.register_forward_hook(lambda module, args, out, layer=layer: attention.__setitem__(layer, out))
+             for layer, attn in enumerate(model.adapter.modules(model))]
+    try:
+        with torch.inference_mode(), (apply_reductions(model, reductions) if reductions else torch.no_grad()):
+            outputs = model(images[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    finite = {key: value for key, value in outputs.items() if torch.isfinite(value).all()}  # random fov: inf focal
+    return finite, attention
+
+
+def test_resume_from_any_layer_equals_full_forward(tiny):
+    model, images = tiny
+    full, _ = reference_outputs(model, images)
+    with torch.inference_mode():
+        run = dense_run(model, images[None], PhaseTimer(images.device))
+        for layer in (0, 3, 5):
+            resumed = model.decode(model.run_steps(run.states[layer]), images[None])
+            for key in ("depth", "points", "extrinsics"):
+                assert torch.equal(resumed[key], full[key]), (layer, key)
+
+
+def test_local_deviation_matches_a_full_reduced_forward(tiny):
+    model, images = tiny
+    _, dense_attention = reference_outputs(model, images)
+    reduction = Reduction(kv_keep=0.5)
+    _, reduced_attention = reference_outputs(model, images, {2: reduction})
+    reference = reduced_attention[2].double() - dense_attention[2].double()
+    expected_l2 = float(reference.norm() / dense_attention[2].double().norm())
+    a, b = reduced_attention[2].double().flatten(0, 1), dense_attention[2].double().flatten(0, 1)
+    expected_cos = float((1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).mean())
+    with torch.inference_mode():
+        run = dense_run(model, images[None], PhaseTimer(images.device))
+        rel_l2, cos = local_deviation(model, run, 2, reduction)
+        assert local_deviation(model, run, 2, Reduction()) == (0.0, 0.0)  # keep 1.0: exactly dense
+    assert expected_l2 > 1e-3
+    assert rel_l2 == pytest.approx(expected_l2, rel=1e-5) and cos == pytest.approx(expected_cos, rel=1e-4)
+
+
+def test_batched_end_to_end_matches_full_reduced_forwards(tiny):
+    model, images = tiny
+    dense, _ = reference_outputs(model, images)
+    reductions = [Reduction(kv_keep=0.5), Reduction(kv_keep=0.25), Reduction(query_merge=2)]
+    with torch.inference_mode():
+        run = dense_run(model, images[None], PhaseTimer(images.device))
+        batched = end_to_end(model, run, 4, [{4: reduction} for reduction in reductions], {}, PhaseTimer(images.device))
+        multi = end_to_end(model, run, 1, [{1: reductions[0], 4: reductions[2]}], {}, PhaseTimer(images.device))[0]
+    for reduction, measured in zip(reductions, batched):
+        reduced, _ = reference_outputs(model, images, {4: reduction})
+        expected = output_deviation(dense, reduced)
+        assert expected["score"] > 0
+        for term, value in expected.items():
+            assert measured[term] == pytest.approx(value, rel=1e-4, abs=1e-9), term
+    reduced, _ = reference_outputs(model, images, {1: reductions[0], 4: reductions[2]})
+    assert multi["score"] == pytest.approx(output_deviation(dense, reduced)["score"], rel=1e-4)
+
+
+def test_profile_clip_dense_levels_are_exactly_zero(tiny):
+    model, images = tiny
+    options = ProfileOptions(kv_keep=(1.0, 0.5), query_merge=(1, 2), additivity_schedules=2)
+    measured = profile_clip(model, images, options)
+    for kind in ("kv", "query"):
+        for metric in ("local_rel_l2", "local_cos", "score", "depth"):
+            table = measured.arrays[f"{kind}_{metric}"]
+            assert table.shape == (6, 2)
+            assert (table[:, 0] == 0).all() and (table[:, 1] > 0).all(), (kind, metric)
+    assert measured.arrays["additivity_score"].shape == (2,)
+    assert set(measured.timings) >= {"dense", "local", "resume", "decode"}
+
+
+# ---------------------------------------------------------------- the CLI
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    assert cli.main([*CLI_ARGS, "--out", str(out)]) == 0
+    return out
+
+
+def test_cli_end_to_end(full_run, capsys):
+    profile = load_profile(full_run)
+    assert profile.model == "vggt-tiny" and profile.frames == FRAMES and profile.kv_keep == [1.0, 0.5]
+    assert profile.query_merge == [1, 2] and len(profile.clips) == 2 and profile.global_layers == 6
+    assert {"local_rel_l2", "local_cos", "depth", "points", "score"} <= set(profile.metrics)
+    assert (profile.kv["local_rel_l2"].mean[:, 0] == 0).all() and (profile.kv["score"].mean[:, 1] > 0).all()
+    assert len(profile.additivity["measured"]) == 3 and profile.asymmetry["factors"] == [2]
+    assert (full_run / "heatmap.png").stat().st_size > 1000
+    raw = np.load(full_run / "profile.npz")
+    assert raw["kv_score"].shape == (2, 6, 2)
+    np.testing.assert_allclose(raw["kv_score"].mean(axis=0), profile.kv["score"].mean)
+    # rerunning finds every clip done and only rebuilds the profile
+    assert cli.main([*CLI_ARGS, "--out", str(full_run), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["clips"] == 2 and np.allclose(summary["score"]["kv"], profile.kv["score"].mean)
+
+
+def _tables(out):
+    profile = load_profile(out)
+    return {f"{kind}.{metric}.{stat}": getattr(getattr(profile, kind)[metric], stat)
+            for kind in ("kv", "query") for metric in profile.metrics for stat in ("mean", "std", "ci95")}
+
+
+def test_interrupted_run_resumes_to_the_same_profile(full_run, tmp_path, monkeypatch, capsys):
+    measure = cli.profile_clip
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "profile_clip", interrupted)
+    assert cli.main([*CLI_ARGS, "--out", str(tmp_path)]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert len(list((tmp_path / "clips").glob("*.npz"))) == 1 and not (tmp_path / "profile.json").exists()
+    calls.clear()
+    monkeypatch.setattr(cli, "profile_clip", lambda *a, **k: (calls.append(1), measure(*a, **k))[1])
+    assert cli.main([*CLI_ARGS, "--out", str(tmp_path)]) == 0
+    assert len(calls) == 1  # only the missing clip was measured
+    resumed, full = _tables(tmp_path), _tables(full_run)
+    assert resumed.keys() == full.keys()
+    for key in full:
+        np.testing.assert_array_equal(resumed[key], full[key], err_msg=key)
+    # other options on the same folder: a sentence, nothing measured
+    assert cli.main([*CLI_ARGS[:-6], "--additivity", "2", "--device", "cpu", "--dtype", "fp32", "--out",
+                     str(tmp_path)]) == 2
+    assert "other options (additivity_schedules differ)" in capsys.readouterr().err
+
+
+def test_two_gloo_ranks_equal_one(full_run, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "spark3r.profiler.cli", *CLI_ARGS, "--out", str(tmp_path), "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["clips"] == 2
+    assert load_profile(tmp_path).timings["ranks"] == 2
+    sharded, single = _tables(tmp_path), _tables(full_run)
+    assert sharded.keys() == single.keys()
+    for key in single:
+        np.testing.assert_allclose(sharded[key], single[key], rtol=1e-6, atol=1e-12, err_msg=key)
+
+
+def _bad_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "wrong.safetensors"
+    save_file({"not_a_vggt_key": torch.zeros(2)}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--calib": "{tmp}/missing"}, "does not exist"),
+    ({"--calib": "{tmp}/empty"}, "is empty"),
+    ({"--model": "vggt-huge"}, "unknown model 'vggt-huge'"),
+    ({"--weights": "{bad_weights}"}, "not_a_vggt_key"),
+    ({"--kv-keep": "0"}, "--kv-keep level 0 is out of range"),
+    ({"--kv-keep": "half"}, "is not a comma-separated list of numbers"),
+    ({"--query-merge": "0"}, "--query-merge level 0 is out of range"),
+    ({"--score-weights": "depth:1"}, "--score-weights item 'depth:1' is malformed"),
+    ({"--score-weights": "color=1"}, "unknown term 'color'"),
+    ({"--frames": "0"}, "--frames is 0"),
+    ({"--calib": "{tmp}/short"}, "has only 2 frames but --frames 4 was asked"),
+])
+def test_bad_inputs_give_one_sentence(change, message, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    open_clips  # short clip: 2 frames written as an npz clip
+    from spark3r.data.clips import write_clip
+    write_clip(open_clips("synthetic:1", preprocess="vggt:112", frames=2)[0], tmp_path / "short", format="npz")
+    args = dict(zip(CLI_ARGS[::2], CLI_ARGS[1::2]))
+    fill = {"tmp": tmp_path, "bad_weights": _bad_weights(tmp_path) if "{bad_weights}" in change.values() else ""}
+    args.update({key: value.format(**fill) for key, value in change.items()})
+    argv = [item for pair in args.items() for item in pair] + ["--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err

@@ -6,7 +6,11 @@ import math
 import numpy as np
 from scipy import stats
 
-from spark3r.profiler.format import MetricTable
+from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
+from spark3r.models.base import FrameLayout
+from spark3r.profiler.format import MetricTable, Profile
+from spark3r.profiler.run import PHASES
+from spark3r.profiler.store import ClipResult
 
 
 def summarize(per_clip: np.ndarray) -> MetricTable:
@@ -88,3 +92,41 @@ def asymmetry_summary(kv_mean: np.ndarray, kv_keep: list[float], query_mean: np.
         "query_over_kv": [q / k if k > 0 else None for q, k in zip(query_avg, kv_avg)],
         "layers_query_worse": [int((q > k).sum()) for q, k in zip(query_rows, kv_rows)],
     }
+
+
+def metric_names(results: list[ClipResult]) -> list[str]:
+    """The metrics every clip measured ("kv_<metric>" arrays), local ones first and "score" last."""
+    order = ("local_rel_l2", "local_cos", *DEFAULT_WEIGHTS, "score")
+    return [metric for metric in order if all(f"kv_{metric}" in result.arrays for result in results)]
+
+
+def build_profile(results: list[ClipResult], *, model: str, global_layers: int, image_hw: tuple[int, int],
+                  layout: FrameLayout, kv_keep: list[float], query_merge: list[int], options: dict,
+                  kv_index: np.ndarray, query_index: np.ndarray,
+                  metric: str = "score") -> tuple[Profile, dict[str, np.ndarray]]:
+    """The profile of per-clip results (in clip order) and its raw per-clip arrays for profile.npz.
+
+    kv_index, query_index [n_schedules, L]: the additivity schedules the clips were measured with.
+    """
+    metrics = metric_names(results)
+    raw = {f"{kind}_{name}": np.stack([result.arrays[f"{kind}_{name}"] for result in results])
+           for kind in ("kv", "query") for name in metrics}
+    raw.update({f"additivity_{name}": np.stack([result.arrays[f"additivity_{name}"] for result in results])
+                for name in metrics if name not in ("local_rel_l2", "local_cos")})
+    kv = {name: summarize(raw[f"kv_{name}"]) for name in metrics}
+    query = {name: summarize(raw[f"query_{name}"]) for name in metrics}
+    timings = {phase: float(sum(result.timings.get(phase, 0.0) for result in results)) for phase in PHASES}
+    timings["clips"] = len(results)
+    profile = Profile(
+        model=model, global_layers=global_layers, frames=layout.frames, image_hw=tuple(image_hw),
+        layout={"n_special": layout.n_special, "grid_h": layout.grid_h, "grid_w": layout.grid_w},
+        clips=[result.clip_entry() for result in results], options=options, kv_keep=list(kv_keep),
+        query_merge=list(query_merge), metrics=metrics, kv=kv, query=query,
+        additivity=additivity_summary(kv_index, query_index, kv_keep, query_merge, raw[f"additivity_{metric}"],
+                                      raw[f"kv_{metric}"], raw[f"query_{metric}"]) if len(kv_index) else {},
+        asymmetry=asymmetry_summary(kv[metric].mean, list(kv_keep), query[metric].mean, list(query_merge), metric),
+        timings=timings,
+    )
+    raw["clip_sha256"] = np.array([result.sha256 for result in results])
+    raw["additivity_kv_index"], raw["additivity_query_index"] = kv_index, query_index
+    return profile, raw

@@ -1,0 +1,11 @@
+"""profile-layers: how sensitive each global attention layer is to K/V pruning and query merging.
+
+`profile_clip` measures one clip (spark3r.profiler.run), `build_profile` aggregates clips into a `Profile`
+(spark3r.profiler.format), and `spark3r.profiler.cli.main` is the console script.
+"""
+from spark3r.profiler.aggregate import build_profile
+from spark3r.profiler.format import Profile, load_profile, save_profile
+from spark3r.profiler.run import ProfileOptions, profile_clip, profile_levels
+
+__all__ = ["Profile", "ProfileOptions", "build_profile", "load_profile", "profile_clip", "profile_levels",
+           "save_profile"]
