@@ -87,7 +87,8 @@ def key_norm_patches(layout: FrameLayout, reduction: Reduction, frames: Tensor, 
     """Top-k patch indices by key norm of `frames` [F], per batch and head: keys [B, h, N, D] -> [B, h, F, k]."""
     batch, heads, _, head_dim = keys.shape
     per_frame = keys.view(batch, heads, layout.frames, layout.tokens_per_frame, head_dim)
-    norms = torch.linalg.vector_norm(per_frame[:, :, :, layout.n_special:], dim=-1, dtype=torch.float32)
+    accumulate = torch.promote_types(keys.dtype, torch.float32)
+    norms = torch.linalg.vector_norm(per_frame[:, :, :, layout.n_special:], dim=-1, dtype=accumulate)
     norms = norms.index_select(2, frames)
     return norms.topk(patches_per_frame(layout, reduction), dim=-1).indices
 
