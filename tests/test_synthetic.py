@@ -121,6 +121,7 @@ def test_unordered_views_shuffle_the_same_cameras():
     ({"boxes": -1}, "SceneConfig.boxes"),
     ({"fov": (70.0, 50.0)}, "SceneConfig.fov"),
     ({"room_half_width": (1.5, 2.0)}, "too small"),
+    ({"max_pitch": -1.0}, "SceneConfig.max_pitch"),
 ])
 def test_bad_scene_config_is_one_sentence(kwargs, message):
     with pytest.raises(Spark3rError, match=message) as error:
