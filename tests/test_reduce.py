@@ -322,9 +322,10 @@ def test_identity_schedule_is_bit_exact_and_shipped_schedule_reduces(tiny):
     assert_same(run(model, images), dense)
 
 
-def test_one_layer_reduction_matches_manual_layer(tiny):
+@pytest.mark.parametrize("method", KV_METHODS)
+def test_one_layer_reduction_matches_manual_layer(tiny, method):
     model, images, _ = tiny
-    layer, reduction = 2, Reduction(kv_keep=0.5, kv_method="grid", query_merge=2, group_frames=3)
+    layer, reduction = 2, Reduction(kv_keep=0.5, kv_method=method, query_merge=2, group_frames=3)
     attn = model.adapter.modules(model)[layer]
     captured = {}
     hook = attn.register_forward_hook(lambda module, args, kwargs, out: captured.update(x=args[0], pos=kwargs["pos"],
