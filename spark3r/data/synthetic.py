@@ -59,9 +59,10 @@ class SceneConfig:
             if isinstance(value, tuple) and not (len(value) == 2 and 0 <= value[0] <= value[1]):
                 raise Spark3rError(f"SceneConfig.{item.name} is {value}: "
                                    "give a range (low, high) with 0 <= low <= high")
-        for name in ("clearance", "max_pitch"):
-            if not 0 <= getattr(self, name) < 45:
-                raise Spark3rError(f"SceneConfig.{name} is {getattr(self, name)}: give a value in [0, 45)")
+        if self.clearance < 0:
+            raise Spark3rError(f"SceneConfig.clearance is {self.clearance}: give a distance >= 0 in metres")
+        if not 0 <= self.max_pitch < 45:
+            raise Spark3rError(f"SceneConfig.max_pitch is {self.max_pitch}: give an angle in [0, 45) degrees")
         if self.texture_waves < 1:
             raise Spark3rError(f"SceneConfig.texture_waves is {self.texture_waves}: give at least 1")
         if not (0 < self.fov[0] and self.fov[1] < 170):
