@@ -280,3 +280,20 @@ def test_bad_inputs_give_one_sentence(change, message, tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_benchmark_smoke_run(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile.py"
+    spec = importlib.util.spec_from_file_location("profile_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "bench.json"
+    result = benchmark.main(["--model", "vggt-tiny", "--clips", "1", "--frames", "4", "--size", "112", "--device",
+                             "cpu", "--dtype", "fp32", "--kv-keep", "0.5", "--query-merge", "2", "--additivity", "1",
+                             "--out", str(out)])
+    assert json.loads(out.read_text())["global_layers"] == 6
+    assert result["seconds"]["resume"] > 0 and result["seconds"]["decode"] > 0
+    assert sum(result["seconds"].values()) <= result["wall_seconds"] * 1.01

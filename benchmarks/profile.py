@@ -1,0 +1,114 @@
+"""How long profile-layers takes, and where the time goes: dense forward, caching, local, end-to-end resume, decode.
+
+    python benchmarks/profile.py --out benchmarks/results/profile-vggt-1b.json           # the goal: <= 5 min, 1 H100
+    python benchmarks/profile.py --model vggt-tiny --clips 1 --frames 4 --size 112 --device cpu --dtype fp32   # smoke
+
+Default: vggt-1b with random weights in bf16, 8 clips of 32 random frames at 518 x 518, 24 global layers x 6 K/V levels
+(1, 1/2 .. 1/32) + 4 query levels (1 .. 4), frame-stride K/V, 6 additivity schedules per clip, up to 8 levels of a
+layer per batched forward. Every clip runs through `spark3r.profiler.run.profile_clip`, the engine profile-layers
+uses; the table sums its phase timers over clips (CUDA-synchronised) and gives the peak GPU memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # run as a script: this file's folder must not shadow the standard library's `profile` (cProfile)
+
+import torch  # noqa: E402
+
+from spark3r.cli import DTYPES, resolve_device  # noqa: E402
+from spark3r.models.loading import load_model  # noqa: E402
+from spark3r.profiler.cli import DEFAULT_KV_KEEP, DEFAULT_QUERY_MERGE, parse_kv_keep, parse_query_merge  # noqa: E402
+from spark3r.profiler.format import write_atomic  # noqa: E402
+from spark3r.profiler.run import PHASES, ProfileOptions, profile_clip, profile_levels  # noqa: E402
+
+GOAL_SECONDS = 300.0
+GOAL_WORKLOAD = {"model": "vggt-1b", "clips": 8, "frames": 32, "size": 518}  # on one H100
+PHASE_NAMES = {"dense": "dense forward (cached)", "cache": "caching (hooks)", "local": "local deviations",
+               "resume": "end-to-end resume (trunk)", "decode": "decode + deviation", "additivity": "additivity check"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vggt-1b")
+    parser.add_argument("--clips", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--size", type=int, default=518, help="square image side in pixels")
+    parser.add_argument("--kv-keep", default=DEFAULT_KV_KEEP)
+    parser.add_argument("--query-merge", default=DEFAULT_QUERY_MERGE)
+    parser.add_argument("--additivity", type=int, default=6)
+    parser.add_argument("--level-batch", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    model = load_model(args.model, weights=None, device=device, dtype=DTYPES[args.dtype], seed=args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    clips = [torch.rand(args.frames, 3, args.size, args.size, generator=generator) for _ in range(args.clips)]
+    options, notes = profile_levels(model.adapter.layout(clips[0]), ProfileOptions(
+        kv_keep=parse_kv_keep(args.kv_keep), query_merge=parse_query_merge(args.query_merge),
+        additivity_schedules=args.additivity, level_batch=args.level_batch, seed=args.seed))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    totals = dict.fromkeys(PHASES, 0.0)
+    per_clip = []
+    started = time.perf_counter()
+    for index, images in enumerate(clips):
+        clip_start = time.perf_counter()
+        measured = profile_clip(model, images.to(device), options)
+        per_clip.append(time.perf_counter() - clip_start)
+        for phase, seconds in measured.timings.items():
+            totals[phase] += seconds
+        print(f"clip {index + 1}/{len(clips)}: {per_clip[-1]:.1f} s", file=sys.stderr)
+    wall = time.perf_counter() - started
+    result = {
+        "model": args.model, "dtype": args.dtype, "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else "cpu", "clips": args.clips, "frames": args.frames, "size": args.size,
+        "global_layers": model.adapter.num_global_layers, "kv_keep": list(options.kv_keep),
+        "query_merge": list(options.query_merge), "additivity": args.additivity, "level_batch": args.level_batch,
+        "seconds": totals, "wall_seconds": wall, "seconds_per_clip": per_clip,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "goal_seconds": GOAL_SECONDS, "command": "python benchmarks/profile.py " + " ".join(sys.argv[1:] if argv is None
+                                                                                         else argv),
+    }
+    print(table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(args.out, (json.dumps(result, indent=1) + "\n").encode())
+    return result
+
+
+def table(result: dict) -> str:
+    wall = result["wall_seconds"]
+    lines = [f"{result['model']} ({result['dtype']}, {result['device']}): {result['clips']} clips x "
+             f"{result['frames']} frames at {result['size']}px, {result['global_layers']} layers x "
+             f"{len(result['kv_keep'])} K/V + {len(result['query_merge'])} query levels, "
+             f"{result['additivity']} additivity schedules, level batch {result['level_batch']}",
+             f"{'phase':<28}{'seconds':>10}{'share':>8}"]
+    for phase, seconds in result["seconds"].items():
+        lines.append(f"{PHASE_NAMES[phase]:<28}{seconds:>10.1f}{seconds / wall:>8.1%}")
+    lines.append(f"{'total (wall)':<28}{wall:>10.1f}")
+    if result["peak_gib"] is not None:
+        lines.append(f"peak GPU memory {result['peak_gib']:.1f} GiB")
+    if all(result[key] == value for key, value in GOAL_WORKLOAD.items()):
+        verdict = "meets" if wall <= result["goal_seconds"] else "misses"
+        lines.append(f"{verdict} the goal of {result['goal_seconds']:.0f} s for this workload on one H100")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
