@@ -179,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     name = resolve_model_name(args.model)
     entry = get_entry(name)
     out = Path(args.out) if args.out else Path("profiles") / name
-    clips, frames, notes = load_calibration(args.calib, f"{entry.preprocess}:{entry.image_width}", args.frames)
     model = load_model(name, weights=args.weights, device=device, dtype=dtype, seed=args.seed)
     if not isinstance(model, ReconstructionModel):
         raise Spark3rError(f"model {name} does not run as trunk steps, so it cannot be profiled: use one of "
                            "spark3r's model classes")
+    clips, frames, notes = load_calibration(args.calib, f"{entry.preprocess}:{entry.image_width}", args.frames)
     images0 = clips[0][0].images
     layout = model.adapter.layout(images0)
     options, level_notes = profile_levels(layout, ProfileOptions(
