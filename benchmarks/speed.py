@@ -14,15 +14,17 @@ Markdown table on stdout, JSON in --out.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections import Counter
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
+    sys.path.pop(0)  # run as a script: benchmarks/profile.py must not shadow the standard library's profile module
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import measure, run_trunk, write_json  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from spark3r.cli import DTYPES, resolve_device  # noqa: E402
 from spark3r.models.registry import build_model  # noqa: E402
@@ -30,7 +32,12 @@ from spark3r.reduce import apply_schedule, kv_count, model_flops, query_count, r
 from spark3r.reduce.attention import is_dense  # noqa: E402
 from spark3r.schedule import load_schedule  # noqa: E402
 
-SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
+_spec = importlib.util.spec_from_file_location("benchmarks_foundation", HERE / "foundation.py")
+foundation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(foundation)
+measure, run_trunk, write_json = foundation.measure, foundation.run_trunk, foundation.write_json
+
+SCHEDULES = HERE.parent / "schedules"
 
 
 def best_of(repeats: int, device: torch.device, fn):
