@@ -247,19 +247,25 @@ def test_two_gloo_ranks_equal_one(full_run, tmp_path):
         np.testing.assert_allclose(sharded[key], single[key], rtol=1e-6, atol=1e-12, err_msg=key)
 
 
-def _bad_weights(tmp_path):
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """An empty folder, a clip of 2 frames and a checkpoint with foreign keys."""
     from safetensors.torch import save_file
 
-    path = tmp_path / "wrong.safetensors"
-    save_file({"not_a_vggt_key": torch.zeros(2)}, str(path))
-    return str(path)
+    from spark3r.data.clips import write_clip
+
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "empty").mkdir()
+    write_clip(open_clips("synthetic:1", preprocess="vggt:112", frames=2)[0], folder / "short", format="npz")
+    save_file({"not_a_vggt_key": torch.zeros(2)}, str(folder / "wrong.safetensors"))
+    return folder
 
 
 @pytest.mark.parametrize("change, message", [
     ({"--calib": "{tmp}/missing"}, "does not exist"),
     ({"--calib": "{tmp}/empty"}, "is empty"),
     ({"--model": "vggt-huge"}, "unknown model 'vggt-huge'"),
-    ({"--weights": "{bad_weights}"}, "not_a_vggt_key"),
+    ({"--weights": "{tmp}/wrong.safetensors"}, "not_a_vggt_key"),
     ({"--kv-keep": "0"}, "--kv-keep level 0 is out of range"),
     ({"--kv-keep": "half"}, "is not a comma-separated list of numbers"),
     ({"--query-merge": "0"}, "--query-merge level 0 is out of range"),
@@ -268,15 +274,10 @@ def _bad_weights(tmp_path):
     ({"--frames": "0"}, "--frames is 0"),
     ({"--calib": "{tmp}/short"}, "has only 2 frames but --frames 4 was asked"),
 ])
-def test_bad_inputs_give_one_sentence(change, message, tmp_path, capsys):
-    (tmp_path / "empty").mkdir()
-    open_clips  # short clip: 2 frames written as an npz clip
-    from spark3r.data.clips import write_clip
-    write_clip(open_clips("synthetic:1", preprocess="vggt:112", frames=2)[0], tmp_path / "short", format="npz")
+def test_bad_inputs_give_one_sentence(change, message, bad_files, capsys):
     args = dict(zip(CLI_ARGS[::2], CLI_ARGS[1::2]))
-    fill = {"tmp": tmp_path, "bad_weights": _bad_weights(tmp_path) if "{bad_weights}" in change.values() else ""}
-    args.update({key: value.format(**fill) for key, value in change.items()})
-    argv = [item for pair in args.items() for item in pair] + ["--out", str(tmp_path / "out")]
+    args.update({key: value.format(tmp=bad_files) for key, value in change.items()})
+    argv = [item for pair in args.items() for item in pair] + ["--out", str(bad_files / "out")]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err

@@ -108,7 +108,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--weights", default="auto",
                         help="checkpoint file or folder, 'auto' (shipped or Hugging Face cache) or 'none' (random)")
     parser.add_argument("--kv-keep", default=DEFAULT_KV_KEEP,
-                        help="K/V keep fractions to sweep, in (0, 1]; 1.0 (dense) is always added (default: %(default)s)")
+                        help="K/V keep fractions to sweep, in (0, 1]; the dense 1.0 is always added "
+                             "(default: %(default)s)")
     parser.add_argument("--query-merge", default=DEFAULT_QUERY_MERGE,
                         help="query merge factors to sweep, >= 1; 1 (dense) is always added (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=None,
@@ -153,7 +154,8 @@ def load_calibration(spec: str, recipe: str, frames: int | None) -> tuple[list, 
                            "lower --frames or use longer clips")
     sizes = {(clip.height, clip.width) for clip in clips}
     if len(sizes) > 1:
-        raise Spark3rError(f"the clips have different sizes after preprocessing ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}): "
+        listed = ", ".join(f"{height}x{width}" for height, width in sorted(sizes))
+        raise Spark3rError(f"the clips have different sizes after preprocessing ({listed}): "
                            "profile clips of one aspect ratio")
     unique, seen = [], {}
     for clip in clips:

@@ -1,4 +1,4 @@
-"""The profile heatmap: global layers x levels, one row of panels per metric, K/V pruning left and query merging right."""
+"""The profile heatmap: global layers x levels, a row of panels per metric, K/V pruning left and query merging right."""
 from __future__ import annotations
 
 import io

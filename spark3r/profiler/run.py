@@ -86,7 +86,8 @@ def profile_levels(layout: FrameLayout, options: ProfileOptions) -> tuple[Profil
         return tuple(kept)
 
     kv_keep = distinct(sorted({1.0, *options.kv_keep}, reverse=True),
-                       lambda keep: kv_count(layout, options.reduction(kv_keep=keep)), lambda keep: f"K/V keep {keep:g}")
+                       lambda keep: kv_count(layout, options.reduction(kv_keep=keep)),
+                       lambda keep: f"K/V keep {keep:g}")
     query_merge = distinct(sorted({1, *options.query_merge}),
                            lambda merge: query_count(layout, options.reduction(query_merge=merge)),
                            lambda merge: f"query merge {merge}")

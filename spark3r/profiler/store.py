@@ -72,7 +72,8 @@ def load_clip(out_dir: str | Path, sha256: str, options: dict) -> ClipResult | N
             meta = json.loads(str(data["meta"]))
             arrays = {key: data[key] for key in data.files if key != "meta"}
     except (OSError, ValueError, KeyError):
-        raise Spark3rError(f"the cached clip result {path} is unreadable: delete it and rerun the same command") from None
+        raise Spark3rError(f"the cached clip result {path} is unreadable: delete it and rerun the same command") \
+            from None
     if meta.get("options") != normalize_options(options):
         changed = sorted(key for key in set(meta.get("options", {})) | set(options)
                          if meta.get("options", {}).get(key) != normalize_options(options).get(key))
