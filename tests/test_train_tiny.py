@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from scipy.spatial.transform import Rotation
 
 import spark3r
+from spark3r.data.clips import Clip, write_clip
 from spark3r.data.synthetic import render_batch
-from spark3r.errors import Spark3rError
 from spark3r.models import train_tiny as tt
 from spark3r.models.blocks import patch_positions
 from spark3r.models.vggt import pose_encoding_to_extrinsics_intrinsics
@@ -190,6 +190,15 @@ def test_training_writes_strictly_loadable_fp16_weights_and_resumes(tmp_path, ca
     assert "was made with --batch 1, not 2" in capsys.readouterr().err
 
 
+def test_time_limit_stops_cleanly_and_still_writes_weights(tmp_path, capsys):
+    out = tmp_path / "tiny.safetensors"
+    assert tt.main(["--out", str(out), "--steps", "100", "--minutes", "1e-6", "--batch", "1", "--frames", "2",
+                    "--size", "28", "--held-out", "synthetic:1:999", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "time limit of 1e-06 min reached at step 0" in printed and "after 0 steps" in printed
+    assert out.exists() and torch.load(out.with_suffix(".ckpt.pt"), weights_only=True)["step"] == 0
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--frames", "1"], "at least 2 frames"),
     (["--out", "tiny.pt"], "must name a .safetensors file"),
@@ -235,7 +244,6 @@ def test_evaluate_command_prints_the_three_rows(capsys):
 
 
 def test_evaluate_refuses_clips_without_ground_truth(tmp_path, capsys):
-    from spark3r.data.clips import Clip, write_clip
     write_clip(Clip(name="plain", images=torch.rand(2, 3, 112, 112)), tmp_path, "npz")
     assert tt.main(["--evaluate", "none", "--clips", str(tmp_path), "--device", "cpu"]) == 2
     assert "has no ground-truth depth and cameras" in capsys.readouterr().err
