@@ -21,7 +21,7 @@ from spark3r.data.clips import open_clips
 from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
 from spark3r.models.base import ReconstructionModel
-from spark3r.models.loading import load_model
+from spark3r.models.loading import find_weights, find_weights_file, load_model
 from spark3r.models.registry import get_entry, resolve_model_name
 from spark3r.profiler.aggregate import build_profile
 from spark3r.profiler.distributed import (
@@ -137,6 +137,13 @@ def check_counts(args) -> None:
             raise Spark3rError(f"{flag} is {value}: give a whole number >= {least}")
 
 
+def weights_identity(weights: str, entry) -> str:
+    """Which weights a run used: "none", or the resolved file (so "auto" finding a new file is a change of options)."""
+    if weights == "none":
+        return "none"
+    return str((find_weights(entry) if weights == "auto" else find_weights_file(weights)).resolve())
+
+
 def load_calibration(spec: str, recipe: str, frames: int | None) -> tuple[list, int, list[str]]:
     """The calibration clips cut to one frame count, that count, and notes for the user."""
     clips = open_clips(spec, preprocess=recipe, max_frames=frames, frames=frames)
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_reference_frame=args.keep_reference_frame, group_frames=args.group_frames,
         score_weights=score_weights, additivity_schedules=args.additivity, level_batch=args.level_batch,
         seed=args.seed))
-    identity = {"model": name, "weights": str(args.weights), "dtype": str(dtype).removeprefix("torch."),
+    identity = {"model": name, "weights": weights_identity(args.weights, entry), "dtype": str(dtype).removeprefix("torch."),
                 "frames": frames, "image_hw": list(images0.shape[-2:]), **options.identity()}
     if ranks.is_main:
         for note in notes + level_notes:
