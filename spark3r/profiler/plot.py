@@ -18,7 +18,7 @@ def save_heatmap(profile: Profile, path: str | os.PathLike) -> Path:
     from matplotlib import colors, pyplot
 
     metrics = profile.metrics
-    figure, axes = pyplot.subplots(len(metrics), 2, squeeze=False,
+    figure, axes = pyplot.subplots(len(metrics), 2, squeeze=False, layout="constrained",
                                    figsize=(8, 0.8 + len(metrics) * (1.2 + 0.18 * profile.global_layers)))
     panels = (("K/V keep", profile.kv, [f"{keep:g}" for keep in profile.kv_keep]),
               ("query merge", profile.query, [str(merge) for merge in profile.query_merge]))
@@ -40,7 +40,6 @@ def save_heatmap(profile: Profile, path: str | os.PathLike) -> Path:
             figure.colorbar(image, ax=axis, fraction=0.05)
     figure.suptitle(f"{profile.model}: deviation from dense, {len(profile.clips)} clip(s) of {profile.frames} frames",
                     fontsize=10)
-    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     pyplot.close(figure)
