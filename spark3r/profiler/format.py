@@ -105,7 +105,8 @@ class Profile:
                                f"{PROFILE_VERSION}: rerun profile-layers with this spark3r")
         missing = [key for key in REQUIRED_KEYS if key not in doc]
         if missing:
-            raise Spark3rError(f"{source} lacks the key(s) {', '.join(missing)}: it is incomplete, rerun profile-layers")
+            raise Spark3rError(f"{source} lacks the key(s) {', '.join(missing)}: it is incomplete, rerun "
+                               "profile-layers")
         levels = doc["levels"]
         if not isinstance(levels, dict) or "kv_keep" not in levels or "query_merge" not in levels:
             raise Spark3rError(f"{source} needs levels.kv_keep and levels.query_merge: rerun profile-layers")
@@ -151,7 +152,8 @@ class Profile:
                 or len(set(self.query_merge)) != len(self.query_merge):
             raise Spark3rError(f"{source} levels.query_merge must be distinct integers >= 1 including the dense level "
                                f"1, got {self.query_merge}")
-        for kind, tables, n_levels in (("kv", self.kv, len(self.kv_keep)), ("query", self.query, len(self.query_merge))):
+        kinds = (("kv", self.kv, len(self.kv_keep)), ("query", self.query, len(self.query_merge)))
+        for kind, tables, n_levels in kinds:
             absent = [metric for metric in self.metrics if metric not in tables]
             if absent:
                 raise Spark3rError(f"{source} lists metric {absent[0]!r} but has no {kind}.{absent[0]} table: "
@@ -177,7 +179,8 @@ def _table(stats: dict, source: str) -> MetricTable:
         try:
             array = np.asarray(stats[name], dtype=np.float64)
         except (TypeError, ValueError):
-            raise Spark3rError(f"{source}.{name} is not a numeric [layers x levels] array: rerun profile-layers") from None
+            raise Spark3rError(f"{source}.{name} is not a numeric [layers x levels] array: rerun "
+                               "profile-layers") from None
         arrays[name] = array
     return MetricTable(**arrays)
 

@@ -1,0 +1,8 @@
+"""search-schedule: the per-layer schedule with the least predicted deviation under a FLOP budget."""
+from spark3r.search.knapsack import KnapsackResult, pareto_front, solve_knapsack
+from spark3r.search.objective import (
+    Candidate, SearchProblem, build_problem, candidate_schedule, interpolate, predicted_deviation,
+)
+
+__all__ = ["Candidate", "KnapsackResult", "SearchProblem", "build_problem", "candidate_schedule", "interpolate",
+           "pareto_front", "predicted_deviation", "solve_knapsack"]

@@ -1,0 +1,62 @@
+"""--verify: run the best candidates for real on held-out clips and measure their deviation from the dense model."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from spark3r.data.clips import Clip, open_clips
+from spark3r.errors import Spark3rError
+from spark3r.evaluate.deviation import output_deviation
+from spark3r.models.loading import load_model
+from spark3r.models.registry import get_entry
+from spark3r.profiler.format import Profile
+from spark3r.profiler.run import finite_outputs
+from spark3r.reduce.patch import reduced
+from spark3r.schedule import Schedule, check_model
+
+
+def held_out_clips(profile: Profile, calib: str) -> list[Clip]:
+    """The clips of `calib`, preprocessed for the profile's model; calibration clips of the profile are refused."""
+    entry = get_entry(profile.model)
+    clips = open_clips(calib, preprocess=f"{entry.preprocess}:{entry.image_width}", frames=profile.frames)
+    if not clips:
+        raise Spark3rError(f"--calib {calib} holds no clips: pass a folder of clips, one clip or synthetic:N[:SEED]")
+    profiled = {clip.get("sha256") for clip in profile.clips}
+    reused = [clip.name for clip in clips if clip.fingerprint() in profiled]
+    if reused:
+        raise Spark3rError(f"--calib clip {reused[0]} was used to make the profile, so it is not held out: pass other "
+                           "clips (e.g. synthetic:N with another seed)")
+    return clips
+
+
+@torch.inference_mode()
+def measure(profile: Profile, schedules: list[Schedule], clips: list[Clip], *, device: torch.device,
+            dtype: torch.dtype, weights: str | None, seed: int, metric: str, progress: bool = True) -> np.ndarray:
+    """Measured `metric` deviation [n_schedules, n_clips] of each schedule from the dense model on each clip.
+
+    As when profiling, outputs that are not finite in the dense run are left out of the comparison."""
+    model = load_model(profile.model, weights=weights, device=device, dtype=dtype, seed=seed)
+    adapter = model.adapter
+    for schedule in schedules:
+        check_model(schedule, adapter.model_name, adapter.num_global_layers)
+    score_weights = profile.options.get("score_weights")
+    measured = np.empty((len(schedules), len(clips)))
+    with tqdm(total=len(clips) * (len(schedules) + 1), desc="verify", unit="forward", file=sys.stderr,
+              disable=not progress, leave=False) as bar:
+        for column, clip in enumerate(clips):
+            images = clip.images.to(device)[None]
+            dense = {key: value.float() for key, value in finite_outputs(model(images)).items()}
+            bar.update(1)
+            for row, schedule in enumerate(schedules):
+                with reduced(model, schedule):
+                    outputs = {key: value.float() for key, value in model(images).items() if key in dense}
+                deviation = output_deviation(dense, outputs, score_weights)
+                if metric not in deviation:
+                    raise Spark3rError(f"--verify measures end-to-end deviation, which has no {metric!r}: use --metric "
+                                       f"{' or '.join(sorted(deviation))}")
+                measured[row, column] = deviation[metric]
+                bar.update(1)
+    return measured

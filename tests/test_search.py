@@ -1,0 +1,364 @@
+"""search-schedule: objective, exact knapsack, Optuna study (constraints, resume, workers, seeds), CLI and export."""
+import hashlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from spark3r.errors import Spark3rError
+from spark3r.models.base import BlockGroup, FlopConfig
+from spark3r.models.registry import build_model
+from spark3r.profiler.format import MetricTable, Profile, save_profile
+from spark3r.reduce.flops import global_attention_fraction, model_fraction
+from spark3r.reduce.patch import apply_schedule
+from spark3r.schedule import check_model, load_schedule
+from spark3r.search.cli import main
+from spark3r.search.knapsack import pareto_front, solve_knapsack
+from spark3r.search.objective import Candidate, build_problem, interpolate, kv_levels, predicted_deviation
+from spark3r.search.study import (
+    CONSTRAINT, WARM_START, completed, is_feasible, join_study, make_sampler, open_study,
+    ranked_candidates, run_study,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+TINY_FLOPS = FlopConfig(layout_n_special=5, tokens_per_frame=69, other_flops_per_frame=1e9, patch_grid=(8, 8),
+                        groups=(BlockGroup("frame", 6, 256, 1024, "frame", 69),
+                                BlockGroup("global", 6, 256, 1024, "global", 69)))
+
+
+def synthetic_profile(layers=6, kv_keep=(1.0, 0.5, 0.25, 0.125), query_merge=(1, 2, 3, 4), seed=0,
+                      model="vggt-tiny", weights="auto", frames=8):
+    """Per-layer sensitivities spread 30x (as the tiny prototype measured), deviation convex in log(reduction),
+    queries about 3x as sensitive as K/V at the same token reduction."""
+    rng = np.random.default_rng(seed)
+    sensitivity = np.exp(rng.uniform(np.log(0.001), np.log(0.03), layers))
+
+    def tables(reduction, scale):
+        noise = rng.uniform(0.8, 1.2, (layers, len(reduction)))
+        mean = sensitivity[:, None] * scale * reduction[None, :] ** 1.6 * noise
+        mean[:, reduction == 0] = 0.0
+        return {"score": MetricTable(mean, mean / 4, mean / 8), "depth": MetricTable(mean / 2, mean / 8, mean / 16)}
+
+    return Profile(model=model, global_layers=layers, frames=frames, image_hw=(112, 112),
+                   layout={"n_special": 5, "grid_h": 8, "grid_w": 8},
+                   clips=[{"name": "synthetic-0", "sha256": "0" * 64, "frames": frames}],
+                   options={"kv_method": "frame_stride", "keep_reference_frame": True, "group_frames": 20,
+                            "weights": weights},
+                   kv_keep=list(kv_keep), query_merge=list(query_merge), metrics=["score", "depth"],
+                   kv=tables(np.log2(1 / np.asarray(kv_keep)), 1.0),
+                   query=tables(np.log2(np.asarray(query_merge, dtype=float)), 3.0))
+
+
+def realistic_problem(per_layer_query=False):
+    """24 global layers and 6 K/V levels down to 1/32, as for VGGT-1B."""
+    flops = FlopConfig(layout_n_special=5, tokens_per_frame=69, other_flops_per_frame=1e9, patch_grid=(8, 8),
+                       groups=(BlockGroup("frame", 24, 1024, 4096, "frame", 69),
+                               BlockGroup("global", 24, 1024, 4096, "global", 69)))
+    profile = synthetic_profile(layers=24, kv_keep=(1.0, 0.5, 0.25, 0.125, 0.0625, 1 / 32), seed=1, model="vggt-1b")
+    return build_problem(profile, flops, per_layer_query=per_layer_query)
+
+
+# ------------------------------------------------------------------------------------------------------ objective
+
+
+def test_interpolation_is_linear_in_log_level_and_clamped():
+    table = np.array([[0.0, 1.0, 3.0], [0.0, 2.0, 2.0]])
+    levels = [1.0, 0.5, 0.125]
+    at = [1.0, 0.5 ** 0.5, 0.25, 0.125, 0.01, 2.0]
+    expected = np.array([[0.0, 0.5, 1.0 + 2.0 * (1 / 2), 3.0, 3.0, 0.0],  # log2(0.25) is 1/2 of the way .5 -> .125
+                         [0.0, 1.0, 2.0, 2.0, 2.0, 0.0]])
+    np.testing.assert_allclose(interpolate(table, levels, at), expected, atol=1e-12)
+    np.testing.assert_allclose(interpolate(table[:, [2, 0, 1]], [0.125, 1.0, 0.5], at), expected, atol=1e-12)
+
+
+def test_kv_levels_add_interpolated_ones():
+    assert kv_levels([1.0, 0.5, 0.125], 0, "frame_stride") == (1.0, 0.5, 0.125)
+    assert kv_levels([1.0, 0.5, 0.125], 1, "frame_stride") == (1.0, 0.5, 0.25, 0.125)  # 1/sqrt(2) snaps to 1
+    levels = kv_levels([1.0, 0.5, 0.125], 1, "random")
+    np.testing.assert_allclose(levels, [1.0, 0.5 ** 0.5, 0.5, 0.25, 0.125])
+
+
+@pytest.mark.parametrize("budget_of, fraction", [("global_attention", global_attention_fraction),
+                                                 ("model", model_fraction)])
+@pytest.mark.parametrize("frames", [8, 300])
+def test_problem_matches_flop_model_and_profile_sums(budget_of, fraction, frames):
+    profile = synthetic_profile()
+    problem = build_problem(profile, TINY_FLOPS, frames=frames, budget_of=budget_of, per_layer_query=True)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        candidate = Candidate(tuple(rng.integers(0, 4, 6).tolist()), tuple(rng.integers(0, 4, 6).tolist()))
+        reference = fraction(TINY_FLOPS, frames, problem.reductions(candidate))
+        assert problem.flops_fraction(candidate) == pytest.approx(reference, rel=1e-12)
+        deviation = sum(profile.kv["score"].mean[layer, profile.kv_keep.index(problem.kv_keep[j])]
+                        + profile.query["score"].mean[layer, profile.query_merge.index(problem.query_merge[k])]
+                        for layer, (j, k) in enumerate(zip(candidate.kv, candidate.query)))
+        assert problem.deviation(candidate) == pytest.approx(deviation, rel=1e-12)
+    assert problem.flops_fraction(problem.uniform(0, 0)) == pytest.approx(1.0)
+
+
+def test_predicted_deviation_of_a_schedule_resolves_at_profile_frames():
+    profile = synthetic_profile()
+    rule = load_schedule("schedules/vggt-tiny-paper.yaml")  # at 8 frames: keep 1 on layers 3-4, 1/3 elsewhere
+    one_third = interpolate(profile.kv["score"].mean, profile.kv_keep, [1 / 3])[:, 0]
+    expected = sum(one_third[layer] for layer in (0, 1, 2, 5))
+    assert predicted_deviation(profile, rule) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(Spark3rError, match="profile for vggt-1b"):
+        predicted_deviation(synthetic_profile(model="vggt-1b"), rule)
+
+
+# ------------------------------------------------------------------------------------------------------ knapsack
+
+
+def brute_force(problem, budget):
+    queries = (itertools.product(range(len(problem.query_merge)), repeat=problem.global_layers)
+               if problem.per_layer_query else [(k,) * problem.global_layers for k in range(len(problem.query_merge))])
+    best = np.inf
+    for query in queries:
+        for kv in itertools.product(range(len(problem.kv_keep)), repeat=problem.global_layers):
+            candidate = Candidate(kv, tuple(query))
+            if problem.flops_fraction(candidate) <= budget:
+                best = min(best, problem.deviation(candidate))
+    return best
+
+
+@pytest.mark.parametrize("per_layer_query", [False, True])
+def test_knapsack_is_the_exact_optimum(per_layer_query):
+    flops = FlopConfig(layout_n_special=5, tokens_per_frame=69, other_flops_per_frame=1e9, patch_grid=(8, 8),
+                       groups=(BlockGroup("global", 4, 256, 1024, "global", 69),))
+    for seed in range(2):
+        profile = synthetic_profile(layers=4, query_merge=(1, 2, 4), seed=seed)
+        problem = build_problem(profile, flops, per_layer_query=per_layer_query)
+        for budget in (0.07, 0.2, 0.33, 0.5, 1.0):
+            result = solve_knapsack(problem, budget)
+            assert result.exact and result.flops_fraction <= budget
+            assert result.deviation == pytest.approx(brute_force(problem, budget), rel=1e-12)
+
+
+def test_budget_below_the_cheapest_schedule_is_refused():
+    problem = build_problem(synthetic_profile(), TINY_FLOPS)
+    cheapest = problem.flops_fraction(problem.cheapest())
+    assert solve_knapsack(problem, cheapest).candidate == problem.cheapest()
+    with pytest.raises(Spark3rError, match="below the cheapest schedule"):
+        solve_knapsack(problem, cheapest * 0.99)
+
+
+def test_pareto_front_is_monotone_and_bounds_the_optimum():
+    problem = build_problem(synthetic_profile(), TINY_FLOPS, per_layer_query=True)
+    front = pareto_front(problem)
+    fractions, deviations = np.array([p[0] for p in front]), np.array([p[1] for p in front])
+    assert (np.diff(fractions) > 0).all() and (np.diff(deviations) < 0).all()
+    for fraction, deviation, candidate in front[:: max(1, len(front) // 8)]:
+        assert problem.flops_fraction(candidate) == fraction
+        assert solve_knapsack(problem, fraction).deviation <= deviation + 1e-12
+
+
+# ------------------------------------------------------------------------------------------------------ study
+
+
+def in_memory_run(problem, budget, trials, sampler="mutation", seed=0, warm=True, study=None):
+    study = study or optuna.create_study(direction="minimize")
+    warm_start = solve_knapsack(problem, budget).candidate if warm else None
+    run_study(study, problem, budget, trials, make_sampler(sampler, seed), "w0", warm_start=warm_start,
+              progress=False)
+    return study
+
+
+@pytest.mark.parametrize("sampler, trials", [("mutation", 300), ("tpe", 80), ("nsga2", 120), ("gp", 12)])
+def test_every_trial_sets_the_constraint_and_the_feasible_flag_is_right(sampler, trials):
+    problem = build_problem(synthetic_profile(), TINY_FLOPS, per_layer_query=sampler == "mutation")
+    budget = 0.3
+    study = in_memory_run(problem, budget, trials, sampler)
+    done = completed(study)
+    assert len(done) == trials
+    feasible = []
+    for trial in done:
+        fraction = problem.flops_fraction(problem.candidate(trial.params))
+        assert trial.constraints[CONSTRAINT] == pytest.approx(fraction - budget, abs=1e-15)
+        assert is_feasible(trial) == (fraction <= budget)
+        feasible.append(is_feasible(trial))
+    assert any(feasible) and not all(feasible)  # both branches were exercised
+    assert sum(trial.user_attrs.get("source") == WARM_START for trial in done) == 1
+
+
+def test_infeasible_and_unconstrained_trials_are_never_ranked():
+    problem = build_problem(synthetic_profile(), TINY_FLOPS)
+    budget = 0.3
+    study = in_memory_run(problem, budget, 60)
+    dense = problem.params(problem.uniform(0, 0))  # deviation 0, far over budget
+    study.add_trial(optuna.trial.create_trial(params=dense, distributions=completed(study)[0].distributions, value=0.0))
+    over = optuna.trial.create_trial(params=dense, distributions=completed(study)[0].distributions, value=-1.0,
+                                     system_attrs={f"constraints:{CONSTRAINT}": 0.5})
+    study.add_trial(over)
+    lying = optuna.trial.create_trial(params=dense, distributions=completed(study)[0].distributions, value=-2.0,
+                                      system_attrs={f"constraints:{CONSTRAINT}": -0.1})  # says feasible, is not
+    study.add_trial(lying)
+    ranked = ranked_candidates(study, problem, budget)
+    assert ranked and all(problem.flops_fraction(candidate) <= budget for candidate, _, _ in ranked)
+    assert problem.uniform(0, 0) not in {candidate for candidate, _, _ in ranked}
+    assert [value for _, value, _ in ranked] == sorted(value for _, value, _ in ranked)
+
+
+def test_resume_keeps_earlier_trials_and_tops_up_to_the_total(tmp_path):
+    problem = build_problem(synthetic_profile(), TINY_FLOPS)
+    path = tmp_path / "s.journal"
+
+    def run(trials):
+        study = open_study(path, "s", {"k": 1})
+        worker, rank = join_study(study, {})
+        ran = run_study(study, problem, 0.3, trials, make_sampler("mutation", rank), worker,
+                        warm_start=solve_knapsack(problem, 0.3).candidate, progress=False)
+        return study, ran
+
+    study, ran = run(70)
+    first = [(t.number, t.params, t.value) for t in completed(study)]
+    assert ran == 70 and len(first) == 70
+    study, ran = run(130)
+    again = [(t.number, t.params, t.value) for t in completed(study)]
+    assert ran == 60 and len(again) == 130 and again[:70] == first
+    assert sum(t.user_attrs.get("source") == WARM_START for t in completed(study)) == 1
+    assert run(100)[1] == 0
+    with pytest.raises(Spark3rError, match="another search problem"):
+        open_study(path, "s", {"k": 2})
+
+
+def test_same_seed_same_trials():
+    problem = build_problem(synthetic_profile(), TINY_FLOPS, per_layer_query=True)
+    params = [[t.params for t in completed(in_memory_run(problem, 0.3, 120, seed=seed, warm=False))]
+              for seed in (3, 3, 4)]
+    assert params[0] == params[1] and params[0] != params[2]
+
+
+@pytest.mark.parametrize("per_layer_query", [False, True])
+def test_sampled_trials_come_within_two_percent_of_the_knapsack_optimum(per_layer_query):
+    problem = realistic_problem(per_layer_query)
+    budget = 0.1
+    optimum = solve_knapsack(problem, budget)
+    assert optimum.exact
+    study = in_memory_run(problem, budget, 1000)
+    best = ranked_candidates(study, problem, budget, exclude_source=WARM_START)[0][1]
+    assert optimum.deviation <= best <= 1.02 * optimum.deviation
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def write_profile(root, name="vggt-tiny", **kwargs):
+    return save_profile(synthetic_profile(model=name, **kwargs), root / "profiles" / name)
+
+
+def test_cli_default_profile_exports_a_schedule_that_loads_and_applies(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    older = write_profile(tmp_path, "vggt-1b", layers=24)
+    os.utime(older, (time.time() - 100, time.time() - 100))
+    write_profile(tmp_path)
+    assert main(["--budget", "0.3", "--trials", "80", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "using the newest profile profiles/vggt-tiny/profile.json" in captured.err
+    result = json.loads(captured.out)
+    out = tmp_path / "schedules" / "vggt-tiny-b0.3.yaml"
+    assert result["schedule"] == "schedules/vggt-tiny-b0.3.yaml"
+    assert (tmp_path / "schedules/vggt-tiny-b0.3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    schedule = load_schedule(out)
+    model = build_model("vggt-tiny")
+    check_model(schedule, model.adapter.model_name, model.adapter.num_global_layers)
+    fraction = global_attention_fraction(model.flop_config(112, 112), 8, schedule)
+    assert fraction <= 0.3 and fraction == pytest.approx(schedule.predicted["flops_fraction"], abs=1e-6)
+    assert schedule.predicted["deviation"] == pytest.approx(result["knapsack"]["deviation"], rel=1e-6)
+    assert schedule.budget.fraction == 0.3 and schedule.provenance["trials"] == 80
+    profile_bytes = (tmp_path / "profiles/vggt-tiny/profile.json").read_bytes()
+    assert schedule.provenance["profile_sha256"] == hashlib.sha256(profile_bytes).hexdigest()
+    assert result["paper_rule"] is not None and result["trials"]["total"] == 80
+
+    images = torch.rand(1, 3, 3, 112, 112)  # the schedule holds at any clip length
+    with torch.no_grad():
+        dense = model(images)["depth"]
+        with apply_schedule(model, out):
+            reduced_depth = model(images)["depth"]
+        restored = model(images)["depth"]
+    assert torch.isfinite(reduced_depth).all() and not torch.equal(reduced_depth, dense)
+    assert torch.equal(restored, dense)
+
+    assert main(["--budget", "0.3", "--trials", "120", "--json"]) == 0  # the same command resumes the study
+    again = json.loads(capsys.readouterr().out)
+    assert again["trials"]["total"] == 120 and again["trials"]["ran"] == 40
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "0"], "not a fraction of dense FLOPs"),
+    (["--budget", "1.5"], "not a fraction of dense FLOPs"),
+    (["--budget", "0.001"], "below the cheapest schedule"),
+    (["--budget", "0.3", "--model", "vggt-1b"], "made for vggt-tiny, not vggt-1b"),
+    (["--budget", "0.3", "--profile", "missing.json"], "does not exist"),
+    (["--budget", "0.3", "--profile", "corrupt.json"], "not valid JSON"),
+    (["--budget", "0.3", "--metric", "nope"], "no 'nope' tables"),
+    (["--budget", "0.3", "--verify", "2"], "needs held-out clips"),
+])
+def test_cli_bad_input_is_one_sentence_and_exit_2(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    write_profile(tmp_path)
+    (tmp_path / "corrupt.json").write_text('{"spark3r_profile": 1, "mod')
+    assert main(argv + ["--trials", "5"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_cli_without_any_profile(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--budget", "0.1"]) == 2
+    assert "none found under profiles/" in capsys.readouterr().err
+
+
+def cli(tmp_path, *argv):
+    return subprocess.Popen([sys.executable, "-m", "spark3r.search.cli", "--profile", "profiles/vggt-tiny", "--budget",
+                             "0.3", "--per-layer-query", *argv], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def journal_trials(tmp_path):
+    study = optuna.load_study(study_name=None, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "schedules" / "vggt-tiny-b0.3.journal"))))
+    return completed(study)
+
+
+def test_workers_share_one_study_and_a_killed_worker_loses_nothing_written(tmp_path):
+    write_profile(tmp_path)
+    doomed, worker = cli(tmp_path, "--trials", "100000", "--seed", "1"), cli(tmp_path, "--trials", "200")
+    output = worker.communicate(timeout=240)
+    assert worker.returncode == 0, output
+    doomed.send_signal(signal.SIGTERM)  # killed while still running trials
+    _, err = doomed.communicate(timeout=60)
+    assert doomed.returncode == 130 and "rerun the same command to resume" in err
+    before = [(t.number, t.params, t.value, t.user_attrs["worker"]) for t in journal_trials(tmp_path)]
+    assert len(before) >= 200 and len({entry[3] for entry in before}) == 2  # both workers wrote to the study
+
+    total = len(before) + 150
+    rerun = cli(tmp_path, "--trials", str(total))  # the same command resumes the study
+    output = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, output
+    after = [(t.number, t.params, t.value, t.user_attrs["worker"]) for t in journal_trials(tmp_path)]
+    assert len(after) == total and after[: len(before)] == before
+    assert len({tuple(sorted(entry[1].items())) for entry in after}) > 0.9 * len(after)  # workers seldom repeat
+
+
+def test_verify_measures_candidates_and_exports_the_best_measured(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_profile(tmp_path, weights="none", frames=3)
+    assert main(["--budget", "0.3", "--trials", "40", "--verify", "2", "--calib", "synthetic:1:77", "--json",
+                 "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    verified = result["verified"]
+    assert len(verified) == 2 and all(row["flops_fraction"] <= 0.3 for row in verified)
+    assert all(np.isfinite(row["measured_deviation"]) and row["measured_deviation"] > 0 for row in verified)
+    best = min(verified, key=lambda row: row["measured_deviation"])
+    assert result["chosen"]["measured_deviation"] == best["measured_deviation"]
+    assert result["chosen"]["kv_keep"] == best["kv_keep"]
+    schedule = load_schedule(tmp_path / "schedules" / "vggt-tiny-b0.3.yaml")
+    assert schedule.provenance["measured_deviation"] == pytest.approx(best["measured_deviation"], rel=1e-6)
