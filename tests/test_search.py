@@ -110,6 +110,9 @@ def test_predicted_deviation_of_a_schedule_resolves_at_profile_frames():
     one_third = interpolate(profile.kv["score"].mean, profile.kv_keep, [1 / 3])[:, 0]
     expected = sum(one_third[layer] for layer in (0, 1, 2, 5))
     assert predicted_deviation(profile, rule) == pytest.approx(expected, rel=1e-12)
+    # at 300 frames: keep 1/8 on layers 3-4 and 1/24 (below the profile's 1/8: its end value) elsewhere, merge 2
+    at_300 = profile.kv["score"].mean[:, 3].sum() + profile.query["score"].mean[:, 1].sum()
+    assert predicted_deviation(profile, rule, frames=300) == pytest.approx(at_300, rel=1e-12)
     with pytest.raises(Spark3rError, match="profile for vggt-1b"):
         predicted_deviation(synthetic_profile(model="vggt-1b"), rule)
 

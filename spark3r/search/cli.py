@@ -160,9 +160,11 @@ def table(result: dict) -> str:
     lines = [f"search-schedule: {result['model']}, budget {result['budget']:g} of dense "
              f"{result['budget_of'].replace('_', ' ')} FLOPs at {n} frames; profile {result['profile']}",
              f"{'':34} {'deviation':>10} {f'FLOPs@{n}':>10} {f'FLOPs@{LONG_FRAMES}':>11} {'measured':>9}"]
+    paper = result["paper_rule"]
     rows = [("knapsack optimum" + (" (exact)" if result["knapsack"]["exact"] else " (not proven)"), result["knapsack"]),
             (f"optuna best of {result['trials']['sampled']} sampled trials", result["optuna_best"]),
-            ("best uniform schedule", result["uniform_best"]), ("paper's rule", result["paper_rule"]),
+            ("best uniform schedule", result["uniform_best"]),
+            ("paper's rule" + (" (*)" if paper and paper["beyond_profile"] else ""), paper),
             ("chosen", result["chosen"])]
     for name, row in rows:
         if row is None:
@@ -171,6 +173,9 @@ def table(result: dict) -> str:
         lines.append(f"{name:34} {row['deviation']:10.5f} {row['flops_fraction']:10.4f} "
                      f"{row[f'flops_fraction_at_{LONG_FRAMES}']:11.4f} "
                      f"{'' if measured is None else format(measured, '9.5f'):>9}")
+    if paper and paper["beyond_profile"]:
+        lines.append(f"(*) at {n} frames the paper's rule reduces beyond the profile's levels: its deviation is "
+                     "read at the end levels, an underestimate")
     chosen = result["chosen"]
     lines.append("layer  " + " ".join(f"{layer:>6}" for layer in range(len(chosen["kv_keep"]))))
     lines.append("kv     " + " ".join(f"{keep:6.3g}" for keep in chosen["kv_keep"]))
@@ -215,16 +220,16 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out) if args.out else SCHEDULES_DIR / f"{profile.model}-b{args.budget:g}.yaml"
     storage = args.storage or str(out.with_suffix(".journal"))
-    study_name = args.study or default_study_name(problem, args.budget, profile.sha256)
+    study_name = args.study or default_study_name(problem, args.budget, profile.sha256, args.sampler)
     study = open_study(storage, study_name, problem_key(problem, args.budget, profile.sha256))
     worker, rank = join_study(study, {"sampler": args.sampler, "seed": args.seed})
     ran = run_study(study, problem, args.budget, args.trials, make_sampler(args.sampler, args.seed + rank), worker,
                     warm_start=knapsack.candidate)
-    ranked = ranked_candidates(study, problem, args.budget)
+    ranked = [candidate for candidate, _, _ in ranked_candidates(study, problem, args.budget)] or [knapsack.candidate]
     sampled = ranked_candidates(study, problem, args.budget, exclude_source=WARM_START)
-    chosen, measured = ranked[0][0], {}
+    chosen, measured = ranked[0], {}
     if args.verify:
-        chosen, measured = verify_best(args, profile, problem, [candidate for candidate, _, _ in ranked[: args.verify]])
+        chosen, measured = verify_best(args, profile, problem, ranked[: args.verify])
 
     result = summarize(args, profile, profile_path, problem, long, knapsack, study, storage, sampled, chosen, measured,
                        flop_config, ran)
@@ -268,8 +273,12 @@ def summarize(args, profile, profile_path, problem, long, knapsack: KnapsackResu
     if paper_path is not None and profile.options.get("kv_method", "frame_stride") == "frame_stride":
         rule = load_schedule(paper_path)
         if rule.global_layers == profile.global_layers:
+            # resolved at the budget's frame count, like its FLOPs, so both describe one set of per-layer levels
+            reductions = rule.reductions(problem.frames)
             paper = {"schedule": str(paper_path),
-                     "deviation": predicted_deviation(profile, rule, args.metric),
+                     "deviation": predicted_deviation(profile, rule, args.metric, frames=problem.frames),
+                     "beyond_profile": any(r.kv_keep < min(profile.kv_keep) or r.query_merge > max(profile.query_merge)
+                                           for r in reductions),
                      "flops_fraction": flops_fraction_of(rule, flop_config, problem.frames, args.budget_of),
                      f"flops_fraction_at_{LONG_FRAMES}": flops_fraction_of(rule, flop_config, LONG_FRAMES,
                                                                            args.budget_of)}

@@ -173,12 +173,14 @@ def build_problem(profile: Profile, flop_config: FlopConfig, *, frames: int | No
         dense_flops=float(dense), reduction=shared)
 
 
-def predicted_deviation(profile: Profile, schedule: Schedule, metric: str = "score") -> float:
-    """The profile's predicted deviation of `schedule`, resolved at the profile's frame count."""
+def predicted_deviation(profile: Profile, schedule: Schedule, metric: str = "score",
+                        frames: int | None = None) -> float:
+    """The profile's predicted deviation of `schedule`, resolved at `frames` frames (default: the profile's clip
+    length); levels beyond the measured ones take the end level's value."""
     if schedule.model != profile.model or schedule.global_layers != profile.global_layers:
         raise Spark3rError(f"the schedule is for {schedule.model} ({schedule.global_layers} global layers) but the "
                            f"profile for {profile.model} ({profile.global_layers}): use a profile of the same model")
-    reductions = schedule.reductions(profile.frames)
+    reductions = schedule.reductions(profile.frames if frames is None else frames)
     keep = interpolate(profile.kv[metric].mean, profile.kv_keep, [r.kv_keep for r in reductions])
     merge = interpolate(profile.query[metric].mean, profile.query_merge, [r.query_merge for r in reductions])
     layers = np.arange(profile.global_layers)

@@ -70,10 +70,10 @@ def problem_key(problem: SearchProblem, budget: float, profile_sha256: str) -> d
             "kv_keep": list(problem.kv_keep), "query_merge": list(problem.query_merge)}
 
 
-def default_study_name(problem: SearchProblem, budget: float, profile_sha256: str) -> str:
-    """`<model>-b<budget>-<digest of the problem>`."""
+def default_study_name(problem: SearchProblem, budget: float, profile_sha256: str, sampler: str) -> str:
+    """`<model>-b<budget>-<sampler>-<digest of the problem>`."""
     digest = hashlib.sha256(json.dumps(problem_key(problem, budget, profile_sha256), sort_keys=True).encode())
-    return f"{problem.model}-b{budget:g}-{digest.hexdigest()[:10]}"
+    return f"{problem.model}-b{budget:g}-{sampler}-{digest.hexdigest()[:10]}"
 
 
 def open_study(storage: str | Path, name: str, key: dict) -> optuna.Study:
