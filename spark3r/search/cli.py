@@ -124,11 +124,15 @@ def best_uniform(problem: SearchProblem, budget: float) -> tuple[Candidate | Non
     return best, points
 
 
-def describe(problem: SearchProblem, long: SearchProblem, candidate: Candidate) -> dict:
-    return {"deviation": problem.deviation(candidate), "flops_fraction": problem.flops_fraction(candidate),
-            f"flops_fraction_at_{LONG_FRAMES}": long.flops_fraction(candidate),
-            "kv_keep": [problem.kv_keep[index] for index in candidate.kv],
-            "query_merge": [problem.query_merge[index] for index in candidate.query]}
+def describe(problem: SearchProblem, long: SearchProblem, candidate: Candidate, measured: dict) -> dict:
+    """A candidate's predicted deviation, FLOPs fractions, levels and (if verified) measured deviation."""
+    row = {"deviation": problem.deviation(candidate), "flops_fraction": problem.flops_fraction(candidate),
+           f"flops_fraction_at_{LONG_FRAMES}": long.flops_fraction(candidate),
+           "kv_keep": [problem.kv_keep[index] for index in candidate.kv],
+           "query_merge": [problem.query_merge[index] for index in candidate.query]}
+    if candidate in measured:
+        row["measured_deviation"] = measured[candidate]
+    return row
 
 
 def spark3r_version() -> str:
@@ -259,7 +263,8 @@ def verify_best(args, profile: Profile, problem: SearchProblem,
     schedules = [candidate_schedule(problem, candidate) for candidate in candidates]
     weights = args.weights if args.weights is not None else profile.options.get("weights", "auto")
     deviations = measure(profile, schedules, clips, device=device, dtype=resolve_dtype(args.dtype, device),
-                         weights=weights, seed=args.seed, metric=args.metric).mean(axis=1)
+                         weights=weights, seed=profile.options.get("seed", args.seed),  # random weights as profiled
+                         metric=args.metric).mean(axis=1)
     best = int(np.argmin(deviations))
     return candidates[best], {candidate: float(value) for candidate, value in zip(candidates, deviations)}
 
@@ -282,21 +287,17 @@ def summarize(args, profile, profile_path, problem, long, knapsack: KnapsackResu
                      "flops_fraction": flops_fraction_of(rule, flop_config, problem.frames, args.budget_of),
                      f"flops_fraction_at_{LONG_FRAMES}": flops_fraction_of(rule, flop_config, LONG_FRAMES,
                                                                            args.budget_of)}
-    chosen_row = describe(problem, long, chosen)
-    if chosen in measured:
-        chosen_row["measured_deviation"] = measured[chosen]
     trials = completed(study)
     return {
         "profile": str(profile_path), "model": profile.model, "budget": args.budget, "budget_of": args.budget_of,
         "frames": problem.frames, "metric": args.metric,
-        "knapsack": {**describe(problem, long, knapsack.candidate), "exact": knapsack.exact,
+        "knapsack": {**describe(problem, long, knapsack.candidate, measured), "exact": knapsack.exact,
                      "lower_bound": knapsack.lower_bound},
-        "optuna_best": describe(problem, long, sampled[0][0]) if sampled else None,
-        "uniform_best": describe(problem, long, uniform) if uniform is not None else None,
+        "optuna_best": describe(problem, long, sampled[0][0], measured) if sampled else None,
+        "uniform_best": describe(problem, long, uniform, measured) if uniform is not None else None,
         "paper_rule": paper,
-        "chosen": chosen_row,
-        "verified": [{**describe(problem, long, candidate), "measured_deviation": value}
-                     for candidate, value in measured.items()],
+        "chosen": describe(problem, long, chosen, measured),
+        "verified": [describe(problem, long, candidate, measured) for candidate in measured],
         "trials": {"total": len(trials), "ran": ran, "sampled": len([t for t in trials
                                                                      if t.user_attrs.get("source") != WARM_START]),
                    "feasible": sum(is_feasible(trial) for trial in trials)},

@@ -153,9 +153,8 @@ def run_study(study: optuna.Study, problem: SearchProblem, budget: float, trials
 
     def flush() -> int:
         """Write pending trials to the shared study, read the other workers' back; returns its completed count."""
-        while pending:  # one at a time, so an interrupt leaves no trial written twice or lost
-            study.add_trial(pending[0])
-            pending.pop(0)
+        while pending:  # one at a time: an interrupt never writes a trial twice (it may drop one, which reruns redo)
+            study.add_trial(pending.pop(0))
         shared = completed(study)
         local.add_trials([trial for trial in shared
                           if trial.number not in synced and trial.user_attrs.get("worker") != worker])
