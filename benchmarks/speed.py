@@ -20,17 +20,14 @@ from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
-    sys.path.pop(0)  # run as a script: benchmarks/profile.py must not shadow the standard library's profile module
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from spark3r.cli import DTYPES, resolve_device  # noqa: E402
-from spark3r.models.registry import build_model  # noqa: E402
-from spark3r.reduce import apply_schedule, kv_count, model_flops, query_count, reduced_attention  # noqa: E402
-from spark3r.reduce.attention import is_dense  # noqa: E402
-from spark3r.schedule import load_schedule  # noqa: E402
+from spark3r.cli import DTYPES, resolve_device
+from spark3r.models.registry import build_model
+from spark3r.reduce import apply_schedule, kv_count, model_flops, query_count, reduced_attention
+from spark3r.reduce.attention import is_dense
+from spark3r.schedule import load_schedule
 
 _spec = importlib.util.spec_from_file_location("benchmarks_foundation", HERE / "foundation.py")
 foundation = importlib.util.module_from_spec(_spec)

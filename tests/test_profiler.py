@@ -287,7 +287,7 @@ def test_benchmark_smoke_run(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile.py"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_layers.py"
     spec = importlib.util.spec_from_file_location("profile_benchmark", path)
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)

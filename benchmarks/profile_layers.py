@@ -1,7 +1,7 @@
 """How long profile-layers takes, and where the time goes: dense forward, caching, local, end-to-end resume, decode.
 
-    python benchmarks/profile.py --out benchmarks/results/profile-vggt-1b.json           # the goal: <= 5 min, 1 H100
-    python benchmarks/profile.py --model vggt-tiny --clips 1 --frames 4 --size 112 --device cpu --dtype fp32   # smoke
+    python benchmarks/profile_layers.py --out benchmarks/results/profile-vggt-1b.json           # the goal: <= 5 min, 1 H100
+    python benchmarks/profile_layers.py --model vggt-tiny --clips 1 --frames 4 --size 112 --device cpu --dtype fp32   # smoke
 
 Default: vggt-1b with random weights in bf16, 8 clips of 32 random frames at 518 x 518, 24 global layers x 6 K/V levels
 (1, 1/2 .. 1/32) + 4 query levels (1 .. 4), frame-stride K/V, 6 additivity schedules per clip, up to 8 levels of a
@@ -17,16 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)  # run as a script: this file's folder must not shadow the standard library's `profile` (cProfile)
+import torch
 
-import torch  # noqa: E402
-
-from spark3r.cli import DTYPES, resolve_device  # noqa: E402
-from spark3r.models.loading import load_model  # noqa: E402
-from spark3r.profiler.cli import DEFAULT_KV_KEEP, DEFAULT_QUERY_MERGE, parse_kv_keep, parse_query_merge  # noqa: E402
-from spark3r.profiler.format import write_atomic  # noqa: E402
-from spark3r.profiler.run import PHASES, ProfileOptions, profile_clip, profile_levels  # noqa: E402
+from spark3r.cli import DTYPES, resolve_device
+from spark3r.models.loading import load_model
+from spark3r.profiler.cli import DEFAULT_KV_KEEP, DEFAULT_QUERY_MERGE, parse_kv_keep, parse_query_merge
+from spark3r.profiler.format import write_atomic
+from spark3r.profiler.run import PHASES, ProfileOptions, profile_clip, profile_levels
 
 GOAL_SECONDS = 300.0
 GOAL_WORKLOAD = {"model": "vggt-1b", "clips": 8, "frames": 32, "size": 518}  # on one H100
@@ -82,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         "query_merge": list(options.query_merge), "additivity": args.additivity, "level_batch": args.level_batch,
         "seconds": totals, "wall_seconds": wall, "seconds_per_clip": per_clip,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "goal_seconds": GOAL_SECONDS, "command": "python benchmarks/profile.py " + " ".join(sys.argv[1:] if argv is None
+        "goal_seconds": GOAL_SECONDS, "command": "python benchmarks/profile_layers.py " + " ".join(sys.argv[1:] if argv is None
                                                                                          else argv),
     }
     print(table(result))
