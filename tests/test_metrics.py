@@ -215,3 +215,16 @@ def test_metric_inputs_are_checked():
         camera_metrics(cameras([[0, 0, 0]]), cameras([[0, 0, 0]]))
     with pytest.raises(Spark3rError, match="fewer than 3 pixels"):
         point_metrics(torch.full((1, 2, 2, 3), np.nan), grid(2, 2))
+
+
+def test_rotation_angle_is_exact_near_zero():
+    from spark3r.evaluate.metrics import rotation_angle_deg
+
+    for degrees in (1e-4, 0.5, 30.0, 179.0):
+        angle = rotation_angle_deg(rotation_y(degrees) @ random_rotation(1), random_rotation(1))
+        assert float(angle) == pytest.approx(degrees, rel=1e-9)
+    rotations = torch.stack([random_rotation(seed) for seed in range(8)]).float().double()  # not quite orthonormal
+    assert torch.equal(rotation_angle_deg(rotations, rotations), torch.zeros(8, dtype=torch.float64))
+    dense = outputs()
+    dense["extrinsics"][..., :3] = rotations[: dense["extrinsics"].shape[1]].float()
+    assert output_deviation(dense, dense)["score"] == 0
