@@ -240,3 +240,61 @@ def test_encoder_token_order_and_registers():
     torch.testing.assert_close(tokens[0, 1:4], encoder.register_tokens[0])
     torch.testing.assert_close(tokens[0, 0], encoder.cls_token[0, 0] + encoder.pos_embed[0, 0])
     assert encoder.forward_features(images).shape == (2, 6, 8)
+
+
+def rope_uncached(x: torch.Tensor, pos: torch.Tensor, base: float = 100.0) -> torch.Tensor:
+    """The RoPE formula straight from per-token positions [N, 2]: angles in fp32, cast to x's dtype before cos/sin,
+    x * cos + rotate_half(x) * sin per axis half (VGGT's upstream order of operations)."""
+    halves = []
+    for axis, part in enumerate(x.chunk(2, dim=-1)):
+        dim = part.shape[-1]
+        inv_freq = 1.0 / base ** (torch.arange(0, dim, 2).float() / dim)
+        angles = pos[:, axis].float()[:, None] * inv_freq
+        angles = torch.cat([angles, angles], dim=-1).to(x.dtype)
+        first, second = part.chunk(2, dim=-1)
+        halves.append(part * angles.cos() + torch.cat([-second, first], dim=-1) * angles.sin())
+    return torch.cat(halves, dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cached_rope_equals_the_uncached_formula_exactly(dtype):
+    """One frame's positions repeated over 3 frames (as a global layer passes them), full per-token positions, with
+    and without autograd: all bit-identical to the formula; the tables are computed once per positions tensor."""
+    rope = RotaryPositionEmbedding2D()
+    frame_pos = patch_positions(3, 4, 2)
+    full_pos = frame_pos.repeat(3, 1)
+    x = torch.randn(2, 3, full_pos.shape[0], 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = rope_uncached(x, full_pos)
+    with torch.no_grad():
+        assert torch.equal(rope(x, frame_pos), expected)
+        assert torch.equal(rope(x, full_pos[None]), expected)
+        assert torch.equal(rope(x, frame_pos), expected)  # second call: from the cache
+    assert torch.equal(rope(x.requires_grad_(), frame_pos).detach(), expected)
+    tables = rope.tables(frame_pos, 16, dtype)
+    assert all(a is b for a, b in zip(tables, rope.tables(frame_pos, 16, dtype)))
+    assert rope.tables(frame_pos, 16, torch.float16)[0].dtype == torch.float16
+
+
+def test_rope_rounds_once_to_the_output_dtype():
+    rope = RotaryPositionEmbedding2D()
+    pos = patch_positions(2, 3, 1)[None]
+    x = torch.randn(1, 2, 7, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = rope(x, pos, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, rope_uncached(x, pos[0]).to(torch.bfloat16))
+    with pytest.raises(Spark3rError, match="divides the token count"):
+        rope(torch.randn(1, 2, 8, 8), pos)
+
+
+def test_qkv_heads_hands_the_autocast_dtype_to_the_attention():
+    """fp32 qk-norm outputs (as under CUDA autocast) are rotated in fp32 and rounded once to the autocast dtype."""
+    attn = Attention(32, 4, rope=RotaryPositionEmbedding2D())
+    attn.q_norm, attn.k_norm = UpcastNorm(), UpcastNorm()
+    x = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(2))
+    pos = patch_positions(2, 3, 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v = qkv_heads(attn, x, pos)
+        raw = attn.qkv(x).reshape(1, 7, 3, 4, 8).permute(2, 0, 3, 1, 4).float()
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    assert torch.equal(q, rope_uncached(raw[0], pos).to(torch.bfloat16))
+    assert torch.equal(k, rope_uncached(raw[1], pos).to(torch.bfloat16))

@@ -11,6 +11,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from spark3r.errors import Spark3rError
 
@@ -38,34 +39,73 @@ class RotaryPositionEmbedding2D(nn.Module):
 
     Inside each half of d channels, frequency j = base^(-2j/d) pairs channel j with channel j + d/2. Angles are
     computed in fp32 and cast to the input dtype before cos/sin, as upstream. No parameters.
+
+    Positions may cover one period of the sequence: pos [n, 2] or [B, n, 2] with n dividing N, token i taking
+    position i mod n (a global layer passes one frame's positions, which repeat frame after frame). The cos/sin
+    tables [B or 1, n, 2, D / 4] are cached per (positions tensor, head dim, dtype); the entry dies with the tensor,
+    so positions must not be changed in place.
     """
 
     def __init__(self, base: float = 100.0):
         super().__init__()
         self.base = base
+        self._tables = WeakIdKeyDictionary()
 
     def axis_angles(self, positions: Tensor, dim: int) -> Tensor:
-        """positions [..., N] long, dim = channels of one axis half -> angles [..., N, dim] fp32."""
+        """positions [..., N] long, dim = channels of one axis half -> angles [..., N, dim / 2] fp32."""
         inv_freq = 1.0 / self.base ** (torch.arange(0, dim, 2, device=positions.device).float() / dim)
-        angles = positions.float()[..., None] * inv_freq
-        return torch.cat([angles, angles], dim=-1)
+        return positions.float()[..., None] * inv_freq
 
-    def rotate_axis(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x [B, h, N, d], positions [B, N] -> x rotated by the angles of `positions`."""
-        angles = self.axis_angles(positions, x.shape[-1]).to(x.dtype)[:, None]
-        return x * angles.cos() + rotate_half(x) * angles.sin()
+    def compute_tables(self, pos: Tensor, head_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """pos [..., n, 2] -> cos, sin [..., n, 2, head_dim / 4] in `dtype` (axis 0: y, axis 1: x)."""
+        angles = self.axis_angles(pos, head_dim // 2).to(dtype)
+        return angles.cos(), angles.sin()
 
-    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
-        """x [B, h, N, D], pos [B, N, 2] (y, x) -> [B, h, N, D]."""
-        y_half, x_half = x.chunk(2, dim=-1)
-        return torch.cat([self.rotate_axis(y_half, pos[..., 0]), self.rotate_axis(x_half, pos[..., 1])], dim=-1)
+    def tables(self, pos: Tensor, head_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """`compute_tables`, cached per positions tensor (recomputed inside torch.compile, which fuses them)."""
+        if torch.compiler.is_compiling():
+            return self.compute_tables(pos, head_dim, dtype)
+        key = (head_dim, dtype, torch.is_inference_mode_enabled())
+        per_pos = self._tables.setdefault(pos, {})
+        if key not in per_pos:
+            per_pos[key] = self.compute_tables(pos, head_dim, dtype)
+        return per_pos[key]
+
+    def forward(self, x: Tensor, pos: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+        """x [B, h, N, D], pos [n, 2] or [B, n, 2] (y, x), n dividing N -> [B, h, N, D] in `out_dtype` (default
+        x's dtype); the rotation runs in x's dtype and is rounded to `out_dtype` once. Without autograd or
+        torch.compile (which fuses the plain form) it writes straight into the output, with no temporary concat."""
+        batch, heads, tokens, head_dim = x.shape
+        period = pos.shape[-2]
+        if tokens % period or head_dim % 4:
+            raise Spark3rError(
+                f"RoPE got {tokens} tokens of head dim {head_dim} with {period} positions: pass positions whose "
+                f"count divides the token count, and a head dim divisible by 4"
+            )
+        cos, sin = self.tables(pos, head_dim, x.dtype)
+        if pos.dim() == 3:
+            cos, sin = cos[:, None, None], sin[:, None, None]
+        pairs = x.unflatten(-1, (2, 2, head_dim // 4)).unflatten(2, (tokens // period, period))
+        first, second = pairs.unbind(-2)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+            out = torch.stack([first * cos - second * sin, second * cos + first * sin], dim=-2)
+            return out.to(out_dtype or x.dtype).flatten(-3).flatten(2, 3)
+        out = torch.empty(pairs.shape, dtype=out_dtype or x.dtype, device=x.device)
+        out_first, out_second = out.unbind(-2)
+        rotated = second * sin
+        torch.sub(first * cos, rotated, out=out_first)
+        torch.mul(first, sin, out=rotated)
+        torch.add(second * cos, rotated, out=out_second)
+        return out.view(batch, heads, tokens, head_dim)
 
 
 def qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The pre-attention math of `attn`: x [B, N, C] -> q, k, v each [B, h, N, D], after qk-norm and RoPE.
 
     Reads only `attn.qkv`, `attn.num_heads`, `attn.q_norm`, `attn.k_norm`, and optionally `attn.rope` and
-    `attn.qk_to_v_dtype` (pi3 casts q and k back to v's dtype after qk-norm).
+    `attn.qk_to_v_dtype` (pi3 casts q and k back to v's dtype after qk-norm). Under autocast, q and k leave in the
+    autocast dtype (our RoPE rounds to it once; another `rope(x, pos)` module is cast after), as the attention would
+    cast them anyway; qk-norm and RoPE still run in the dtype qk-norm returns (fp32 under CUDA autocast, as upstream).
     """
     batch, tokens, width = x.shape
     heads = attn.num_heads
@@ -74,10 +114,13 @@ def qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Te
     q, k = attn.q_norm(q), attn.k_norm(k)
     if getattr(attn, "qk_to_v_dtype", False):
         q, k = q.to(v.dtype), k.to(v.dtype)
+    out_dtype = active_compute_dtype(x.device.type, q.dtype)
     rope = getattr(attn, "rope", None)
+    if isinstance(rope, RotaryPositionEmbedding2D) and pos is not None:
+        return rope(q, pos, out_dtype), rope(k, pos, out_dtype), v
     if rope is not None and pos is not None:
         q, k = rope(q, pos), rope(k, pos)
-    return q, k, v
+    return q.to(out_dtype), k.to(out_dtype), v
 
 
 def merge_heads(out: Tensor) -> Tensor:
