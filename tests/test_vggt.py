@@ -238,3 +238,17 @@ def test_foundation_benchmark_smoke_run(tmp_path):
     assert {row["stage"] for row in rows if row["frames"] == 4} == {
         "encoder", "trunk", "camera head", "depth head", "point head"}
     assert all(row["seconds"] >= 0 for row in rows)
+
+
+def test_chunked_encoder_and_frame_blocks_match_one_pass(tiny, images):
+    """frame_chunk_frames = 3 over 4 frames (one full and one short chunk) gives the unchunked outputs."""
+    import dataclasses
+
+    chunked = VGGT(dataclasses.replace(VGGT_TINY, frame_chunk_frames=3)).eval()
+    chunked.load_state_dict(tiny.state_dict())
+    with torch.no_grad():
+        expected, out = tiny(images), chunked(images)
+        state = chunked.prepare(images)
+    assert state.tokens.shape == (1, 4, 5 + 12, 128)
+    for name in expected:
+        torch.testing.assert_close(out[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -36,7 +36,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class VGGTConfig:
-    """One VGGT size. encoder: "dinov2" (ViT-L/14 reg4, as released) or "conv" (patchify only, for toy models)."""
+    """One VGGT size. encoder: "dinov2" (ViT-L/14 reg4, as released) or "conv" (patchify only, for toy models).
+
+    head_chunk_frames / frame_chunk_frames: frames per chunk of the DPT heads / of the per-frame trunk stages (patch
+    encoder and frame blocks), which bound their peak memory on long clips; chunking leaves the math unchanged.
+    """
 
     name: str = "vggt-1b"
     img_size: int = 518
@@ -56,6 +60,7 @@ class VGGTConfig:
     camera_heads: int = 16
     camera_iterations: int = 4
     head_chunk_frames: int = 8
+    frame_chunk_frames: int = 128
 
     @property
     def n_special(self) -> int:
@@ -75,6 +80,26 @@ def expand_special(token: Tensor, batch: int, frames: int) -> Tensor:
     first = token[:, :1].expand(batch, 1, *token.shape[2:])
     others = token[:, 1:].expand(batch, frames - 1, *token.shape[2:])
     return torch.cat([first, others], dim=1).flatten(0, 1)
+
+
+def enumerate_chunks(x: Tensor, chunk: int):
+    """(first index, x[first: first + chunk]) over dim 0 of x, in order."""
+    for first in range(0, x.shape[0], chunk):
+        yield first, x[first: first + chunk]
+
+
+def run_per_frame(block: nn.Module, x: Tensor, pos: Tensor, chunk_frames: int) -> Tensor:
+    """A per-frame block over frames x [F, P, C] in chunks of `chunk_frames` frames -> [F, P, C]; one call when
+    F <= chunk_frames, else the chunks' outputs are written into one preallocated tensor."""
+    if x.shape[0] <= chunk_frames:
+        return block(x, pos=pos)
+    out = None
+    for first, chunk in enumerate_chunks(x, chunk_frames):
+        part = block(chunk, pos=pos)
+        if out is None:
+            out = part.new_empty(x.shape[0], *part.shape[1:])
+        out[first: first + len(chunk)] = part
+    return out
 
 
 class Aggregator(nn.Module):
@@ -104,14 +129,25 @@ class Aggregator(nn.Module):
         nn.init.normal_(self.camera_token, std=1e-6)
         nn.init.normal_(self.register_token, std=1e-6)
 
-    def embed(self, images: Tensor) -> Tensor:
-        """images [B, S, 3, H, W] in [0, 1] -> tokens [B, S, P, C]: [camera, registers, normed DINO patch tokens]."""
+    def embed(self, images: Tensor, chunk_frames: int) -> Tensor:
+        """images [B, S, 3, H, W] in [0, 1] -> tokens [B, S, P, C]: [camera, registers, normed DINO patch tokens].
+
+        The patch encoder runs over `chunk_frames` frames at a time, writing into the preallocated tokens.
+        """
         batch, frames = images.shape[:2]
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 1, 3, 1, 1)
-        patches = self.patch_embed.forward_features(((images - mean) / std).flatten(0, 1))
-        tokens = torch.cat([expand_special(self.camera_token, batch, frames),
-                            expand_special(self.register_token, batch, frames), patches], dim=1)
+        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+        special = torch.cat([expand_special(self.camera_token, batch, frames),
+                             expand_special(self.register_token, batch, frames)], dim=1)
+        tokens = None
+        for first, chunk in enumerate_chunks(images.flatten(0, 1), chunk_frames):
+            patches = self.patch_embed.forward_features((chunk - mean) / std)
+            if tokens is None:
+                dtype = torch.promote_types(special.dtype, patches.dtype)
+                tokens = special.new_empty(batch * frames, special.shape[1] + patches.shape[1], special.shape[2],
+                                           dtype=dtype)
+                tokens[:, : special.shape[1]] = special
+            tokens[first: first + len(chunk), special.shape[1]:] = patches
         return tokens.unflatten(0, (batch, frames))
 
 
@@ -255,7 +291,7 @@ class VGGT(ReconstructionModel):
         images = check_images(images, self.config.patch_size)
         height, width = images.shape[-2:]
         with compute_autocast(images.device.type, self.compute_dtype):
-            tokens = self.aggregator.embed(images)
+            tokens = self.aggregator.embed(images, self.config.frame_chunk_frames)
         pos = patch_positions(height // self.config.patch_size, width // self.config.patch_size,
                               self.config.n_special, images.device)
         return TrunkState(tokens=tokens, extras={"pos": pos})
@@ -270,8 +306,7 @@ class VGGT(ReconstructionModel):
         state = state.copy()
         tokens = state.tokens
         batch, frames, per_frame, width = tokens.shape
-        pos = state.extras["pos"]
-        frame_pos, global_pos = pos[None], pos.repeat(frames, 1)[None]
+        pos = state.extras["pos"]  # one frame's positions: RoPE repeats them over the frames of a global layer
         kept = self.kept_layers()
         with compute_autocast(tokens.device.type, self.compute_dtype):
             tap_dtype = active_compute_dtype(tokens.device.type, tokens.dtype) if self.lean else tokens.dtype
@@ -279,10 +314,11 @@ class VGGT(ReconstructionModel):
                 layer, is_global = divmod(step, 2)
                 if not is_global:
                     block = self.aggregator.frame_blocks[layer]
-                    out = block(tokens.reshape(batch * frames, per_frame, width), pos=frame_pos)
+                    out = run_per_frame(block, tokens.reshape(batch * frames, per_frame, width), pos,
+                                        self.config.frame_chunk_frames)
                 else:
                     block = self.aggregator.global_blocks[layer]
-                    out = block(tokens.reshape(batch, frames * per_frame, width), pos=global_pos)
+                    out = block(tokens.reshape(batch, frames * per_frame, width), pos=pos)
                 out = out.view(batch, frames, per_frame, width)
                 if is_global and layer in kept:
                     tap = out.new_empty(batch, frames, per_frame, 2 * width, dtype=tap_dtype)
