@@ -1,22 +1,31 @@
-"""Speed of reduced vs dense global attention: aggregator and end-to-end time, peak memory, FLOP-model speed-up.
+"""Speed of reduced vs dense global attention: aggregator and end-to-end time, peak memory, FLOP-model speed-up, and
+where the time goes per stage.
 
     python benchmarks/speed.py --model vggt-1b --frames 32 100 300 1000 --size 518 --dtype bf16 \
         --out benchmarks/results/speed-vggt-1b.json
 
 Random weights (no download). For each clip length S the dense model and every schedule (default: the model's shipped
-paper-rule and uniform schedules) run encoder + trunk ("aggregator") and heads; times are the best of --repeats runs
-after one warm-up pass over all variants at 2 frames. A dense trunk longer than --dense-max-frames is not run whole:
-it is assembled from one timed frame block and one timed global block (foundation.py's `run_trunk`), and its row says
-"assembled". The select+merge share is measured on random q, k, v of the global layers' shape: (time of
-reduced_attention - time of the bare attention on the reduced shapes) / time of reduced_attention, summed over layers.
-Markdown table on stdout, JSON in --out.
+paper-rule and uniform schedules) run encoder, trunk step by step and heads, each stage synchronised; the fastest of
+--repeats runs is kept, after one warm-up pass over all variants at 2 frames. A dense trunk longer than
+--dense-max-frames is not run whole: it is assembled from one timed frame block and one timed global block
+(foundation.py's `run_trunk`), and its row says "assembled".
+
+Where the time goes (second table): encoder, frame blocks, global blocks, of which the global attention modules (qkv,
+qk-norm, RoPE, reduction, attention, proj; CUDA events around each module), heads; each next to the FLOP model's
+TFLOP for that stage and the achieved TFLOP/s. Select+merge: for each distinct reduction of the schedule, K/V selection
++ query merging + un-merging alone, and the attention on the reduced tensors alone, are timed on random q, k, v of the
+layer's shape (median of --repeats after a warm-up, CUDA events); "select+merge / attention" is the ratio of their sums
+over the layers. --compile compiles every block with torch.compile (static shapes) to measure what fusion buys.
+Markdown tables on stdout, JSON in --out.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import statistics
 import sys
-from collections import Counter
+import time
+from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -25,7 +34,9 @@ import torch.nn.functional as F
 
 from spark3r.cli import DTYPES, resolve_device
 from spark3r.models.registry import build_model
-from spark3r.reduce import apply_schedule, kv_count, model_flops, query_count, reduced_attention
+from spark3r.reduce import (
+    apply_schedule, kv_count, merge_queries, merge_slots, model_flops, query_count, select_kv, unmerge,
+)
 from spark3r.reduce.attention import is_dense
 from spark3r.schedule import load_schedule
 
@@ -35,67 +46,193 @@ _spec.loader.exec_module(foundation)
 measure, run_trunk, write_json = foundation.measure, foundation.run_trunk, foundation.write_json
 
 SCHEDULES = HERE.parent / "schedules"
+STAGES = ("encoder", "frame blocks", "global blocks", "global attention modules", "select+merge", "heads")
+TERA = 1e12
 
 
-def best_of(repeats: int, device: torch.device, fn):
-    """(result of the last run, least seconds, largest peak GiB) over `repeats` runs of fn()."""
-    runs = [measure(device, fn) for _ in range(repeats)]
-    peaks = [peak for _, _, peak in runs if peak is not None]
-    return runs[-1][0], min(seconds for _, seconds, _ in runs), max(peaks) if peaks else None
+def elapsed(device: torch.device, fn) -> float:
+    """Seconds of one fn() call: CUDA events on a GPU (the device is synchronised), perf_counter elsewhere."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000.0
 
 
-def run_model(model, images, repeats, device, handle=None, dense_assembled=False) -> dict:
-    """Encoder + trunk ("aggregator") and heads of one clip: seconds and peak GiB."""
+def median_seconds(device: torch.device, fn, repeats: int) -> float:
+    """Median seconds of `repeats` fn() calls after one warm-up call."""
+    fn()
+    return statistics.median(elapsed(device, fn) for _ in range(max(1, repeats)))
+
+
+class ModuleTimer:
+    """Total time spent inside `modules` (forward pre-hook to forward hook): CUDA events or perf_counter."""
+
+    def __init__(self, modules, device: torch.device):
+        self.device = device
+        self.spans: list = []
+        self.handles = [h for m in modules for h in (m.register_forward_pre_hook(self._start),
+                                                      m.register_forward_hook(self._stop))]
+
+    def _now(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _start(self, module, args):
+        self.spans.append([self._now(), None])
+
+    def _stop(self, module, args, output):
+        self.spans[-1][1] = self._now()
+
+    def take(self) -> float:
+        """Seconds recorded since the last take()."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            seconds = sum(start.elapsed_time(stop) for start, stop in self.spans) / 1000.0
+        else:
+            seconds = sum(stop - start for start, stop in self.spans)
+        self.spans = []
+        return seconds
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def timed_run(model, images, device, assembled: bool, attention: ModuleTimer | None) -> dict:
+    """One run of encoder, trunk (step by step, or assembled) and heads: seconds per stage and peak GiB."""
+    depth = model.config.depth
+    state, encoder_s, encoder_peak = measure(device, lambda: model.prepare(images))
+    seconds = {"encoder": encoder_s, "frame blocks": 0.0, "global blocks": 0.0}
+    if attention is not None:
+        attention.take()
+    if assembled:
+        finished, rows = run_trunk(model, state, False, device)
+        seconds["frame blocks"], seconds["global blocks"] = depth * rows[0]["seconds"], depth * rows[1]["seconds"]
+        peaks = [rows[-1]["peak_gib"]]
+        scale = depth
+    else:
+        finished, peaks, scale = state, [], 1
+        for step in range(model.num_steps):
+            finished, step_s, peak = measure(device, lambda: model.run_steps(finished, step + 1))
+            seconds["global blocks" if step in model.global_layer_steps else "frame blocks"] += step_s
+            peaks.append(peak)
+    if attention is not None:
+        seconds["global attention modules"] = scale * attention.take()
+    del state
+    _, seconds["heads"], decode_peak = measure(device, lambda: model.decode(finished, images))
+    peaks = [peak for peak in (encoder_peak, *peaks, decode_peak) if peak is not None]
+    return {"seconds": seconds, "peak_gib": max(peaks) if peaks else None}
+
+
+def run_model(model, images, repeats, device, handle=None, assembled=False, time_attention=True) -> dict:
+    """Encoder + trunk ("aggregator") and heads of one clip, fastest of `repeats` runs: seconds, per-stage seconds
+    of that run, and the largest peak GiB of all runs."""
     if handle is not None:
         handle.set_layout(model.adapter.layout(images))
-    state, prepare_s, prepare_peak = best_of(repeats, device, lambda: model.prepare(images))
-    if dense_assembled:
-        finished, rows = run_trunk(model, state, False, device)
-        trunk_s, trunk_peak = rows[-1]["seconds"], rows[-1]["peak_gib"]
-    else:
-        finished, trunk_s, trunk_peak = best_of(repeats, device, lambda: model.run_steps(state))
-    del state
-    _, decode_s, decode_peak = best_of(repeats, device, lambda: model.decode(finished, images))
-    peaks = [peak for peak in (prepare_peak, trunk_peak, decode_peak) if peak is not None]
-    return {"aggregator_s": prepare_s + trunk_s, "end_to_end_s": prepare_s + trunk_s + decode_s,
-            "peak_gib": max(peaks) if peaks else None}
+    attention = ModuleTimer(model.adapter.modules(model), device) if time_attention else None
+    try:
+        runs = [timed_run(model, images, device, assembled, attention) for _ in range(repeats)]
+    finally:
+        if attention is not None:
+            attention.remove()
+    best = min(runs, key=lambda run: sum(run["seconds"][s] for s in ("encoder", "frame blocks", "global blocks")))
+    stages = best["seconds"]
+    aggregator = stages["encoder"] + stages["frame blocks"] + stages["global blocks"]
+    peaks = [run["peak_gib"] for run in runs if run["peak_gib"] is not None]
+    return {"aggregator_s": aggregator, "end_to_end_s": aggregator + stages["heads"],
+            "peak_gib": max(peaks) if peaks else None, "stages_s": stages}
 
 
-def select_merge_share(model, layout, schedule, repeats, device, dtype) -> float | None:
-    """Share of the reduced global attention spent selecting K/V and merging queries, over all layers."""
-    attn = model.adapter.modules(model)[0]
-    heads, head_dim = attn.num_heads, attn.head_dim
-    layers = Counter(schedule.reductions(layout.frames))
-    layers = {reduction: count for reduction, count in layers.items() if not is_dense(layout, reduction)}
-    if not layers:
-        return None
+def select_merge_timing(attn, layout, reduction, repeats, device, dtype) -> dict:
+    """One reduced global layer on random q, k, v [1, h, S*P, D]: seconds of K/V selection + query merging +
+    un-merging alone, and of the attention on the reduced tensors alone (medians, CUDA events)."""
     generator = torch.Generator(device).manual_seed(0)
-    q, k, v = torch.randn(3, 1, heads, layout.tokens, head_dim, device=device, dtype=dtype, generator=generator)
-    total = bare = 0.0
-    for reduction, count in layers.items():
-        _, full_s, _ = best_of(repeats, device, lambda: reduced_attention(q, k, v, layout, reduction))
-        n_q, n_kv = query_count(layout, reduction), kv_count(layout, reduction)
-        _, attention_s, _ = best_of(repeats, device, lambda: F.scaled_dot_product_attention(
-            q[:, :, :n_q], k[:, :, :n_kv], v[:, :, :n_kv]))
-        total += count * full_s
-        bare += count * attention_s
-    return (total - bare) / total
+    shape = (1, attn.num_heads, layout.tokens, attn.head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(3))
+    x = torch.randn(1, layout.tokens, attn.num_heads * attn.head_dim, device=device, dtype=dtype,
+                    generator=generator) if reduction.similarity == "input" else None
+    n_q, prune = query_count(layout, reduction), kv_count(layout, reduction) < layout.tokens
+
+    def select_merge():
+        kept = select_kv(k, v, layout, reduction) if prune else (k, v)
+        if n_q == layout.tokens:
+            return q, *kept
+        slot = merge_slots(x if x is not None else k.mean(dim=1), layout, reduction)
+        merged = merge_queries(q, slot, n_q)
+        unmerge(merged, slot)  # the attention output has the merged queries' shape
+        return merged, *kept
+
+    reduced_q, kept_k, kept_v = select_merge()
+    return {
+        "select_merge_s": median_seconds(device, select_merge, repeats),
+        "attention_s": median_seconds(device, lambda: F.scaled_dot_product_attention(reduced_q, kept_k, kept_v),
+                                      repeats),
+        "queries": n_q, "keys": kept_k.shape[2],
+    }
 
 
-def benchmark(model, frames, size, schedules, repeats, dense_max_frames, device, dtype) -> list[dict]:
+def select_merge_costs(model, layout, schedule, repeats, device, dtype) -> list[dict]:
+    """select_merge_timing for each distinct non-dense reduction of `schedule`, with the layers that use it."""
+    attn = model.adapter.modules(model)[0]
+    layers = defaultdict(list)
+    for layer, reduction in enumerate(schedule.reductions(layout.frames)):
+        if not is_dense(layout, reduction):
+            layers[reduction].append(layer)
+    return [{"layers": indices, "reduction": repr(reduction),
+             **select_merge_timing(attn, layout, reduction, repeats, device, dtype)}
+            for reduction, indices in layers.items()]
+
+
+def stage_tflop(model, flop_config, frames, schedule=None) -> dict:
+    """The FLOP model's TFLOP per stage (STAGES): block lists by name, heads = camera trunk + everything else."""
+    flops = model_flops(flop_config, frames, schedule)
+    groups = {group.name: group for group in flop_config.groups}
+    global_group = next(group for group in flop_config.groups if group.sequence == "global")
+    module_linear = global_group.count * frames * global_group.tokens_per_frame * 8.0 * global_group.width**2
+    return {
+        "encoder": flops.groups.get("aggregator.patch_embed.blocks", 0.0) / TERA,
+        "frame blocks": flops.groups["aggregator.frame_blocks"] / TERA,
+        "global blocks": (flops.groups[global_group.name] + flops.overhead) / TERA,
+        "global attention modules": (module_linear + flops.global_attention + flops.overhead) / TERA,
+        "select+merge": flops.overhead / TERA,
+        "heads": (flops.other + sum(value for name, value in flops.groups.items()
+                                    if name in groups and groups[name].sequence == "camera")) / TERA,
+    }
+
+
+def benchmark(model, frames, size, schedules, repeats, dense_max_frames, device, dtype,
+              time_attention=True) -> list[dict]:
     """Rows for one clip length: dense first, then every schedule."""
     images = torch.rand(1, frames, 3, size, size, device=device)
     layout = model.adapter.layout(images)
     flop_config = model.flop_config(size, size)
     dense_flops = model_flops(flop_config, frames)
     assembled = frames > dense_max_frames
-    dense = run_model(model, images, repeats, device, dense_assembled=assembled)
+    dense = run_model(model, images, repeats, device, assembled=assembled, time_attention=time_attention)
     note = "assembled from one frame + one global block" if assembled else "measured"
     rows = [{"frames": frames, "schedule": "dense", **dense, "speedup_end_to_end": 1.0, "speedup_aggregator": 1.0,
-             "flop_speedup": 1.0, "global_attention_flop_fraction": 1.0, "select_merge_share": None, "note": note}]
+             "flop_speedup": 1.0, "global_attention_flop_fraction": 1.0, "select_merge_over_attention": None,
+             "select_merge_layers": [], "stages_tflop": stage_tflop(model, flop_config, frames), "note": note}]
     for name, schedule in schedules.items():
         with apply_schedule(model, schedule) as handle:
-            timing = run_model(model, images, repeats, device, handle)
+            timing = run_model(model, images, repeats, device, handle, time_attention=time_attention)
+        costs = select_merge_costs(model, layout, schedule, repeats, device, dtype)
+        if costs:
+            count = {id(cost): len(cost["layers"]) for cost in costs}
+            select_merge = sum(count[id(c)] * c["select_merge_s"] for c in costs)
+            timing["stages_s"]["select+merge"] = select_merge
+            ratio = select_merge / sum(count[id(c)] * c["attention_s"] for c in costs)
+        else:
+            ratio = None
         reduced_flops = model_flops(flop_config, frames, schedule)
         rows.append({
             "frames": frames, "schedule": name, **timing,
@@ -103,19 +240,20 @@ def benchmark(model, frames, size, schedules, repeats, dense_max_frames, device,
             "speedup_aggregator": dense["aggregator_s"] / timing["aggregator_s"],
             "flop_speedup": dense_flops.total / reduced_flops.total,
             "global_attention_flop_fraction": reduced_flops.global_attention / dense_flops.global_attention,
-            "select_merge_share": select_merge_share(model, layout, schedule, repeats, device, dtype),
-            "note": "measured",
+            "select_merge_over_attention": ratio, "select_merge_layers": costs,
+            "stages_tflop": stage_tflop(model, flop_config, frames, schedule), "note": "measured",
         })
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    def number(value, digits=2):
-        return "n/a" if value is None else f"{value:.{digits}f}"
+def number(value, digits=2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
+
+def markdown(rows: list[dict]) -> str:
     lines = [
         "| frames | schedule | aggregator (s) | end to end (s) | peak (GiB) | speed-up e2e | speed-up aggregator | "
-        "FLOP-model speed-up | global-attn FLOP fraction | select+merge share | note |",
+        "FLOP-model speed-up | global-attn FLOP fraction | select+merge / attention | note |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
@@ -123,10 +261,41 @@ def markdown(rows: list[dict]) -> str:
             f"| {row['frames']} | {row['schedule']} | {number(row['aggregator_s'], 3)} | "
             f"{number(row['end_to_end_s'], 3)} | {number(row['peak_gib'])} | {number(row['speedup_end_to_end'])}x | "
             f"{number(row['speedup_aggregator'])}x | {number(row['flop_speedup'])}x | "
-            f"{number(row['global_attention_flop_fraction'], 4)} | {number(row['select_merge_share'], 3)} | "
+            f"{number(row['global_attention_flop_fraction'], 4)} | {number(row['select_merge_over_attention'], 3)} | "
             f"{row['note']} |"
         )
     return "\n".join(lines)
+
+
+def breakdown_markdown(rows: list[dict]) -> str:
+    """Where the time goes: per stage, measured seconds and share of end to end, FLOP-model TFLOP and share, TFLOP/s.
+    Indented stages are part of the stage above them."""
+    lines = [
+        "| frames | schedule | stage | time (s) | share of time | FLOP model (TFLOP) | share of FLOPs | TFLOP/s |",
+        "|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    labels = {"global attention modules": "  of which attention modules", "select+merge": "    of which select+merge"}
+    for row in rows:
+        total_flop = sum(row["stages_tflop"][stage] for stage in ("encoder", "frame blocks", "global blocks", "heads"))
+        for stage in STAGES:
+            seconds, tflop = row["stages_s"].get(stage), row["stages_tflop"][stage]
+            rate = tflop / seconds if seconds else None
+            share = seconds / row["end_to_end_s"] if seconds is not None else None
+            lines.append(
+                f"| {row['frames']} | {row['schedule']} | {labels.get(stage, stage)} | {number(seconds, 3)} | "
+                f"{number(share, 3)} | {tflop:.4g} | {number(tflop / total_flop, 3)} | {number(rate, 1)} |"
+            )
+    return "\n".join(lines)
+
+
+def compile_blocks(model) -> None:
+    """torch.compile every transformer block in place (static shapes); dynamo's cache is raised to hold them all."""
+    blocks = [module for module in model.modules() if type(module).__name__ == "Block"]
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit,
+                                                            16 * len(blocks))
+    for block in blocks:
+        block.compile(dynamic=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,11 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=518, help="square frame size in pixels")
     parser.add_argument("--schedule", type=Path, nargs="+", default=None,
                         help="schedule files (default: schedules/<model>-paper.yaml and -uniform.yaml)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (the best is kept)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed runs per measurement (the fastest run is kept; select+merge: the median)")
     parser.add_argument("--dense-max-frames", type=int, default=100,
                         help="longest clip whose dense trunk runs whole; longer ones are assembled per block")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="trunk autocast dtype")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every block (static shapes); attention modules are then not timed apart")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
     args = parser.parse_args(argv)
@@ -151,18 +323,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = build_model(args.model, device).eval().requires_grad_(False)
     model.compute_dtype = DTYPES[args.dtype]
+    if args.compile:
+        compile_blocks(model)
+    options = dict(size=args.size, schedules=schedules, dense_max_frames=args.dense_max_frames, device=device,
+                   dtype=DTYPES[args.dtype], time_attention=not args.compile)
     rows = []
     with torch.inference_mode():
-        benchmark(model, 2, args.size, schedules, 1, args.dense_max_frames, device, DTYPES[args.dtype])  # warm-up
+        benchmark(model, 2, repeats=1, **options)  # warm-up
         for frames in args.frames:
-            rows += benchmark(model, frames, args.size, schedules, args.repeats, args.dense_max_frames, device,
-                              DTYPES[args.dtype])
+            rows += benchmark(model, frames, repeats=args.repeats, **options)
             print(f"done: {frames} frames", file=sys.stderr)
     print(markdown(rows))
+    print()
+    print(breakdown_markdown(rows))
     write_json(args.out, {
         "model": args.model, "size": args.size, "dtype": args.dtype, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "repeats": args.repeats, "dense_max_frames": args.dense_max_frames,
+        "compile": args.compile,
         "schedules": {name: str(path) for name, path in zip(schedules, paths)}, "rows": rows,
     })
     return 0

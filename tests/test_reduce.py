@@ -408,8 +408,39 @@ def test_speed_benchmark_smoke_on_vggt_tiny(tmp_path, capsys):
         (frames, name) for frames in (2, 4) for name in ("dense", "vggt-tiny-paper", "vggt-tiny-uniform")]
     assert rows[3]["note"].startswith("assembled") and rows[0]["note"] == "measured"
     assert all(row["end_to_end_s"] > 0 and row["flop_speedup"] >= 1 for row in rows)
-    assert 0 < rows[4]["global_attention_flop_fraction"] < 1 and rows[4]["select_merge_share"] is not None
-    assert "| 4 | vggt-tiny-paper |" in capsys.readouterr().out
+    assert 0 < rows[4]["global_attention_flop_fraction"] < 1 and rows[4]["select_merge_over_attention"] > 0
+    for row in rows:  # the stages add up to the totals; parts never exceed their whole
+        stages = row["stages_s"]
+        assert min(stages.values()) > 0 and set(row["stages_tflop"]) == set(speed.STAGES)
+        assert stages["encoder"] + stages["frame blocks"] + stages["global blocks"] == row["aggregator_s"]
+        assert stages["global attention modules"] < stages["global blocks"]
+        assert row["aggregator_s"] + stages["heads"] == row["end_to_end_s"]
+    for layer in rows[4]["select_merge_layers"]:
+        assert layer["select_merge_s"] > 0 and layer["attention_s"] > 0 and layer["queries"] < 4 * 5 * 65
+    printed = capsys.readouterr().out
+    assert "| 4 | vggt-tiny-paper |" in printed and "of which select+merge" in printed
+
+
+def test_speed_benchmark_stage_flops_add_up():
+    """Per-stage TFLOP of the breakdown: encoder + frame + global blocks + heads = the FLOP model's total."""
+    import importlib.util
+
+    from spark3r.models.registry import build_model
+    from spark3r.reduce import model_flops
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    model = build_model("vggt-1b", "meta")
+    flop_config = model.flop_config(518, 518)
+    schedule = load_schedule(SCHEDULES / "vggt-1b-paper.yaml")
+    stages = speed.stage_tflop(model, flop_config, 1000, schedule)
+    total = model_flops(flop_config, 1000, schedule).total / 1e12
+    whole = stages["encoder"] + stages["frame blocks"] + stages["global blocks"] + stages["heads"]
+    assert abs(whole - total) < 1e-9 * total
+    assert 0 < stages["select+merge"] < stages["global attention modules"] < stages["global blocks"]
+    assert abs(stages["frame blocks"] - 24 * 1000 * 1374 * (24 * 1024**2 + 4 * 1024 * 1374) / 1e12) < 1e-6
 
 
 def test_reduced_attention_captures_as_one_graph():
