@@ -222,7 +222,7 @@ def test_clip_scores_of_perfect_and_identity_cameras(clips):
     assert perfect["auc30"] > 0.95
     trivial = tt.clip_scores(torch.ones(3, 28, 28), None, targets, 0)
     angles = [math.degrees(math.acos(np.clip((np.trace(gt[s, :, :3].numpy()) - 1) / 2, -1, 1))) for s in (1, 2)]
-    assert trivial["rotation_deg"] == pytest.approx(np.mean(angles), abs=1e-6)
+    assert trivial["rotation_deg"] == pytest.approx(np.mean(angles), abs=1e-4)  # float32 targets: not exactly orthonormal
     assert trivial["translation"] == pytest.approx(gt[1:, :, 3].norm(dim=-1).mean().item(), abs=1e-6)
     assert trivial["auc30"] == 0.0
     depth = targets.depth[0].double().numpy()
