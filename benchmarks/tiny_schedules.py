@@ -147,8 +147,9 @@ def weights_digest(model: str, weights: str) -> tuple[str | None, str]:
     """(weights file, its sha256) of a run; (None, "random") for random weights."""
     if weights == "none":
         return None, "random"
-    path = find_weights(get_entry(model)) if weights == "auto" else find_weights_file(weights)
-    return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
+    path = (find_weights(get_entry(model)) if weights == "auto" else find_weights_file(weights)).resolve()
+    shown = path.relative_to(Path.cwd().resolve()) if path.is_relative_to(Path.cwd().resolve()) else path
+    return str(shown), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def profile_argv(args, calib: str, out: Path) -> list[str]:
