@@ -11,13 +11,15 @@ One command regenerates everything (run it again whenever the shipped weights ch
 2. Search vs baselines (search-schedule): at each budget (fraction of dense global-attention FLOPs), schedules are
    measured on held-out generated clips (--held-out) against the dense model (deviation) and the ground truth:
    - searched: `search-schedule` on the --calib profile (it picks one query merge factor for all layers);
-   - uniform: the searched query merge, one K/V keep on every layer, the least FLOPs at or above the searched's;
+   - uniform >= (and uniform <=): the searched query merge and one K/V keep on every layer, with the least FLOPs at
+     or above the searched schedule's (the most FLOPs at or below it; the stride levels are coarse);
    - two-tier: the paper's procedure. A probe on the calibration clips runs every layer at K/V factor --probe-base
      and one layer at a time at --probe-factor; a layer whose score exceeds --threshold x the base is sensitive.
      Sensitive layers keep 1/r, the others 1/(3r); queries are merged as mildly as the budget allows (the least
      profiled merge factor m at which K/V pruning can reach the budget), and r gives the most FLOPs within it;
-   - searched at r_Q = m and uniform at r_Q = m: the same search on the profile restricted to query merge {1, m},
-     and its uniform counterpart, so that per-layer K/V allocation is compared at the two-tier's query merge.
+   - searched at r_Q = m and its uniforms: the same search on the profile restricted to query merge {1, m}, so
+     that per-layer K/V allocation is compared at the two-tier's query merge.
+   Each schedule's predicted score is also read off profile B, which the search never saw.
 3. The Optuna study's best against the exact knapsack optimum of the same predicted objective, for every search.
 
 K/V is pruned by frame stride throughout (keep 1/r keeps every r-th frame). Intermediate files (profiles, schedules,
@@ -71,13 +73,15 @@ SPEARMAN_BAR = 0.8
 SIGNIFICANCE = 0.05
 ROWS = {  # schedule key -> table name ({m}: the two-tier's query merge)
     "searched": "searched",
-    "uniform": "uniform",
+    "uniform": "uniform >=",
+    "uniform_below": "uniform <=",
     "searched_at_m": "searched, r_Q = {m}",
-    "uniform_at_m": "uniform, r_Q = {m}",
+    "uniform_at_m": "uniform >=, r_Q = {m}",
+    "uniform_at_m_below": "uniform <=, r_Q = {m}",
     "two_tier": "two-tier (paper), r_Q = {m}",
 }
-PAIRS = (("searched", "uniform"), ("searched_at_m", "uniform_at_m"), ("searched_at_m", "two_tier"),
-         ("searched", "two_tier"))
+PAIRS = (("searched", "uniform"), ("searched", "uniform_below"), ("searched_at_m", "uniform_at_m"),
+         ("searched_at_m", "uniform_at_m_below"), ("searched_at_m", "two_tier"), ("searched", "two_tier"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,12 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="vggt-tiny")
     parser.add_argument("--weights", default="auto", help="as profile-layers --weights (auto: the shipped weights)")
     parser.add_argument("--frames", type=int, default=16, help="frames per clip (every clip of every part)")
-    parser.add_argument("--calib", default="synthetic:8:100", help="calibration clips: profile A, search, probe")
-    parser.add_argument("--replica", default="synthetic:8:200", help="disjoint clips for profile B (stability)")
-    parser.add_argument("--held-out", default="synthetic:8:300", help="clips the schedules are measured on")
+    parser.add_argument("--calib", default="synthetic:16:100", help="calibration clips: profile A, search, probe")
+    parser.add_argument("--replica", default="synthetic:16:200", help="disjoint clips for profile B (stability)")
+    parser.add_argument("--held-out", default="synthetic:16:300", help="clips the schedules are measured on")
     parser.add_argument("--kv-keep", default=profiler_cli.DEFAULT_KV_KEEP, help="profile-layers --kv-keep")
     parser.add_argument("--query-merge", default=profiler_cli.DEFAULT_QUERY_MERGE, help="profile-layers --query-merge")
     parser.add_argument("--additivity", type=int, default=6, help="profile-layers --additivity")
+    parser.add_argument("--score-weights", default="depth=1,points=1,cameras=1",
+                        help="profile-layers --score-weights (also the held-out score)")
     parser.add_argument("--fixed-keep", type=float, default=0.125, help="K/V level of the fixed-level Spearman")
     parser.add_argument("--budgets", default="0.25,0.1,0.05", help="fractions of dense global-attention FLOPs")
     parser.add_argument("--trials", type=int, default=2000, help="search-schedule --trials")
@@ -155,7 +161,7 @@ def weights_digest(model: str, weights: str) -> tuple[str | None, str]:
 def profile_argv(args, calib: str, out: Path) -> list[str]:
     return ["--model", args.model, "--calib", calib, "--frames", str(args.frames), "--weights", args.weights,
             "--kv-keep", args.kv_keep, "--query-merge", args.query_merge, "--additivity", str(args.additivity),
-            "--out", str(out), "--device", "cpu", "--dtype", "fp32", "--seed", str(args.seed)]
+            "--score-weights", args.score_weights, "--out", str(out), "--device", "cpu", "--dtype", "fp32", "--seed", str(args.seed)]
 
 
 def search_argv(args, profile: Path, budget: float, out: Path) -> list[str]:
@@ -414,7 +420,7 @@ class Runner:
 
 def budget_schedules(runner: Runner, profile_path: Path, profile: Profile, budget: float, flop_config: FlopConfig,
                      sensitive: list[int], reduction: dict) -> tuple[dict, dict]:
-    """The five schedules of one budget (keys of ROWS) with their notes, and the two searches' summaries."""
+    """The schedules of one budget (keys of ROWS) with their notes, and the two searches' summaries."""
     args, frames, layers = runner.args, runner.args.frames, profile.global_layers
 
     def uniform(merge: int) -> Callable[[int], Schedule]:
@@ -432,10 +438,14 @@ def budget_schedules(runner: Runner, profile_path: Path, profile: Profile, budge
     for name, uniform_name in (("searched", "uniform"), ("searched_at_m", "uniform_at_m")):
         searched = searches[name][1]
         target = global_attention_fraction(flop_config, frames, searched)
-        _, searched_merge = factors_of(searched, frames)
-        fraction, factor, reached = least_at_or_above(fractions(flop_config, frames, uniform(searched_merge)), target)
-        schedules[name], schedules[uniform_name] = searched, uniform(searched_merge)(factor)
+        build = uniform(factors_of(searched, frames)[1])
+        options = fractions(flop_config, frames, build)
+        _, factor, reached = least_at_or_above(options, target)
+        below = most_within(options, target) or min(options)  # the fewest FLOPs if none is within
+        schedules[name], schedules[uniform_name], schedules[f"{uniform_name}_below"] = \
+            searched, build(factor), build(below[1])
         notes[uniform_name] = {"base_factor": factor, "reaches_searched_flops": reached}
+        notes[f"{uniform_name}_below"] = {"base_factor": below[1]}
     within = most_within(fractions(flop_config, frames, lambda factor: two_tier(factor, merge)), budget)
     if within is None:
         raise Spark3rError(f"the two-tier rule cannot reach budget {budget:g} at query merge {merge}: this is a bug")
@@ -488,6 +498,7 @@ def main(argv: list[str] | None = None) -> dict:
             entries[name] = {"kv_factor": kv_factors, "query_merge": merge,
                              "flops_fraction": global_attention_fraction(flop_config, args.frames, schedule),
                              "predicted": predicted_deviation(profile_a, schedule, frames=args.frames),
+                             "predicted_b": predicted_deviation(profile_b, schedule, frames=args.frames),
                              "measured": mean_rows(rows), "per_clip_score": [row["score"] for row in rows],
                              **plan["notes"].get(name, {})}
         budgets.append({
@@ -615,12 +626,13 @@ def _versus(result: dict) -> list[str]:
     lines = [
         "## 2. Searched schedules vs baselines on held-out clips", "",
         f"searched: `search-schedule` on profile A ({settings['sampler']} sampler, {settings['trials']} trials after "
-        "the knapsack warm start, one query merge factor r_Q for all layers). uniform: the searched r_Q and one K/V "
-        "factor on every layer, the least FLOPs at or above the searched schedule's. two-tier: the paper's "
+        "the knapsack warm start, one query merge factor r_Q for all layers). uniform >= / <=: the searched r_Q and "
+        "one K/V factor on every layer, with the least FLOPs at or above the searched schedule's / the most at or "
+        "below it (frame-stride levels are coarse). two-tier: the paper's "
         f"procedure; sensitive layers keep 1/r, the others 1/({settings['insensitive_factor']}r), queries merged as "
         "mildly as the budget allows (r_Q = m: the least profiled merge factor with which K/V pruning reaches the "
         "budget), r giving the most FLOPs within the budget. searched / uniform at r_Q = m: the same search on "
-        "profile A restricted to query merge {1, m}, and its uniform; they compare per-layer K/V allocation at the "
+        "profile A restricted to query merge {1, m}, and its uniforms; they compare per-layer K/V allocation at the "
         "two-tier's r_Q.", "",
         f"The paper's probe on the calibration clips: every layer at K/V factor {probe_result['base_factor']} (score "
         f"{probe_result['base_score']:.4f}), one layer at a time at factor {probe_result['probe_factor']}; sensitive "
@@ -629,27 +641,27 @@ def _versus(result: dict) -> list[str]:
         "| layer | " + " | ".join(str(layer) for layer in range(len(probe_result["ratio"]))) + " |",
         "|---|" + "---:|" * len(probe_result["ratio"]),
         "| probe score / base score | " + " | ".join(f"{value:.3f}" for value in probe_result["ratio"]) + " |", "",
-        "Held-out means over the clips (FLOPs: fraction of dense global-attention FLOPs; predicted: the profile's "
-        "summed single-layer scores; GT rotation error: RPE-rot, degrees):", "",
-        "| budget | schedule | K/V factor per layer | FLOPs | predicted | score | depth | points | cameras | "
-        "GT depth AbsRel | GT rotation error |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Held-out means over the clips (FLOPs: fraction of dense global-attention FLOPs; predicted A / B: the summed "
+        "single-layer scores of profile A, which the search used, and of profile B; GT rotation error: RPE-rot, "
+        "degrees):", "",
+        "| budget | schedule | K/V factor per layer | FLOPs | predicted A | predicted B | score | depth | points | "
+        "cameras | GT depth AbsRel | GT rotation error |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     dense = result["held_out_dense"]
-    lines.append(f"| - | dense | {' '.join(['1'] * len(probe_result['ratio']))} | 1.000 | 0 | 0 | 0 | 0 | 0 | "
-                 f"{dense['abs_rel']:.4f} | "
-                 f"{dense['rpe_rot']:.3f} |")
+    lines.append(f"| - | dense | {' '.join(['1'] * len(probe_result['ratio']))} | 1.000 | 0 | 0 | 0 | 0 | 0 | 0 | "
+                 f"{dense['abs_rel']:.4f} | {dense['rpe_rot']:.3f} |")
     for entry in result["budgets"]:
         for key, row in entry["schedules"].items():
             m = row["measured"]
             name = ROWS[key].format(m=entry["two_tier_query_merge"])
-            if key in ("searched", "uniform"):
+            if key in ("searched", "uniform", "uniform_below"):
                 name += f", r_Q = {row['query_merge']}"
             short = "" if row.get("reaches_searched_flops", True) else " (under the searched)"
             lines.append(f"| {entry['budget']:g} | {name} | {' '.join(map(str, row['kv_factor']))} | "
-                         f"{row['flops_fraction']:.3f}{short} | {row['predicted']:.4f} | {m['score']:.4f} | "
-                         f"{m['depth']:.4f} | {m['points']:.4f} | {m['cameras']:.4f} | {m['abs_rel']:.4f} | "
-                         f"{m['rpe_rot']:.3f} |")
+                         f"{row['flops_fraction']:.3f}{short} | {row['predicted']:.4f} | {row['predicted_b']:.4f} | "
+                         f"{m['score']:.4f} | {m['depth']:.4f} | {m['points']:.4f} | {m['cameras']:.4f} | "
+                         f"{m['abs_rel']:.4f} | {m['rpe_rot']:.3f} |")
     lines += ["", "Paired over the held-out clips: mean score ratio, clips where the first deviates less (wins), "
               f"one-sided sign test; gain or loss when p < {SIGNIFICANCE}:", "",
               "| budget | comparison | score ratio | wins / clips | p | verdict |", "|---:|---|---:|---:|---:|---|"]
