@@ -23,9 +23,9 @@ One command regenerates everything (run it again whenever the shipped weights ch
 3. The Optuna study's best against the exact knapsack optimum of the same predicted objective, for every search.
 
 K/V is pruned by frame stride throughout (keep 1/r keeps every r-th frame). Intermediate files (profiles, schedules,
-Optuna journals) go to <work>/<weights digest>/, so a rerun with the same weights resumes and new weights start
-afresh. Frames default to 16: at 8 frames the stride levels stop at keep 1/8 (0.19 of the FLOPs, as the special
-tokens of every frame are always kept) and budget 0.05 leaves a single schedule.
+Optuna journals) go to <work>/<digest of the weights and the profiling options>/, so a rerun with the same weights and
+options resumes and anything else starts afresh. Frames default to 16: at 8 frames the stride levels stop at keep 1/8
+(0.19 of the FLOPs, as the special tokens of every frame are always kept) and budget 0.05 leaves a single schedule.
 """
 from __future__ import annotations
 
@@ -161,7 +161,8 @@ def weights_digest(model: str, weights: str) -> tuple[str | None, str]:
 def profile_argv(args, calib: str, out: Path) -> list[str]:
     return ["--model", args.model, "--calib", calib, "--frames", str(args.frames), "--weights", args.weights,
             "--kv-keep", args.kv_keep, "--query-merge", args.query_merge, "--additivity", str(args.additivity),
-            "--score-weights", args.score_weights, "--out", str(out), "--device", "cpu", "--dtype", "fp32", "--seed", str(args.seed)]
+            "--score-weights", args.score_weights, "--out", str(out), "--device", "cpu", "--dtype", "fp32",
+            "--seed", str(args.seed)]
 
 
 def search_argv(args, profile: Path, budget: float, out: Path) -> list[str]:
@@ -392,7 +393,8 @@ class Runner:
     def __init__(self, args):
         self.args = args
         self.weights_file, self.weights_sha256 = weights_digest(args.model, args.weights)
-        self.work = Path(args.work) / self.weights_sha256[:12]
+        options = [self.weights_sha256, *profile_argv(args, "", Path())]
+        self.work = Path(args.work) / hashlib.sha256(json.dumps(options).encode()).hexdigest()[:12]
         self.commands: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
         self._mark = time.perf_counter()
@@ -448,11 +450,35 @@ def budget_schedules(runner: Runner, profile_path: Path, profile: Profile, budge
         notes[f"{uniform_name}_below"] = {"base_factor": below[1]}
     within = most_within(fractions(flop_config, frames, lambda factor: two_tier(factor, merge)), budget)
     if within is None:
-        raise Spark3rError(f"the two-tier rule cannot reach budget {budget:g} at query merge {merge}: this is a bug")
+        raise RuntimeError(f"the two-tier rule cannot reach budget {budget:g} at query merge {merge}")
     schedules["two_tier"] = two_tier(within[1], merge)
     notes["two_tier"] = {"base_factor": within[1]}
     return {"merge": merge, "schedules": schedules, "notes": notes}, {name: summary for name, (summary, _) in
                                                                        searches.items()}
+
+
+def budget_result(budget: float, plan: dict, searches: dict, rows: dict[str, list[dict]],
+                  profiles: tuple[Profile, Profile], flop_config: FlopConfig, frames: int) -> dict:
+    """One budget's schedules (levels, FLOPs, predicted and measured scores), paired comparisons and searches."""
+    entries = {}
+    for name, schedule in plan["schedules"].items():
+        kv_factors, merge = factors_of(schedule, frames)
+        entries[name] = {"kv_factor": kv_factors, "query_merge": merge,
+                         "flops_fraction": global_attention_fraction(flop_config, frames, schedule),
+                         "predicted": predicted_deviation(profiles[0], schedule, frames=frames),
+                         "predicted_b": predicted_deviation(profiles[1], schedule, frames=frames),
+                         "measured": mean_rows(rows[name]), "per_clip_score": [row["score"] for row in rows[name]],
+                         **plan["notes"].get(name, {})}
+    return {
+        "budget": budget, "two_tier_query_merge": plan["merge"], "schedules": entries,
+        "versus": {f"{first} vs {second}": compare(entries[first]["per_clip_score"], entries[second]["per_clip_score"])
+                   for first, second in PAIRS},
+        "searches": {name: {"knapsack": {key: summary["knapsack"][key]
+                                         for key in ("deviation", "flops_fraction", "exact", "lower_bound")},
+                            "optuna_best": None if summary["optuna_best"] is None else
+                            {key: summary["optuna_best"][key] for key in ("deviation", "flops_fraction")},
+                            "trials": summary["trials"]} for name, summary in searches.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -489,29 +515,9 @@ def main(argv: list[str] | None = None) -> dict:
     measured = measure(model, held_out, everything, score_weights, ground_truth=True, desc="held-out")
     runner.clock("held-out")
 
-    budgets = []
-    for budget, (plan, searches) in plans.items():
-        entries = {}
-        for name, schedule in plan["schedules"].items():
-            rows = measured[f"{budget:g} {name}"]
-            kv_factors, merge = factors_of(schedule, args.frames)
-            entries[name] = {"kv_factor": kv_factors, "query_merge": merge,
-                             "flops_fraction": global_attention_fraction(flop_config, args.frames, schedule),
-                             "predicted": predicted_deviation(profile_a, schedule, frames=args.frames),
-                             "predicted_b": predicted_deviation(profile_b, schedule, frames=args.frames),
-                             "measured": mean_rows(rows), "per_clip_score": [row["score"] for row in rows],
-                             **plan["notes"].get(name, {})}
-        budgets.append({
-            "budget": budget, "two_tier_query_merge": plan["merge"], "schedules": entries,
-            "versus": {f"{first} vs {second}": compare(entries[first]["per_clip_score"],
-                                                       entries[second]["per_clip_score"]) for first, second in PAIRS},
-            "searches": {name: {"knapsack": {key: summary["knapsack"][key] for key in
-                                             ("deviation", "flops_fraction", "exact", "lower_bound")},
-                                "optuna_best": None if summary["optuna_best"] is None else
-                                {key: summary["optuna_best"][key] for key in ("deviation", "flops_fraction")},
-                                "trials": summary["trials"]} for name, summary in searches.items()},
-        })
-
+    budgets = [budget_result(budget, plan, searches, {name: measured[f"{budget:g} {name}"] for name in ROWS},
+                             (profile_a, profile_b), flop_config, args.frames)
+               for budget, (plan, searches) in plans.items()]
     result = {
         "command": shlex.join(["python", "benchmarks/tiny_schedules.py", *(sys.argv[1:] if argv is None else argv)]),
         "commands": runner.commands, "git_commit": git_commit(), "torch": torch.__version__, "threads": args.threads,
@@ -573,7 +579,8 @@ def _header(result: dict) -> list[str]:
         *[f"    {command}" for command in result["commands"].values()], "",
         f"Clips are generated with ground truth, {settings['frames']} frames at {result['image']}: profile A "
         f"(calibration) `{settings['calib']}`, profile B `{settings['replica']}`, held-out `{settings['held_out']}`. "
-        "K/V is pruned by frame stride (keep 1/r keeps every r-th frame; every frame's special tokens are always kept). "
+        "K/V is pruned by frame stride (keep 1/r keeps every r-th frame; every frame's special tokens are always "
+        "kept). "
         "A score is `output_deviation`'s: relative depth L1 + relative point L2 + the camera terms (centre, rotation "
         "in radians, focal), each from the dense model's output.", "",
     ]
@@ -688,7 +695,8 @@ def _optuna(result: dict) -> list[str]:
             else:
                 best_text = f"{best['deviation']:.5f}"
                 difference = best["deviation"] - knapsack["deviation"]
-                gap = f"{difference / knapsack['deviation']:+.2%}" if knapsack["deviation"] > 0 else f"{difference:+.2g}"
+                gap = f"{difference / knapsack['deviation']:+.2%}" if knapsack["deviation"] > 0 \
+                    else f"{difference:+.2g}"
             lines.append(f"| {entry['budget']:g} | {label} | {knapsack['deviation']:.5f} | "
                          f"{'yes' if knapsack['exact'] else 'no'} | {best_text} | {gap} | "
                          f"{search['trials']['sampled']} |")
