@@ -26,7 +26,7 @@ from spark3r.models.registry import build_model, resolve_model_name
 from spark3r.reduce import Reduction, apply_reductions, apply_schedule
 from spark3r.schedule import paper_schedule
 
-SPEC = Path("/work/shared/spec/state_dict")
+SPEC = Path(__file__).parent / "manifests"
 H, W = 42, 56  # 3 x 4 patches
 TINY = CONFIGS["da3-tiny"]
 EVEN_ALT = DA3Config("da3-tiny-even", 64, 10, 2, 2, (3, 5, 7, 9), 16, (8, 16, 32, 32), cam_enc_heads=4,

@@ -17,7 +17,7 @@ from spark3r.models.registry import build_model
 from spark3r.reduce import Reduction, apply_reductions, apply_schedule
 from spark3r.schedule import paper_schedule
 
-MANIFEST = Path("/work/shared/spec/state_dict/omega.tsv")
+MANIFEST = Path(__file__).parent / "manifests" / "omega.tsv"
 H, W = 48, 64  # 3 x 4 patches of 16
 TINY = CONFIGS["vggt-omega-tiny"]
 RELEASE_TO_OLD = (  # upstream's rename record, backwards

@@ -18,7 +18,7 @@ from spark3r.models.registry import build_model
 from spark3r.reduce import Reduction, apply_reductions, apply_schedule
 from spark3r.schedule import paper_schedule
 
-MANIFEST = Path("/work/shared/spec/state_dict/pi3.tsv")
+MANIFEST = Path(__file__).parent / "manifests" / "pi3.tsv"
 REPO = Path(__file__).resolve().parents[1]
 H, W = 42, 56  # 3 x 4 patches
 TINY = CONFIGS["pi3-tiny"]

@@ -18,7 +18,7 @@ from spark3r.models.loading import adapt_state_dict, check_state_dict
 from spark3r.models.registry import build_model
 from spark3r.models.vggt import VGGT, VGGT_TINY, pose_encoding_to_extrinsics_intrinsics, quaternion_to_matrix
 
-MANIFEST = Path("/work/shared/spec/state_dict/vggt.tsv")
+MANIFEST = Path(__file__).parent / "manifests" / "vggt.tsv"
 REPO = Path(__file__).resolve().parents[1]
 H, W = 42, 56  # 3 x 4 patches
 
