@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from spark3r.errors import Spark3rError
 from spark3r.models.base import BlockGroup, FlopConfig, FrameLayout
@@ -18,7 +18,9 @@ from spark3r.reduce.merge import (
     group_destinations, group_spans, merge_cell, merged_per_group, query_count,
 )
 from spark3r.reduce.reduction import Reduction
-from spark3r.schedule import Schedule
+
+if TYPE_CHECKING:  # spark3r.schedule imports spark3r.reduce: a runtime import here would be circular
+    from spark3r.schedule import Schedule
 
 KEY_METRIC_DIM = 64  # head dim of every supported model (architectures.md section 5): width of the key metric
 
@@ -117,7 +119,7 @@ def _reductions(flop_config: FlopConfig, frames: int, schedule) -> list[Reductio
     layers = sum(group.count for group in flop_config.groups if group.sequence == "global")
     if schedule is None:
         return [None] * layers
-    reductions = schedule.reductions(frames) if isinstance(schedule, Schedule) else list(schedule)
+    reductions = schedule.reductions(frames) if hasattr(schedule, "reductions") else list(schedule)
     if len(reductions) != layers:
         raise Spark3rError(f"the schedule has {len(reductions)} global layers but the model has {layers}: "
                            f"use a schedule made for this model")

@@ -19,7 +19,7 @@ from spark3r.models.base import Adapter, FrameLayout
 from spark3r.models.blocks import active_compute_dtype, merge_heads, qkv_heads
 from spark3r.reduce.attention import is_dense, reduced_attention
 from spark3r.reduce.reduction import Reduction
-from spark3r.schedule import Schedule, check_model, load_schedule
+from spark3r import schedule as schedules  # module import: spark3r.schedule itself imports spark3r.reduce
 
 
 class ReductionHandle:
@@ -107,16 +107,16 @@ def _adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:
     return adapter
 
 
-def apply_schedule(model: nn.Module, schedule: Schedule | str | Path,
+def apply_schedule(model: nn.Module, schedule: schedules.Schedule | str | Path,
                    adapter: Adapter | None = None) -> ReductionHandle:
     """Patch every global attention layer of `model` with `schedule` (a Schedule or a YAML path).
 
     adapter defaults to `model.adapter`. The schedule's model name and layer count must match the adapter's.
     """
     adapter = _adapter_of(model, adapter)
-    if not isinstance(schedule, Schedule):
-        schedule = load_schedule(schedule)
-    check_model(schedule, adapter.model_name, adapter.num_global_layers)
+    if not isinstance(schedule, schedules.Schedule):
+        schedule = schedules.load_schedule(schedule)
+    schedules.check_model(schedule, adapter.model_name, adapter.num_global_layers)
     return ReductionHandle(model, adapter, schedule.resolve, list(range(adapter.num_global_layers)))
 
 
@@ -139,7 +139,7 @@ def apply_reductions(model: nn.Module, reductions: Mapping[int, Reduction],
 
 
 @contextlib.contextmanager
-def reduced(model: nn.Module, schedule: Schedule | str | Path,
+def reduced(model: nn.Module, schedule: schedules.Schedule | str | Path,
             adapter: Adapter | None = None) -> Iterator[ReductionHandle]:
     """`with reduced(model, schedule):` runs `model` with the schedule applied and restores it on exit."""
     handle = apply_schedule(model, schedule, adapter)
