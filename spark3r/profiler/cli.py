@@ -138,10 +138,13 @@ def check_counts(args) -> None:
 
 
 def weights_identity(weights: str, entry) -> str:
-    """Which weights a run used: "none", or the resolved file (so "auto" finding a new file is a change of options)."""
+    """Which weights a run used: "none", or the resolved file with its size and modification time (so "auto" finding
+    a new file, or a file replaced in place, is a change of options and cached clips are not reused)."""
     if weights == "none":
         return "none"
-    return str((find_weights(entry) if weights == "auto" else find_weights_file(weights)).resolve())
+    path = (find_weights(entry) if weights == "auto" else find_weights_file(weights)).resolve()
+    stat = path.stat()
+    return f"{path} ({stat.st_size} bytes, mtime_ns {stat.st_mtime_ns})"
 
 
 def load_calibration(spec: str, recipe: str, frames: int | None) -> tuple[list, int, list[str]]:
