@@ -298,3 +298,15 @@ def test_benchmark_smoke_run(tmp_path):
     assert json.loads(out.read_text())["global_layers"] == 6
     assert result["seconds"]["resume"] > 0 and result["seconds"]["decode"] > 0
     assert sum(result["seconds"].values()) <= result["wall_seconds"] * 1.01
+
+
+def test_weights_replaced_in_place_are_a_change_of_options(tmp_path):
+    """Cached clips must not be reused when the weights file at the same path changes."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(2)}, str(path))
+    before = cli.weights_identity(str(path), None)
+    save_file({"a": torch.zeros(3)}, str(path))
+    assert cli.weights_identity(str(path), None) != before
+    assert cli.weights_identity("none", None) == "none"
