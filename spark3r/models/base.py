@@ -170,5 +170,21 @@ class ReconstructionModel(nn.Module):
     def flop_config(self, height: int, width: int) -> FlopConfig:
         raise NotImplementedError
 
+    def check_steps(self, state: TrunkState, stop: int | None) -> int:
+        """The step to stop before (default: the end); a sentence if it does not lie between the state's and the end."""
+        stop = self.num_steps if stop is None else stop
+        if not 0 <= state.step <= stop <= self.num_steps:
+            raise Spark3rError(
+                f"cannot run steps {state.step}..{stop}: stop must lie between the state's step and {self.num_steps}"
+            )
+        return stop
+
+    def check_finished(self, state: TrunkState) -> None:
+        """A sentence unless every trunk step of `state` has run (the heads need the finished taps)."""
+        if state.step != self.num_steps:
+            raise Spark3rError(
+                f"the trunk state is at step {state.step} of {self.num_steps}: finish it with run_steps before decode"
+            )
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.decode(self.run_steps(self.prepare(images)), images)

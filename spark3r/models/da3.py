@@ -467,11 +467,7 @@ class DA3(ReconstructionModel):
     def run_steps(self, state: TrunkState, stop: int | None = None) -> TrunkState:
         """Run steps state.step .. stop - 1 (default: to the end) and return a new state; `state` is left as it is."""
         config = self.config
-        stop = self.num_steps if stop is None else stop
-        if not 0 <= state.step <= stop <= self.num_steps:
-            raise Spark3rError(
-                f"cannot run steps {state.step}..{stop}: stop must lie between the state's step and {self.num_steps}"
-            )
+        stop = self.check_steps(state, stop)
         state = state.copy()
         x = state.tokens
         batch, frames, per_frame, width = x.shape
@@ -503,10 +499,7 @@ class DA3(ReconstructionModel):
 
     def decode(self, state: TrunkState, images: Tensor) -> dict[str, Tensor]:
         """Taps -> DualDPT depth and cam_dec cameras, fp32 with autocast off as upstream (see the module docstring)."""
-        if state.step != self.num_steps:
-            raise Spark3rError(
-                f"the trunk state is at step {state.step} of {self.num_steps}: finish it with run_steps before decode"
-            )
+        self.check_finished(state)
         grid_h, grid_w = state.extras["grid"]
         image_size = (grid_h * self.config.patch_size, grid_w * self.config.patch_size)
         taps = [state.taps[layer] for layer in self.config.out_layers]

@@ -354,11 +354,7 @@ class VGGTOmega(ReconstructionModel):
     def run_steps(self, state: TrunkState, stop: int | None = None) -> TrunkState:
         """Run steps state.step .. stop - 1 (default: to the end) and return a new state; `state` is left as it is."""
         config = self.config
-        stop = self.num_steps if stop is None else stop
-        if not 0 <= state.step <= stop <= self.num_steps:
-            raise Spark3rError(
-                f"cannot run steps {state.step}..{stop}: stop must lie between the state's step and {self.num_steps}"
-            )
+        stop = self.check_steps(state, stop)
         state = state.copy()
         tokens = state.tokens
         batch, frames, per_frame, width = tokens.shape
@@ -385,10 +381,7 @@ class VGGTOmega(ReconstructionModel):
         """Heads over a finished trunk, fp32 with autocast off; the dense head runs over chunks of 8 frames, each cast
         to fp32 on its own."""
         config = self.config
-        if state.step != self.num_steps:
-            raise Spark3rError(
-                f"the trunk state is at step {state.step} of {self.num_steps}: finish it with run_steps before decode"
-            )
+        self.check_finished(state)
         grid_h, grid_w = state.extras["grid"]
         image_size = (grid_h * config.patch_size, grid_w * config.patch_size)
         taps = [state.taps[layer] for layer in config.taps]

@@ -269,11 +269,7 @@ class Pi3(ReconstructionModel):
 
     def run_steps(self, state: TrunkState, stop: int | None = None) -> TrunkState:
         """Run steps state.step .. stop - 1 (default: to the end) and return a new state; `state` is left as it is."""
-        stop = self.num_steps if stop is None else stop
-        if not 0 <= state.step <= stop <= self.num_steps:
-            raise Spark3rError(
-                f"cannot run steps {state.step}..{stop}: stop must lie between the state's step and {self.num_steps}"
-            )
+        stop = self.check_steps(state, stop)
         state = state.copy()
         tokens = state.tokens
         batch, frames, per_frame, width = tokens.shape
@@ -311,10 +307,7 @@ class Pi3(ReconstructionModel):
 
     def decode(self, state: TrunkState, images: Tensor) -> dict[str, Tensor]:
         """The heads over chunks of frames of the last tap [B, S, P, 2C] -> the output dict (module docstring)."""
-        if state.step != self.num_steps:
-            raise Spark3rError(
-                f"the trunk state is at step {state.step} of {self.num_steps}: finish it with run_steps before decode"
-            )
+        self.check_finished(state)
         hidden = state.taps[self.num_steps - 1]
         batch, frames = hidden.shape[:2]
         pos = state.extras["pos"][None]

@@ -298,11 +298,7 @@ class VGGT(ReconstructionModel):
 
     def run_steps(self, state: TrunkState, stop: int | None = None) -> TrunkState:
         """Run steps state.step .. stop - 1 (default: to the end) and return a new state; `state` is left as it is."""
-        stop = self.num_steps if stop is None else stop
-        if not 0 <= state.step <= stop <= self.num_steps:
-            raise Spark3rError(
-                f"cannot run steps {state.step}..{stop}: stop must lie between the state's step and {self.num_steps}"
-            )
+        stop = self.check_steps(state, stop)
         state = state.copy()
         tokens = state.tokens
         batch, frames, per_frame, width = tokens.shape
@@ -333,10 +329,7 @@ class VGGT(ReconstructionModel):
 
     def decode(self, state: TrunkState, images: Tensor) -> dict[str, Tensor]:
         """Heads over a finished trunk, in fp32 with autocast off; DPT heads run over chunks of frames."""
-        if state.step != self.num_steps:
-            raise Spark3rError(
-                f"the trunk state is at step {state.step} of {self.num_steps}: finish it with run_steps before decode"
-            )
+        self.check_finished(state)
         images = check_images(images, self.config.patch_size)
         image_size = tuple(images.shape[-2:])
         taps = [state.taps[layer] for layer in self.config.taps]
