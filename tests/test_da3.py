@@ -1,6 +1,5 @@
 """Depth-Anything-3: official key layouts (meta), the backbone steps against a plain upstream-style loop, reference-view
 reordering, heads and geometry (da3-tiny on CPU), strict loading, reduction patching and the FLOP config."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,18 +24,13 @@ from spark3r.models.loading import load_model
 from spark3r.models.registry import build_model, resolve_model_name
 from spark3r.reduce import Reduction, apply_reductions, apply_schedule
 from spark3r.schedule import paper_schedule
+from support import check_patch_and_restore, read_manifest
 
-SPEC = Path(__file__).parent / "manifests"
 H, W = 42, 56  # 3 x 4 patches
 TINY = CONFIGS["da3-tiny"]
 EVEN_ALT = DA3Config("da3-tiny-even", 64, 10, 2, 2, (3, 5, 7, 9), 16, (8, 16, 32, 32), cam_enc_heads=4,
                      cam_enc_depth=1, img_size=56)  # alt_start even, as small/base/large: camera token before a local block
 PARAMS = {"da3-small": 34_299_655, "da3-base": 135_366_791, "da3-large": 410_941_959, "da3-giant": 1_355_674_317}
-
-
-def read_manifest(path: Path) -> dict[str, list[int]]:
-    rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
-    return {key: [int(n) for n in shape.strip("[]").split(",") if n.strip()] for key, shape, *_ in rows}
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +50,11 @@ def dense(tiny, images):
         return tiny(images)
 
 
-@pytest.mark.skipif(not SPEC.exists(), reason="state_dict manifests not available")
 @pytest.mark.parametrize("name", ["da3-small", "da3-base", "da3-large", "da3-giant"])
 def test_state_dict_equals_the_official_manifest(name):
     model = build_model(name, "meta")
     ours = {key: list(value.shape) for key, value in model.state_dict().items()}
-    assert ours == read_manifest(SPEC / f"{name}.tsv")
+    assert ours == dict(read_manifest(name))
     assert sum(value.numel() for value in model.state_dict().values()) == PARAMS[name]
 
 
@@ -226,28 +219,14 @@ def test_heads_rays_camera_encoder_and_gaussian_head_shapes(tiny, images):
 def test_reduction_patch_changes_outputs_and_remove_restores_them_bit_for_bit(tiny, images, dense):
     handle = apply_reductions(tiny, {1: Reduction(kv_keep=0.5, query_merge=2, group_frames=2),
                                      3: Reduction(kv_keep=0.25, kv_method="grid")})
-    with torch.no_grad():
-        reduced = tiny(images)
-    handle.remove()
-    with torch.no_grad():
-        restored = tiny(images)
-    assert not torch.equal(reduced["depth"], dense["depth"])
-    for name in dense:
-        assert torch.equal(restored[name], dense[name]), name
+    check_patch_and_restore(tiny, images, dense, handle)
 
 
 def test_paper_rule_schedule_applies_and_remove_restores_bit_for_bit(tiny, images, dense):
     schedule = paper_schedule("da3-tiny", 4, [2])  # short clips: 3 x frame-stride K/V off the sensitive layer
     handle = apply_schedule(tiny, schedule)
-    with torch.no_grad():
-        reduced = tiny(images)
     assert handle.reduction(0, images.shape[1]).kv_keep < 1
-    handle.remove()
-    with torch.no_grad():
-        restored = tiny(images)
-    assert not torch.equal(reduced["depth"], dense["depth"])
-    for name in dense:
-        assert torch.equal(restored[name], dense[name]), name
+    check_patch_and_restore(tiny, images, dense, handle)
     with pytest.raises(Spark3rError, match="vggt-tiny"):
         apply_schedule(tiny, paper_schedule("vggt-tiny", 6, [3]))
 

@@ -2,7 +2,6 @@
 blocks (axial RoPE, K-bias mask, register attention), heads (vggt-omega-tiny on CPU), checkpoint renames and strict
 loading, reduction patching and the FLOP config."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from spark3r.models.registry import build_model
 from spark3r.reduce import Reduction, apply_reductions, apply_schedule
 from spark3r.schedule import paper_schedule
 
-MANIFEST = Path(__file__).parent / "manifests" / "omega.tsv"
 H, W = 48, 64  # 3 x 4 patches of 16
 TINY = CONFIGS["vggt-omega-tiny"]
 RELEASE_TO_OLD = (  # upstream's rename record, backwards
@@ -29,11 +27,7 @@ RELEASE_TO_OLD = (  # upstream's rename record, backwards
     ("camera_head.trunk_norm.", "camera_head.token_norm."),
     ("camera_head.camera_branch.", "camera_head.pose_branch."),
 )
-
-
-def read_manifest(path: Path) -> dict[str, list[int]]:
-    rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
-    return {key: [int(n) for n in shape.strip("[]").split(",") if n.strip()] for key, shape, *_ in rows}
+from support import check_patch_and_restore, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +47,10 @@ def dense(tiny, images):
         return tiny(images)
 
 
-@pytest.mark.skipif(not MANIFEST.exists(), reason="state_dict manifest not available")
 def test_state_dict_equals_the_release_manifest():
     model = build_model("vggt-omega", "meta")
     ours = {key: list(value.shape) for key, value in model.state_dict().items()}
-    assert ours == read_manifest(MANIFEST)
+    assert ours == dict(read_manifest("omega"))
     assert sum(value.numel() for value in model.state_dict().values()) == 1_144_059_977
 
 
@@ -203,28 +196,14 @@ def test_pre_release_checkpoint_names_load_strictly(tiny, images, dense, tmp_pat
 def test_reduction_patch_changes_outputs_and_remove_restores_them_bit_for_bit(tiny, images, dense):
     handle = apply_reductions(tiny, {0: Reduction(kv_keep=0.5, query_merge=2, group_frames=2),
                                      4: Reduction(kv_keep=0.25, kv_method="key_norm")})
-    with torch.no_grad():
-        reduced = tiny(images)
-    handle.remove()
-    with torch.no_grad():
-        restored = tiny(images)
-    assert not torch.equal(reduced["depth"], dense["depth"])
-    for name in dense:
-        assert torch.equal(restored[name], dense[name]), name
+    check_patch_and_restore(tiny, images, dense, handle)
 
 
 def test_paper_rule_schedule_applies_and_remove_restores_bit_for_bit(tiny, images, dense):
     schedule = paper_schedule("vggt-omega-tiny", 5, [2])  # short clips: 3 x frame-stride K/V off the sensitive layer
     handle = apply_schedule(tiny, schedule)
-    with torch.no_grad():
-        reduced = tiny(images)
     assert handle.reduction(0, images.shape[1]).kv_keep < 1
-    handle.remove()
-    with torch.no_grad():
-        restored = tiny(images)
-    assert not torch.equal(reduced["depth"], dense["depth"])
-    for name in dense:
-        assert torch.equal(restored[name], dense[name]), name
+    check_patch_and_restore(tiny, images, dense, handle)
     with pytest.raises(Spark3rError, match="vggt-tiny"):
         apply_schedule(tiny, paper_schedule("vggt-tiny", 6, [3]))
 

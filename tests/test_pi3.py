@@ -17,16 +17,11 @@ from spark3r.models.pi3 import CONFIGS, Pi3, centred_focal_lengths, svd_orthogon
 from spark3r.models.registry import build_model
 from spark3r.reduce import Reduction, apply_reductions, apply_schedule
 from spark3r.schedule import paper_schedule
+from support import check_patch_and_restore, read_manifest
 
-MANIFEST = Path(__file__).parent / "manifests" / "pi3.tsv"
 REPO = Path(__file__).resolve().parents[1]
 H, W = 42, 56  # 3 x 4 patches
 TINY = CONFIGS["pi3-tiny"]
-
-
-def read_manifest(path: Path) -> dict[str, list[int]]:
-    rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
-    return {key: [int(n) for n in shape.strip("[]").split(",") if n.strip()] for key, shape, *_ in rows}
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +41,10 @@ def dense(tiny, images):
         return tiny(images)
 
 
-@pytest.mark.skipif(not MANIFEST.exists(), reason="state_dict manifest not available")
 def test_pi3_state_dict_equals_the_official_manifest():
     model = build_model("pi3", "meta")
     ours = {key: list(value.shape) for key, value in model.state_dict().items()}
-    assert ours == read_manifest(MANIFEST)
+    assert ours == dict(read_manifest("pi3"))
     assert sum(value.numel() for value in model.state_dict().values()) == 958_696_738
 
 
@@ -145,28 +139,14 @@ def test_adapter_names_the_odd_decoder_blocks(tiny, images):
 def test_reduction_patch_changes_outputs_and_remove_restores_them_bit_for_bit(tiny, images, dense):
     handle = apply_reductions(tiny, {0: Reduction(kv_keep=0.5, query_merge=2, group_frames=2),
                                      1: Reduction(kv_keep=0.25, kv_method="grid")})
-    with torch.no_grad():
-        reduced = tiny(images)
-    handle.remove()
-    with torch.no_grad():
-        restored = tiny(images)
-    assert not torch.equal(reduced["depth"], dense["depth"])
-    for name in dense:
-        assert torch.equal(restored[name], dense[name]), name
+    check_patch_and_restore(tiny, images, dense, handle)
 
 
 def test_paper_rule_schedule_applies_and_remove_restores_bit_for_bit(tiny, images, dense):
     schedule = paper_schedule("pi3-tiny", 2, [1])  # short clips: 3 x frame-stride K/V off the sensitive layer
     handle = apply_schedule(tiny, schedule)
-    with torch.no_grad():
-        reduced = tiny(images)
     assert handle.reduction(0, images.shape[1]).kv_keep < 1
-    handle.remove()
-    with torch.no_grad():
-        restored = tiny(images)
-    assert not torch.equal(reduced["depth"], dense["depth"])
-    for name in dense:
-        assert torch.equal(restored[name], dense[name]), name
+    check_patch_and_restore(tiny, images, dense, handle)
     with pytest.raises(Spark3rError, match="vggt-tiny"):
         apply_schedule(tiny, paper_schedule("vggt-tiny", 6, [3]))
 

@@ -17,15 +17,10 @@ from spark3r.models.blocks import merge_heads, qkv_heads
 from spark3r.models.loading import adapt_state_dict, check_state_dict
 from spark3r.models.registry import build_model
 from spark3r.models.vggt import VGGT, VGGT_TINY, pose_encoding_to_extrinsics_intrinsics, quaternion_to_matrix
+from support import read_manifest
 
-MANIFEST = Path(__file__).parent / "manifests" / "vggt.tsv"
 REPO = Path(__file__).resolve().parents[1]
 H, W = 42, 56  # 3 x 4 patches
-
-
-def read_manifest():
-    rows = [line.rstrip("\n").split("\t") for line in MANIFEST.read_text().splitlines() if line.strip()]
-    return [(key, [int(n) for n in shape.strip("[]").split(",") if n.strip()]) for key, shape, *_ in rows]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +34,9 @@ def images():
     return torch.rand(1, 4, 3, H, W, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.skipif(not MANIFEST.exists(), reason="state_dict manifest not available")
 def test_vggt_1b_state_dict_equals_the_official_manifest_in_order():
     model = build_model("vggt-1b", "meta")
-    manifest = read_manifest()
+    manifest = read_manifest("vggt")
     ours = [(k, list(v.shape)) for k, v in model.state_dict().items()]
     assert ours == [row for row in manifest if not row[0].startswith("track_head.")]
     checkpoint = {key: torch.empty(shape, device="meta") for key, shape in manifest}
