@@ -12,16 +12,14 @@ hold. The heads then run on a trunk state whose taps all come from that one laye
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from spark3r.cli import DTYPES, resolve_device
+from spark3r.files import write_json
 from spark3r.models.base import TrunkState
 from spark3r.models.blocks import no_autocast
 from spark3r.models.registry import build_model
@@ -107,13 +105,6 @@ def markdown(rows: list[dict]) -> str:
         peak = "n/a" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
         lines.append(f"| {row['frames']} | {row['stage']} | {row['seconds']:.3f} | {peak} | {row['note']} |")
     return "\n".join(lines)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(handle.name, path)
 
 
 def main(argv: list[str] | None = None) -> int:

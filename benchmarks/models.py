@@ -19,10 +19,7 @@ The paper's rule is schedules/<model>-paper.yaml; tiny models get the same rule 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +27,7 @@ from pathlib import Path
 import torch
 
 from spark3r.cli import DTYPES, resolve_device
+from spark3r.files import write_json
 from spark3r.models.base import TrunkState
 from spark3r.models.registry import build_model
 from spark3r.reduce import Reduction, apply_reductions, apply_schedule
@@ -151,13 +149,6 @@ def markdown(rows: list[dict]) -> str:
             f"{row['dense_global_s'] / row['dense_s']:.0%} | {row['note']} |"
         )
     return "\n".join(lines)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(handle.name, path)
 
 
 def main(argv: list[str] | None = None) -> int:

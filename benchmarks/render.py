@@ -18,10 +18,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foundation import measure, write_json  # noqa: E402
+from foundation import measure  # noqa: E402
 
 from spark3r.cli import resolve_device  # noqa: E402
-from spark3r.data.synthetic import Scene, SceneConfig, clip_seeds, render_views, sample_clip  # noqa: E402
+from spark3r.files import write_json  # noqa: E402
+from spark3r.data.synthetic import (  # noqa: E402
+    Scene,
+    SceneConfig,
+    clip_seeds,
+    render_views,
+    sample_clip,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

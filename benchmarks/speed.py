@@ -33,9 +33,17 @@ import torch
 import torch.nn.functional as F
 
 from spark3r.cli import DTYPES, resolve_device
+from spark3r.files import write_json
 from spark3r.models.registry import build_model
 from spark3r.reduce import (
-    apply_schedule, kv_count, merge_queries, merge_slots, model_flops, query_count, select_kv, unmerge,
+    apply_schedule,
+    kv_count,
+    merge_queries,
+    merge_slots,
+    model_flops,
+    query_count,
+    select_kv,
+    unmerge,
 )
 from spark3r.reduce.attention import is_dense
 from spark3r.schedule import load_schedule
@@ -43,7 +51,7 @@ from spark3r.schedule import load_schedule
 _spec = importlib.util.spec_from_file_location("benchmarks_foundation", HERE / "foundation.py")
 foundation = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(foundation)
-measure, run_trunk, write_json = foundation.measure, foundation.run_trunk, foundation.write_json
+measure, run_trunk = foundation.measure, foundation.run_trunk
 
 SCHEDULES = HERE.parent / "schedules"
 STAGES = ("encoder", "frame blocks", "global blocks", "global attention modules", "select+merge", "heads")

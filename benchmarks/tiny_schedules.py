@@ -60,7 +60,8 @@ from spark3r.models.loading import find_weights, find_weights_file, load_model
 from spark3r.models.registry import get_entry, resolve_model_name
 from spark3r.profiler import cli as profiler_cli
 from spark3r.profiler.aggregate import spearman
-from spark3r.profiler.format import STATISTICS, MetricTable, Profile, load_profile, save_profile, write_atomic
+from spark3r.files import write_atomic
+from spark3r.profiler.format import STATISTICS, MetricTable, Profile, load_profile, save_profile
 from spark3r.profiler.run import finite_outputs
 from spark3r.reduce import global_attention_fraction, reduced
 from spark3r.schedule import KVSpec, LayerSpec, QuerySpec, Schedule, load_schedule

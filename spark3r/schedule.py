@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shlex
-import tempfile
 import textwrap
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -44,6 +42,7 @@ from typing import Any
 import yaml
 
 from spark3r.errors import Spark3rError
+from spark3r.files import write_atomic
 from spark3r.reduce.reduction import KV_METHODS, SIMILARITIES, Reduction
 
 SCHEDULE_VERSION = 1
@@ -419,17 +418,7 @@ def save_schedule(schedule: Schedule, path, header: str = "") -> Path:
     schedule_from_dict(doc, "the schedule to save")
     text = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
     text += yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, text.encode("utf-8"))
 
 
 def check_model(schedule: Schedule, model_name: str, num_global_layers: int) -> None:

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from spark3r.errors import Spark3rError
 from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState
 from spark3r.models.blocks import (
     Block,

@@ -35,7 +35,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -46,11 +45,31 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from spark3r.cli import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
+from spark3r.cli import (
+    ArgumentParser,
+    add_runtime_args,
+    command,
+    resolve_device,
+    resolve_dtype,
+)
 from spark3r.data.clips import Clip, open_clips, parse_synthetic_spec
-from spark3r.data.synthetic import Scene, SceneConfig, clip_seeds, render_batch, render_views, sample_clip
+from spark3r.data.synthetic import (
+    Scene,
+    SceneConfig,
+    clip_seeds,
+    render_batch,
+    render_views,
+    sample_clip,
+)
 from spark3r.errors import Spark3rError
-from spark3r.evaluate.metrics import camera_centers, camera_metrics, depth_metrics, pose_auc, rotation_angle_deg
+from spark3r.evaluate.metrics import (
+    camera_centers,
+    camera_metrics,
+    depth_metrics,
+    pose_auc,
+    rotation_angle_deg,
+)
+from spark3r.files import atomic_save
 from spark3r.models.base import FrameLayout
 from spark3r.models.blocks import merge_heads, qkv_heads
 from spark3r.models.loading import load_model
@@ -438,24 +457,12 @@ class TrainConfig:
         return Path(self.out).with_suffix(".ckpt.pt")
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(temporary path) in `path`'s folder, then rename it onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def save_weights(model: nn.Module, path: str | os.PathLike) -> int:
     """Write the model's state_dict as fp16 safetensors (atomically); returns the file size in bytes."""
     state = {key: (value.half() if value.is_floating_point() else value).detach().cpu().contiguous()
              for key, value in model.state_dict().items()}
     path = Path(path)
-    atomic_write(path, lambda temporary: save_file(state, temporary, metadata={"model": MODEL, "dtype": "float16"}))
+    atomic_save(path, lambda temporary: save_file(state, temporary, metadata={"model": MODEL, "dtype": "float16"}))
     return path.stat().st_size
 
 
@@ -489,7 +496,7 @@ def save_checkpoint(config: TrainConfig, model: nn.Module, optimizer: torch.opti
                     seconds: float) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "seconds": seconds,
              "settings": asdict(config)}
-    atomic_write(config.checkpoint_path, lambda temporary: torch.save(state, temporary))
+    atomic_save(config.checkpoint_path, lambda temporary: torch.save(state, temporary))
 
 
 def compile_model(model: nn.Module) -> None:

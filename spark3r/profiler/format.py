@@ -11,13 +11,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from spark3r.errors import Spark3rError
+from spark3r.files import write_atomic
 from spark3r.models.base import FrameLayout
 
 PROFILE_VERSION = 1
@@ -230,27 +230,11 @@ def save_profile(profile: Profile, out_dir: str | os.PathLike, raw: dict[str, np
     return path
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes the file private (0600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def _versions() -> dict:
-    import torch
-
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
     try:
         spark3r_version = version("spark3r")
     except PackageNotFoundError:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from spark3r.profiler.format import Profile, write_atomic
+from spark3r.files import write_atomic
+from spark3r.profiler.format import Profile
 
 
 def save_heatmap(profile: Profile, path: str | os.PathLike) -> Path:

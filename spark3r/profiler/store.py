@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from spark3r.errors import Spark3rError
-from spark3r.profiler.format import write_atomic
+from spark3r.files import write_atomic
 
 CLIPS_DIR = "clips"
 

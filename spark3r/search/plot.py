@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from spark3r.profiler.format import write_atomic  # noqa: E402
+from spark3r.files import write_atomic  # noqa: E402
 
 Point = tuple[float, float]  # (FLOPs fraction, predicted deviation)
 
