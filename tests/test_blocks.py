@@ -298,3 +298,40 @@ def test_qkv_heads_hands_the_autocast_dtype_to_the_attention():
     assert q.dtype == k.dtype == v.dtype == torch.bfloat16
     assert torch.equal(q, rope_uncached(raw[0], pos).to(torch.bfloat16))
     assert torch.equal(k, rope_uncached(raw[1], pos).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("ffn_layer", ["mlp", "swiglu"])
+def test_long_sequences_without_autograd_run_in_chunks_with_the_same_values(monkeypatch, ffn_layer):
+    block = Block(32, 2, mlp_ratio=2.0, init_values=0.5, norm_eps=1e-5, qk_norm=True, rope=RotaryPositionEmbedding2D(),
+                  ffn_layer=ffn_layer)
+    randomize(block.double(), seed=6)
+    x = torch.randn(2, 5 * 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    pos = patch_positions(2, 3, 1, "cpu")  # one frame's 7 positions, repeated over 5 frames as in a global layer
+    whole = block(x, pos=pos).detach()  # autograd on: one pass
+    calls = []
+    monkeypatch.setattr("spark3r.models.blocks.INFERENCE_TOKEN_CHUNK", 2 * 14)  # 14 tokens (2 frames) per chunk
+    block.mlp.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
+    with torch.no_grad():
+        chunked = block(x, pos=pos)
+    assert calls == [14, 14, 7]
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
+    expected = [[attention_reference(block.attn, layer_norm(x[b].numpy(), *(p.detach().numpy() for p in
+                 (block.norm1.weight, block.norm1.bias)), 1e-5), np.tile(pos.numpy(), (5, 1)).astype(np.float64))]
+                for b in range(2)]
+    with torch.no_grad():
+        attn = block.attn(block.norm1(x), pos=pos)
+    np.testing.assert_allclose(attn.numpy(), np.concatenate(expected), atol=1e-6)  # RoPE angles are fp32
+
+
+def test_chunked_block_keeps_the_promoted_residual_dtype(monkeypatch):
+    block = Block(16, 2, init_values=0.1)
+    x = torch.randn(1, 40, 16).bfloat16()
+    block.attn.forward = lambda x, pos=None: x  # keep the residual bf16 through the attention half
+    block.ls1 = nn.Identity()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = block(x).detach()  # bf16 residual + fp32 LayerScale branch: fp32 out
+        monkeypatch.setattr("spark3r.models.blocks.INFERENCE_TOKEN_CHUNK", 16)
+        with torch.no_grad():
+            chunked = block(x)
+    assert chunked.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(chunked, expected, rtol=0, atol=0)

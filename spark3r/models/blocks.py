@@ -99,14 +99,49 @@ class RotaryPositionEmbedding2D(nn.Module):
         return out.view(batch, heads, tokens, head_dim)
 
 
+INFERENCE_TOKEN_CHUNK = 1 << 18
+"""Without autograd, a sequence of more than this many tokens (batch x length) runs its token-wise parts (qkv, qk-norm
+and RoPE; norm2 + MLP) this many tokens at a time: a 1000-frame global layer then never holds its [N, 4C] MLP hidden
+or fp32 q/k whole (DA3-giant at 1000 frames: about 40 GB less)."""
+
+
+def inference_chunk(x: Tensor, period: int = 1) -> int | None:
+    """Tokens per chunk for the token-wise work on x [B, N, C] (a multiple of `period`, the RoPE position period), or
+    None where it runs whole: under autograd, or when N fits in one chunk."""
+    batch, tokens = x.shape[:2]
+    chunk = max(1, INFERENCE_TOKEN_CHUNK // (batch * period)) * period
+    return None if torch.is_grad_enabled() or tokens <= chunk else chunk
+
+
 def qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The pre-attention math of `attn`: x [B, N, C] -> q, k, v each [B, h, N, D], after qk-norm and RoPE.
+
+    Long sequences without autograd run it over whole RoPE periods at a time (`inference_chunk`), writing into the
+    outputs; every token's values are those of one pass over the whole sequence.
 
     Reads only `attn.qkv`, `attn.num_heads`, `attn.q_norm`, `attn.k_norm`, and optionally `attn.rope` and
     `attn.qk_to_v_dtype` (pi3 casts q and k back to v's dtype after qk-norm). Under autocast, q and k leave in the
     autocast dtype (our RoPE rounds to it once; another `rope(x, pos)` module is cast after), as the attention would
     cast them anyway; qk-norm and RoPE still run in the dtype qk-norm returns (fp32 under CUDA autocast, as upstream).
     """
+    rope = getattr(attn, "rope", None)
+    period = 1 if pos is None else pos.shape[-2]
+    chunk = inference_chunk(x, period) if rope is None or isinstance(rope, RotaryPositionEmbedding2D) else None
+    if chunk is None or x.shape[1] % period:
+        return token_qkv_heads(attn, x, pos)
+    outputs = None
+    for start in range(0, x.shape[1], chunk):
+        parts = token_qkv_heads(attn, x[:, start:start + chunk], pos)
+        if outputs is None:
+            shape = (x.shape[0], attn.num_heads, x.shape[1], parts[0].shape[-1])
+            outputs = [torch.empty(shape, dtype=part.dtype, device=part.device) for part in parts]
+        for output, part in zip(outputs, parts):
+            output[:, :, start:start + chunk] = part
+    return tuple(outputs)
+
+
+def token_qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`qkv_heads` in one pass: x [B, N, C] -> q, k, v [B, h, N, D]."""
     batch, tokens, width = x.shape
     heads = attn.num_heads
     qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
@@ -218,6 +253,8 @@ FFN_LAYERS = {"mlp": Mlp, "swiglu": SwiGLUFFN}
 class Block(nn.Module):
     """Pre-norm ViT block: x + ls1(attn(norm1(x), pos)), then x + ls2(mlp(norm2(x))). x [B, N, C] -> [B, N, C].
 
+    Without autograd, a long sequence runs norm2 + MLP over `inference_chunk` tokens at a time.
+
     init_values None drops LayerScale (ls1/ls2 become Identity, no keys); `rope` is a shared RoPE module or None.
     """
 
@@ -248,7 +285,18 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        chunk = inference_chunk(x)
+        if chunk is None:
+            return x + self.ls2(self.mlp(self.norm2(x)))
+        out = None
+        for start in range(0, x.shape[1], chunk):  # x is this call's own tensor: it may take the sum in place
+            part = x[:, start:start + chunk]
+            branch = self.ls2(self.mlp(self.norm2(part)))
+            if out is None:
+                dtype = torch.promote_types(x.dtype, branch.dtype)
+                out = x if dtype == x.dtype else torch.empty(x.shape, dtype=dtype, device=x.device)
+            torch.add(part, branch, out=out[:, start:start + chunk])
+        return out
 
 
 def init_weights(model: nn.Module) -> nn.Module:
