@@ -97,14 +97,17 @@ def time_heads(model, frames: int, size: tuple[int, int], device: torch.device, 
 
 
 def benchmark(model, frames: int, size: tuple[int, int], head_frames: int, device: torch.device,
-              repeats: int) -> dict:
-    """One row: dense and paper-rule seconds (assembled, see the module docstring) and the FLOP model's speed-up."""
+              repeats: int, whole_reduced: bool = False) -> dict:
+    """One row: dense and paper-rule seconds (assembled, see the module docstring) and the FLOP model's speed-up;
+    `whole_reduced`: also the paper-rule forward run whole, once (seconds and peak memory)."""
     images = torch.rand(1, frames, 3, *size, device=device)
     layout = model.adapter.layout(images)
     state, encoder_s, encoder_peak = measure(device, lambda: model.prepare(images), repeats)
     global_steps = model.global_layer_steps
     other = time_steps(model, state, [s for s in range(model.num_steps) if s not in global_steps], device, repeats)
-    dense_global = time_steps(model, state, global_steps[:1], device, repeats)[global_steps[0]]
+    first_global = global_steps[0]
+    _, dense_global, dense_global_peak = measure(
+        device, lambda: model.run_steps(step_state(state, first_global), first_global + 1), repeats)
 
     schedule = paper_rule(model)
     layers_by_reduction = defaultdict(list)
@@ -120,6 +123,13 @@ def benchmark(model, frames: int, size: tuple[int, int], head_frames: int, devic
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
+    whole = {}
+    if whole_reduced:
+        with apply_schedule(model, schedule):
+            _, whole["reduced_whole_s"], whole["reduced_whole_peak_gib"] = measure(device, lambda: model(images), 1)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     head_count = min(frames, head_frames)
     heads_s = time_heads(model, head_count, size, device, repeats) * frames / head_count
     shared = encoder_s + sum(other.values()) + heads_s
@@ -134,19 +144,26 @@ def benchmark(model, frames: int, size: tuple[int, int], head_frames: int, devic
         "reduced_global_s": reduced_global, "dense_s": dense_s, "reduced_s": reduced_s,
         "speedup": dense_s / reduced_s, "flop_speedup": flop_speedup,
         "paper_speedup": PAPER_SPEEDUP.get(model.adapter.model_name, "n/a"),
-        "encoder_peak_gib": encoder_peak,
+        "encoder_peak_gib": encoder_peak, "dense_global_step_peak_gib": dense_global_peak,
         "note": "assembled" + (f"; heads scaled from {head_count} frames" if head_count < frames else ""),
+        **whole,
     }
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | frames | dense (s) | paper rule (s) | speed-up | FLOP-model speed-up | paper (~1000 frames) "
-             "| dense global share | note |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| dense global share | dense global step peak (GiB) | paper rule whole (s) | its peak (GiB) | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def cell(row: dict, key: str, digits: int) -> str:
+        return "n/a" if row.get(key) is None else f"{row[key]:.{digits}f}"
+
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['frames']} | {row['dense_s']:.2f} | {row['reduced_s']:.2f} | "
             f"{row['speedup']:.1f}x | {row['flop_speedup']:.1f}x | {row['paper_speedup']} | "
-            f"{row['dense_global_s'] / row['dense_s']:.0%} | {row['note']} |"
+            f"{row['dense_global_s'] / row['dense_s']:.0%} | {cell(row, 'dense_global_step_peak_gib', 1)} | "
+            f"{cell(row, 'reduced_whole_s', 2)} | {cell(row, 'reduced_whole_peak_gib', 1)} | {row['note']} |"
         )
     return "\n".join(lines)
 
@@ -161,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--head-frames", type=int, default=100, help="frames the heads are timed on (then scaled)")
     parser.add_argument("--repeats", type=int, default=3, help="timings under 1 s are repeated, best kept")
+    parser.add_argument("--whole-reduced", action="store_true",
+                        help="also run the paper-rule forward whole once per length: end-to-end seconds, peak memory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/models.json"))
     args = parser.parse_args(argv)
@@ -176,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             benchmark(model, 2, size, args.head_frames, device, 1)  # warm-up: kernels, cuDNN plans
             for frames in args.frames:
                 try:
-                    rows.append(benchmark(model, frames, size, args.head_frames, device, args.repeats))
+                    rows.append(benchmark(model, frames, size, args.head_frames, device, args.repeats,
+                                          args.whole_reduced))
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     print(f"out of memory: {name} at {frames} frames (longer clips skipped)", file=sys.stderr)

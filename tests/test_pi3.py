@@ -217,7 +217,7 @@ def test_models_benchmark_smoke_run(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "models.py"), "--models", "pi3-tiny", "da3-tiny",
          "vggt-omega-tiny", "--frames", "4", "6", "--dtype", "fp32", "--device", "cpu", "--repeats", "1",
-         "--out", str(out)],
+         "--whole-reduced", "--out", str(out)],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
@@ -228,4 +228,5 @@ def test_models_benchmark_smoke_run(tmp_path):
     for row in rows:
         assert row["dense_s"] > 0 and row["reduced_s"] > 0 and row["flop_speedup"] >= 1.0
         assert row["speedup"] == pytest.approx(row["dense_s"] / row["reduced_s"])
+        assert row["reduced_whole_s"] > 0 and row["reduced_whole_peak_gib"] is None  # no CUDA peak on the CPU
     assert "| pi3-tiny | 4 |" in result.stdout
