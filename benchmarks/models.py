@@ -125,8 +125,11 @@ def benchmark(model, frames: int, size: tuple[int, int], head_frames: int, devic
 
     whole = {}
     if whole_reduced:
-        with apply_schedule(model, schedule):
-            _, whole["reduced_whole_s"], whole["reduced_whole_peak_gib"] = measure(device, lambda: model(images), 1)
+        try:
+            with apply_schedule(model, schedule):
+                _, whole["reduced_whole_s"], whole["reduced_whole_peak_gib"] = measure(device, lambda: model(images), 1)
+        except torch.cuda.OutOfMemoryError:
+            whole = {"reduced_whole_s": None, "reduced_whole_peak_gib": None}
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -145,7 +148,8 @@ def benchmark(model, frames: int, size: tuple[int, int], head_frames: int, devic
         "speedup": dense_s / reduced_s, "flop_speedup": flop_speedup,
         "paper_speedup": PAPER_SPEEDUP.get(model.adapter.model_name, "n/a"),
         "encoder_peak_gib": encoder_peak, "dense_global_step_peak_gib": dense_global_peak,
-        "note": "assembled" + (f"; heads scaled from {head_count} frames" if head_count < frames else ""),
+        "note": "assembled" + (f"; heads scaled from {head_count} frames" if head_count < frames else "")
+                + ("; paper rule whole: out of memory" if whole_reduced and whole["reduced_whole_s"] is None else ""),
         **whole,
     }
 

@@ -472,7 +472,7 @@ class DA3(ReconstructionModel):
         x = state.tokens
         batch, frames, per_frame, width = x.shape
         local_pos = state.extras["pos"][None]
-        global_pos = state.extras["pos_global"].repeat(frames, 1)[None]
+        global_pos = state.extras["pos_global"][None]  # one frame's positions: RoPE repeats them over the frames
         restore = None if state.extras["order"] is None else torch.argsort(state.extras["order"], dim=1)
         with compute_autocast(x.device.type, self.compute_dtype):
             tap_dtype = active_compute_dtype(x.device.type, x.dtype) if self.lean else x.dtype

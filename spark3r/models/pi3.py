@@ -273,14 +273,14 @@ class Pi3(ReconstructionModel):
         tokens = state.tokens
         batch, frames, per_frame, width = tokens.shape
         pos = state.extras["pos"]
-        frame_pos, global_pos = pos[None], pos.repeat(frames, 1)[None]
+        pos = pos[None]  # one frame's positions: in a global layer RoPE repeats them over the frames
         with compute_autocast(tokens.device.type, self.compute_dtype):
             tap_dtype = active_compute_dtype(tokens.device.type, tokens.dtype) if self.lean else tokens.dtype
             for step in range(state.step, stop):
                 if step % 2 == 0:
-                    out = self.decoder[step](tokens.reshape(batch * frames, per_frame, width), pos=frame_pos)
+                    out = self.decoder[step](tokens.reshape(batch * frames, per_frame, width), pos=pos)
                 else:
-                    out = self.decoder[step](tokens.reshape(batch, frames * per_frame, width), pos=global_pos)
+                    out = self.decoder[step](tokens.reshape(batch, frames * per_frame, width), pos=pos)
                 out = out.view(batch, frames, per_frame, width)
                 if step == self.num_steps - 1:
                     state.taps[step] = torch.cat([tokens, out], dim=-1).to(tap_dtype)
