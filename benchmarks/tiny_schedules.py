@@ -10,7 +10,8 @@ One command regenerates everything (run it again whenever the shipped weights ch
    asymmetry checks.
 2. Search vs baselines (search-schedule): at each budget (fraction of dense global-attention FLOPs), schedules are
    measured on held-out generated clips (--held-out) against the dense model (deviation) and the ground truth:
-   - searched: `search-schedule` on the --calib profile (it picks one query merge factor for all layers);
+   - searched: `search-schedule` on the --calib profile (it picks one query merge factor for all layers), which
+     runs its --verify best predicted candidates on the --replica clips and exports the best measured one;
    - uniform >= (and uniform <=): the searched query merge and one K/V keep on every layer, with the least FLOPs at
      or above the searched schedule's (the most FLOPs at or below it; the stride levels are coarse);
    - two-tier: the paper's procedure. A probe on the calibration clips runs every layer at K/V factor --probe-base
@@ -102,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budgets", default="0.25,0.1,0.05", help="fractions of dense global-attention FLOPs")
     parser.add_argument("--trials", type=int, default=2000, help="search-schedule --trials")
     parser.add_argument("--sampler", default="mutation", help="search-schedule --sampler")
+    parser.add_argument("--verify", type=int, default=8,
+                        help="search-schedule --verify K on the --replica clips (0: export the predicted best)")
     parser.add_argument("--probe-base", type=int, default=2, help="K/V reduction factor of every layer in the probe")
     parser.add_argument("--probe-factor", type=int, default=16, help="K/V reduction factor of the probed layer")
     parser.add_argument("--threshold", type=float, default=1.05,
@@ -167,8 +170,9 @@ def profile_argv(args, calib: str, out: Path) -> list[str]:
 
 
 def search_argv(args, profile: Path, budget: float, out: Path) -> list[str]:
+    verify = ["--verify", str(args.verify), "--calib", args.replica] if args.verify else []
     return ["--profile", str(profile), "--budget", f"{budget:g}", "--trials", str(args.trials), "--sampler",
-            args.sampler, "--out", str(out), "--device", "cpu", "--dtype", "fp32", "--seed", str(args.seed)]
+            args.sampler, *verify, "--out", str(out), "--device", "cpu", "--dtype", "fp32", "--seed", str(args.seed)]
 
 
 def load_clips(spec: str, model: str, frames: int) -> list[Clip]:
@@ -526,7 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
         "weights": {"file": runner.weights_file, "sha256": runner.weights_sha256},
         "settings": {key: getattr(args, key) for key in ("model", "frames", "calib", "replica", "held_out", "kv_keep",
                                                           "query_merge", "additivity", "fixed_keep", "budgets",
-                                                          "trials", "sampler", "probe_base", "probe_factor",
+                                                          "trials", "sampler", "verify", "probe_base", "probe_factor",
                                                           "threshold", "insensitive_factor", "seed")},
         "image": f"{profile_a.image_hw[0]}x{profile_a.image_hw[1]}", "score_weights": score_weights,
         "profiles": {name: {"path": str(runner.work / f"profile-{name}"), "clips": [c["name"] for c in p.clips],
@@ -634,7 +638,10 @@ def _versus(result: dict) -> list[str]:
     lines = [
         "## 2. Searched schedules vs baselines on held-out clips", "",
         f"searched: `search-schedule` on profile A ({settings['sampler']} sampler, {settings['trials']} trials after "
-        "the knapsack warm start, one query merge factor r_Q for all layers). uniform >= / <=: the searched r_Q and "
+        "the knapsack warm start, one query merge factor r_Q for all layers"
+        + (f"; its {settings['verify']} best predicted candidates run on profile B's clips and the best measured one "
+           "exported" if settings.get("verify") else "; the predicted best exported") +
+        "). uniform >= / <=: the searched r_Q and "
         "one K/V factor on every layer, with the least FLOPs at or above the searched schedule's / the most at or "
         "below it (frame-stride levels are coarse). two-tier: the paper's "
         f"procedure; sensitive layers keep 1/r, the others 1/({settings['insensitive_factor']}r), queries merged as "

@@ -365,3 +365,21 @@ def test_verify_measures_candidates_and_exports_the_best_measured(tmp_path, monk
     assert result["chosen"]["kv_keep"] == best["kv_keep"]
     schedule = load_schedule(tmp_path / "schedules" / "vggt-tiny-b0.3.yaml")
     assert schedule.provenance["measured_deviation"] == pytest.approx(best["measured_deviation"], rel=1e-6)
+
+
+def test_verify_uses_the_profiled_weights_file_and_refuses_a_changed_one(tmp_path, monkeypatch, capsys):
+    from spark3r.models.loading import find_weights
+    from spark3r.models.registry import get_entry
+    from spark3r.profiler.cli import weights_identity
+
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "tiny.safetensors"
+    weights.write_bytes(find_weights(get_entry("vggt-tiny")).read_bytes())
+    write_profile(tmp_path, weights=weights_identity(str(weights), None), frames=3)
+    argv = ["--budget", "0.3", "--trials", "20", "--verify", "1", "--calib", "synthetic:1:77", "--json",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["chosen"]["measured_deviation"])
+    os.utime(weights, (time.time() + 5, time.time() + 5))  # the file replaced since profiling
+    assert main([*argv, "--out", "other.yaml"]) == 2
+    assert "which is gone or has changed since: pass --weights" in capsys.readouterr().err

@@ -147,6 +147,18 @@ def weights_identity(weights: str, entry) -> str:
     return f"{path} ({stat.st_size} bytes, mtime_ns {stat.st_mtime_ns})"
 
 
+def profiled_weights(identity: str) -> str:
+    """The weights a profile was made with, from its `weights_identity`: "none" or the file's path; one sentence if
+    the file has since gone or changed."""
+    if " (" not in identity:
+        return identity
+    path = identity.rsplit(" (", 1)[0]
+    if not Path(path).is_file() or weights_identity(path, None) != identity:
+        raise Spark3rError(f"the profile was made with weights {identity}, which is gone or has changed since: pass "
+                           "--weights for the weights to verify with, or profile again")
+    return path
+
+
 def load_calibration(spec: str, recipe: str, frames: int | None) -> tuple[list, int, list[str]]:
     """The calibration clips cut to one frame count, that count, and notes for the user."""
     clips = open_clips(spec, preprocess=recipe, max_frames=frames, frames=frames)

@@ -256,12 +256,13 @@ def main(argv: list[str] | None = None) -> int:
 def verify_best(args, profile: Profile, problem: SearchProblem,
                 candidates: list[Candidate]) -> tuple[Candidate, dict[Candidate, float]]:
     """Measure `candidates` on the held-out clips; the best measured one and every candidate's mean deviation."""
+    from spark3r.profiler.cli import profiled_weights
     from spark3r.search.verify import held_out_clips, measure
 
     device = resolve_device(args.device)
     clips = held_out_clips(profile, args.calib)
     schedules = [candidate_schedule(problem, candidate) for candidate in candidates]
-    weights = args.weights if args.weights is not None else profile.options.get("weights", "auto")
+    weights = args.weights if args.weights is not None else profiled_weights(profile.options.get("weights", "auto"))
     deviations = measure(profile, schedules, clips, device=device, dtype=resolve_dtype(args.dtype, device),
                          weights=weights, seed=profile.options.get("seed", args.seed),  # random weights as profiled
                          metric=args.metric).mean(axis=1)
