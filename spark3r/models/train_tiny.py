@@ -1,6 +1,6 @@
 """Train the bundled vggt-tiny on synthetic clips rendered on the fly, and evaluate it on held-out clips.
 
-    python -m spark3r.models.train_tiny --steps 100000 --minutes 8.5 --seed 0 --out vggt-tiny.safetensors
+    python -m spark3r.models.train_tiny --steps 100000 --minutes 21 --seed 0 --out vggt-tiny.safetensors
     python -m spark3r.models.train_tiny --evaluate vggt-tiny.safetensors --clips synthetic:64:1000
 
 Training renders `--batch` new clips of `--frames` frames on the device every step (spark3r.data.synthetic: scene
@@ -420,7 +420,7 @@ class TrainConfig:
     frames: int = 8
     size: int = 112
     seed: int = 0
-    lr: float = 4e-4
+    lr: float = 6e-4
     warmup: int = 300
     weight_decay: float = 0.05
     clip_grad: float = 1.0
