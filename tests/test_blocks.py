@@ -305,11 +305,11 @@ def test_long_sequences_without_autograd_run_in_chunks_with_the_same_values(monk
     block = Block(32, 2, mlp_ratio=2.0, init_values=0.5, norm_eps=1e-5, qk_norm=True, rope=RotaryPositionEmbedding2D(),
                   ffn_layer=ffn_layer)
     randomize(block.double(), seed=6)
-    x = torch.randn(2, 5 * 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(1, 5 * 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     pos = patch_positions(2, 3, 1, "cpu")  # one frame's 7 positions, repeated over 5 frames as in a global layer
     whole = block(x, pos=pos).detach()  # autograd on: one pass
     calls = []
-    monkeypatch.setattr("spark3r.models.blocks.INFERENCE_TOKEN_CHUNK", 2 * 14)  # 14 tokens (2 frames) per chunk
+    monkeypatch.setattr("spark3r.models.blocks.INFERENCE_TOKEN_CHUNK", 14)  # 14 tokens (2 frames) per chunk
     block.mlp.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
     with torch.no_grad():
         chunked = block(x, pos=pos)
@@ -317,7 +317,7 @@ def test_long_sequences_without_autograd_run_in_chunks_with_the_same_values(monk
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
     expected = [[attention_reference(block.attn, layer_norm(x[b].numpy(), *(p.detach().numpy() for p in
                  (block.norm1.weight, block.norm1.bias)), 1e-5), np.tile(pos.numpy(), (5, 1)).astype(np.float64))]
-                for b in range(2)]
+                for b in range(1)]
     with torch.no_grad():
         attn = block.attn(block.norm1(x), pos=pos)
     np.testing.assert_allclose(attn.numpy(), np.concatenate(expected), atol=1e-6)  # RoPE angles are fp32
@@ -335,3 +335,22 @@ def test_chunked_block_keeps_the_promoted_residual_dtype(monkeypatch):
             chunked = block(x)
     assert chunked.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(chunked, expected, rtol=0, atol=0)
+
+
+def test_a_large_batch_without_autograd_runs_a_few_sequences_at_a_time_with_the_same_values(monkeypatch):
+    block = Block(32, 2, mlp_ratio=2.0, init_values=0.5, norm_eps=1e-5, qk_norm=True, rope=RotaryPositionEmbedding2D())
+    randomize(block.double(), seed=8)
+    x = torch.randn(5, 7, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    per_frame = patch_positions(2, 3, 1, "cpu")
+    per_row = per_frame[None].repeat(5, 1, 1).flip(1)  # [B, N, 2]: positions differ from row to row's default
+    for pos in (per_frame, per_row):
+        whole = block(x, pos=pos).detach()  # autograd on: one call
+        monkeypatch.setattr("spark3r.models.blocks.INFERENCE_TOKEN_CHUNK", 14)  # 2 sequences of 7 tokens per call
+        calls = []
+        handle = block.attn.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        with torch.no_grad():
+            rows = block(x, pos=pos)
+        handle.remove()
+        monkeypatch.undo()
+        assert calls == [2, 2, 1]
+        torch.testing.assert_close(rows, whole, rtol=0, atol=1e-12)

@@ -100,9 +100,9 @@ class RotaryPositionEmbedding2D(nn.Module):
 
 
 INFERENCE_TOKEN_CHUNK = 1 << 18
-"""Without autograd, a sequence of more than this many tokens (batch x length) runs its token-wise parts (qkv, qk-norm
-and RoPE; norm2 + MLP) this many tokens at a time: a 1000-frame global layer then never holds its [N, 4C] MLP hidden
-or fp32 q/k whole (DA3-giant at 1000 frames: about 40 GB less)."""
+"""Without autograd, a block call of more than this many tokens (batch x length) runs in parts: a batch of sequences
+(per-frame blocks) a few sequences at a time, one long sequence (a global layer) its token-wise parts (qkv, qk-norm and
+RoPE; norm2 + MLP) this many tokens at a time. 1000 frames then never hold a whole [N, 4C] MLP hidden or fp32 q/k."""
 
 
 def inference_chunk(x: Tensor, period: int = 1) -> int | None:
@@ -253,7 +253,8 @@ FFN_LAYERS = {"mlp": Mlp, "swiglu": SwiGLUFFN}
 class Block(nn.Module):
     """Pre-norm ViT block: x + ls1(attn(norm1(x), pos)), then x + ls2(mlp(norm2(x))). x [B, N, C] -> [B, N, C].
 
-    Without autograd, a long sequence runs norm2 + MLP over `inference_chunk` tokens at a time.
+    Without autograd, a batch of more than INFERENCE_TOKEN_CHUNK tokens runs a few sequences at a time
+    (`forward_rows`), and one long sequence runs norm2 + MLP over `inference_chunk` tokens at a time.
 
     init_values None drops LayerScale (ls1/ls2 become Identity, no keys); `rope` is a shared RoPE module or None.
     """
@@ -284,6 +285,9 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
 
     def forward(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
+        batch, tokens = x.shape[:2]
+        if batch > 1 and batch * tokens > INFERENCE_TOKEN_CHUNK and not torch.is_grad_enabled():
+            return self.forward_rows(x, pos)
         x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
         chunk = inference_chunk(x)
         if chunk is None:
@@ -296,6 +300,21 @@ class Block(nn.Module):
                 dtype = torch.promote_types(x.dtype, branch.dtype)
                 out = x if dtype == x.dtype else torch.empty(x.shape, dtype=dtype, device=x.device)
             torch.add(part, branch, out=out[:, start:start + chunk])
+        return out
+
+    def forward_rows(self, x: Tensor, pos: Tensor | None) -> Tensor:
+        """The block over x [B, N, C] a few sequences at a time (each attends within itself, so this is exact), at
+        most INFERENCE_TOKEN_CHUNK tokens per call: 1000 frames through a per-frame block never hold their q/k/v and
+        MLP hidden whole. pos [B, N, 2] is split with x; [N, 2] or [1, N, 2] is shared."""
+        batch, tokens = x.shape[:2]
+        rows = max(1, INFERENCE_TOKEN_CHUNK // tokens)
+        per_row_pos = pos is not None and pos.dim() == 3 and pos.shape[0] == batch
+        out = None
+        for start in range(0, batch, rows):
+            part = self(x[start:start + rows], pos[start:start + rows] if per_row_pos else pos)
+            if out is None:
+                out = torch.empty((batch, *part.shape[1:]), dtype=part.dtype, device=part.device)
+            out[start:start + rows] = part
         return out
 
 
