@@ -118,6 +118,15 @@ class Adapter:
         return FrameLayout(frames, self.n_special, height // self.patch_size, width // self.patch_size)
 
 
+def pair_tap(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A DPT tap [..., 2C] in `dtype` from two [..., C] halves, written in place: no concatenated copy in the halves'
+    (fp32) dtype, which at 1000 frames of a giant model is 16 GB of transient memory per tap."""
+    tap = first.new_empty((*first.shape[:-1], first.shape[-1] + second.shape[-1]), dtype=dtype)
+    tap[..., : first.shape[-1]] = first
+    tap[..., first.shape[-1]:] = second
+    return tap
+
+
 @dataclass
 class TrunkState:
     """The alternating trunk between two steps.

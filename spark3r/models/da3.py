@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from spark3r.errors import Spark3rError
-from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState
+from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState, pair_tap
 from spark3r.models.blocks import (
     Block,
     Mlp,
@@ -488,8 +488,8 @@ class DA3(ReconstructionModel):
                     out = block(x.reshape(batch * frames, per_frame, width), pos=rope_pos)
                 out = out.view(batch, frames, per_frame, width)
                 if index in config.out_layers:
-                    tap = torch.cat([x, self.vit.norm(out)], dim=-1)
-                    state.taps[index] = (tap if restore is None else gather_frames(tap, restore)).to(tap_dtype)
+                    tap = pair_tap(x, self.vit.norm(out), tap_dtype)
+                    state.taps[index] = tap if restore is None else gather_frames(tap, restore)
                     if index == config.out_layers[-1]:
                         camera = torch.cat([x[:, :, 0], out[:, :, 0]], dim=-1).float()
                         state.extras["camera_token"] = camera if restore is None else gather_frames(camera, restore)

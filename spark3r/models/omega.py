@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spark3r.errors import Spark3rError
-from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState
+from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState, pair_tap
 from spark3r.models.blocks import Block, active_compute_dtype, compute_autocast, no_autocast, rotate_half
 from spark3r.models.da3 import unproject_depth
 from spark3r.models.dinov2 import PatchEmbed
@@ -369,7 +369,7 @@ class VGGTOmega(ReconstructionModel):
                 else:
                     out = self.inter_frame(layer, tokens)
                     if layer in config.taps:
-                        state.taps[layer] = torch.cat([tokens, out], dim=-1).to(tap_dtype)
+                        state.taps[layer] = pair_tap(tokens, out, tap_dtype)
                     if layer == config.depth - 1:
                         special = torch.cat([tokens[:, :, : config.n_special], out[:, :, : config.n_special]], -1)
                         state.extras["camera_tokens"] = special.float()

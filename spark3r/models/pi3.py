@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState
+from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState, pair_tap
 from spark3r.models.blocks import (
     Block,
     RotaryPositionEmbedding2D,
@@ -283,7 +283,7 @@ class Pi3(ReconstructionModel):
                     out = self.decoder[step](tokens.reshape(batch, frames * per_frame, width), pos=pos)
                 out = out.view(batch, frames, per_frame, width)
                 if step == self.num_steps - 1:
-                    state.taps[step] = torch.cat([tokens, out], dim=-1).to(tap_dtype)
+                    state.taps[step] = pair_tap(tokens, out, tap_dtype)
                 tokens = out
         state.tokens, state.step = tokens, stop
         return state

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from spark3r.errors import Spark3rError
-from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState
+from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState, pair_tap
 from spark3r.models.blocks import (
     Block,
     Mlp,
@@ -317,10 +317,7 @@ class VGGT(ReconstructionModel):
                     out = block(tokens.reshape(batch, frames * per_frame, width), pos=pos)
                 out = out.view(batch, frames, per_frame, width)
                 if is_global and layer in kept:
-                    tap = out.new_empty(batch, frames, per_frame, 2 * width, dtype=tap_dtype)
-                    tap[..., :width] = tokens
-                    tap[..., width:] = out
-                    state.taps[layer] = tap
+                    state.taps[layer] = pair_tap(tokens, out, tap_dtype)
                     if layer == self.config.depth - 1:
                         state.extras["camera_token"] = torch.cat([tokens[:, :, 0], out[:, :, 0]], dim=-1).float()
                 tokens = out
