@@ -250,11 +250,18 @@ class LayerScale(nn.Module):
 FFN_LAYERS = {"mlp": Mlp, "swiglu": SwiGLUFFN}
 
 
+def scaled_residual(x: Tensor, scale: nn.Module, branch: Tensor) -> Tensor:
+    """x + scale(branch) in one op (addcmul with LayerScale's gamma; plain add for Identity): no scaled copy of the
+    branch, which for a 1000-frame global layer in fp32 is as large as x itself."""
+    return torch.addcmul(x, branch, scale.gamma) if isinstance(scale, LayerScale) else x + branch
+
+
 class Block(nn.Module):
     """Pre-norm ViT block: x + ls1(attn(norm1(x), pos)), then x + ls2(mlp(norm2(x))). x [B, N, C] -> [B, N, C].
 
     Without autograd, a batch of more than INFERENCE_TOKEN_CHUNK tokens runs a few sequences at a time
-    (`forward_rows`), and one long sequence runs norm2 + MLP over `inference_chunk` tokens at a time.
+    (`forward_rows`), and one long sequence adds its attention branch in one op (`scaled_residual`) and runs norm2 +
+    MLP over `inference_chunk` tokens at a time.
 
     init_values None drops LayerScale (ls1/ls2 become Identity, no keys); `rope` is a shared RoPE module or None.
     """
@@ -288,10 +295,11 @@ class Block(nn.Module):
         batch, tokens = x.shape[:2]
         if batch > 1 and batch * tokens > INFERENCE_TOKEN_CHUNK and not torch.is_grad_enabled():
             return self.forward_rows(x, pos)
-        x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
         chunk = inference_chunk(x)
         if chunk is None:
+            x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
             return x + self.ls2(self.mlp(self.norm2(x)))
+        x = scaled_residual(x, self.ls1, self.attn(self.norm1(x), pos=pos))
         out = None
         for start in range(0, x.shape[1], chunk):  # x is this call's own tensor: it may take the sum in place
             part = x[:, start:start + chunk]
