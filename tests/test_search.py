@@ -333,9 +333,13 @@ def journal_trials(tmp_path):
 
 def test_workers_share_one_study_and_a_killed_worker_loses_nothing_written(tmp_path):
     write_profile(tmp_path)
-    doomed, worker = cli(tmp_path, "--trials", "100000", "--seed", "1"), cli(tmp_path, "--trials", "200")
+    worker = cli(tmp_path, "--trials", "200")  # first, so the study it counts at its start is empty: it runs 200
+    doomed = cli(tmp_path, "--trials", "100000", "--seed", "1")
     output = worker.communicate(timeout=240)
     assert worker.returncode == 0, output
+    deadline = time.monotonic() + 120
+    while len({t.user_attrs["worker"] for t in journal_trials(tmp_path)}) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)  # until the doomed worker has written trials of its own
     doomed.send_signal(signal.SIGTERM)  # killed while still running trials
     _, err = doomed.communicate(timeout=60)
     assert doomed.returncode == 130 and "rerun the same command to resume" in err
