@@ -16,6 +16,7 @@ from spark3r.models.blocks import (
     SwiGLUFFN,
     merge_heads,
     patch_positions,
+    project_heads,
     qkv_heads,
     swiglu_hidden,
 )
@@ -354,3 +355,16 @@ def test_a_large_batch_without_autograd_runs_a_few_sequences_at_a_time_with_the_
         monkeypatch.undo()
         assert calls == [2, 2, 1]
         torch.testing.assert_close(rows, whole, rtol=0, atol=1e-12)
+
+
+def test_project_heads_in_token_chunks_equals_one_pass(monkeypatch):
+    attn = randomize(Attention(32, 4).double(), seed=10)
+    out = torch.randn(1, 4, 45, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    whole = attn.proj(merge_heads(out)).detach()
+    monkeypatch.setattr("spark3r.models.blocks.INFERENCE_TOKEN_CHUNK", 16)
+    calls = []
+    attn.proj.register_forward_hook(lambda module, args, result: calls.append(args[0].shape[1]))
+    with torch.no_grad():
+        chunked = project_heads(attn, out)
+    assert calls == [16, 16, 13]
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)

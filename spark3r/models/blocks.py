@@ -2,7 +2,7 @@
 
 Every attention module here exposes `qkv`, `q_norm`, `k_norm`, `rope`, `proj`, `num_heads`, `head_dim` and
 `qk_to_v_dtype`. `spark3r.reduce` patches global attention through those attributes only, using the module-level
-`qkv_heads` and `merge_heads`, so it works on upstream-built modules with the same attributes too.
+`qkv_heads` and `project_heads`, so it works on upstream-built modules with the same attributes too.
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ class RotaryPositionEmbedding2D(nn.Module):
         return out.view(batch, heads, tokens, head_dim)
 
 
-INFERENCE_TOKEN_CHUNK = 1 << 18
+INFERENCE_TOKEN_CHUNK = 1 << 16
 """Without autograd, a block call of more than this many tokens (batch x length) runs in parts: a batch of sequences
 (per-frame blocks) a few sequences at a time, one long sequence (a global layer) its token-wise parts (qkv, qk-norm and
 RoPE; norm2 + MLP) this many tokens at a time. 1000 frames then never hold a whole [N, 4C] MLP hidden or fp32 q/k."""
@@ -164,6 +164,23 @@ def merge_heads(out: Tensor) -> Tensor:
     return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
+def project_heads(attn: nn.Module, out: Tensor) -> Tensor:
+    """The post-attention math of `attn`: attention output [B, h, N, D] -> attn.proj(merge_heads(out)) [B, N, C].
+
+    Long sequences without autograd merge and project `inference_chunk` tokens at a time into one output, so no merged
+    copy of the whole output is made."""
+    chunk = inference_chunk(out.transpose(1, 2))
+    if chunk is None:
+        return attn.proj(merge_heads(out))
+    result = None
+    for start in range(0, out.shape[2], chunk):
+        part = attn.proj(merge_heads(out[:, :, start:start + chunk]))
+        if result is None:
+            result = torch.empty((out.shape[0], out.shape[2], part.shape[-1]), dtype=part.dtype, device=part.device)
+        result[:, start:start + chunk] = part
+    return result
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with fused qkv, optional per-head qk-norm and optional 2D RoPE.
 
@@ -196,7 +213,7 @@ class Attention(nn.Module):
         self.rope = rope
 
     def forward(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
-        return self.proj(merge_heads(F.scaled_dot_product_attention(*qkv_heads(self, x, pos))))
+        return project_heads(self, F.scaled_dot_product_attention(*qkv_heads(self, x, pos)))
 
 
 class Mlp(nn.Module):

@@ -71,7 +71,7 @@ from spark3r.evaluate.metrics import (
 )
 from spark3r.files import atomic_save
 from spark3r.models.base import FrameLayout
-from spark3r.models.blocks import merge_heads, qkv_heads
+from spark3r.models.blocks import project_heads, qkv_heads
 from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry
 
@@ -308,7 +308,7 @@ def frame_only_global_attention(model: nn.Module, layout: FrameLayout) -> Iterat
                                    "give the layout of the clip being run")
             per_frame = (batch, heads, layout.frames, layout.tokens_per_frame, head_dim)
             out = F.scaled_dot_product_attention(q.reshape(per_frame), k.reshape(per_frame), v.reshape(per_frame))
-            return attn.proj(merge_heads(out.reshape(batch, heads, tokens, head_dim)))
+            return project_heads(attn, out.reshape(batch, heads, tokens, head_dim))
 
         return forward
 

@@ -1,6 +1,6 @@
 """Patching a model's global attention with reductions, and restoring it bit for bit.
 
-Each patched attention module gets an instance-level `forward` (qkv_heads -> reduced_attention -> merge_heads -> proj);
+Each patched attention module gets an instance-level `forward` (qkv_heads -> reduced_attention -> project_heads);
 `remove()` deletes it, so the class forward runs again. The frame layout of the clip comes from a forward pre-hook on
 the model root reading its images argument, or from `handle.set_layout(layout)` for callers that run trunk steps
 directly. A layer whose reduction keeps everything at the current layout runs the class forward unchanged. Under
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from spark3r.errors import Spark3rError
 from spark3r.models.base import Adapter, FrameLayout
-from spark3r.models.blocks import active_compute_dtype, merge_heads, qkv_heads
+from spark3r.models.blocks import active_compute_dtype, project_heads, qkv_heads
 from spark3r.reduce.attention import is_dense, reduced_attention
 from spark3r.reduce.reduction import Reduction
 from spark3r import schedule as schedules  # module import: spark3r.schedule itself imports spark3r.reduce
@@ -93,7 +93,7 @@ class ReductionHandle:
                 return dense_forward(attn, x, pos=pos)
             dtype = active_compute_dtype(x.device.type, x.dtype)
             q, k, v = (t.to(dtype) for t in qkv_heads(attn, x, pos))
-            return attn.proj(merge_heads(reduced_attention(q, k, v, layout, reduction, x=x)))
+            return project_heads(attn, reduced_attention(q, k, v, layout, reduction, x=x))
 
         return forward
 
