@@ -368,3 +368,14 @@ def test_project_heads_in_token_chunks_equals_one_pass(monkeypatch):
         chunked = project_heads(attn, out)
     assert calls == [16, 16, 13]
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
+
+
+def test_chunked_norm1_under_autocast_gives_the_qkv_projection_the_same_input(monkeypatch):
+    block = Block(32, 2, init_values=0.1, qk_norm=True)
+    x = torch.randn(1, 40, 32)
+    monkeypatch.setattr("spark3r.models.blocks.INFERENCE_TOKEN_CHUNK", 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        normed = block.normed_input(x, 16)
+        whole = block.norm1(x)
+        assert normed.dtype == torch.bfloat16 and whole.dtype == torch.float32
+        torch.testing.assert_close(block.attn.qkv(normed), block.attn.qkv(whole), rtol=0, atol=0)

@@ -277,8 +277,8 @@ class Block(nn.Module):
     """Pre-norm ViT block: x + ls1(attn(norm1(x), pos)), then x + ls2(mlp(norm2(x))). x [B, N, C] -> [B, N, C].
 
     Without autograd, a batch of more than INFERENCE_TOKEN_CHUNK tokens runs a few sequences at a time
-    (`forward_rows`), and one long sequence adds its attention branch in one op (`scaled_residual`) and runs norm2 +
-    MLP over `inference_chunk` tokens at a time.
+    (`forward_rows`), and one long sequence runs norm1, norm2 + MLP over `inference_chunk` tokens at a time and adds
+    its attention branch in one op (`scaled_residual`).
 
     init_values None drops LayerScale (ls1/ls2 become Identity, no keys); `rope` is a shared RoPE module or None.
     """
@@ -316,7 +316,7 @@ class Block(nn.Module):
         if chunk is None:
             x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
             return x + self.ls2(self.mlp(self.norm2(x)))
-        x = scaled_residual(x, self.ls1, self.attn(self.norm1(x), pos=pos))
+        x = scaled_residual(x, self.ls1, self.attn(self.normed_input(x, chunk), pos=pos))
         out = None
         for start in range(0, x.shape[1], chunk):  # x is this call's own tensor: it may take the sum in place
             part = x[:, start:start + chunk]
@@ -325,6 +325,18 @@ class Block(nn.Module):
                 dtype = torch.promote_types(x.dtype, branch.dtype)
                 out = x if dtype == x.dtype else torch.empty(x.shape, dtype=dtype, device=x.device)
             torch.add(part, branch, out=out[:, start:start + chunk])
+        return out
+
+    def normed_input(self, x: Tensor, chunk: int) -> Tensor:
+        """norm1(x) over `chunk` tokens at a time, stored in the autocast dtype if one is active (the qkv projection
+        casts its input to it anyway, so q, k and v are unchanged): half the memory of a whole fp32 norm1(x)."""
+        out = None
+        for start in range(0, x.shape[1], chunk):
+            part = self.norm1(x[:, start:start + chunk])
+            if out is None:
+                dtype = active_compute_dtype(x.device.type, part.dtype)
+                out = torch.empty((*x.shape[:2], part.shape[-1]), dtype=dtype, device=x.device)
+            out[:, start:start + chunk] = part
         return out
 
     def forward_rows(self, x: Tensor, pos: Tensor | None) -> Tensor:
