@@ -113,6 +113,23 @@ def inference_chunk(x: Tensor, period: int = 1) -> int | None:
     return None if torch.is_grad_enabled() or tokens <= chunk else chunk
 
 
+def chunked_map(fn, length: int, chunk: int, dim: int = 1, dtype: torch.dtype | None = None):
+    """fn over slices of `chunk` positions of a dimension of `length`, stitched into preallocated outputs: fn(slice)
+    returns a tensor (or a tuple of them) whose `dim` holds that slice's positions. dtype: the outputs' dtype (default:
+    fn's)."""
+    outputs = None
+    for start in range(0, length, chunk):
+        index = slice(start, min(start + chunk, length))
+        parts = fn(index)
+        parts = parts if isinstance(parts, tuple) else (parts,)
+        if outputs is None:
+            outputs = [torch.empty((*part.shape[:dim], length, *part.shape[dim + 1:]), dtype=dtype or part.dtype,
+                                   device=part.device) for part in parts]
+        for output, part in zip(outputs, parts):
+            output[(slice(None),) * dim + (index,)] = part
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
 def qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The pre-attention math of `attn`: x [B, N, C] -> q, k, v each [B, h, N, D], after qk-norm and RoPE.
 
@@ -129,15 +146,7 @@ def qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Te
     chunk = inference_chunk(x, period) if rope is None or isinstance(rope, RotaryPositionEmbedding2D) else None
     if chunk is None or x.shape[1] % period:
         return token_qkv_heads(attn, x, pos)
-    outputs = None
-    for start in range(0, x.shape[1], chunk):
-        parts = token_qkv_heads(attn, x[:, start:start + chunk], pos)
-        if outputs is None:
-            shape = (x.shape[0], attn.num_heads, x.shape[1], parts[0].shape[-1])
-            outputs = [torch.empty(shape, dtype=part.dtype, device=part.device) for part in parts]
-        for output, part in zip(outputs, parts):
-            output[:, :, start:start + chunk] = part
-    return tuple(outputs)
+    return chunked_map(lambda index: token_qkv_heads(attn, x[:, index], pos), x.shape[1], chunk, dim=2)
 
 
 def token_qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -172,13 +181,7 @@ def project_heads(attn: nn.Module, out: Tensor) -> Tensor:
     chunk = inference_chunk(out.transpose(1, 2))
     if chunk is None:
         return attn.proj(merge_heads(out))
-    result = None
-    for start in range(0, out.shape[2], chunk):
-        part = attn.proj(merge_heads(out[:, :, start:start + chunk]))
-        if result is None:
-            result = torch.empty((out.shape[0], out.shape[2], part.shape[-1]), dtype=part.dtype, device=part.device)
-        result[:, start:start + chunk] = part
-    return result
+    return chunked_map(lambda index: attn.proj(merge_heads(out[:, :, index])), out.shape[2], chunk)
 
 
 class Attention(nn.Module):
@@ -330,29 +333,17 @@ class Block(nn.Module):
     def normed_input(self, x: Tensor, chunk: int) -> Tensor:
         """norm1(x) over `chunk` tokens at a time, stored in the autocast dtype if one is active (the qkv projection
         casts its input to it anyway, so q, k and v are unchanged): half the memory of a whole fp32 norm1(x)."""
-        out = None
-        for start in range(0, x.shape[1], chunk):
-            part = self.norm1(x[:, start:start + chunk])
-            if out is None:
-                dtype = active_compute_dtype(x.device.type, part.dtype)
-                out = torch.empty((*x.shape[:2], part.shape[-1]), dtype=dtype, device=x.device)
-            out[:, start:start + chunk] = part
-        return out
+        return chunked_map(lambda index: self.norm1(x[:, index]), x.shape[1], chunk,
+                           dtype=active_compute_dtype(x.device.type, None))
 
     def forward_rows(self, x: Tensor, pos: Tensor | None) -> Tensor:
         """The block over x [B, N, C] a few sequences at a time (each attends within itself, so this is exact), at
         most INFERENCE_TOKEN_CHUNK tokens per call: 1000 frames through a per-frame block never hold their q/k/v and
         MLP hidden whole. pos [B, N, 2] is split with x; [N, 2] or [1, N, 2] is shared."""
         batch, tokens = x.shape[:2]
-        rows = max(1, INFERENCE_TOKEN_CHUNK // tokens)
         per_row_pos = pos is not None and pos.dim() == 3 and pos.shape[0] == batch
-        out = None
-        for start in range(0, batch, rows):
-            part = self(x[start:start + rows], pos[start:start + rows] if per_row_pos else pos)
-            if out is None:
-                out = torch.empty((batch, *part.shape[1:]), dtype=part.dtype, device=part.device)
-            out[start:start + rows] = part
-        return out
+        return chunked_map(lambda index: self(x[index], pos[index] if per_row_pos else pos), batch,
+                           max(1, INFERENCE_TOKEN_CHUNK // tokens), dim=0)
 
 
 def init_weights(model: nn.Module) -> nn.Module:
