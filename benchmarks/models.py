@@ -19,8 +19,8 @@ The paper's rule is schedules/<model>-paper.yaml; tiny models get the same rule 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,32 +35,11 @@ from spark3r.reduce.flops import model_flops
 from spark3r.schedule import load_schedule, paper_schedule
 
 REPO = Path(__file__).resolve().parents[1]
-GIB = 2**30
+_spec = importlib.util.spec_from_file_location("benchmarks_foundation", REPO / "benchmarks" / "foundation.py")
+foundation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(foundation)
+measure = foundation.measure
 PAPER_SPEEDUP = {"pi3": "23-25x", "da3-giant": "16-18x", "vggt-omega": "16-19x"}  # method.md 5, ~1000 frames, H20
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(device: torch.device, fn, repeats: int):
-    """(result, seconds, peak GiB or None): fn() once, then repeats - 1 more times (best time) if it took under 1 s."""
-    best, result, peak = float("inf"), None, None
-    for attempt in range(repeats):
-        result = None
-        synchronize(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device) / GIB
-        if best >= 1.0:
-            break
-    return result, best, peak
 
 
 def paper_rule(model):
@@ -119,7 +98,7 @@ def benchmark(model, frames: int, size: tuple[int, int], head_frames: int, devic
         for layers in layers_by_reduction.values():
             step = global_steps[layers[0]]
             reduced_global += len(layers) * time_steps(model, state, [step], device, repeats)[step]
-    del state
+    state = None  # free the prepared tokens before the heads are timed
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
