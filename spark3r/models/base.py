@@ -10,10 +10,13 @@ Two narrow interfaces live here:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from spark3r.errors import Spark3rError
 
@@ -125,6 +128,20 @@ def pair_tap(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype) -> t
     tap[..., : first.shape[-1]] = first
     tap[..., first.shape[-1]:] = second
     return tap
+
+
+@functools.lru_cache(maxsize=32)
+def non_block_flops(model_class: type, config, height: int, width: int, block_names: re.Pattern) -> float:
+    """FLOPs of one frame's forward of `model_class(config)` outside its transformer blocks (modules whose qualified
+    name `block_names` matches in full, e.g. "Pi3.decoder.3"), counted by torch.utils.flop_counter on meta."""
+    with torch.device("meta"):
+        model = model_class(config).requires_grad_(False)
+        images = torch.empty(1, 1, 3, height, width)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(images)
+    in_blocks = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if block_names.fullmatch(name))
+    return float(counter.get_total_flops() - in_blocks)
 
 
 @dataclass

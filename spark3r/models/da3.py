@@ -35,7 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from spark3r.errors import Spark3rError
-from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState, pair_tap
+from spark3r.models.base import (
+    Adapter,
+    BlockGroup,
+    FlopConfig,
+    ReconstructionModel,
+    TrunkState,
+    non_block_flops,
+    pair_tap,
+)
 from spark3r.models.blocks import (
     Block,
     Mlp,
@@ -55,7 +63,7 @@ from spark3r.models.dpt import (
     make_resize_layers,
     make_scratch,
 )
-from spark3r.models.pi3 import non_block_flops, se3_inverse
+from spark3r.models.pi3 import se3_inverse
 from spark3r.models.registry import ModelEntry, register
 from spark3r.models.vggt import IMAGENET_MEAN, IMAGENET_STD, check_images, quaternion_to_matrix
 

@@ -33,12 +33,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spark3r.errors import Spark3rError
-from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState, pair_tap
+from spark3r.models.base import (
+    Adapter,
+    BlockGroup,
+    FlopConfig,
+    ReconstructionModel,
+    TrunkState,
+    non_block_flops,
+    pair_tap,
+)
 from spark3r.models.blocks import Block, active_compute_dtype, compute_autocast, no_autocast, rotate_half
 from spark3r.models.da3 import unproject_depth
 from spark3r.models.dinov2 import PatchEmbed
 from spark3r.models.dpt import FeatureFusionBlock, add_uv_pos_embed, make_resize_layers, make_scratch
-from spark3r.models.pi3 import non_block_flops, se3_inverse
+from spark3r.models.pi3 import se3_inverse
 from spark3r.models.registry import ModelEntry, register
 from spark3r.models.vggt import (
     IMAGENET_MEAN,

@@ -18,16 +18,22 @@ Outputs (the common dict of `ReconstructionModel`, plus pi3's own):
 """
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState, pair_tap
+from spark3r.models.base import (
+    Adapter,
+    BlockGroup,
+    FlopConfig,
+    ReconstructionModel,
+    TrunkState,
+    non_block_flops,
+    pair_tap,
+)
 from spark3r.models.blocks import (
     Block,
     RotaryPositionEmbedding2D,
@@ -349,20 +355,6 @@ class Pi3(ReconstructionModel):
 
 
 PI3_BLOCKS = re.compile(r"Pi3\.(encoder\.blocks|decoder|(point|conf|camera)_decoder\.blocks)\.\d+")
-
-
-@functools.lru_cache(maxsize=32)
-def non_block_flops(model_class: type, config, height: int, width: int, block_names: re.Pattern) -> float:
-    """FLOPs of one frame's forward of `model_class(config)` outside its transformer blocks (modules whose qualified
-    name `block_names` matches in full, e.g. "Pi3.decoder.3"), counted by torch.utils.flop_counter on meta."""
-    with torch.device("meta"):
-        model = model_class(config).requires_grad_(False)
-        images = torch.empty(1, 1, 3, height, width)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(images)
-    in_blocks = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if block_names.fullmatch(name))
-    return float(counter.get_total_flops() - in_blocks)
 
 
 register(ModelEntry(

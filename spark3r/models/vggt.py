@@ -7,16 +7,22 @@ as upstream. The checkpoint's track head is not built: its keys are dropped on l
 """
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from spark3r.errors import Spark3rError
-from spark3r.models.base import Adapter, BlockGroup, FlopConfig, ReconstructionModel, TrunkState, pair_tap
+from spark3r.models.base import (
+    Adapter,
+    BlockGroup,
+    FlopConfig,
+    ReconstructionModel,
+    TrunkState,
+    non_block_flops,
+    pair_tap,
+)
 from spark3r.models.blocks import (
     Block,
     Mlp,
@@ -367,7 +373,7 @@ class VGGT(ReconstructionModel):
             layout_n_special=config.n_special,
             tokens_per_frame=tokens,
             groups=tuple(group for group in groups if group.count),
-            other_flops_per_frame=other_flops_per_frame(config, height, width),
+            other_flops_per_frame=non_block_flops(VGGT, config, height, width, BLOCK_NAME),
             patch_grid=(grid_h, grid_w),
         )
 
@@ -375,19 +381,6 @@ class VGGT(ReconstructionModel):
 BLOCK_LISTS = ("aggregator.patch_embed.blocks", "aggregator.frame_blocks", "aggregator.global_blocks",
                "camera_head.trunk")
 BLOCK_NAME = re.compile(r"VGGT\.(" + "|".join(re.escape(name) for name in BLOCK_LISTS) + r")\.\d+")
-
-
-@functools.lru_cache(maxsize=32)
-def other_flops_per_frame(config: VGGTConfig, height: int, width: int) -> float:
-    """FLOPs of one frame's forward outside the transformer blocks, counted on the meta device."""
-    with torch.device("meta"):
-        model = VGGT(config).requires_grad_(False)
-        images = torch.empty(1, 1, 3, height, width)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(images)
-    in_blocks = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if BLOCK_NAME.fullmatch(name))
-    return float(counter.get_total_flops() - in_blocks)
 
 
 register(ModelEntry(
