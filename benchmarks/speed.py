@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 import torch
 import torch.nn.functional as F
 
-from spark3r.cli import DTYPES, resolve_device
+from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.files import write_json
 from spark3r.models.registry import build_model
 from spark3r.reduce import (

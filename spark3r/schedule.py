@@ -31,10 +31,7 @@ Keys (all optional unless marked):
 """
 from __future__ import annotations
 
-import argparse
 import math
-import shlex
-import textwrap
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -446,7 +443,7 @@ def paper_schedule(model: str, global_layers: int, sensitive: list[int]) -> Sche
         query=QuerySpec(merge=Stepped(PAPER_QUERY_MERGE, PAPER_QUERY_MERGE_ELSE), group_frames=20),
     )
     layers = {index: LayerSpec(kv=KVSpec(factor=1)) for index in sorted(sensitive)}
-    provenance = {"rule": "paper", "sensitive": _range_text(sensitive)}
+    provenance = {"rule": "paper", "sensitive": range_text(sensitive)}
     return Schedule(model, global_layers, default, layers, provenance=provenance)
 
 
@@ -466,7 +463,7 @@ def uniform_schedule(model: str, global_layers: int, sensitive_count: int) -> Sc
     return Schedule(model, global_layers, default, provenance=provenance)
 
 
-def _range_text(layers: list[int]) -> str:
+def range_text(layers: list[int]) -> str:
     """[10, 11, 12, 15] -> "10-12,15"."""
     runs: list[list[int]] = []
     for layer in sorted(layers):
@@ -475,45 +472,3 @@ def _range_text(layers: list[int]) -> str:
         else:
             runs.append([layer])
     return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
-
-
-def _layer_range(text: str) -> list[int]:
-    """"10-12,15" -> [10, 11, 12, 15]."""
-    layers = []
-    for part in text.split(","):
-        first, _, last = part.partition("-")
-        layers.extend(range(int(first), int(last or first) + 1))
-    return layers
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Write the paper-rule or uniform schedule of a model: python -m spark3r.schedule --rule paper ..."""
-    parser = argparse.ArgumentParser(prog="python -m spark3r.schedule", description=main.__doc__)
-    parser.add_argument("--rule", choices=["paper", "uniform"], required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--global-layers", type=int, required=True)
-    parser.add_argument("--sensitive", type=_layer_range, required=True, help="sensitive global layers, e.g. 11-16")
-    parser.add_argument("--note", default="", help="an extra header line")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    if args.rule == "paper":
-        schedule = paper_schedule(args.model, args.global_layers, args.sensitive)
-        what = (f"The Spark3R paper's hand-set rule for {args.model} (spec/method.md sections 3-4): r_Q 1/2/3/4 up to "
-                f"100/300/500 frames and beyond; r_KV = 1 up to 100 frames, else ceil(S/40), by frame stride; "
-                f"sensitive layers {_range_text(args.sensitive)} use r_KV, all others 3 x r_KV.")
-    else:
-        schedule = uniform_schedule(args.model, args.global_layers, len(args.sensitive))
-        what = (f"Uniform K/V reduction for {args.model}: every layer {schedule.default.kv.factor} x r_KV, the paper "
-                f"rule's mean K/V keep with {len(args.sensitive)} sensitive layers (comparable global-attention "
-                f"FLOPs); r_Q and r_KV(S) as the paper.")
-    command = (f"python -m spark3r.schedule --rule {args.rule} --model {args.model} --global-layers "
-               f"{args.global_layers} --sensitive {_range_text(args.sensitive)}"
-               + (f" --note {shlex.quote(args.note)}" if args.note else "") + f" --out {args.out}")
-    header = "\n".join([textwrap.fill(what, 116), *textwrap.wrap(args.note, 116), f"Made by: {command}"])
-    save_schedule(schedule, args.out, header=header)
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,7 +5,9 @@ import sys
 import pytest
 
 MODULES = ["spark3r", "spark3r.schedule", "spark3r.reduce", "spark3r.reduce.flops", "spark3r.models.registry",
-           "spark3r.data", "spark3r.evaluate.schedule_eval", "spark3r.profiler.cli", "spark3r.search.cli"]
+           "spark3r.data", "spark3r.evaluate.schedule_eval", "spark3r.commands.profile_layers",
+           "spark3r.commands.search_schedule", "spark3r.commands.make_clips", "spark3r.commands.evaluate_schedule",
+           "spark3r.commands.rule_schedule"]
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -1,9 +1,13 @@
 """profile-layers: aggregation, resume files, sharding, the measurement engine and the CLI."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
+from spark3r.commands.arguments import error_message
+from spark3r.commands.profile_layers import FLAGS as PROFILE_FLAGS
 from spark3r.errors import Spark3rError
 from spark3r.profiler.aggregate import asymmetry_summary, predicted_sum, spearman, summarize
 from spark3r.profiler.distributed import Ranks, shard
@@ -56,8 +60,9 @@ def test_clip_file_round_trip_and_option_mismatch(tmp_path):
     loaded = load_clip(tmp_path, "ab" * 32, options)
     assert loaded.name == "synthetic-0" and loaded.frames == 4 and loaded.timings == {"dense": 0.5}
     np.testing.assert_array_equal(loaded.arrays["kv_score"], result.arrays["kv_score"])
-    with pytest.raises(Spark3rError, match=r"other options \(kv_keep differ\).*new --out"):
+    with pytest.raises(Spark3rError) as error:
         load_clip(tmp_path, "ab" * 32, {**options, "kv_keep": (1.0, 0.25)})
+    assert re.search(r"other options \(kv_keep differ\).*new --out", error_message(error.value, PROFILE_FLAGS))
 
 
 # ---------------------------------------------------------------- the engine, on vggt-tiny with random weights
@@ -72,7 +77,9 @@ import torch
 import spark3r
 from spark3r.data.clips import open_clips
 from spark3r.evaluate.deviation import output_deviation
-from spark3r.profiler import cli
+from spark3r.commands import profile_layers as cli
+from spark3r.models.loading import weights_identity
+from spark3r.profiler import pipeline
 from spark3r.profiler.format import load_profile
 from spark3r.profiler.run import PhaseTimer, ProfileOptions, dense_run, end_to_end, local_deviation, profile_clip
 from spark3r.reduce import Reduction, apply_reductions
@@ -206,7 +213,7 @@ def _tables(out):
 
 
 def test_interrupted_run_resumes_to_the_same_profile(full_run, tmp_path, monkeypatch, capsys):
-    measure = cli.profile_clip
+    measure = pipeline.profile_clip
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -215,12 +222,12 @@ def test_interrupted_run_resumes_to_the_same_profile(full_run, tmp_path, monkeyp
             raise KeyboardInterrupt
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "profile_clip", interrupted)
+    monkeypatch.setattr(pipeline, "profile_clip", interrupted)
     assert cli.main([*CLI_ARGS, "--out", str(tmp_path)]) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
     assert len(list((tmp_path / "clips").glob("*.npz"))) == 1 and not (tmp_path / "profile.json").exists()
     calls.clear()
-    monkeypatch.setattr(cli, "profile_clip", lambda *a, **k: (calls.append(1), measure(*a, **k))[1])
+    monkeypatch.setattr(pipeline, "profile_clip", lambda *a, **k: (calls.append(1), measure(*a, **k))[1])
     assert cli.main([*CLI_ARGS, "--out", str(tmp_path)]) == 0
     assert len(calls) == 1  # only the missing clip was measured
     resumed, full = _tables(tmp_path), _tables(full_run)
@@ -236,7 +243,7 @@ def test_interrupted_run_resumes_to_the_same_profile(full_run, tmp_path, monkeyp
 def test_two_gloo_ranks_equal_one(full_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "spark3r.profiler.cli", *CLI_ARGS, "--out", str(tmp_path), "--json"]
+               "-m", "spark3r.commands.profile_layers", *CLI_ARGS, "--out", str(tmp_path), "--json"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["clips"] == 2
@@ -306,7 +313,7 @@ def test_weights_replaced_in_place_are_a_change_of_options(tmp_path):
 
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.zeros(2)}, str(path))
-    before = cli.weights_identity(str(path), None)
+    before = weights_identity(str(path), None)
     save_file({"a": torch.zeros(3)}, str(path))
-    assert cli.weights_identity(str(path), None) != before
-    assert cli.weights_identity("none", None) == "none"
+    assert weights_identity(str(path), None) != before
+    assert weights_identity("none", None) == "none"

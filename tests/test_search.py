@@ -20,7 +20,7 @@ from spark3r.profiler.format import MetricTable, Profile, save_profile
 from spark3r.reduce.flops import global_attention_fraction, model_fraction
 from spark3r.reduce.patch import apply_schedule
 from spark3r.schedule import check_model, load_schedule
-from spark3r.search.cli import main
+from spark3r.commands.search_schedule import main
 from spark3r.search.knapsack import pareto_front, solve_knapsack
 from spark3r.search.objective import Candidate, build_problem, interpolate, kv_levels, predicted_deviation
 from spark3r.search.study import (
@@ -320,9 +320,9 @@ def test_cli_without_any_profile(tmp_path, monkeypatch, capsys):
 
 
 def cli(tmp_path, *argv):
-    return subprocess.Popen([sys.executable, "-m", "spark3r.search.cli", "--profile", "profiles/vggt-tiny", "--budget",
-                             "0.3", "--per-layer-query", *argv], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "spark3r.commands.search_schedule", "--profile",
+                             "profiles/vggt-tiny", "--budget", "0.3", "--per-layer-query", *argv], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def journal_trials(tmp_path):
@@ -374,7 +374,7 @@ def test_verify_measures_candidates_and_exports_the_best_measured(tmp_path, monk
 def test_verify_uses_the_profiled_weights_file_and_refuses_a_changed_one(tmp_path, monkeypatch, capsys):
     from spark3r.models.loading import find_weights
     from spark3r.models.registry import get_entry
-    from spark3r.profiler.cli import weights_identity
+    from spark3r.models.loading import weights_identity
 
     monkeypatch.chdir(tmp_path)
     weights = tmp_path / "tiny.safetensors"

@@ -30,14 +30,14 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from spark3r.data.preprocess import Recipe, apply_plan, get_recipe
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 
 if TYPE_CHECKING:
     from spark3r.data.synthetic import SceneConfig
@@ -239,7 +239,8 @@ def read_clip(path: str | os.PathLike, *, stride: int = 1, max_frames: int | Non
         raise Spark3rError(f"{path} is not a clip: give a folder of png/jpg images, a video "
                            f"({' '.join(VIDEO_SUFFIXES)}) or an .npz file")
     if clip is None:
-        raise Spark3rError(f"clip {path} has zero frames after subsampling: check the file and --stride / --max-frames")
+        raise ParameterError(f"clip {path} has zero frames after subsampling: check the file and `stride` / "
+                             "`max_frames`", "stride", "max_frames")
     return clip
 
 
@@ -400,6 +401,33 @@ def write_clip(clip: Clip, out_dir: str | os.PathLike, format: str = "folder") -
             if truth:
                 _save_npz(staging / GROUND_TRUTH_FILE, truth)
     return target
+
+
+@dataclass(frozen=True)
+class WrittenClip:
+    """A clip as `write_clips` wrote it: where, its size, which ground truth it holds and its content digest."""
+
+    name: str
+    path: Path
+    frames: int
+    height: int
+    width: int
+    ground_truth: tuple[str, ...]
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "frames": self.frames, "height": self.height,
+                "width": self.width, "ground_truth": list(self.ground_truth), "sha256": self.sha256}
+
+
+def write_clips(clips: Iterable[Clip], out_dir: str | os.PathLike, format: str = "folder") -> list[WrittenClip]:
+    """`write_clip` every clip of `clips` (e.g. `iter_clips(...)`, read one at a time) and describe what was written."""
+    written = []
+    for clip in clips:
+        path = write_clip(clip, out_dir, format)
+        truth = tuple(key for key in GROUND_TRUTH_KEYS if getattr(clip, key) is not None)
+        written.append(WrittenClip(clip.name, path, clip.frames, clip.height, clip.width, truth, clip.fingerprint()))
+    return written
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

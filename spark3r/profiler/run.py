@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError
 from spark3r.evaluate.deviation import output_deviation
 from spark3r.models.base import FrameLayout, ReconstructionModel, TrunkState
 from spark3r.models.blocks import compute_autocast
@@ -215,8 +215,8 @@ def stack_states(states: list[TrunkState]) -> TrunkState:
         elif all(isinstance(other, Tensor) for other in values):
             extras[key] = torch.cat(values)
         else:
-            raise Spark3rError(f"trunk extra {key!r} differs between states and is not a tensor: this model cannot "
-                               "batch levels, use --level-batch 1")
+            raise ParameterError(f"trunk extra {key!r} differs between states and is not a tensor: this model "
+                                 "cannot batch levels, use `level_batch` 1", "level_batch")
     taps = {key: torch.cat([state.taps[key] for state in states]) for key in first.taps}
     return TrunkState(tokens=torch.cat([state.tokens for state in states]), step=first.step, taps=taps, extras=extras)
 

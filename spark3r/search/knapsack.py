@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError
 from spark3r.search.objective import Candidate, SearchProblem
 
 RELATIVE_TOLERANCE = 1e-9
@@ -87,10 +87,10 @@ def solve_knapsack(problem: SearchProblem, budget: float, resolution: int = 2048
     cheapest = problem.cheapest()
     cheapest_fraction = problem.flops_fraction(cheapest)
     if budget < cheapest_fraction:
-        raise Spark3rError(f"budget {budget:g} is below the cheapest schedule the profile's levels allow "
+        raise ParameterError(f"budget {budget:g} is below the cheapest schedule the profile's levels allow "
                            f"({cheapest_fraction:.4g} of dense {problem.budget_of.replace('_', ' ')} FLOPs at "
-                           f"{problem.frames} frames): raise --budget or profile lower K/V keep and higher merge "
-                           "levels")
+                           f"{problem.frames} frames): raise `budget` or profile lower K/V keep and higher merge "
+                           "levels", "budget")
     capacity = budget * problem.dense_flops - problem.fixed_flops
     while True:
         unit = capacity / resolution

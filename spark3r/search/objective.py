@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.models.base import FlopConfig
 from spark3r.profiler.format import Profile
 from spark3r.reduce.flops import layer_attention_flops, layer_overhead_flops, model_flops
@@ -142,11 +142,12 @@ def build_problem(profile: Profile, flop_config: FlopConfig, *, frames: int | No
     """The search problem of `profile` with FLOPs counted at `frames` frames (default: the profile's clip length)."""
     frames = profile.frames if frames is None else frames
     if frames < 1:
-        raise Spark3rError(f"--frames must be a positive number of frames, got {frames}")
+        raise ParameterError(f"`frames` must be a positive number of frames, got {frames}", "frames")
     if budget_of not in BUDGET_OF:
-        raise Spark3rError(f"--budget-of must be one of {', '.join(BUDGET_OF)}, got {budget_of!r}")
+        raise ParameterError(f"`budget_of` must be one of {', '.join(BUDGET_OF)}, got {budget_of!r}", "budget_of")
     if metric not in profile.kv or metric not in profile.query:
-        raise Spark3rError(f"the profile has no {metric!r} tables: pick --metric from {', '.join(profile.metrics)}")
+        raise ParameterError(f"the profile has no {metric!r} tables: pick `metric` from {', '.join(profile.metrics)}",
+                             "metric")
     shared = reduction_options(profile)
     keep_levels = kv_levels(profile.kv_keep, kv_extra_levels, shared.get("kv_method", "frame_stride"))
     merge_levels = tuple(sorted(profile.query_merge))

@@ -26,7 +26,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError
 from spark3r.search.mutation import MutationSampler
 from spark3r.search.objective import Candidate, SearchProblem
 
@@ -36,21 +36,21 @@ WARM_START = "knapsack"
 FLUSH_EVERY = 50
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(sampler: str, seed: int) -> optuna.samplers.BaseSampler:
     """mutation: evolution around the best feasible trials (fast: thousands of trials in seconds); tpe: multivariate
     TPE (cost grows with the square of the trial count); nsga2: NSGA-II with constrained domination; gp: Gaussian
     process BO (cost grows with the cube of the trial count: a few hundred trials at most)."""
-    if name == "mutation":
+    if sampler == "mutation":
         return MutationSampler(seed=seed)
-    if name == "tpe":
+    if sampler == "tpe":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=20)
-    if name == "nsga2":
+    if sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "gp":
+    if sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed)
-    raise Spark3rError(f"--sampler {name!r} is unknown: use one of {', '.join(SAMPLERS)}")
+    raise ParameterError(f"`sampler` {sampler!r} is unknown: use one of {', '.join(SAMPLERS)}", "sampler")
 
 
 def open_storage(storage: str | Path) -> optuna.storages.BaseStorage | str:
@@ -83,14 +83,14 @@ def open_study(storage: str | Path, name: str, key: dict) -> optuna.Study:
         study = optuna.create_study(storage=open_storage(storage), study_name=name, direction="minimize",
                                     load_if_exists=True)
     except (ValueError, ImportError, RuntimeError) as error:
-        raise Spark3rError(f"cannot open the study storage {storage} ({error}): pass a journal file path or a "
-                           "database URL to --storage") from None
+        raise ParameterError(f"cannot open the study storage {storage} ({error}): pass a journal file path or a "
+                             "database URL to `storage`", "storage") from None
     stored = study.user_attrs.get("problem")
     if stored is None:
         study.set_user_attr("problem", key)
     elif stored != json.loads(json.dumps(key)):
-        raise Spark3rError(f"study {name!r} in {storage} was made for another search problem: pass a new --study "
-                           "name or --storage file")
+        raise ParameterError(f"study {name!r} in {storage} was made for another search problem: pass a new `study` "
+                             "name or `storage` file", "study", "storage")
     return study
 
 

@@ -1,4 +1,4 @@
-"""--verify: run the best candidates for real on held-out clips and measure their deviation from the dense model."""
+"""Verification: run the best candidates for real on held-out clips and measure their deviation from the dense model."""
 from __future__ import annotations
 
 import sys
@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from spark3r.data.clips import Clip, open_clips
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError
 from spark3r.evaluate.deviation import output_deviation
 from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry
@@ -23,12 +23,13 @@ def held_out_clips(profile: Profile, calib: str) -> list[Clip]:
     entry = get_entry(profile.model)
     clips = open_clips(calib, preprocess=f"{entry.preprocess}:{entry.image_width}", frames=profile.frames)
     if not clips:
-        raise Spark3rError(f"--calib {calib} holds no clips: pass a folder of clips, one clip or synthetic:N[:SEED]")
+        raise ParameterError(f"`calib` {calib} holds no clips: pass a folder of clips, one clip or synthetic:N[:SEED]",
+                             "calib")
     profiled = {clip.get("sha256") for clip in profile.clips}
     reused = [clip.name for clip in clips if clip.fingerprint() in profiled]
     if reused:
-        raise Spark3rError(f"--calib clip {reused[0]} was used to make the profile, so it is not held out: pass other "
-                           "clips (e.g. synthetic:N with another seed)")
+        raise ParameterError(f"`calib` clip {reused[0]} was used to make the profile, so it is not held out: pass "
+                             "other clips (e.g. synthetic:N with another seed)", "calib")
     return clips
 
 
@@ -55,8 +56,8 @@ def measure(profile: Profile, schedules: list[Schedule], clips: list[Clip], *, d
                     outputs = {key: value.float() for key, value in model(images).items() if key in dense}
                 deviation = output_deviation(dense, outputs, score_weights)
                 if metric not in deviation:
-                    raise Spark3rError(f"--verify measures end-to-end deviation, which has no {metric!r}: use --metric "
-                                       f"{' or '.join(sorted(deviation))}")
+                    raise ParameterError(f"verifying measures end-to-end deviation, which has no {metric!r}: use "
+                                         f"`metric` {' or '.join(sorted(deviation))}", "metric")
                 measured[row, column] = deviation[metric]
                 bar.update(1)
     return measured
