@@ -30,9 +30,9 @@ from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.files import write_json
 from spark3r.models.base import TrunkState
 from spark3r.models.registry import build_model
-from spark3r.reduce import Reduction, apply_reductions, apply_schedule
+from spark3r.reduce import Reduction, apply_reductions
 from spark3r.reduce.flops import model_flops
-from spark3r.schedule import load_schedule, paper_schedule
+from spark3r.schedule import apply_schedule, load_schedule, paper_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("benchmarks_foundation", REPO / "benchmarks" / "foundation.py")

@@ -65,8 +65,8 @@ from spark3r.profiler.aggregate import spearman
 from spark3r.files import write_atomic
 from spark3r.profiler.format import STATISTICS, MetricTable, Profile, load_profile, save_profile
 from spark3r.profiler.run import finite_outputs
-from spark3r.reduce import global_attention_fraction, reduced
-from spark3r.schedule import KVSpec, LayerSpec, QuerySpec, Schedule, load_schedule
+from spark3r.reduce import global_attention_fraction
+from spark3r.schedule import KVSpec, LayerSpec, QuerySpec, Schedule, load_schedule, reduced
 from spark3r.search.objective import predicted_deviation
 
 CAMERA_TERMS = ("camera_center", "camera_rotation_deg", "focal")

@@ -31,15 +31,19 @@ Keys (all optional unless marked):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
+from torch import nn
 
 from spark3r.errors import Spark3rError
 from spark3r.files import write_atomic
+from spark3r.models.base import Adapter
+from spark3r.reduce.patch import ReductionHandle, adapter_of, patch_attention
 from spark3r.reduce.reduction import KV_METHODS, SIMILARITIES, Reduction
 
 SCHEDULE_VERSION = 1
@@ -426,6 +430,29 @@ def check_model(schedule: Schedule, model_name: str, num_global_layers: int) -> 
     if schedule.global_layers != num_global_layers:
         raise Spark3rError(f"this schedule has {schedule.global_layers} global layers but the {model_name} model has "
                            f"{num_global_layers}: use a schedule made for this model")
+
+
+def apply_schedule(model: nn.Module, schedule: Schedule | str | Path, adapter: Adapter | None = None) -> ReductionHandle:
+    """Patch every global attention layer of `model` with `schedule` (a Schedule or a YAML path).
+
+    adapter defaults to `model.adapter`. The schedule's model name and layer count must match the adapter's.
+    """
+    adapter = adapter_of(model, adapter)
+    if not isinstance(schedule, Schedule):
+        schedule = load_schedule(schedule)
+    check_model(schedule, adapter.model_name, adapter.num_global_layers)
+    return patch_attention(model, schedule.resolve, range(adapter.num_global_layers), adapter)
+
+
+@contextlib.contextmanager
+def reduced(model: nn.Module, schedule: Schedule | str | Path,
+            adapter: Adapter | None = None) -> Iterator[ReductionHandle]:
+    """`with reduced(model, schedule):` runs `model` with the schedule applied and restores it on exit."""
+    handle = apply_schedule(model, schedule, adapter)
+    try:
+        yield handle
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------- the paper's rule

@@ -22,8 +22,8 @@ from spark3r.models.da3 import (
 )
 from spark3r.models.loading import load_model
 from spark3r.models.registry import build_model, resolve_model_name
-from spark3r.reduce import Reduction, apply_reductions, apply_schedule
-from spark3r.schedule import paper_schedule
+from spark3r.reduce import Reduction, apply_reductions
+from spark3r.schedule import apply_schedule, paper_schedule
 from support import check_patch_and_restore, read_manifest
 
 H, W = 42, 56  # 3 x 4 patches

@@ -13,8 +13,8 @@ from spark3r.errors import Spark3rError
 from spark3r.models.loading import load_model
 from spark3r.models.omega import CONFIGS, VGGTOmega, convert_checkpoint
 from spark3r.models.registry import build_model
-from spark3r.reduce import Reduction, apply_reductions, apply_schedule
-from spark3r.schedule import paper_schedule
+from spark3r.reduce import Reduction, apply_reductions
+from spark3r.schedule import apply_schedule, paper_schedule
 
 H, W = 48, 64  # 3 x 4 patches of 16
 TINY = CONFIGS["vggt-omega-tiny"]

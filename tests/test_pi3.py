@@ -15,8 +15,8 @@ from spark3r.errors import Spark3rError
 from spark3r.models.loading import load_model
 from spark3r.models.pi3 import CONFIGS, Pi3, centred_focal_lengths, svd_orthogonalize
 from spark3r.models.registry import build_model
-from spark3r.reduce import Reduction, apply_reductions, apply_schedule
-from spark3r.schedule import paper_schedule
+from spark3r.reduce import Reduction, apply_reductions
+from spark3r.schedule import apply_schedule, paper_schedule
 from support import check_patch_and_restore, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]

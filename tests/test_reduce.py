@@ -9,12 +9,11 @@ import torch.nn.functional as F
 from spark3r.errors import Spark3rError
 from spark3r.models.base import FrameLayout
 from spark3r.reduce import (
-    KV_METHODS, Reduction, apply_reductions, apply_schedule, kv_count, kv_index, query_count, reduced,
-    reduced_attention,
+    KV_METHODS, Reduction, apply_reductions, kv_count, kv_index, query_count, reduced_attention,
 )
 from spark3r.reduce import merge as merge_module
 from spark3r.reduce.kv import grid_steps
-from spark3r.schedule import load_schedule
+from spark3r.schedule import apply_schedule, load_schedule, reduced
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
 

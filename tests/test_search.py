@@ -18,8 +18,7 @@ from spark3r.models.base import BlockGroup, FlopConfig
 from spark3r.models.registry import build_model
 from spark3r.profiler.format import MetricTable, Profile, save_profile
 from spark3r.reduce.flops import global_attention_fraction, model_fraction
-from spark3r.reduce.patch import apply_schedule
-from spark3r.schedule import check_model, load_schedule
+from spark3r.schedule import apply_schedule, check_model, load_schedule
 from spark3r.commands.search_schedule import main
 from spark3r.search.knapsack import pareto_front, solve_knapsack
 from spark3r.search.objective import Candidate, build_problem, interpolate, kv_levels, predicted_deviation

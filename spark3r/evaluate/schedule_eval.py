@@ -26,8 +26,8 @@ from spark3r.evaluate.metrics import camera_metrics, depth_metrics, point_metric
 from spark3r.models.base import ReconstructionModel
 from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry, resolve_model_name
-from spark3r.reduce import global_attention_fraction, model_flops, reduced
-from spark3r.schedule import Schedule, check_model, load_schedule
+from spark3r.reduce import global_attention_fraction, model_flops
+from spark3r.schedule import Schedule, check_model, load_schedule, reduced
 
 RUNS = ("dense", "reduced")
 QUALITY_KEYS = ("abs_rel", "delta_1.25", "ate", "rpe_trans", "rpe_rot", "auc30", "accuracy", "completeness",

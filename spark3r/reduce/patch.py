@@ -1,4 +1,5 @@
-"""Patching a model's global attention with reductions, and restoring it bit for bit.
+"""Patching a model's global attention with reductions, and restoring it bit for bit (the schedule's
+`apply_schedule` is one use of `patch_attention`).
 
 Each patched attention module gets an instance-level `forward` (qkv_heads -> reduced_attention -> project_heads);
 `remove()` deletes it, so the class forward runs again. The frame layout of the clip comes from a forward pre-hook on
@@ -8,9 +9,7 @@ autocast, q, k and v are cast to the autocast dtype before selection and merging
 """
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Mapping
 
 from torch import Tensor, nn
 
@@ -19,7 +18,6 @@ from spark3r.models.base import Adapter, FrameLayout
 from spark3r.models.blocks import active_compute_dtype, project_heads, qkv_heads
 from spark3r.reduce.attention import is_dense, reduced_attention
 from spark3r.reduce.reduction import Reduction
-from spark3r import schedule as schedules  # module import: spark3r.schedule itself imports spark3r.reduce
 
 
 class ReductionHandle:
@@ -98,7 +96,8 @@ class ReductionHandle:
         return forward
 
 
-def _adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:
+def adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:
+    """`adapter`, else `model.adapter`; one sentence if neither is a spark3r Adapter."""
     adapter = adapter if adapter is not None else getattr(model, "adapter", None)
     if not isinstance(adapter, Adapter):
         raise Spark3rError(
@@ -107,23 +106,17 @@ def _adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:
     return adapter
 
 
-def apply_schedule(model: nn.Module, schedule: schedules.Schedule | str | Path,
-                   adapter: Adapter | None = None) -> ReductionHandle:
-    """Patch every global attention layer of `model` with `schedule` (a Schedule or a YAML path).
-
-    adapter defaults to `model.adapter`. The schedule's model name and layer count must match the adapter's.
-    """
-    adapter = _adapter_of(model, adapter)
-    if not isinstance(schedule, schedules.Schedule):
-        schedule = schedules.load_schedule(schedule)
-    schedules.check_model(schedule, adapter.model_name, adapter.num_global_layers)
-    return ReductionHandle(model, adapter, schedule.resolve, list(range(adapter.num_global_layers)))
+def patch_attention(model: nn.Module, reduction_for: Callable[[int, int], Reduction], layers: Iterable[int],
+                    adapter: Adapter | None = None) -> ReductionHandle:
+    """Patch the global attention layers `layers` of `model` through its adapter (default `model.adapter`); layer l
+    runs `reduction_for(l, frames)` on a clip of `frames` frames."""
+    return ReductionHandle(model, adapter_of(model, adapter), reduction_for, sorted(layers))
 
 
 def apply_reductions(model: nn.Module, reductions: Mapping[int, Reduction],
                      adapter: Adapter | None = None) -> ReductionHandle:
     """Patch only the listed global layers, each with a fixed reduction whatever the clip length; others stay dense."""
-    adapter = _adapter_of(model, adapter)
+    adapter = adapter_of(model, adapter)
     for layer, reduction in reductions.items():
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < adapter.num_global_layers:
             raise Spark3rError(
@@ -135,15 +128,4 @@ def apply_reductions(model: nn.Module, reductions: Mapping[int, Reduction],
                 f"the reduction of layer {layer} must be a spark3r Reduction, got {type(reduction).__name__}"
             )
     fixed = dict(reductions)
-    return ReductionHandle(model, adapter, lambda layer, frames: fixed[layer], sorted(fixed))
-
-
-@contextlib.contextmanager
-def reduced(model: nn.Module, schedule: schedules.Schedule | str | Path,
-            adapter: Adapter | None = None) -> Iterator[ReductionHandle]:
-    """`with reduced(model, schedule):` runs `model` with the schedule applied and restores it on exit."""
-    handle = apply_schedule(model, schedule, adapter)
-    try:
-        yield handle
-    finally:
-        handle.remove()
+    return patch_attention(model, lambda layer, frames: fixed[layer], fixed, adapter)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Protocol
 
 from spark3r.errors import Spark3rError
 
@@ -53,3 +54,10 @@ class Reduction:
     def kv_factor(self) -> int:
         """The integer K/V reduction factor of the stride-like methods: round(1 / kv_keep)."""
         return max(1, round(1.0 / self.kv_keep))
+
+
+class LayerReductions(Protocol):
+    """Anything that gives the reduction of every global layer at a clip length (a schedule does)."""
+
+    def reductions(self, frames: int) -> list[Reduction]:
+        ...

@@ -14,8 +14,7 @@ from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry
 from spark3r.profiler.format import Profile
 from spark3r.profiler.run import finite_outputs
-from spark3r.reduce.patch import reduced
-from spark3r.schedule import Schedule, check_model
+from spark3r.schedule import Schedule, check_model, reduced
 
 
 def held_out_clips(profile: Profile, calib: str) -> list[Clip]:
