@@ -64,9 +64,9 @@ from spark3r.models.registry import get_entry, resolve_model_name
 from spark3r.profiler.aggregate import spearman
 from spark3r.files import write_atomic
 from spark3r.profiler.format import STATISTICS, MetricTable, Profile, load_profile, save_profile
-from spark3r.profiler.run import finite_outputs
+from spark3r.profiler.run import ProfileOptions, finite_outputs
 from spark3r.reduce import global_attention_fraction
-from spark3r.schedule import KVSpec, LayerSpec, QuerySpec, Schedule, load_schedule, reduced
+from spark3r.schedule import PAPER_KV_METHOD, KVSpec, LayerSpec, QuerySpec, Schedule, load_schedule, reduced
 from spark3r.search.objective import predicted_deviation
 
 CAMERA_TERMS = ("camera_center", "camera_rotation_deg", "focal")
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     (path_a, profile_a), (_, profile_b) = runner.profile("A", args.calib), runner.profile("B", args.replica)
     stable = stability(profile_a, profile_b, args.fixed_keep)
-    if profile_a.options.get("kv_method", "frame_stride") != "frame_stride":
+    if ProfileOptions.of_profile(profile_a).kv_method != PAPER_KV_METHOD:
         raise Spark3rError("the baselines prune K/V by frame stride: profile with --kv-method frame_stride")
     reduction = {key: profile_a.options[key] for key in ("keep_reference_frame", "group_frames", "similarity")
                  if key in profile_a.options}

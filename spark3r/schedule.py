@@ -48,6 +48,7 @@ from spark3r.reduce.reduction import KV_METHODS, SIMILARITIES, Reduction
 
 SCHEDULE_VERSION = 1
 BUDGET_OF = ("global_attention", "model")
+PAPER_KV_METHOD = "frame_stride"
 PAPER_KV_FRAMES = 40
 PAPER_FULL_UP_TO = 100
 PAPER_INSENSITIVE_FACTOR = 3
@@ -466,7 +467,7 @@ def paper_schedule(model: str, global_layers: int, sensitive: list[int]) -> Sche
     """
     default = LayerSpec(
         kv=KVSpec(frames=PAPER_KV_FRAMES, full_up_to=PAPER_FULL_UP_TO, factor=PAPER_INSENSITIVE_FACTOR,
-                  method="frame_stride", keep_reference_frame=True),
+                  method=PAPER_KV_METHOD, keep_reference_frame=True),
         query=QuerySpec(merge=Stepped(PAPER_QUERY_MERGE, PAPER_QUERY_MERGE_ELSE), group_frames=20),
     )
     layers = {index: LayerSpec(kv=KVSpec(factor=1)) for index in sorted(sensitive)}
@@ -483,7 +484,7 @@ def uniform_schedule(model: str, global_layers: int, sensitive_count: int) -> Sc
     factor = global_layers / (sensitive_count + (global_layers - sensitive_count) / PAPER_INSENSITIVE_FACTOR)
     default = LayerSpec(
         kv=KVSpec(frames=PAPER_KV_FRAMES, full_up_to=PAPER_FULL_UP_TO, factor=round(factor, 6),
-                  method="frame_stride", keep_reference_frame=True),
+                  method=PAPER_KV_METHOD, keep_reference_frame=True),
         query=QuerySpec(merge=Stepped(PAPER_QUERY_MERGE, PAPER_QUERY_MERGE_ELSE), group_frames=20),
     )
     provenance = {"rule": "uniform", "matches": "paper rule mean K/V keep"}

@@ -18,7 +18,7 @@ from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
 from spark3r.profiler.pipeline import ProfileRequest, profile_layers
 from spark3r.profiler.run import ProfileOptions
-from spark3r.reduce import KV_METHODS
+from spark3r.reduce import DEFAULT_KV_METHOD, KV_METHODS
 
 DEFAULT_KV_KEEP = "0.5,0.25,0.125,0.0625,0.03125"
 DEFAULT_QUERY_MERGE = "1,2,3,4"
@@ -98,7 +98,7 @@ def build_parser() -> ArgumentParser:
                         help="query merge factors to sweep, >= 1; 1 (dense) is always added (default: %(default)s)")
     parser.add_argument("--frames", type=int, default=None,
                         help="frames per clip (the first N); default: the shortest clip (8 for synthetic clips)")
-    parser.add_argument("--kv-method", default="frame_stride", choices=KV_METHODS, help="K/V pruning method")
+    parser.add_argument("--kv-method", default=DEFAULT_KV_METHOD, choices=KV_METHODS, help="K/V pruning method")
     parser.add_argument("--no-reference-frame", dest="keep_reference_frame", action="store_false",
                         help="do not keep frame 0's K/V whole (grid, random and key_norm methods)")
     parser.add_argument("--group-frames", type=int, default=20, help="query merging group size in frames")

@@ -12,10 +12,10 @@ from spark3r.reduce.flops import (
 from spark3r.reduce.kv import kv_count, kv_index, select_kv
 from spark3r.reduce.merge import merge_queries, merge_slots, query_count, unmerge
 from spark3r.reduce.patch import ReductionHandle, apply_reductions, patch_attention
-from spark3r.reduce.reduction import KV_METHODS, SIMILARITIES, LayerReductions, Reduction
+from spark3r.reduce.reduction import DEFAULT_KV_METHOD, KV_METHODS, SIMILARITIES, LayerReductions, Reduction
 
 __all__ = [
-    "KV_METHODS", "SIMILARITIES", "FlopBreakdown", "LayerReductions", "Reduction", "ReductionHandle",
+    "DEFAULT_KV_METHOD", "KV_METHODS", "SIMILARITIES", "FlopBreakdown", "LayerReductions", "Reduction", "ReductionHandle",
     "apply_reductions", "global_attention_fraction", "is_dense", "kv_count", "kv_index", "layer_attention_flops",
     "layer_overhead_flops", "merge_queries", "merge_slots", "model_flops", "model_fraction", "patch_attention",
     "query_count", "reduced_attention", "select_kv", "unmerge",

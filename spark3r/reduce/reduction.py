@@ -8,6 +8,7 @@ from typing import Protocol
 from spark3r.errors import Spark3rError
 
 KV_METHODS = ("frame_stride", "grid", "random", "key_norm")
+DEFAULT_KV_METHOD = KV_METHODS[0]
 SIMILARITIES = ("key", "input")
 
 
@@ -26,7 +27,7 @@ class Reduction:
     """
 
     kv_keep: float = 1.0
-    kv_method: str = "frame_stride"
+    kv_method: str = DEFAULT_KV_METHOD
     keep_reference_frame: bool = True
     query_merge: int = 1
     group_frames: int = 20

@@ -22,7 +22,7 @@ from spark3r.models.loading import identified_weights
 from spark3r.models.registry import build_model, resolve_model_name
 from spark3r.profiler.format import PROFILE_JSON, Profile, load_profile
 from spark3r.reduce.flops import global_attention_fraction, model_fraction
-from spark3r.schedule import Budget, Schedule, load_schedule, save_schedule
+from spark3r.schedule import PAPER_KV_METHOD, Budget, Schedule, load_schedule, save_schedule
 from spark3r.search.knapsack import KnapsackResult, pareto_front, solve_knapsack
 from spark3r.search.objective import Candidate, SearchProblem, build_problem, candidate_schedule, predicted_deviation
 from spark3r.search.study import (
@@ -255,7 +255,7 @@ def paper_rule_row(run: SearchRun) -> dict | None:
     profile's K/V method and layer count fit."""
     profile, problem, request = run.profile, run.problem, run.request
     paper_path = find_paper_rule(profile.model)
-    if paper_path is None or profile.options.get("kv_method", "frame_stride") != "frame_stride":
+    if paper_path is None or problem.options.kv_method != PAPER_KV_METHOD:
         return None
     rule = load_schedule(paper_path)
     if rule.global_layers != profile.global_layers:

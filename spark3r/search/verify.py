@@ -13,7 +13,7 @@ from spark3r.evaluate.deviation import output_deviation
 from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry
 from spark3r.profiler.format import Profile
-from spark3r.profiler.run import finite_outputs
+from spark3r.profiler.run import ProfileOptions, finite_outputs
 from spark3r.schedule import Schedule, check_model, reduced
 
 
@@ -42,7 +42,7 @@ def measure(profile: Profile, schedules: list[Schedule], clips: list[Clip], *, d
     adapter = model.adapter
     for schedule in schedules:
         check_model(schedule, adapter.model_name, adapter.num_global_layers)
-    score_weights = profile.options.get("score_weights")
+    score_weights = ProfileOptions.of_profile(profile).score_weights or None
     measured = np.empty((len(schedules), len(clips)))
     with tqdm(total=len(clips) * (len(schedules) + 1), desc="verify", unit="forward", file=sys.stderr,
               disable=not progress, leave=False) as bar:
