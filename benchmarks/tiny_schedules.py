@@ -67,7 +67,7 @@ from spark3r.profiler.format import STATISTICS, MetricTable, Profile, load_profi
 from spark3r.profiler.run import ProfileOptions, finite_outputs
 from spark3r.reduce import global_attention_fraction
 from spark3r.schedule import PAPER_KV_METHOD, KVSpec, LayerSpec, QuerySpec, Schedule, load_schedule, reduced
-from spark3r.search.objective import predicted_deviation
+from spark3r.search.problem import predicted_deviation
 
 CAMERA_TERMS = ("camera_center", "camera_rotation_deg", "focal")
 STABILITY_METRICS = ("score", "depth", "points")

@@ -21,7 +21,7 @@ from spark3r.reduce.flops import global_attention_fraction, model_fraction
 from spark3r.schedule import apply_schedule, check_model, load_schedule
 from spark3r.commands.search_schedule import main
 from spark3r.search.knapsack import pareto_front, solve_knapsack
-from spark3r.search.objective import Candidate, build_problem, interpolate, kv_levels, predicted_deviation
+from spark3r.search.problem import Candidate, build_problem, interpolate, kv_levels, predicted_deviation
 from spark3r.search.study import (
     CONSTRAINT, WARM_START, completed, is_feasible, join_study, make_sampler, open_study,
     ranked_candidates, run_study,

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from spark3r.errors import ParameterError
-from spark3r.search.objective import Candidate, SearchProblem
+from spark3r.search.problem import Candidate, SearchProblem
 
 RELATIVE_TOLERANCE = 1e-9
 SAFETY = 1e-12  # shrink the capacity of the feasible (rounded-up) pass by this fraction against float round-off

@@ -24,7 +24,7 @@ from spark3r.profiler.format import PROFILE_JSON, Profile, load_profile
 from spark3r.reduce.flops import global_attention_fraction, model_fraction
 from spark3r.schedule import PAPER_KV_METHOD, Budget, Schedule, load_schedule, save_schedule
 from spark3r.search.knapsack import KnapsackResult, pareto_front, solve_knapsack
-from spark3r.search.objective import Candidate, SearchProblem, build_problem, candidate_schedule, predicted_deviation
+from spark3r.search.problem import Candidate, SearchProblem, build_problem, candidate_schedule, predicted_deviation
 from spark3r.search.study import (
     WARM_START, completed, default_study_name, is_feasible, join_study, make_sampler, open_study, problem_key,
     ranked_candidates, run_study,

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from spark3r.errors import ParameterError
 from spark3r.search.mutation import MutationSampler
-from spark3r.search.objective import Candidate, SearchProblem
+from spark3r.search.problem import Candidate, SearchProblem
 
 SAMPLERS = ("mutation", "tpe", "nsga2", "gp")
 CONSTRAINT = "flops"

@@ -1,4 +1,5 @@
-"""The search objective: a profile's predicted deviation and the FLOPs of every per-layer choice.
+"""The search problem: a profile's predicted deviation and the FLOPs of every per-layer choice (the Optuna objective
+that samples it is in spark3r.search.study).
 
 The predicted deviation of a schedule is the sum over global layers of `kv[metric](keep_l) + query[metric](merge_l)`,
 each read off the profile's per-layer table and interpolated linearly in log(level) between measured levels (clamped
