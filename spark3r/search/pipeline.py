@@ -24,7 +24,9 @@ from spark3r.profiler.format import PROFILE_JSON, Profile, load_profile
 from spark3r.reduce.flops import global_attention_fraction, model_fraction
 from spark3r.schedule import PAPER_KV_METHOD, Budget, Schedule, load_schedule, save_schedule
 from spark3r.search.knapsack import KnapsackResult, pareto_front, solve_knapsack
-from spark3r.search.problem import Candidate, SearchProblem, build_problem, candidate_schedule, predicted_deviation
+from spark3r.search.problem import (
+    Candidate, SearchProblem, build_problem, candidate_schedule, check_budget, predicted_deviation,
+)
 from spark3r.search.study import (
     WARM_START, completed, default_study_name, is_feasible, join_study, make_sampler, open_study, problem_key,
     ranked_candidates, run_study,
@@ -85,9 +87,7 @@ class SearchRun:
 
 
 def check_request(request: SearchRequest) -> None:
-    if not 0 < request.budget <= 1:
-        raise ParameterError(f"`budget` {request.budget:g} is not a fraction of dense FLOPs: give a number in (0, 1], "
-                             "e.g. `budget` 0.1", "budget")
+    check_budget(request.budget)
     for parameter, value, least in (("trials", request.trials, 1), ("verify", request.verify, 0),
                                     ("kv_extra_levels", request.kv_extra_levels, 0)):
         if value < least:
@@ -123,7 +123,7 @@ def flops_fraction_of(schedule: Schedule, flop_config: FlopConfig, frames: int, 
     return float(fraction(flop_config, frames, schedule))
 
 
-def best_uniform(problem: SearchProblem, budget: float) -> tuple[Candidate | None, list[tuple[float, float]]]:
+def best_uniform(problem: SearchProblem) -> tuple[Candidate | None, list[tuple[float, float]]]:
     """The uniform candidate (one K/V and one query level for all layers) of least deviation within the budget, and
     (fraction, deviation) of every uniform candidate."""
     points, best = [], None
@@ -132,7 +132,7 @@ def best_uniform(problem: SearchProblem, budget: float) -> tuple[Candidate | Non
             candidate = problem.uniform(kv, query)
             fraction, deviation = problem.flops_fraction(candidate), problem.deviation(candidate)
             points.append((fraction, deviation))
-            if fraction <= budget and (best is None or deviation < problem.deviation(best)):
+            if fraction <= problem.budget and (best is None or deviation < problem.deviation(best)):
                 best = candidate
     return best, points
 
@@ -199,21 +199,21 @@ def search_schedule(request: SearchRequest) -> dict:
         raise ParameterError(f"profile {profile_path} was made for {profile.model}, not {wanted}: pass a profile of "
                              f"that model or `model` {profile.model}", "model")
     flop_config = build_model(profile.model, device="meta").flop_config(*profile.image_hw)
-    options = dict(frames=request.frames, budget_of=request.budget_of, metric=request.metric,
+    options = dict(budget=request.budget, frames=request.frames, budget_of=request.budget_of, metric=request.metric,
                    per_layer_query=request.per_layer_query, kv_extra_levels=request.kv_extra_levels)
     problem = build_problem(profile, flop_config, **options)
     long = build_problem(profile, flop_config, **{**options, "frames": LONG_FRAMES})
-    knapsack = solve_knapsack(problem, request.budget)
+    knapsack = solve_knapsack(problem)
 
     out = Path(request.out) if request.out else SCHEDULES_DIR / f"{profile.model}-b{request.budget:g}.yaml"
     storage = request.storage or str(out.with_suffix(".journal"))
-    study_name = request.study or default_study_name(problem, request.budget, profile.sha256, request.sampler)
-    study = open_study(storage, study_name, problem_key(problem, request.budget, profile.sha256))
+    study_name = request.study or default_study_name(problem, profile.sha256, request.sampler)
+    study = open_study(storage, study_name, problem_key(problem, profile.sha256))
     worker, rank = join_study(study, {"sampler": request.sampler, "seed": request.seed})
-    ran = run_study(study, problem, request.budget, request.trials, make_sampler(request.sampler, request.seed + rank),
-                    worker, warm_start=knapsack.candidate)
+    ran = run_study(study, problem, request.trials, make_sampler(request.sampler, request.seed + rank), worker,
+                    warm_start=knapsack.candidate)
     run = SearchRun(request, profile, profile_path, problem, long, flop_config, knapsack, study, storage, ran)
-    ranked = [candidate for candidate, _, _ in ranked_candidates(study, problem, request.budget)] or [knapsack.candidate]
+    ranked = [candidate for candidate, _, _ in ranked_candidates(study, problem)] or [knapsack.candidate]
     chosen, measured = ranked[0], {}
     if request.verify:
         chosen, measured = verify_best(run, ranked[: request.verify])
@@ -230,7 +230,7 @@ def search_schedule(request: SearchRequest) -> dict:
               f"Made by: {remade_command(request, profile_path, out, storage, study_name)}")
     save_schedule(schedule, out, header=header)
     result["schedule"], result["plot"] = str(out), str(out.with_suffix(".png"))
-    plot(result, problem, study, request.budget)
+    plot(result, problem, study)
     return result
 
 
@@ -274,8 +274,8 @@ def paper_rule_row(run: SearchRun) -> dict | None:
 def summarize(run: SearchRun, chosen: Candidate, measured: dict[Candidate, float]) -> dict:
     """The summary `search_schedule` returns (before the schedule and plot paths are added)."""
     request, problem, study = run.request, run.problem, run.study
-    uniform, _ = best_uniform(problem, request.budget)
-    sampled = ranked_candidates(study, problem, request.budget, exclude_source=WARM_START)
+    uniform, _ = best_uniform(problem)
+    sampled = ranked_candidates(study, problem, exclude_source=WARM_START)
     trials = completed(study)
     return {
         "profile": str(run.profile_path), "model": run.profile.model, "budget": request.budget,
@@ -310,19 +310,19 @@ def provenance(run: SearchRun, study_name: str, result: dict, measured_deviation
     return record
 
 
-def plot(result: dict, problem: SearchProblem, study: optuna.Study, budget: float) -> None:
+def plot(result: dict, problem: SearchProblem, study: optuna.Study) -> None:
     from spark3r.search.plot import save_search_plot
 
     within, over = [], []
     for trial in completed(study):
         candidate = problem.candidate(trial.params)
         (within if is_feasible(trial) else over).append((problem.flops_fraction(candidate), trial.value))
-    _, uniform = best_uniform(problem, budget)
+    _, uniform = best_uniform(problem)
     front = [(fraction, deviation) for fraction, deviation, _ in pareto_front(problem)]
     paper = result["paper_rule"]
     chosen = result["chosen"]
     save_search_plot(result["plot"], front=front, trials=within, infeasible=over, uniform=uniform,
-                     chosen=(chosen["flops_fraction"], chosen["deviation"]), budget=budget,
+                     chosen=(chosen["flops_fraction"], chosen["deviation"]), budget=problem.budget,
                      paper=None if paper is None else (paper["flops_fraction"], paper["deviation"]),
                      title=f"{problem.model}: predicted {problem.metric} vs FLOPs at {problem.frames} frames",
                      xlabel=f"fraction of dense {problem.budget_of.replace('_', ' ')} FLOPs at {problem.frames} frames")

@@ -7,7 +7,7 @@ to the end levels outside them). Costs come from `spark3r.reduce.flops` at the b
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -62,6 +62,7 @@ class SearchProblem:
     layer_flops [L, n_kv, n_q]: FLOPs of layer l at (keep j, merge k) that the budget counts.
     fixed_flops: budgeted FLOPs no choice changes; dense_flops: the dense total the budget is a fraction of.
     per_layer_query: every layer picks its own merge level (else one level for all layers).
+    budget: the largest allowed FLOPs fraction (`within` gives the same problem under another budget).
     options: what the profile was measured with: every layer's Reduction is `options.reduction(keep, merge)`.
     """
 
@@ -78,6 +79,7 @@ class SearchProblem:
     fixed_flops: float
     dense_flops: float
     options: ProfileOptions
+    budget: float = 1.0
 
     @property
     def global_layers(self) -> int:
@@ -92,6 +94,14 @@ class SearchProblem:
         layers = np.arange(self.global_layers)
         return float((self.fixed_flops + self.layer_flops[layers, candidate.kv, candidate.query].sum())
                      / self.dense_flops)
+
+    def feasible(self, candidate: Candidate) -> bool:
+        """The candidate's FLOPs fraction is within the budget."""
+        return self.flops_fraction(candidate) <= self.budget
+
+    def within(self, budget: float) -> "SearchProblem":
+        """This problem under another budget."""
+        return replace(self, budget=check_budget(budget))
 
     def cheapest(self) -> Candidate:
         """The candidate of least FLOPs."""
@@ -132,10 +142,19 @@ class SearchProblem:
                 for kv, query in zip(candidate.kv, candidate.query)]
 
 
-def build_problem(profile: Profile, flop_config: FlopConfig, *, frames: int | None = None,
+def check_budget(budget: float) -> float:
+    if not 0 < budget <= 1:
+        raise ParameterError(f"`budget` {budget:g} is not a fraction of dense FLOPs: give a number in (0, 1], "
+                             "e.g. `budget` 0.1", "budget")
+    return budget
+
+
+def build_problem(profile: Profile, flop_config: FlopConfig, *, budget: float = 1.0, frames: int | None = None,
                   budget_of: str = "global_attention", metric: str = "score", per_layer_query: bool = False,
                   kv_extra_levels: int = 0) -> SearchProblem:
-    """The search problem of `profile` with FLOPs counted at `frames` frames (default: the profile's clip length)."""
+    """The search problem of `profile` under `budget` (a fraction of the dense `budget_of` FLOPs) with FLOPs counted
+    at `frames` frames (default: the profile's clip length)."""
+    check_budget(budget)
     frames = profile.frames if frames is None else frames
     if frames < 1:
         raise ParameterError(f"`frames` must be a positive number of frames, got {frames}", "frames")
@@ -167,7 +186,7 @@ def build_problem(profile: Profile, flop_config: FlopConfig, *, frames: int | No
         kv_deviation=interpolate(profile.kv[metric].mean, profile.kv_keep, keep_levels),
         query_deviation=interpolate(profile.query[metric].mean, profile.query_merge, merge_levels),
         layer_flops=np.broadcast_to(costs, (layers, *costs.shape)).copy(), fixed_flops=float(fixed),
-        dense_flops=float(dense), options=options)
+        dense_flops=float(dense), options=options, budget=budget)
 
 
 def predicted_deviation(profile: Profile, schedule: Schedule, metric: str = "score",

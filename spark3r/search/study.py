@@ -63,17 +63,17 @@ def open_storage(storage: str | Path) -> optuna.storages.BaseStorage | str:
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def problem_key(problem: SearchProblem, budget: float, profile_sha256: str) -> dict:
+def problem_key(problem: SearchProblem, profile_sha256: str) -> dict:
     """What defines the search problem: trials of different problems never share a study."""
-    return {"profile_sha256": profile_sha256, "budget": budget, "budget_of": problem.budget_of,
+    return {"profile_sha256": profile_sha256, "budget": problem.budget, "budget_of": problem.budget_of,
             "frames": problem.frames, "metric": problem.metric, "per_layer_query": problem.per_layer_query,
             "kv_keep": list(problem.kv_keep), "query_merge": list(problem.query_merge)}
 
 
-def default_study_name(problem: SearchProblem, budget: float, profile_sha256: str, sampler: str) -> str:
+def default_study_name(problem: SearchProblem, profile_sha256: str, sampler: str) -> str:
     """`<model>-b<budget>-<sampler>-<digest of the problem>`."""
-    digest = hashlib.sha256(json.dumps(problem_key(problem, budget, profile_sha256), sort_keys=True).encode())
-    return f"{problem.model}-b{budget:g}-{sampler}-{digest.hexdigest()[:10]}"
+    digest = hashlib.sha256(json.dumps(problem_key(problem, profile_sha256), sort_keys=True).encode())
+    return f"{problem.model}-b{problem.budget:g}-{sampler}-{digest.hexdigest()[:10]}"
 
 
 def open_study(storage: str | Path, name: str, key: dict) -> optuna.Study:
@@ -94,7 +94,7 @@ def open_study(storage: str | Path, name: str, key: dict) -> optuna.Study:
     return study
 
 
-def make_objective(problem: SearchProblem, budget: float) -> Callable[[optuna.Trial], float]:
+def make_objective(problem: SearchProblem) -> Callable[[optuna.Trial], float]:
     """The predicted deviation of the trial's levels, with the FLOP constraint set first."""
 
     def objective(trial: optuna.Trial) -> float:
@@ -104,7 +104,7 @@ def make_objective(problem: SearchProblem, budget: float) -> Callable[[optuna.Tr
                        else ["query_merge"])
         params.update({name: trial.suggest_categorical(name, problem.query_merge) for name in query_names})
         candidate = problem.candidate(params)
-        trial.set_constraint(CONSTRAINT, problem.flops_fraction(candidate) - budget)
+        trial.set_constraint(CONSTRAINT, problem.flops_fraction(candidate) - problem.budget)
         return problem.deviation(candidate)
 
     return objective
@@ -129,7 +129,7 @@ def join_study(study: optuna.Study, info: dict) -> tuple[str, int]:
     return worker, workers.index(f"worker.{worker}")
 
 
-def run_study(study: optuna.Study, problem: SearchProblem, budget: float, trials: int,
+def run_study(study: optuna.Study, problem: SearchProblem, trials: int,
               sampler: optuna.samplers.BaseSampler, worker: str, warm_start: Candidate | None = None,
               flush_every: int = FLUSH_EVERY, progress: bool = True) -> int:
     """Run trials until the shared `study` holds `trials` completed ones (with other workers); returns how many ran
@@ -142,7 +142,7 @@ def run_study(study: optuna.Study, problem: SearchProblem, budget: float, trials
     synced = {trial.number for trial in done}
     if warm_start is not None and not any(trial.user_attrs.get("source") == WARM_START for trial in done):
         local.enqueue_trial(problem.params(warm_start), user_attrs={"source": WARM_START})
-    objective = make_objective(problem, budget)
+    objective = make_objective(problem)
     pending: list[FrozenTrial] = []
     ran = 0
     bar = tqdm(total=trials, initial=len(done), desc="search", unit="trial", disable=not progress, leave=False)
@@ -177,8 +177,7 @@ def run_study(study: optuna.Study, problem: SearchProblem, budget: float, trials
     return ran
 
 
-def ranked_candidates(study: optuna.Study, problem: SearchProblem, budget: float,
-                      exclude_source: str | None = None) -> list[tuple[Candidate, float, FrozenTrial]]:
+def ranked_candidates(study: optuna.Study, problem: SearchProblem, exclude_source: str | None = None) -> list[tuple[Candidate, float, FrozenTrial]]:
     """Distinct feasible candidates of the study, least predicted deviation first (ties: lowest trial number).
 
     Feasibility is the trial's stored constraint and, independently, the candidate's FLOPs fraction recomputed here.
@@ -188,7 +187,7 @@ def ranked_candidates(study: optuna.Study, problem: SearchProblem, budget: float
         if not is_feasible(trial) or (exclude_source and trial.user_attrs.get("source") == exclude_source):
             continue
         candidate = problem.candidate(trial.params)
-        if candidate in seen or problem.flops_fraction(candidate) > budget:
+        if candidate in seen or not problem.feasible(candidate):
             continue
         seen.add(candidate)
         ranked.append((candidate, float(trial.value), trial))
