@@ -18,8 +18,8 @@ from spark3r.models.da3 import (
     pose_encoding_to_camera,
     reference_order,
     select_reference_view,
-    unproject_depth,
 )
+from spark3r.models.geometry import unproject_pixel_indices
 from spark3r.models.loading import load_model
 from spark3r.models.registry import build_model, resolve_model_name
 from spark3r.reduce import Reduction, apply_reductions
@@ -186,7 +186,7 @@ def test_unprojected_points_project_back_to_their_pixels():
     cam_to_world = torch.eye(4, dtype=torch.float64).repeat(1, 2, 1, 1)
     cam_to_world[..., :3, :3] = torch.from_numpy(Rotation.random(2, random_state=0).as_matrix())
     cam_to_world[..., :3, 3] = torch.randn(1, 2, 3, dtype=torch.float64, generator=generator)
-    points = unproject_depth(depth, intrinsics, cam_to_world)
+    points = unproject_pixel_indices(depth, intrinsics, cam_to_world)
     camera = torch.einsum("bsji,bshwj->bshwi", cam_to_world[..., :3, :3], points - cam_to_world[:, :, None, None, :3, 3])
     pixels = torch.einsum("bsij,bshwj->bshwi", intrinsics, camera)
     torch.testing.assert_close(camera[..., 2], depth, atol=1e-12, rtol=0)

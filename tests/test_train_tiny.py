@@ -17,7 +17,7 @@ from spark3r.data.synthetic import render_batch
 from spark3r.errors import Spark3rError
 from spark3r.models import train_tiny as tt
 from spark3r.models.blocks import patch_positions
-from spark3r.models.vggt import pose_encoding_to_extrinsics_intrinsics
+from spark3r.models.geometry import pose_encoding_to_extrinsics_intrinsics
 
 
 @pytest.fixture(scope="module")

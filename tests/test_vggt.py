@@ -16,7 +16,8 @@ from spark3r.errors import Spark3rError
 from spark3r.models.blocks import merge_heads, qkv_heads
 from spark3r.models.loading import adapt_state_dict, check_state_dict
 from spark3r.models.registry import build_model
-from spark3r.models.vggt import VGGT, VGGT_TINY, pose_encoding_to_extrinsics_intrinsics, quaternion_to_matrix
+from spark3r.models.geometry import pose_encoding_to_extrinsics_intrinsics, quaternion_to_matrix
+from spark3r.models.vggt import VGGT, VGGT_TINY
 from support import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]

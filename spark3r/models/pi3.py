@@ -43,8 +43,9 @@ from spark3r.models.blocks import (
     patch_positions,
 )
 from spark3r.models.dinov2 import DinoVisionTransformer
+from spark3r.models.geometry import se3_inverse
+from spark3r.models.inputs import IMAGENET_MEAN, IMAGENET_STD, check_images
 from spark3r.models.registry import ModelEntry, register
-from spark3r.models.vggt import IMAGENET_MEAN, IMAGENET_STD, check_images
 
 HEAD_CHUNK_FRAMES = 32
 
@@ -87,15 +88,6 @@ CONFIGS = {
         default_size=(42, 56),
     ),
 }
-
-
-def se3_inverse(pose: Tensor) -> Tensor:
-    """Inverse of rigid transforms [..., 4, 4] (or [..., 3, 4]) -> [..., 4, 4]."""
-    rotation_t = pose[..., :3, :3].transpose(-1, -2)
-    translation = -(rotation_t @ pose[..., :3, 3:])
-    bottom = torch.zeros_like(pose[..., :1, :4])
-    bottom[..., 0, 3] = 1.0
-    return torch.cat([torch.cat([rotation_t, translation], dim=-1), bottom], dim=-2)
 
 
 def centred_focal_lengths(local_points: Tensor) -> Tensor:
