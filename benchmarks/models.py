@@ -39,7 +39,7 @@ _spec = importlib.util.spec_from_file_location("benchmarks_foundation", REPO / "
 foundation = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(foundation)
 measure = foundation.measure
-PAPER_SPEEDUP = {"pi3": "23-25x", "da3-giant": "16-18x", "vggt-omega": "16-19x"}  # method.md 5, ~1000 frames, H20
+PAPER_SPEEDUP = {"pi3": "23-25x", "da3-giant": "16-18x", "vggt-omega": "16-19x"}  # the paper, ~1000 frames, H20
 
 
 def paper_rule(model):

@@ -19,7 +19,7 @@ Keys (all optional unless marked):
 - `kv`: the amount is either `keep: x` (fraction kept, in (0, 1]) or `frames: N` (keep about N frames whatever S is:
   factor ceil(S / N)); `default.kv` must give one of them. `method`: frame_stride (default), grid, random or key_norm;
   `keep_reference_frame` (default true); `seed` of the random method (default 0).
-  Two extensions express the paper's length-adaptive rule (method.md sections 3-4):
+  Two extensions express the paper's length-adaptive rule:
   `full_up_to: T` (with `frames`): the factor is 1 while S <= T (the paper: 100);
   `factor: f` (>= 1): multiplies the reduction factor (keep / f); the paper's insensitive layers use 3.
 - `query`: `merge` is the factor r_Q, an integer or a step map `{100: 1, 300: 2, else: 4}` (the first threshold
@@ -460,7 +460,7 @@ def reduced(model: nn.Module, schedule: Schedule | str | Path,
 
 
 def paper_schedule(model: str, global_layers: int, sensitive: list[int]) -> Schedule:
-    """The paper's hand-set rule (method.md sections 3-4) as a schedule.
+    """The paper's hand-set rule as a schedule.
 
     r_Q steps 1/2/3/4 at 100/300/500 frames; r_KV = 1 up to 100 frames, else ceil(S / 40), by frame stride, with the
     reference frame kept; the `sensitive` layers use r_KV and all others 3 x r_KV (3 on short inputs).

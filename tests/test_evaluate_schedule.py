@@ -91,7 +91,7 @@ def test_quality_matches_the_metrics_and_needs_ground_truth(tiny, clip):
 
 def test_summary_sums_times_and_flops_and_averages_the_rest():
     def result(seconds, flops, peak, deviation, abs_rel):
-        return se.ClipResult(name="c", frames=4, seconds={"dense": seconds, "reduced": seconds / 2},
+        return se.ClipComparison(name="c", frames=4, seconds={"dense": seconds, "reduced": seconds / 2},
                              peak_bytes={"dense": peak, "reduced": peak // 2},
                              flops={"dense": flops, "reduced": flops / 4}, global_attention_fraction=0.2,
                              deviation={"depth": deviation, "score": 2 * deviation},

@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rule == "paper":
         schedule = paper_schedule(args.model, args.global_layers, args.sensitive)
-        what = (f"The Spark3R paper's hand-set rule for {args.model} (spec/method.md sections 3-4): r_Q 1/2/3/4 up to "
-                f"100/300/500 frames and beyond; r_KV = 1 up to 100 frames, else ceil(S/40), by frame stride; "
-                f"sensitive layers {range_text(args.sensitive)} use r_KV, all others 3 x r_KV.")
+        what = (f"The Spark3R paper's hand-set rule for {args.model}: r_Q 1/2/3/4 up to 100/300/500 frames and beyond; "
+                f"r_KV = 1 up to 100 frames, else ceil(S/40), by frame stride; sensitive layers "
+                f"{range_text(args.sensitive)} use r_KV, all others 3 x r_KV.")
     else:
         schedule = uniform_schedule(args.model, args.global_layers, len(args.sensitive))
         what = (f"Uniform K/V reduction for {args.model}: every layer {schedule.default.kv.factor} x r_KV, the paper "

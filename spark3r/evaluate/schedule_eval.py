@@ -35,7 +35,7 @@ QUALITY_KEYS = ("abs_rel", "delta_1.25", "ate", "rpe_trans", "rpe_rot", "auc30",
 
 
 @dataclass
-class ClipResult:
+class ClipComparison:
     """One clip's dense and reduced runs.
 
     seconds / peak_bytes: per run ("dense", "reduced"); peak_bytes None off CUDA. flops: the FLOP model's prediction
@@ -97,7 +97,7 @@ def quality(outputs: dict[str, torch.Tensor], clip: Clip) -> dict[str, float]:
 
 
 def evaluate_clip(model: ReconstructionModel, schedule: Schedule, clip: Clip, device: torch.device, repeats: int = 3,
-                  warmup: int = 1) -> ClipResult:
+                  warmup: int = 1) -> ClipComparison:
     """Dense and reduced runs of one clip: times, peak memory, predicted FLOPs, deviation and ground-truth metrics."""
     images = clip.images.to(device)[None]
     flop_config = model.flop_config(clip.height, clip.width)
@@ -109,7 +109,7 @@ def evaluate_clip(model: ReconstructionModel, schedule: Schedule, clip: Clip, de
         del result
     flops = {"dense": model_flops(flop_config, clip.frames).total,
              "reduced": model_flops(flop_config, clip.frames, schedule).total}
-    return ClipResult(
+    return ClipComparison(
         name=clip.name, frames=clip.frames, seconds=seconds, peak_bytes=peaks, flops=flops,
         global_attention_fraction=global_attention_fraction(flop_config, clip.frames, schedule),
         deviation=output_deviation(outputs["dense"], outputs["reduced"]),
@@ -117,7 +117,7 @@ def evaluate_clip(model: ReconstructionModel, schedule: Schedule, clip: Clip, de
     )
 
 
-def summarize(results: list[ClipResult]) -> dict:
+def summarize(results: list[ClipComparison]) -> dict:
     """Totals and means over clips: time and predicted FLOPs summed (speed-ups are ratios of sums), peak memory the
     maximum, deviation and ground-truth metrics averaged over the clips that have them."""
     summary: dict = {"clips": len(results)}
@@ -142,7 +142,7 @@ class ScheduleEvaluation:
     clip's comparison and their `summarize`d totals."""
 
     context: dict
-    clips: list[ClipResult]
+    clips: list[ClipComparison]
     summary: dict
 
     def to_dict(self) -> dict:

@@ -1,6 +1,6 @@
 """Depth-Anything-3 any-view models (ByteDance-Seed/Depth-Anything-3): da3-small, -base, -large, -giant (alias da3).
 
-The module tree mirrors `DepthAnything3` so state_dict keys equal the checkpoints' (spec/state_dict/da3-*.tsv):
+The module tree mirrors `DepthAnything3` so state_dict keys equal the checkpoints' (tests/manifests/da3-*.tsv):
 `model.backbone.pretrained` (DINOv2 without registers, DA3 pos-embed interpolation, camera_token), `model.head`
 (DualDPT), `model.cam_dec`, `model.cam_enc` and, for giant, `model.gs_head`.
 
@@ -8,7 +8,7 @@ Input: images [B, S, 3, H, W] (or [S, 3, H, W]) in [0, 1], H and W multiples of 
 mean/std in its input processor; here `prepare` does it, so every spark3r model takes [0, 1] images and the "da3"
 preprocess recipe only resizes.
 
-Backbone (architectures.md section 4.2): ViT blocks i < alt_start run per frame without RoPE or qk-norm. Before block
+Backbone: ViT blocks i < alt_start run per frame without RoPE or qk-norm. Before block
 alt_start - 1, when S >= 3, a reference view is chosen from the cls tokens ("saddle_balanced" by default, or "first")
 and moved to frame 0; the taps are restored to the input order. Before block alt_start, token 0 of every frame becomes
 the camera token (frame 0: camera_token[:, 0], others: camera_token[:, 1]). From alt_start on, odd blocks are global

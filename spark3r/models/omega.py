@@ -1,4 +1,4 @@
-"""VGGT-Omega (facebookresearch/vggt-omega), re-implemented with the release key names (spec/state_dict/omega.tsv).
+"""VGGT-Omega (facebookresearch/vggt-omega), re-implemented with the release key names (tests/manifests/omega.tsv).
 
 Trunk: a DINOv3-style ViT-L/16 patch encoder (cls + 4 storage tokens, axial RoPE with a persistent `periods` buffer,
 no pos_embed, LayerScale, `qkv` with a persistent K-bias mask) -> per frame [camera(1), register(16), patches] ->

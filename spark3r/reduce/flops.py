@@ -1,4 +1,4 @@
-"""The FLOP model: dense and reduced FLOPs of one forward, per component (architectures.md section 5).
+"""The FLOP model: dense and reduced FLOPs of one forward, per component.
 
 Multiply-adds count 2; softmax, norms and biases are ignored. Per block: linear = (8 C^2 + 2 m C H) per token (qkv and
 proj, then m MLP matrices of width H: 24 C^2 for a 4x GELU MLP, SwiGLU differs); attention = 4 C L^2 per sequence of
@@ -19,7 +19,7 @@ from spark3r.reduce.merge import (
 )
 from spark3r.reduce.reduction import LayerReductions, Reduction
 
-KEY_METRIC_DIM = 64  # head dim of every supported model (architectures.md section 5): width of the key metric
+KEY_METRIC_DIM = 64  # head dim of every supported model: width of the key metric
 
 
 @dataclass(frozen=True)
