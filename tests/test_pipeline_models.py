@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import spark3r
+from spark3r.commands import profile_layers as profile_cli
+from spark3r.commands import search_schedule as search_cli
 from spark3r.data import open_clips
 from spark3r.models.registry import get_entry
-from spark3r.profiler import cli as profile_cli
 from spark3r.profiler.format import load_profile
-from spark3r.search import cli as search_cli
 
 FRAMES = 4
 
