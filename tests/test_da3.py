@@ -26,6 +26,7 @@ from spark3r.reduce import Reduction, apply_reductions
 from spark3r.schedule import apply_schedule, paper_schedule
 from support import check_patch_and_restore, read_manifest
 
+TINY_MODEL = "da3-tiny"
 H, W = 42, 56  # 3 x 4 patches
 TINY = CONFIGS["da3-tiny"]
 EVEN_ALT = DA3Config("da3-tiny-even", 64, 10, 2, 2, (3, 5, 7, 9), 16, (8, 16, 32, 32), cam_enc_heads=4,
@@ -34,20 +35,8 @@ PARAMS = {"da3-small": 34_299_655, "da3-base": 135_366_791, "da3-large": 410_941
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return build_model("da3-tiny").eval()
-
-
-@pytest.fixture(scope="module")
 def images():
     return torch.rand(1, 4, 3, H, W, generator=torch.Generator().manual_seed(1))  # saddle_balanced picks frame 3
-
-
-@pytest.fixture(scope="module")
-def dense(tiny, images):
-    with torch.no_grad():
-        return tiny(images)
 
 
 @pytest.mark.parametrize("name", ["da3-small", "da3-base", "da3-large", "da3-giant"])

@@ -9,10 +9,9 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-import spark3r
+from spark3r.commands import evaluate_schedule as command
 from spark3r.data.clips import Clip
 from spark3r.data.synthetic import render_clip
-from spark3r.commands import evaluate_schedule as command
 from spark3r.evaluate import schedule_eval as se
 from spark3r.evaluate.metrics import camera_metrics, depth_metrics
 from spark3r.reduce import model_flops
@@ -24,12 +23,11 @@ AGGRESSIVE = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6,
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny):
     """vggt-tiny with random weights and the camera head's FoV bias at 1 rad, so its intrinsics are finite."""
-    model = spark3r.load_model("vggt-tiny", weights="none", seed=0)
     with torch.no_grad():
-        model.camera_head.pose_branch.fc2.bias[7:] = 1.0
-    return model
+        tiny.camera_head.pose_branch.fc2.bias[7:] = 1.0
+    return tiny
 
 
 @pytest.fixture(scope="module")

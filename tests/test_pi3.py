@@ -20,25 +20,14 @@ from spark3r.schedule import apply_schedule, paper_schedule
 from support import check_patch_and_restore, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = "pi3-tiny"
 H, W = 42, 56  # 3 x 4 patches
 TINY = CONFIGS["pi3-tiny"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return build_model("pi3-tiny").eval()
-
-
-@pytest.fixture(scope="module")
 def images():
     return torch.rand(1, 4, 3, H, W, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def dense(tiny, images):
-    with torch.no_grad():
-        return tiny(images)
 
 
 def test_pi3_state_dict_equals_the_official_manifest():

@@ -16,12 +16,7 @@ from spark3r.profiler.format import load_profile
 FRAMES = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["pi3-tiny", "da3-tiny", "vggt-omega-tiny"])

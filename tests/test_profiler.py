@@ -74,10 +74,9 @@ import sys
 
 import torch
 
-import spark3r
+from spark3r.commands import profile_layers as cli
 from spark3r.data.clips import open_clips
 from spark3r.evaluate.deviation import output_deviation
-from spark3r.commands import profile_layers as cli
 from spark3r.models.loading import weights_identity
 from spark3r.profiler import pipeline
 from spark3r.profiler.format import load_profile
@@ -89,21 +88,12 @@ CLI_ARGS = ["--model", "vggt-tiny", "--weights", "none", "--calib", "synthetic:2
             "--kv-keep", "0.5", "--query-merge", "2", "--additivity", "3", "--device", "cpu", "--dtype", "fp32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads spin against each other (several times slower),
-    and the 2-rank run below uses one thread per rank, so both runs round the same way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model = spark3r.load_model("vggt-tiny", weights=None, seed=0)
-    images = open_clips("synthetic:1", preprocess="vggt:112", frames=FRAMES)[0].images
-    return model, images
+def images():
+    return open_clips("synthetic:1", preprocess="vggt:112", frames=FRAMES)[0].images
 
 
 def reference_outputs(model, images, reductions=None):
@@ -121,8 +111,8 @@ def reference_outputs(model, images, reductions=None):
     return finite, attention
 
 
-def test_resume_from_any_layer_equals_full_forward(tiny):
-    model, images = tiny
+def test_resume_from_any_layer_equals_full_forward(tiny, images):
+    model = tiny
     full, _ = reference_outputs(model, images)
     with torch.inference_mode():
         run = dense_run(model, images[None], PhaseTimer(images.device))
@@ -132,8 +122,8 @@ def test_resume_from_any_layer_equals_full_forward(tiny):
                 assert torch.equal(resumed[key], full[key]), (layer, key)
 
 
-def test_local_deviation_matches_a_full_reduced_forward(tiny):
-    model, images = tiny
+def test_local_deviation_matches_a_full_reduced_forward(tiny, images):
+    model = tiny
     _, dense_attention = reference_outputs(model, images)
     reduction = Reduction(kv_keep=0.5)
     _, reduced_attention = reference_outputs(model, images, {2: reduction})
@@ -149,8 +139,8 @@ def test_local_deviation_matches_a_full_reduced_forward(tiny):
     assert rel_l2 == pytest.approx(expected_l2, rel=1e-5) and cos == pytest.approx(expected_cos, rel=1e-4)
 
 
-def test_batched_end_to_end_matches_full_reduced_forwards(tiny):
-    model, images = tiny
+def test_batched_end_to_end_matches_full_reduced_forwards(tiny, images):
+    model = tiny
     dense, _ = reference_outputs(model, images)
     reductions = [Reduction(kv_keep=0.5), Reduction(kv_keep=0.25), Reduction(query_merge=2)]
     with torch.inference_mode():
@@ -167,8 +157,8 @@ def test_batched_end_to_end_matches_full_reduced_forwards(tiny):
     assert multi["score"] == pytest.approx(output_deviation(dense, reduced)["score"], rel=1e-4)
 
 
-def test_profile_clip_dense_levels_are_exactly_zero(tiny):
-    model, images = tiny
+def test_profile_clip_dense_levels_are_exactly_zero(tiny, images):
+    model = tiny
     options = ProfileOptions(kv_keep=(1.0, 0.5), query_merge=(1, 2), additivity_schedules=2)
     measured = profile_clip(model, images, options)
     for kind in ("kv", "query"):

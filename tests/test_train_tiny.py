@@ -121,11 +121,6 @@ def test_training_seeds_never_reach_held_out_specs():
     assert not torch.equal(first[3]["extrinsics"], first[4]["extrinsics"])
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return spark3r.load_model("vggt-tiny", weights="none", seed=0)
-
-
 def test_camera_iterations_end_at_the_head_output(tiny):
     images = torch.rand(1, 2, 3, 28, 28)
     with torch.no_grad(), tt.camera_iterations(tiny) as poses:
