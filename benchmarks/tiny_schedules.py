@@ -54,7 +54,8 @@ from tqdm import tqdm
 from spark3r.commands import profile_layers as profiler_cli
 from spark3r.commands import search_schedule as search_cli
 from spark3r.commands.arguments import command
-from spark3r.data.clips import Clip, open_clips
+from spark3r.data.clip import Clip
+from spark3r.data.clips import open_clips
 from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS, output_deviation
 from spark3r.evaluate.metrics import camera_metrics, depth_metrics

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from spark3r.commands import evaluate_schedule as command
-from spark3r.data.clips import Clip
+from spark3r.data.clip import Clip
 from spark3r.data.synthetic import render_clip
 from spark3r.evaluate import schedule_eval as se
 from spark3r.evaluate.metrics import camera_metrics, depth_metrics

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from scipy.spatial.transform import Rotation
 
 import spark3r
-from spark3r.data.clips import Clip, write_clip
+from spark3r.data.clip import Clip
+from spark3r.data.clips import write_clip
 from spark3r.data.synthetic import render_batch
 from spark3r.errors import Spark3rError
 from spark3r.models import train_tiny as tt

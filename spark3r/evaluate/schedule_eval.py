@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from spark3r.data.clips import Clip, iter_clips
+from spark3r.data.clip import Clip
+from spark3r.data.clips import iter_clips
 from spark3r.errors import ParameterError, Spark3rError
 from spark3r.evaluate.deviation import output_deviation
 from spark3r.evaluate.metrics import camera_metrics, depth_metrics, point_metrics

@@ -49,7 +49,7 @@ def unproject_pixel_indices(depth: Tensor, intrinsics: Tensor, cam_to_world: Ten
     """depth [B, S, H, W], intrinsics [B, S, 3, 3], camera-to-world [B, S, 3 or 4, 4] -> world points [B, S, H, W, 3].
 
     Pixel (u, v) sits at its integer indices, as upstream DA3 and VGGT-Omega place it: camera point =
-    depth * K^-1 [u, v, 1]. (Ground truth uses pixel centres instead: spark3r.data.clips.unproject_depth.)
+    depth * K^-1 [u, v, 1]. (Ground truth uses pixel centres instead: spark3r.data.clip.unproject_depth.)
     """
     height, width = depth.shape[-2:]
     v, u = torch.meshgrid(

@@ -159,7 +159,7 @@ class Targets:
 
 def camera_points(depth: Tensor, intrinsics: Tensor) -> Tensor:
     """Camera-frame points [..., H, W, 3] of z-depth [..., H, W] with skew-free intrinsics [..., 3, 3]: pixel
-    (row i, column j) has its centre at (j + 0.5, i + 0.5), as spark3r.data.clips.unproject_depth. Written without a
+    (row i, column j) has its centre at (j + 0.5, i + 0.5), as spark3r.data.clip.unproject_depth. Written without a
     matrix inverse (torch.linalg.inv waits for the GPU), so the training loop has no host sync."""
     height, width = depth.shape[-2:]
     fx, fy = intrinsics[..., 0, 0, None, None], intrinsics[..., 1, 1, None, None]

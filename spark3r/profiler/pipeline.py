@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from spark3r.data.clips import Clip, open_clips
+from spark3r.data.clip import Clip
+from spark3r.data.clips import open_clips
 from spark3r.errors import ParameterError, Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
 from spark3r.models.base import ReconstructionModel

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spark3r.data.clips import Clip, open_clips
+from spark3r.data.clip import Clip
+from spark3r.data.clips import open_clips
 from spark3r.errors import ParameterError
 from spark3r.evaluate.deviation import output_deviation
 from spark3r.models.loading import load_model
