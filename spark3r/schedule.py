@@ -433,7 +433,8 @@ def check_model(schedule: Schedule, model_name: str, num_global_layers: int) -> 
                            f"{num_global_layers}: use a schedule made for this model")
 
 
-def apply_schedule(model: nn.Module, schedule: Schedule | str | Path, adapter: Adapter | None = None) -> ReductionHandle:
+def apply_schedule(model: nn.Module, schedule: Schedule | str | Path,
+                   adapter: Adapter | None = None) -> ReductionHandle:
     """Patch every global attention layer of `model` with `schedule` (a Schedule or a YAML path).
 
     adapter defaults to `model.adapter`. The schedule's model name and layer count must match the adapter's.

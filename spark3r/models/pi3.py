@@ -1,6 +1,7 @@
 """pi3 (yyfz/Pi3): a DINOv2 encoder, a 36-block alternating decoder (odd blocks global) and three per-frame heads.
 
-Keys and shapes equal `Pi3()`'s state_dict (tests/manifests/pi3.tsv), so the official `model.safetensors` loads strictly.
+Keys and shapes equal `Pi3()`'s state_dict (tests/manifests/pi3.tsv), so the official
+`model.safetensors` loads strictly.
 Input: images [B, S, 3, H, W] (or [S, 3, H, W]) in [0, 1], H and W multiples of 14; ImageNet normalisation happens
 inside, with the checkpoint's persistent `image_mean` / `image_std` buffers.
 

@@ -177,7 +177,8 @@ def run_study(study: optuna.Study, problem: SearchProblem, trials: int,
     return ran
 
 
-def ranked_candidates(study: optuna.Study, problem: SearchProblem, exclude_source: str | None = None) -> list[tuple[Candidate, float, FrozenTrial]]:
+def ranked_candidates(study: optuna.Study, problem: SearchProblem,
+                      exclude_source: str | None = None) -> list[tuple[Candidate, float, FrozenTrial]]:
     """Distinct feasible candidates of the study, least predicted deviation first (ties: lowest trial number).
 
     Feasibility is the trial's stored constraint and, independently, the candidate's FLOPs fraction recomputed here.
