@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def table(result: dict) -> str:
     wall = result["wall_seconds"]
-    lines = [f"{result['model']} ({result['dtype']}, {result['device']}): {result['clips']} clips x "
+    lines = [f"{result['model']} ({result['dtype']}, {result['device_name']}): {result['clips']} clips x "
              f"{result['frames']} frames at {result['size']}px, {result['global_layers']} layers x "
              f"{len(result['kv_keep'])} K/V + {len(result['query_merge'])} query levels, "
              f"{result['additivity']} additivity schedules, level batch {result['level_batch']}",

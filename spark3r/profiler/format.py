@@ -195,6 +195,9 @@ def load_profile(path: str | os.PathLike) -> Profile:
     data = path.read_bytes()
     try:
         doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except _NonFinite as constant:
+        raise Spark3rError(f"profile {path} holds {constant} where numbers belong: the profile is broken (NaN "
+                           "deviations); rerun profile-layers") from None
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
         raise Spark3rError(f"profile {path} is not valid JSON (corrupt or truncated): rerun profile-layers") from None
     profile = Profile.from_dict(doc, source=f"profile {path}")
@@ -202,8 +205,12 @@ def load_profile(path: str | os.PathLike) -> Profile:
     return profile
 
 
+class _NonFinite(Exception):
+    """A NaN or Infinity in a profile's JSON (json.loads accepts them; a profile must not hold them)."""
+
+
 def _reject_constant(name: str):
-    raise ValueError(f"JSON constant {name}")
+    raise _NonFinite(name)
 
 
 def save_profile(profile: Profile, out_dir: str | os.PathLike, raw: dict[str, np.ndarray] | None = None) -> Path:
