@@ -100,6 +100,8 @@ CLI_CASES = [
     ("search-schedule", ["--budget", "0.1", "--profile", "profile"], [make_nan_profile], 2, "holds NaN"),
     ("search-schedule", ["--budget", "0.1", "--trials", "0"], [], 2, "--trials is 0"),
     ("search-schedule", ["--budget", "0.1", "--nope"], [], 2, "unrecognized arguments"),
+    ("search-schedule", ["--budget", "0.3", "--trials", "5", "--storage", "nosuch://db"], [make_tiny_profile], 2,
+     "cannot open the study storage nosuch://db"),
     ("evaluate-schedule", ["--model", "vggt-tiny", "--schedule", "binary.yaml", "--clips", "synthetic:1"],
      [make_binary_schedule], 2, "is not a text file"),
     ("evaluate-schedule", ["--model", "vggt-tiny", "--schedule", "schedule-folder", "--clips", "synthetic:1"],
@@ -126,8 +128,6 @@ PENDING_CASES = [
     ("profile-layers", ["--model", "vggt-tiny", "--calib", "synthetic:1:5", "--frames", "2", "--out", "taken"],
      [make_existing_file], 2, "is a file"),
     ("search-schedule", ["--budget", "0.3", "--trials", "5", "--out", "."], [make_tiny_profile], 2, "is a folder"),
-    ("search-schedule", ["--budget", "0.3", "--trials", "5", "--storage", "nosuch://db"], [make_tiny_profile], 2,
-     "--storage"),
     ("make-clips", ["synthetic:1", "--out", "taken"], [make_existing_file], 2, "is a file"),
 ]
 

@@ -22,6 +22,7 @@ from spark3r.models.base import FrameLayout
 
 PROFILE_VERSION = 1
 PROFILE_JSON = "profile.json"
+VOLATILE_KEYS = ("timings", "versions", "created")  # what changes when the same measurement is written again
 PROFILE_NPZ = "profile.npz"
 STATISTICS = ("mean", "std", "ci95")
 REQUIRED_KEYS = ("spark3r_profile", "model", "global_layers", "frames", "image_hw", "layout", "clips", "options",
@@ -66,6 +67,13 @@ class Profile:
     versions: dict = field(default_factory=dict)
     created: str = ""
     sha256: str = ""
+
+    @property
+    def measurement_sha256(self) -> str:
+        """Digest of what the profile measured: its document without timings, versions and creation time, so a rerun
+        that reads every clip from the cache (a new profile.json, new timings) has the same digest."""
+        measured = {key: value for key, value in self.to_dict().items() if key not in VOLATILE_KEYS}
+        return hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()
 
     @property
     def frame_layout(self) -> FrameLayout:
