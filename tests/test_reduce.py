@@ -529,3 +529,23 @@ def test_bf16_queries_are_averaged_in_fp32():
     assert merged.dtype == torch.bfloat16
     expected = q.double().reshape(1, 4, 6, 100, 64).mean(3).bfloat16()
     assert (merged == expected).double().mean() >= 0.99
+
+
+def test_whole_peaks_benchmark_smoke_on_tiny_models(tmp_path):
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "whole_peaks.py"
+    spec = importlib.util.spec_from_file_location("whole_peaks_benchmark", path)
+    whole_peaks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(whole_peaks)
+    out = tmp_path / "peaks.json"
+    assert whole_peaks.main(["--models", "vggt-tiny", "pi3-tiny", "--frames", "3", "--dtype", "fp32", "--device",
+                             "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python benchmarks/whole_peaks.py --models vggt-tiny pi3-tiny")
+    assert [(row["model"], row["frames"], row["size"]) for row in result["rows"]] == [
+        ("vggt-tiny", 3, [112, 112]), ("pi3-tiny", 3, [42, 56])]
+    assert all(row["seconds"] > 0 and row["peak_gib"] is None for row in result["rows"])  # no CUDA peak on the CPU
+    with pytest.raises(Spark3rError, match="is a folder"):
+        whole_peaks.main(["--models", "vggt-tiny", "--frames", "2", "--device", "cpu", "--out", str(tmp_path)])
