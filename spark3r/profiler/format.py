@@ -204,7 +204,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     try:
         doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
     except _NonFinite as constant:
-        raise Spark3rError(f"profile {path} holds {constant} where numbers belong: the profile is broken (NaN "
+        raise Spark3rError(f"profile {path} holds {constant} where numbers belong: the profile is broken (non-finite "
                            "deviations); rerun profile-layers") from None
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
         raise Spark3rError(f"profile {path} is not valid JSON (corrupt or truncated): rerun profile-layers") from None
