@@ -168,10 +168,12 @@ TINY_ROWS = {"model": "vggt-tiny", "frame_only": "vggt-tiny, frame-only global a
 @section("tiny-model")
 def tiny_model_section(results: Path) -> str:
     evaluation = load(results, "eval-vggt-tiny.json")
-    scores = evaluation["results"]
-    lines = [prose(f"Evaluated on {evaluation['count']} held-out clips of {evaluation['frames']} frames at "
-                   f"{evaluation['size'][0]} px (`{evaluation['command']}`, {evaluation['device_name']}; "
-                   "`benchmarks/results/eval-vggt-tiny.json`):"), "",
+    frames = evaluation["frames"][0]
+    length = evaluation["lengths"][str(frames)]
+    scores = length["results"]
+    lines = [prose(f"Evaluated on {length['count']} held-out clips of {frames} frames at {length['size'][0]} px "
+                   f"(`{evaluation['command']}`, {evaluation['device_name']}; `benchmarks/results/eval-vggt-tiny.json`):"),
+             "",
              "| | " + " | ".join(label for _, label, _ in TINY_COLUMNS) + " | how |",
              "|---|" + "---:|" * len(TINY_COLUMNS) + "---|"]
     for row, label in TINY_ROWS.items():

@@ -2,8 +2,8 @@
 
     python benchmarks/tiny_eval.py        # -> benchmarks/results/eval-vggt-tiny.json (the README's tiny-model table)
 
-Runs `python -m spark3r.models.train_tiny --evaluate WEIGHTS --clips CLIPS --json` in this process and writes what it
-prints, with the command, commit and device.
+Runs `python -m spark3r.models.train_tiny --evaluate WEIGHTS --clips CLIPS --frames FRAMES --json` in this process and
+writes what it prints (the metrics per clip length), with the command, commit and device.
 """
 from __future__ import annotations
 
@@ -28,12 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="auto", help="weights to evaluate (default: the bundled ones)")
     parser.add_argument("--clips", default=train_tiny.DEFAULT_EVAL_SPEC, help="held-out clips (default %(default)s)")
+    parser.add_argument("--frames", default="8", help="frames per clip, or several lengths: 8,32,128")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eval-vggt-tiny.json"))
     args = parser.parse_args(argv)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = train_tiny.main(["--evaluate", args.weights, "--clips", args.clips, "--device", args.device, "--json"])
+        code = train_tiny.main(["--evaluate", args.weights, "--clips", args.clips, "--frames", args.frames,
+                                "--device", args.device, "--json"])
     if code != 0:
         return code
     write_json(args.out, {**provenance.record(__file__, argv, args.device), **json.loads(printed.getvalue())})
