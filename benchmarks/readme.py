@@ -173,7 +173,8 @@ def tiny_model_section(results: Path) -> str:
     scores = length["results"]
     lines = [prose(f"Evaluated on {length['count']} held-out clips of {frames} frames at {length['size'][0]} px, "
                    f"`{evaluation['clips']}` "
-                   f"(`{evaluation['command']}`, {evaluation['device_name']}; `benchmarks/results/eval-vggt-tiny.json`):"),
+                   f"(`{evaluation['command']}`, {evaluation['device_name']}; "
+                   "`benchmarks/results/eval-vggt-tiny.json`):"),
              "",
              "| | " + " | ".join(label for _, label, _ in TINY_COLUMNS) + " | how |",
              "|---|" + "---:|" * len(TINY_COLUMNS) + "---|"]
@@ -182,8 +183,8 @@ def tiny_model_section(results: Path) -> str:
                      + " | measured |")
     model, frame_only, trivial = scores["model"], scores["frame_only"], scores["trivial"]
     depth, rotation = trivial["abs_rel"] / model["abs_rel"], trivial["rotation_deg"] / model["rotation_deg"]
-    versus_trivial = (f"It beats the trivial baselines (their depth error is {depth:.1f}x its own, their rotation error "
-                      f"{rotation:.1f}x)" if min(depth, rotation) > 1 else
+    versus_trivial = (f"It beats the trivial baselines (their depth error is {depth:.1f}x its own, their rotation "
+                      f"error {rotation:.1f}x)" if min(depth, rotation) > 1 else
                       f"It does not beat the trivial baselines everywhere (their depth error is {depth:.1f}x its own, "
                       f"their rotation error {rotation:.1f}x)")
     pose = frame_only["rotation_deg"] / model["rotation_deg"]
