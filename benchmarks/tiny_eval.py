@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="auto", help="weights to evaluate (default: the bundled ones)")
     parser.add_argument("--clips", default="synthetic:64:1000",
-                        help="held-out clips (default %(default)s: orbit clips, as the bundled weights were trained on)")
+                        help="held-out clips (default %(default)s: orbit clips, like the bundled weights' training)")
     parser.add_argument("--frames", default="8", help="frames per clip, or several lengths: 8,32,128")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eval-vggt-tiny.json"))
