@@ -2,7 +2,7 @@
 
     python benchmarks/tiny_eval.py        # -> benchmarks/results/eval-vggt-tiny.json (the README's tiny-model table)
 
-Runs `python -m spark3r.models.train_tiny --evaluate WEIGHTS --clips CLIPS --frames FRAMES --json` in this process and
+Runs `python -m spark3r.commands.train_tiny --evaluate WEIGHTS --clips CLIPS --frames FRAMES --json` in this process and
 writes what it prints (the metrics per clip length), with the command, commit and device.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from spark3r.files import write_json
-from spark3r.models import train_tiny
+from spark3r.commands import train_tiny
 
 _spec = importlib.util.spec_from_file_location("benchmarks_provenance",
                                               Path(__file__).resolve().parent / "provenance.py")

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from spark3r.cli import DTYPES, resolve_device
+from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.files import check_output_file, write_json
 from spark3r.models.registry import build_model, get_entry
-from spark3r.reduce import apply_schedule
+from spark3r.schedule import apply_schedule
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("benchmarks_foundation", HERE / "foundation.py")

@@ -5,6 +5,7 @@ Commands check their output locations before any long work (`check_output_file`,
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -83,3 +84,10 @@ def check_output_folder(path: str | os.PathLike, what: str = "output") -> Path:
         raise Spark3rError(f"{what} {path} is a file: give a folder path (a new or an existing folder)")
     _check_writable(_nearest_existing(path), what, path)
     return path
+
+
+def write_png(path: str | os.PathLike, figure, dpi: int = 110) -> Path:
+    """Write a matplotlib `figure` as a PNG to `path` atomically."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return write_atomic(path, buffer.getvalue())
