@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/whole-reduced-peaks.json"))
     args = parser.parse_args(argv)
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "out")
     device = resolve_device(args.device)
     rows = []
     for name in args.models:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError
 
 
 def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
@@ -54,35 +54,37 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _check_writable(folder: Path, what: str, path: Path) -> None:
+def _check_writable(folder: Path, parameter: str, path: Path) -> None:
     """A sentence unless a file can be created in the existing folder `folder` (tried, so root and read-only mounts
     are judged right)."""
     if not folder.is_dir():
-        raise Spark3rError(f"{what} {path} lies under {folder}, which is a file, not a folder: choose another path")
+        raise ParameterError(f"`{parameter}` {path} lies under {folder}, which is a file, not a folder: choose "
+                             "another path", parameter)
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise Spark3rError(f"{what} {path} cannot be written ({folder} is not writable: {error.strerror}): choose "
-                           "a writable location") from None
+        raise ParameterError(f"`{parameter}` {path} cannot be written ({folder} is not writable: {error.strerror}): "
+                             "choose a writable location", parameter) from None
 
 
-def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
+def check_output_file(path: str | os.PathLike, parameter: str = "out") -> Path:
     """`path` as a Path once it can be written as a file: not a folder, in a folder that exists or can be made and
-    takes new files. `what` names it in the sentence (e.g. "--out")."""
+    takes new files. `parameter` is the argument that gave it (named in the sentence; a command shows its flag)."""
     path = Path(path)
     if path.is_dir():
-        raise Spark3rError(f"{what} {path} is a folder: give the path of a file")
-    _check_writable(_nearest_existing(path.parent), what, path)
+        raise ParameterError(f"`{parameter}` {path} is a folder: give the path of a file", parameter)
+    _check_writable(_nearest_existing(path.parent), parameter, path)
     return path
 
 
-def check_output_folder(path: str | os.PathLike, what: str = "output") -> Path:
+def check_output_folder(path: str | os.PathLike, parameter: str = "out") -> Path:
     """`path` as a Path once it can be used as an output folder: a folder or nothing yet, under a writable folder."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise Spark3rError(f"{what} {path} is a file: give a folder path (a new or an existing folder)")
-    _check_writable(_nearest_existing(path), what, path)
+        raise ParameterError(f"`{parameter}` {path} is a file: give a folder path (a new or an existing folder)",
+                             parameter)
+    _check_writable(_nearest_existing(path), parameter, path)
     return path
 
 

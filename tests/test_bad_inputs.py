@@ -120,16 +120,14 @@ CLI_CASES = [
     ("profile-layers", ["--model", "vggt-tiny", "--calib", "synthetic:1", "--device", "banana"], [], 2,
      "is not a device"),
     ("make-clips", ["synthetic:0"], [], 2, "bad clip spec"),
+    # output locations, checked before any model is built or clip is made
+    ("profile-layers", ["--model", "vggt-tiny", "--calib", "synthetic:1:5", "--frames", "2", "--out", "taken"],
+     [make_existing_file], 2, "--out taken is a file"),
+    ("search-schedule", ["--budget", "0.3", "--trials", "5", "--out", "."], [make_tiny_profile], 2,
+     "--out . is a folder"),
+    ("make-clips", ["synthetic:1", "--out", "taken"], [make_existing_file], 2, "--out taken is a file"),
 ]
 
-# Command-level checks of issue 16 list 3 that wait for the command modules' move to spark3r/commands/.
-PENDING = "output locations are checked only when written (issue 16, list 3): to fix in the command modules"
-PENDING_CASES = [
-    ("profile-layers", ["--model", "vggt-tiny", "--calib", "synthetic:1:5", "--frames", "2", "--out", "taken"],
-     [make_existing_file], 2, "is a file"),
-    ("search-schedule", ["--budget", "0.3", "--trials", "5", "--out", "."], [make_tiny_profile], 2, "is a folder"),
-    ("make-clips", ["synthetic:1", "--out", "taken"], [make_existing_file], 2, "is a file"),
-]
 
 
 def check_command(tmp_path, monkeypatch, capsys, command, argv, files, code, fragment):
@@ -148,13 +146,6 @@ def check_command(tmp_path, monkeypatch, capsys, command, argv, files, code, fra
 @pytest.mark.parametrize("command, argv, files, code, fragment", CLI_CASES,
                          ids=[f"{case[0]} {' '.join(case[1])}" for case in CLI_CASES])
 def test_command_bad_input(tmp_path, monkeypatch, capsys, command, argv, files, code, fragment):
-    check_command(tmp_path, monkeypatch, capsys, command, argv, files, code, fragment)
-
-
-@pytest.mark.xfail(reason=PENDING, strict=True)
-@pytest.mark.parametrize("command, argv, files, code, fragment", PENDING_CASES,
-                         ids=[f"{case[0]} {' '.join(case[1])}" for case in PENDING_CASES])
-def test_command_bad_input_pending(tmp_path, monkeypatch, capsys, command, argv, files, code, fragment):
     check_command(tmp_path, monkeypatch, capsys, command, argv, files, code, fragment)
 
 
@@ -256,14 +247,14 @@ def test_output_locations_are_checked_before_work(tmp_path):
     from spark3r.files import check_output_file, check_output_folder
 
     (tmp_path / "file").write_text("x")
-    assert check_output_file(tmp_path / "new" / "deeper" / "out.yaml", "--out") == tmp_path / "new/deeper/out.yaml"
+    assert check_output_file(tmp_path / "new" / "deeper" / "out.yaml", "out") == tmp_path / "new/deeper/out.yaml"
     assert not (tmp_path / "new").exists()  # checking creates nothing
-    assert check_output_folder(tmp_path / "fresh", "--out") == tmp_path / "fresh"
+    assert check_output_folder(tmp_path / "fresh", "out") == tmp_path / "fresh"
     for check, path, fragment in [(check_output_file, tmp_path, "is a folder"),
                                   (check_output_folder, tmp_path / "file", "is a file"),
                                   (check_output_file, tmp_path / "file" / "out.yaml", "which is a file")]:
         with pytest.raises(Spark3rError, match=fragment):
-            check(path, "--out")
+            check(path, "out")
 
 
 def test_non_finite_outputs_name_the_run_that_broke():

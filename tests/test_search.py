@@ -495,3 +495,18 @@ def test_verify_exports_the_best_measured_candidate_with_its_measurement(tmp_pat
     clip = open_clips("synthetic:1:77", preprocess=f"{entry.preprocess}:{entry.image_width}", frames=3)[0]
     measured, _ = relative_depth_l1(load_model("vggt-tiny"), clip.images[None], schedule)
     assert schedule.provenance["measured_deviation"] == pytest.approx(measured, rel=1e-5)
+
+
+def test_a_profile_rewritten_from_its_cache_resumes_the_study(tmp_path, monkeypatch, capsys):
+    from spark3r.profiler.format import load_profile
+
+    monkeypatch.chdir(tmp_path)
+    path = write_profile(tmp_path)
+    assert main(["--budget", "0.3", "--trials", "60", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trials"]["ran"] == 60
+    profile = load_profile(path)  # profile-layers rerun on cached clips: same tables, new timings and time stamp
+    profile.timings, profile.created = {"wall": 93.0}, "2026-12-01T22:00:00+00:00"
+    save_profile(profile, path.parent)
+    assert main(["--budget", "0.3", "--trials", "80", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["trials"]["total"] == 80 and again["trials"]["ran"] == 20

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from spark3r.data.clip import Clip
 from spark3r.data.clips import open_clips
 from spark3r.errors import ParameterError, Spark3rError
+from spark3r.files import check_output_folder
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
 from spark3r.models.base import ReconstructionModel
 from spark3r.models.loading import load_model, weights_identity
@@ -105,7 +106,7 @@ def profile_layers(request: ProfileRequest) -> ProfileOutcome | None:
     device = rank_device(request.device, ranks)
     name = resolve_model_name(request.model)
     entry = get_entry(name)
-    out = Path(request.out) if request.out else Path("profiles") / name
+    out = check_output_folder(request.out if request.out else Path("profiles") / name, "out")
     model = load_model(name, weights=request.weights, device=device, dtype=request.dtype, seed=request.options.seed)
     if not isinstance(model, ReconstructionModel):
         raise Spark3rError(f"model {name} does not run as trunk steps, so it cannot be profiled: use one of "
