@@ -510,3 +510,14 @@ def test_a_profile_rewritten_from_its_cache_resumes_the_study(tmp_path, monkeypa
     assert main(["--budget", "0.3", "--trials", "80", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["trials"]["total"] == 80 and again["trials"]["ran"] == 20
+
+
+def test_the_summary_marks_rows_over_the_budget(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_profile(tmp_path)
+    assert main(["--budget", "0.3", "--trials", "20"]) == 0
+    rows = {line[:34].strip(): line for line in capsys.readouterr().out.splitlines()}
+    paper = next(name for name in rows if name.startswith("paper's rule"))
+    fraction = float(rows[paper][34:].split()[1])  # the vggt-tiny rule at 8 frames keeps 1/3 of K/V on 4 of 6 layers
+    assert fraction > 0.3 and paper.endswith("(over budget)")
+    assert not any(name.endswith("(over budget)") for name in rows if name.startswith(("knapsack", "chosen")))
