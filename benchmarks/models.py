@@ -39,6 +39,10 @@ _spec = importlib.util.spec_from_file_location("benchmarks_foundation", REPO / "
 foundation = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(foundation)
 measure = foundation.measure
+_spec = importlib.util.spec_from_file_location("benchmarks_provenance", REPO / "benchmarks" / "provenance.py")
+provenance = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(provenance)
+
 PAPER_SPEEDUP = {"pi3": "23-25x", "da3-giant": "16-18x", "vggt-omega": "16-19x"}  # the paper, ~1000 frames, H20
 
 
@@ -190,9 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     print(markdown(rows))
     write_json(args.out, {
-        "models": args.models, "dtype": args.dtype, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "rows": rows,
+        **provenance.record(__file__, argv, device), "models": args.models, "dtype": args.dtype,
+        "device": str(device), "rows": rows,
     })
     return 0
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -401,11 +402,18 @@ def load_schedule(path_or_dict) -> Schedule:
     """Read and validate a schedule from a YAML file path or an already-parsed dict."""
     if isinstance(path_or_dict, dict):
         return schedule_from_dict(path_or_dict)
+    if not isinstance(path_or_dict, (str, os.PathLike)):
+        raise Spark3rError(f"a schedule is a Schedule, a dict or the path of a YAML file, got "
+                           f"{type(path_or_dict).__name__}")
     path = Path(path_or_dict)
+    if path.is_dir():
+        raise Spark3rError(f"schedule {str(path)!r} is a folder: give the path of the schedule YAML file in it")
     if not path.is_file():
         raise Spark3rError(f"schedule file {str(path)!r} does not exist: give the path of a schedule YAML file")
     try:
         doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise Spark3rError(f"{path} is not a text file (not UTF-8): give a schedule YAML file") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -468,3 +468,75 @@ def test_merging_identical_frames_changes_nothing():
     reduction = Reduction(query_merge=2, group_frames=4)
     assert query_count(layout, reduction) == math.ceil(layout.tokens / 2)
     torch.testing.assert_close(reduced_attention(q, k, v, layout, reduction), attention(q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------------- boundaries
+
+
+def test_apply_remove_cycles_leave_no_hook_behind(tiny, images, dense):
+    model = tiny
+    hooks = len(model._forward_pre_hooks)
+    for _ in range(3):
+        apply_reductions(model, {0: Reduction(kv_keep=0.5)}).remove()
+        with reduced(model, SCHEDULES / "vggt-tiny-paper.yaml"):
+            pass
+    assert len(model._forward_pre_hooks) == hooks
+    assert_same(run(model, images), dense)
+
+
+def paper_factor(frames: int, insensitive_factor: float) -> int:
+    """The paper's K/V factor by hand: 1 up to 100 frames, else ceil(S / 40), times the layer's factor."""
+    return round(insensitive_factor * (1 if frames <= 100 else -(-frames // 40)))
+
+
+def test_kv_factor_is_the_nearest_integer_of_one_over_keep():
+    assert 1.0 / 0.33333333333333337 < 3  # the reciprocal falls just short of 3 in floating point
+    assert Reduction(kv_keep=0.33333333333333337).kv_factor == 3
+    assert kv_count(FrameLayout(9, 1, 2, 2), Reduction(kv_keep=0.33333333333333337)) == 9 + 3 * 4  # frames 0, 3, 6
+    paper, uniform = load_schedule(SCHEDULES / "vggt-1b-paper.yaml"), load_schedule(SCHEDULES / "vggt-1b-uniform.yaml")
+    assert 1.0 / paper.resolve(0, 481).kv_keep < 39  # 3 * ceil(481 / 40) = 39, read as 38.99999999999999
+    for frames in range(1, 2001):
+        assert paper.resolve(0, frames).kv_factor == paper_factor(frames, 3), frames
+        assert paper.resolve(11, frames).kv_factor == paper_factor(frames, 1), frames
+        assert uniform.resolve(0, frames).kv_factor == paper_factor(frames, 2), frames
+
+
+@pytest.mark.parametrize("method", ["random", "key_norm"])
+def test_patches_per_frame_is_the_nearest_integer(method):
+    # VGGT-1B's 37 x 37 grid at keep 1/16: 1369 / 16 = 85.56 patches, so 86 in every frame but the reference frame
+    layout = FrameLayout(frames=3, n_special=5, grid_h=37, grid_w=37)
+    reduction = Reduction(kv_keep=1 / 16, kv_method=method)
+    assert kv_count(layout, reduction) == 3 * 5 + 1369 + 2 * 86
+    keys = torch.randn(1, 2, layout.tokens, 4, generator=torch.Generator().manual_seed(0))
+    assert kv_index(keys, layout, reduction).shape[-1] == 3 * 5 + 1369 + 2 * 86
+
+
+def test_bf16_queries_are_averaged_in_fp32():
+    """Means of 100 bf16 queries each are the float64 means rounded once to bf16 (summing in bf16 rounds the sum, the
+    count's reciprocal and the product: about a quarter of the means then land one bf16 step off)."""
+    q = torch.randn(1, 4, 600, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    slot = torch.arange(600)[None] // 100  # six slots of 100 tokens
+    merged = merge_module.merge_queries(q, slot, 6)
+    assert merged.dtype == torch.bfloat16
+    expected = q.double().reshape(1, 4, 6, 100, 64).mean(3).bfloat16()
+    assert (merged == expected).double().mean() >= 0.99
+
+
+def test_whole_peaks_benchmark_smoke_on_tiny_models(tmp_path):
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "whole_peaks.py"
+    spec = importlib.util.spec_from_file_location("whole_peaks_benchmark", path)
+    whole_peaks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(whole_peaks)
+    out = tmp_path / "peaks.json"
+    assert whole_peaks.main(["--models", "vggt-tiny", "pi3-tiny", "--frames", "3", "--dtype", "fp32", "--device",
+                             "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python benchmarks/whole_peaks.py --models vggt-tiny pi3-tiny")
+    assert [(row["model"], row["frames"], row["size"]) for row in result["rows"]] == [
+        ("vggt-tiny", 3, [112, 112]), ("pi3-tiny", 3, [42, 56])]
+    assert all(row["seconds"] > 0 and row["peak_gib"] is None for row in result["rows"])  # no CUDA peak on the CPU
+    with pytest.raises(Spark3rError, match="is a folder"):
+        whole_peaks.main(["--models", "vggt-tiny", "--frames", "2", "--device", "cpu", "--out", str(tmp_path)])

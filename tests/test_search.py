@@ -17,11 +17,14 @@ from spark3r.errors import Spark3rError
 from spark3r.models.base import BlockGroup, FlopConfig
 from spark3r.models.registry import build_model
 from spark3r.profiler.format import MetricTable, Profile, save_profile
+from spark3r.profiler.run import ProfileOptions
 from spark3r.reduce.flops import global_attention_fraction, model_fraction
 from spark3r.schedule import apply_schedule, check_model, load_schedule
 from spark3r.commands.search_schedule import main
 from spark3r.search.knapsack import pareto_front, solve_knapsack
-from spark3r.search.problem import Candidate, build_problem, interpolate, kv_levels, predicted_deviation
+from spark3r.search.problem import (
+    Candidate, SearchProblem, build_problem, interpolate, kv_levels, predicted_deviation,
+)
 from spark3r.search.study import (
     CONSTRAINT, WARM_START, completed, is_feasible, join_study, make_sampler, open_study,
     ranked_candidates, run_study,
@@ -388,3 +391,135 @@ def test_verify_uses_the_profiled_weights_file_and_refuses_a_changed_one(tmp_pat
     os.utime(weights, (time.time() + 5, time.time() + 5))  # the file replaced since profiling
     assert main([*argv, "--out", "other.yaml"]) == 2
     assert "which is gone or has changed since: pass --weights" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------ boundaries
+
+
+def hand_problem(layer_costs, layer_deviations, dense_flops):
+    """A SearchProblem typed in by hand: one merge level, per layer the FLOPs and deviation of each K/V level."""
+    costs, deviations = np.asarray(layer_costs, dtype=float), np.asarray(layer_deviations, dtype=float)
+    layers, levels = costs.shape
+    return SearchProblem(model="hand", frames=8, budget_of="global_attention", metric="score",
+                         kv_keep=tuple(1.0 / 2**j for j in range(levels)), query_merge=(1,), per_layer_query=False,
+                         kv_deviation=deviations, query_deviation=np.zeros((layers, 1)),
+                         layer_flops=costs[:, :, None], fixed_flops=0.0, dense_flops=float(dense_flops),
+                         options=ProfileOptions(kv_keep=tuple(1.0 / 2**j for j in range(levels)), query_merge=(1,)))
+
+
+@pytest.mark.parametrize("budget, deviation", [(1.0, 0.0), (0.5, 1.0), (0.25, 3.0)])
+def test_knapsack_takes_an_option_that_costs_exactly_the_budget(budget, deviation):
+    # one layer, options costing 1, 1/2, 1/4 of dense with deviations 0, 1, 3: at a budget equal to an option's cost
+    # that option is the optimum (it is within "at most the budget")
+    problem = hand_problem([[4.0, 2.0, 1.0]], [[0.0, 1.0, 3.0]], dense_flops=4.0)
+    result = solve_knapsack(problem.within(budget))
+    assert result.deviation == deviation and result.flops_fraction == budget and result.exact
+
+
+def test_knapsack_at_budgets_equal_to_schedule_costs_matches_brute_force():
+    # layer 1's last option is free, so at the budget of (0, 2) one option of layer 0 takes the whole capacity
+    problem = hand_problem([[8.0, 4.0, 2.0], [2.0, 1.0, 0.0]], [[0.0, 1.0, 2.5], [0.0, 0.1, 0.3]], dense_flops=8.0)
+    assert solve_knapsack(problem.within(1.0)).deviation == 0.3  # (0, 2); (0, 1) costs 9, the next best (1, 0) 1.0
+    for kv in itertools.product(range(3), repeat=2):
+        budget = problem.flops_fraction(Candidate(kv, (0, 0)))
+        if budget > 1:
+            continue
+        result = solve_knapsack(problem.within(budget))
+        assert result.flops_fraction <= budget
+        assert result.deviation == pytest.approx(brute_force(problem, budget), abs=1e-15)
+
+
+def test_a_trial_exactly_at_the_budget_is_feasible_and_ranked():
+    problem = build_problem(synthetic_profile(), TINY_FLOPS)
+    candidate = problem.uniform(2, 1)
+    problem = problem.within(problem.flops_fraction(candidate))  # the constraint is fraction - budget = 0.0 exactly
+    study = optuna.create_study(direction="minimize")
+    run_study(study, problem, 1, make_sampler("mutation", 0), "w0", warm_start=candidate, progress=False)
+    trial = completed(study)[0]
+    assert trial.constraints[CONSTRAINT] == 0.0
+    assert is_feasible(trial)
+    assert [ranked for ranked, _, _ in ranked_candidates(study, problem)] == [candidate]
+
+
+# ------------------------------------------------------------------------------------------------------ --verify
+
+
+def relative_depth_l1(model, images, schedule):
+    """sum |D_reduced - D_dense| / sum |D_dense| in float64, the schedule applied by hand."""
+    with torch.no_grad():
+        dense = model(images)["depth"].double()
+        with apply_schedule(model, schedule):
+            moved = model(images)["depth"].double()
+    return float((moved - dense).abs().sum() / dense.abs().sum()), float((moved - dense).abs().sum()
+                                                                        / moved.abs().sum())
+
+
+def test_verify_measures_the_reduced_run_against_the_dense_one():
+    from spark3r.models.loading import load_model
+    from spark3r.search.verify import held_out_clips, measure
+
+    profile = synthetic_profile(weights="auto", frames=3)
+    clips = held_out_clips(profile, "synthetic:1:77")
+    schedule = load_schedule({"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6,
+                              "default": {"kv": {"keep": 0.25}, "query": {"merge": 2}}})
+    measured = measure(profile, [schedule], clips, device=torch.device("cpu"), dtype=torch.float32, weights="auto",
+                       seed=0, metric="depth", progress=False)
+    expected, swapped = relative_depth_l1(load_model("vggt-tiny"), clips[0].images[None], schedule)
+    assert abs(expected - swapped) > 1e-3 * expected  # the two directions are told apart
+    assert measured.shape == (1, 1) and measured[0, 0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_verify_exports_the_best_measured_candidate_with_its_measurement(tmp_path, monkeypatch, capsys):
+    from spark3r.data.clips import open_clips
+    from spark3r.models.loading import load_model
+    from spark3r.models.registry import get_entry
+
+    monkeypatch.chdir(tmp_path)
+    write_profile(tmp_path, weights="auto", frames=3)
+    assert main(["--budget", "0.3", "--trials", "60", "--verify", "3", "--calib", "synthetic:1:77", "--metric",
+                 "depth", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    verified, chosen = result["verified"], result["chosen"]
+    assert len(verified) == 3
+    best = min(verified, key=lambda row: row["measured_deviation"])
+    assert chosen == best
+    assert chosen["deviation"] > min(row["deviation"] for row in verified)  # here measuring changes the choice
+
+    path = tmp_path / "schedules" / "vggt-tiny-b0.3.yaml"
+    schedule = load_schedule(path)
+    reductions = schedule.reductions(3)
+    assert [r.kv_keep for r in reductions] == chosen["kv_keep"]
+    assert [r.query_merge for r in reductions] == chosen["query_merge"]
+    assert schedule.predicted["deviation"] == pytest.approx(chosen["deviation"], abs=1e-8)
+    assert schedule.provenance["verify_clips"] == "synthetic:1:77" and schedule.provenance["verified_candidates"] == 3
+    assert "--verify 3 --calib synthetic:1:77" in path.read_text()
+    entry = get_entry("vggt-tiny")
+    clip = open_clips("synthetic:1:77", preprocess=f"{entry.preprocess}:{entry.image_width}", frames=3)[0]
+    measured, _ = relative_depth_l1(load_model("vggt-tiny"), clip.images[None], schedule)
+    assert schedule.provenance["measured_deviation"] == pytest.approx(measured, rel=1e-5)
+
+
+def test_a_profile_rewritten_from_its_cache_resumes_the_study(tmp_path, monkeypatch, capsys):
+    from spark3r.profiler.format import load_profile
+
+    monkeypatch.chdir(tmp_path)
+    path = write_profile(tmp_path)
+    assert main(["--budget", "0.3", "--trials", "60", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trials"]["ran"] == 60
+    profile = load_profile(path)  # profile-layers rerun on cached clips: same tables, new timings and time stamp
+    profile.timings, profile.created = {"wall": 93.0}, "2026-12-01T22:00:00+00:00"
+    save_profile(profile, path.parent)
+    assert main(["--budget", "0.3", "--trials", "80", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["trials"]["total"] == 80 and again["trials"]["ran"] == 20
+
+
+def test_the_summary_marks_rows_over_the_budget(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_profile(tmp_path)
+    assert main(["--budget", "0.3", "--trials", "20"]) == 0
+    rows = {line[:34].strip(): line for line in capsys.readouterr().out.splitlines()}
+    paper = next(name for name in rows if name.startswith("paper's rule"))
+    fraction = float(rows[paper][34:].split()[1])  # the vggt-tiny rule at 8 frames keeps 1/3 of K/V on 4 of 6 layers
+    assert fraction > 0.3 and paper.endswith("(over budget)")
+    assert not any(name.endswith("(over budget)") for name in rows if name.startswith(("knapsack", "chosen")))

@@ -42,7 +42,7 @@ def table(written: list[WrittenClip]) -> str:
     return "\n".join(lines)
 
 
-@command
+@command(flags={"out_dir": "--out"})
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     clips = iter_clips(args.spec, preprocess=args.preprocess, max_frames=args.max_frames, stride=args.stride,

@@ -71,6 +71,7 @@ def table(result: dict) -> str:
         if row is None:
             continue
         measured = row.get("measured_deviation")
+        name += " (over budget)" if row["flops_fraction"] > result["budget"] else ""
         lines.append(f"{name:34} {row['deviation']:10.5f} {row['flops_fraction']:10.4f} "
                      f"{row[f'flops_fraction_at_{LONG_FRAMES}']:11.4f} "
                      f"{'' if measured is None else format(measured, '9.5f'):>9}")

@@ -41,6 +41,7 @@ from spark3r.data.clip import GROUND_TRUTH_KEYS, Clip, to_uint8
 from spark3r.data.preprocess import Recipe, apply_plan, get_recipe
 from spark3r.data.synthetic import SceneConfig, clip_seeds, render_clip
 from spark3r.errors import ParameterError, Spark3rError
+from spark3r.files import check_output_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
@@ -338,6 +339,7 @@ class WrittenClip:
 
 def write_clips(clips: Iterable[Clip], out_dir: str | os.PathLike, format: str = "folder") -> list[WrittenClip]:
     """`write_clip` every clip of `clips` (e.g. `iter_clips(...)`, read one at a time) and describe what was written."""
+    check_output_folder(out_dir, "out_dir")  # before the first clip is read or made
     written = []
     for clip in clips:
         path = write_clip(clip, out_dir, format)

@@ -134,6 +134,31 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], model_name
         )
 
 
+def check_finite(state_dict: dict[str, Tensor], source: str) -> None:
+    """A Spark3rError naming the first floating tensor of `state_dict` that holds NaN or Inf, if any."""
+    broken = [key for key, value in state_dict.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise Spark3rError(f"{source} holds NaN or Inf values ({len(broken)} tensors, first {broken[0]!r}): the "
+                           "checkpoint is corrupt; pass intact weights")
+
+
+def checked_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device, with a sentence for a name that is no device or a CUDA device this machine lacks."""
+    if not isinstance(device, (torch.device, str)):
+        raise Spark3rError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got "
+                           f"{type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise Spark3rError(f"device {device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Spark3rError(f"device {str(device)!r} asks for CUDA but none is available here: use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise Spark3rError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} "
+                           "CUDA devices (cuda:0 ...)")
+    return device
+
+
 def load_weights(model: nn.Module, state_dict: dict[str, Tensor], entry: ModelEntry) -> nn.Module:
     """Strict load of a checkpoint into `model` (which may be on the meta device: tensors are then assigned).
 
@@ -230,8 +255,11 @@ def load_model(name: str, weights: str | os.PathLike | None = "auto", device: to
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise Spark3rError(f"dtype {dtype} is not supported: use torch.float32, torch.bfloat16 or torch.float16")
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise Spark3rError(f"weights must be 'auto', None (random weights) or the path of a weights file, got "
+                           f"{type(weights).__name__}")
     entry = get_entry(name)
-    device = torch.device(device)
+    device = checked_device(device)
     with torch.device("meta"):
         model = entry.builder()
     if weights is None or weights == "none":
@@ -241,7 +269,9 @@ def load_model(name: str, weights: str | os.PathLike | None = "auto", device: to
             init_weights(model.to_empty(device=device))
     else:
         path = find_weights(entry) if weights == "auto" else weights
-        load_weights(model, load_state_dict(path), entry)
+        state_dict = load_state_dict(path)
+        check_finite(state_dict, f"weights file {str(path)!r}")
+        load_weights(model, state_dict, entry)
         model = model.to(device)
     model.compute_dtype = dtype
     return model.eval()

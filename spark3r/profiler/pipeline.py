@@ -13,6 +13,7 @@ from tqdm import tqdm
 from spark3r.data.clip import Clip
 from spark3r.data.clips import open_clips
 from spark3r.errors import ParameterError, Spark3rError
+from spark3r.files import check_output_folder
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
 from spark3r.models.base import ReconstructionModel
 from spark3r.models.loading import load_model, weights_identity
@@ -105,12 +106,12 @@ def profile_layers(request: ProfileRequest) -> ProfileOutcome | None:
     device = rank_device(request.device, ranks)
     name = resolve_model_name(request.model)
     entry = get_entry(name)
-    out = Path(request.out) if request.out else Path("profiles") / name
+    out = check_output_folder(request.out if request.out else Path("profiles") / name, "out")
+    clips, frames, notes = load_calibration(request.calib, f"{entry.preprocess}:{entry.image_width}", request.frames)
     model = load_model(name, weights=request.weights, device=device, dtype=request.dtype, seed=request.options.seed)
     if not isinstance(model, ReconstructionModel):
         raise Spark3rError(f"model {name} does not run as trunk steps, so it cannot be profiled: use one of "
                            "spark3r's model classes")
-    clips, frames, notes = load_calibration(request.calib, f"{entry.preprocess}:{entry.image_width}", request.frames)
     images0 = clips[0][0].images
     layout = model.adapter.layout(images0)
     options, level_notes = profile_levels(layout, request.options)

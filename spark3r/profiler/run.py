@@ -79,8 +79,11 @@ def profile_levels(layout: FrameLayout, options: ProfileOptions) -> tuple[Profil
     """Drop levels that reduce exactly as much as a milder one at this layout (e.g. frame_stride keeps below 1/S).
 
     Returns the options with distinct levels (kv_keep descending from 1.0, query_merge ascending from 1) and one note
-    per dropped level.
+    per dropped level. A clip of one frame is refused: its global attention is frame attention, nothing to profile.
     """
+    if layout.frames < 2:
+        raise ParameterError(f"a clip of {layout.frames} frame is too short to profile: global attention needs at "
+                             "least 2 frames; give longer clips (or `frames` of 2 or more)", "frames")
     notes = []
 
     def distinct(levels, count, describe):

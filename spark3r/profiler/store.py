@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def load_clip(out_dir: str | Path, sha256: str, options: dict) -> ClipResult | N
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             arrays = {key: data[key] for key in data.files if key != "meta"}
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         raise Spark3rError(f"the cached clip result {path} is unreadable: delete it and rerun the same command") \
             from None
     if meta.get("options") != normalize_options(options):

@@ -17,6 +17,7 @@ import optuna
 import torch
 
 from spark3r.errors import ParameterError
+from spark3r.files import check_output_file
 from spark3r.models.base import FlopConfig
 from spark3r.models.loading import identified_weights
 from spark3r.models.registry import build_model, resolve_model_name
@@ -205,10 +206,12 @@ def search_schedule(request: SearchRequest) -> dict:
     long = build_problem(profile, flop_config, **{**options, "frames": LONG_FRAMES})
     knapsack = solve_knapsack(problem)
 
-    out = Path(request.out) if request.out else SCHEDULES_DIR / f"{profile.model}-b{request.budget:g}.yaml"
+    default_out = SCHEDULES_DIR / f"{profile.model}-b{request.budget:g}.yaml"
+    out = check_output_file(request.out if request.out else default_out, "out")
     storage = request.storage or str(out.with_suffix(".journal"))
-    study_name = request.study or default_study_name(problem, profile.sha256, request.sampler)
-    study = open_study(storage, study_name, problem_key(problem, profile.sha256))
+    # the study's identity is what the profile measured, so rerunning profile-layers from its cache resumes the study
+    study_name = request.study or default_study_name(problem, profile.measurement_sha256, request.sampler)
+    study = open_study(storage, study_name, problem_key(problem, profile.measurement_sha256))
     worker, rank = join_study(study, {"sampler": request.sampler, "seed": request.seed})
     ran = run_study(study, problem, request.trials, make_sampler(request.sampler, request.seed + rank), worker,
                     warm_start=knapsack.candidate)

@@ -24,6 +24,7 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 from tqdm import tqdm
 
 from spark3r.errors import ParameterError
@@ -82,9 +83,11 @@ def open_study(storage: str | Path, name: str, key: dict) -> optuna.Study:
     try:
         study = optuna.create_study(storage=open_storage(storage), study_name=name, direction="minimize",
                                     load_if_exists=True)
-    except (ValueError, ImportError, RuntimeError) as error:
-        raise ParameterError(f"cannot open the study storage {storage} ({error}): pass a journal file path or a "
-                             "database URL to `storage`", "storage") from None
+    except (ValueError, ImportError, RuntimeError, OSError, SQLAlchemyError) as error:
+        reason = str(error).splitlines()[0]
+        raise ParameterError(f"cannot open the study storage {storage} ({reason}): pass a journal file path in a "
+                             "writable folder or a database URL (e.g. postgresql://...) to `storage`", "storage") \
+            from None
     stored = study.user_attrs.get("problem")
     if stored is None:
         study.set_user_attr("problem", key)
