@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import warnings
 from typing import Callable
 
 import torch
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import Spark3rError, Spark3rWarning
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -51,12 +52,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
-    """Wrap a console-script entry point: Spark3rError -> one line on stderr and exit code 2."""
+    """Wrap a console-script entry point: Spark3rError -> one line on stderr and exit code 2; a Spark3rWarning ->
+    one "warning: ..." line on stderr."""
 
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
         try:
-            return main(argv) or 0
+            with warnings.catch_warnings():
+                warnings.showwarning = _print_warning
+                return main(argv) or 0
         except Spark3rError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -65,3 +69,10 @@ def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
             return 130
 
     return wrapped
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, Spark3rWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from spark3r.cli import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
-from spark3r.data.clips import open_clips
+from spark3r.data.clips import fit_clips, open_clips
 from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
 from spark3r.models.base import ReconstructionModel
@@ -174,11 +174,7 @@ def load_calibration(spec: str, recipe: str, frames: int | None) -> tuple[list, 
     if short:
         raise Spark3rError(f"clip {short[0].name} has only {short[0].frames} frames but --frames {frames} was asked: "
                            "lower --frames or use longer clips")
-    sizes = {(clip.height, clip.width) for clip in clips}
-    if len(sizes) > 1:
-        listed = ", ".join(f"{height}x{width}" for height, width in sorted(sizes))
-        raise Spark3rError(f"the clips have different sizes after preprocessing ({listed}): "
-                           "profile clips of one aspect ratio")
+    clips = fit_clips(clips)  # one image size for the profile: other sizes are resized and centre-cropped to the first
     unique, seen = [], {}
     for clip in clips:
         sha = clip.fingerprint()
