@@ -26,7 +26,7 @@ from spark3r.errors import Spark3rError
 from spark3r.models.registry import build_model, resolve_model_name
 from spark3r.profiler.format import PROFILE_JSON, Profile, load_profile
 from spark3r.reduce.flops import global_attention_fraction, model_fraction
-from spark3r.schedule import BUDGET_OF, Budget, Schedule, load_schedule, save_schedule
+from spark3r.schedule import BUDGET_OF, Budget, Schedule, load_schedule, save_schedule, shipped_schedule
 from spark3r.search.knapsack import KnapsackResult, pareto_front, solve_knapsack
 from spark3r.search.objective import Candidate, SearchProblem, build_problem, candidate_schedule, predicted_deviation
 from spark3r.search.study import (
@@ -96,13 +96,9 @@ def newest_profile(root: Path = PROFILES_DIR) -> Path:
 
 
 def find_paper_rule(model: str) -> Path | None:
-    """The shipped paper-rule schedule of `model` (schedules/<model>-paper.yaml here or in the source tree)."""
-    package = Path(__file__).resolve().parents[1]
-    for folder in (SCHEDULES_DIR, package / "schedules", package.parent / "schedules"):
-        path = folder / f"{model}-paper.yaml"
-        if path.is_file():
-            return path
-    return None
+    """The paper-rule schedule of `model`: schedules/<model>-paper.yaml in the working folder, else the shipped one."""
+    local = SCHEDULES_DIR / f"{model}-paper.yaml"
+    return local if local.is_file() else shipped_schedule(model)
 
 
 def flops_fraction_of(schedule: Schedule, flop_config, frames: int, budget_of: str) -> float:
