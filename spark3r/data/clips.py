@@ -64,7 +64,8 @@ class Clip:
     """One clip: images [S, 3, H, W] float in [0, 1] and optional ground truth.
 
     depth [S, H, W] z-depth (<= 0 or non-finite: no measurement); intrinsics [S, 3, 3]; extrinsics [S, 3, 4]
-    world-to-camera (OpenCV). `source` says where the clip came from.
+    world-to-camera (OpenCV). `source` says where the clip came from; `frame_names` (optional, one per frame) name
+    each frame by its file stem or, for videos and .npz clips, by its index in the source (`frame000042`).
     """
 
     name: str
@@ -73,6 +74,7 @@ class Clip:
     intrinsics: torch.Tensor | None = None
     extrinsics: torch.Tensor | None = None
     source: str = ""
+    frame_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         where = self.source or self.name
@@ -80,6 +82,9 @@ class Clip:
             raise Spark3rError(f"clip {where} has images of shape {tuple(self.images.shape)} and dtype "
                                f"{self.images.dtype}: give float images [S, 3, H, W] in [0, 1]")
         frames, _, height, width = self.images.shape
+        if self.frame_names and len(self.frame_names) != frames:
+            raise Spark3rError(f"clip {where} has {len(self.frame_names)} frame names for {frames} frames: "
+                               "give one name per frame (or none)")
         expected = {"depth": (frames, height, width), "intrinsics": (frames, 3, 3), "extrinsics": (frames, 3, 4)}
         for key, shape in expected.items():
             value = getattr(self, key)
@@ -107,8 +112,10 @@ class Clip:
 
     def select(self, indices: Sequence[int]) -> "Clip":
         """The clip restricted to frames `indices` (in that order)."""
-        index = torch.as_tensor(list(indices), dtype=torch.long, device=self.images.device)
-        return self._map(lambda tensor: tensor[index])
+        indices = list(indices)
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
+        names = tuple(self.frame_names[i] for i in indices) if self.frame_names else ()
+        return dataclasses.replace(self._map(lambda tensor: tensor[index]), frame_names=names)
 
     def to(self, device: torch.device | str) -> "Clip":
         return self._map(lambda tensor: tensor.to(device))
@@ -305,8 +312,10 @@ class _ClipBuilder:
     """Collects a clip's kept frames one at a time, each preprocessed by the recipe as it arrives and fitted to the
     first frame's output size, with its ground truth (tensors cut to the kept frames) transformed alike."""
 
-    def __init__(self, name: str, source: str, count: int, recipe: Recipe | None, truth: dict[str, torch.Tensor]):
-        self.name, self.source, self.count, self.recipe, self.truth = name, source, count, recipe, truth
+    def __init__(self, name: str, source: str, frame_names: list[str], recipe: Recipe | None,
+                 truth: dict[str, torch.Tensor]):
+        self.name, self.source, self.frame_names, self.recipe, self.truth = name, source, frame_names, recipe, truth
+        self.count = len(frame_names)
         self.images: torch.Tensor | None = None
         self.depth: torch.Tensor | None = None
         self.intrinsics: torch.Tensor | None = None
@@ -359,8 +368,8 @@ class _ClipBuilder:
                 f"clip {self.name}: {why} centre-crops frames to {self.images.shape[-1]}x{self.images.shape[-2]}, "
                 f"dropping part of each image ({sizes}); crop the images yourself to choose what is kept"),
                 stacklevel=3)
-        return Clip(name=self.name, images=self.images[:self.added], depth=self.depth, intrinsics=self.intrinsics,
-                    extrinsics=self.truth.get("extrinsics"), source=self.source)
+        return Clip(name=self.name, images=self.images, depth=self.depth, intrinsics=self.intrinsics,
+                    extrinsics=self.truth.get("extrinsics"), source=self.source, frame_names=tuple(self.frame_names))
 
 
 def _read_image_folder(path: Path, every: int | None, max_frames: int | None, recipe: Recipe | None) -> Clip | None:
@@ -376,7 +385,7 @@ def _read_image_folder(path: Path, every: int | None, max_frames: int | None, re
     ground_truth = folder / GROUND_TRUTH_FILE
     truth = _ground_truth(_load_npz(ground_truth), ground_truth, len(files), first.shape[:2], indices) \
         if ground_truth.exists() else {}
-    builder = _ClipBuilder(path.name, str(path), len(indices), recipe, truth)
+    builder = _ClipBuilder(path.name, str(path), [files[index].stem for index in indices], recipe, truth)
     builder.add(first)
     for index in indices[1:]:
         builder.add(_load_image(files[index]))
@@ -398,7 +407,7 @@ def _read_npz(path: Path, every: int | None, max_frames: int | None, recipe: Rec
     if not indices:
         return None
     truth = _ground_truth(arrays, path, len(pixels), pixels.shape[1:3], indices)
-    builder = _ClipBuilder(path.stem, str(path), len(indices), recipe, truth)
+    builder = _ClipBuilder(path.stem, str(path), _index_names(indices), recipe, truth)
     for index in indices:
         builder.add(pixels[index] if pixels.dtype == np.uint8 else pixels[index].astype(np.float32))
     return builder.clip()
@@ -425,7 +434,7 @@ def _read_video(path: Path, every: int | None, max_frames: int | None, recipe: R
             size = (stream.codec_context.height, stream.codec_context.width)
             truth = _ground_truth(_load_npz(ground_truth), ground_truth, total, size, indices) \
                 if ground_truth.exists() else {}
-            builder = _ClipBuilder(path.stem, str(path), len(indices), recipe, truth)
+            builder = _ClipBuilder(path.stem, str(path), _index_names(indices), recipe, truth)
             wanted, decoded = iter(indices), 0
             next_index = next(wanted)
             for decoded, frame in enumerate(container.decode(stream), start=1):
@@ -438,6 +447,11 @@ def _read_video(path: Path, every: int | None, max_frames: int | None, recipe: R
         raise Spark3rError(f"the video {path} is truncated or damaged: its header lists {total} frames but only "
                            f"{decoded} decode (copy or download it again, or re-encode it)")
     return builder.clip()
+
+
+def _index_names(indices: list[int]) -> list[str]:
+    """Names of frames known by their index in the source: frame000042."""
+    return [f"frame{index:06d}" for index in indices]
 
 
 def _video_frame_count(path: Path) -> int:
