@@ -139,44 +139,39 @@ def reconstruct(input: str | os.PathLike, model: str, *, weights: str | os.PathL
         raise Spark3rError(f"size is {size}: give the preprocessing size in pixels (e.g. {entry.image_width})")
     recipe = f"{entry.preprocess}:{size or entry.image_width}"
     resolved, schedule_name = resolve_schedule(schedule, name)
+    if not Path(input).exists():
+        raise Spark3rError(f"input {input} does not exist: give a video, a folder of images or a folder holding images/")
     out = Path(out)
     seconds: dict[str, float] = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    stages = tqdm(total=6, desc="reconstruct", unit="stage", disable=not progress)
+    with tqdm(total=6, desc="reconstruct", unit="stage", disable=not progress) as stages:
 
-    def stage(label: str):
-        stages.set_postfix_str(label)
-        return _timed(seconds, label, device)
+        def stage(label: str):
+            stages.set_postfix_str(label)
+            return _timed(seconds, label, device, stages)
 
-    with stage("read"):
-        clip = read_clip(input, every=every, max_frames=max_frames, preprocess=recipe)
-    stages.update()
-    with stage("load_model"):
-        network = load_model(name, weights=weights, device=device, dtype=dtype, seed=seed)
-    stages.update()
-    with stage("model"):
-        outputs = run_model(network, clip, resolved, device)
-    stages.update()
-    images = clip.images.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    depth, confidence = outputs["depth"], outputs["depth_conf"]
-    intrinsics, extrinsics = outputs["intrinsics"].astype(np.float64), outputs["extrinsics"].astype(np.float64)
-    names = list(clip.frame_names)
-    with stage("points"):
-        points, colors, threshold = point_cloud(depth, confidence, intrinsics, extrinsics, images,
-                                                confidence_percentile, max_points, seed)
-        write_ply(out / "points.ply", points, colors)
-        write_colmap_text(out / "sparse" / "0", intrinsics, extrinsics, (clip.height, clip.width),
-                          [f"{frame}.png" for frame in names], points, colors)
-    stages.update()
-    with stage("frames"), tqdm(total=clip.frames, desc="writing frames", unit="frame", leave=False,
-                               disable=not progress) as bar:
-        depth_scale = write_frames(out, names, images, depth, confidence, on_frame=bar.update)
-    stages.update()
-    with stage("preview"):
-        write_preview(out / "preview.png", images, depth, points, colors, extrinsics, seed)
-    stages.update()
-    stages.close()
+        with stage("read"):
+            clip = read_clip(input, every=every, max_frames=max_frames, preprocess=recipe)
+        with stage("load_model"):
+            network = load_model(name, weights=weights, device=device, dtype=dtype, seed=seed)
+        with stage("model"):
+            outputs = run_model(network, clip, resolved, device)
+        images = clip.images.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        depth, confidence = outputs["depth"], outputs["depth_conf"]
+        intrinsics, extrinsics = outputs["intrinsics"].astype(np.float64), outputs["extrinsics"].astype(np.float64)
+        names = list(clip.frame_names)
+        with stage("points"):
+            points, colors, threshold = point_cloud(depth, confidence, intrinsics, extrinsics, images,
+                                                    confidence_percentile, max_points, seed)
+            write_ply(out / "points.ply", points, colors)
+            write_colmap_text(out / "sparse" / "0", intrinsics, extrinsics, (clip.height, clip.width),
+                              [f"{frame}.png" for frame in names], points, colors)
+        with stage("frames"), tqdm(total=clip.frames, desc="writing frames", unit="frame", leave=False,
+                                   disable=not progress) as bar:
+            depth_scale = write_frames(out, names, images, depth, confidence, on_frame=bar.update)
+        with stage("preview"):
+            write_preview(out / "preview.png", images, depth, points, colors, extrinsics, seed)
     summary = {
         "input": str(input), "model": name, "weights": str(weights), "schedule": schedule_name,
         "global_attention_flops_fraction": None if resolved is None else float(
@@ -219,7 +214,8 @@ def peak_memory(device: torch.device) -> dict[str, int | None]:
 
 
 @contextlib.contextmanager
-def _timed(seconds: dict[str, float], label: str, device: torch.device):
+def _timed(seconds: dict[str, float], label: str, device: torch.device, bar: tqdm):
+    """Time the block (synchronised on CUDA) into seconds[label], then advance the stage bar."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -227,6 +223,7 @@ def _timed(seconds: dict[str, float], label: str, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds[label] = time.perf_counter() - start
+    bar.update()
 
 
 def _device_name(device: torch.device) -> str:

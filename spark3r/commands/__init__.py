@@ -1,0 +1,1 @@
+"""Console scripts: each module parses its arguments, calls one library function and prints its result."""
