@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from spark3r.data.cli import main as make_clips
-from spark3r.data.clips import Clip, fit_clips, frame_indices, open_clips, preprocess_clip, read_clip, write_clip
+from spark3r.data.clips import (Clip, fit_clips, frame_indices, open_clips, parse_synthetic_spec, preprocess_clip,
+                                read_clip, write_clip)
 from spark3r.data.preprocess import Resize, apply_plan, get_recipe
 from spark3r.data.synthetic import SceneConfig, render_clip, render_views, sample_clip
 from spark3r.errors import Spark3rError, Spark3rWarning
@@ -307,3 +308,15 @@ def test_calibration_clips_of_other_aspect_ratios_are_fitted_to_the_first(clip):
         fitted = fit_clips([clip, other])
     assert fitted[0] is clip and fitted[1].images.shape == (2, 3, 32, 48)
     assert fitted[1].intrinsics[0, 1, 2].item() == pytest.approx(other.intrinsics[0, 1, 2].item() - 8)
+
+
+def test_walk_specs_render_walks_and_keep_the_arc_default():
+    assert parse_synthetic_spec("synthetic:3") == (3, 0, "arc")
+    assert parse_synthetic_spec("synthetic:3:7:walk") == (3, 7, "walk")
+    walk = open_clips("synthetic:1:7:walk", preprocess=None, frames=5, size=(14, 14))[0]
+    arc = open_clips("synthetic:1:7", preprocess=None, frames=5, size=(14, 14))[0]
+    assert walk.name == "synthetic-walk7-000" and arc.name == "synthetic7-000"
+    centers = -(walk.extrinsics[:, :, :3].transpose(1, 2) @ walk.extrinsics[:, :, 3:])[..., 0]
+    assert ((centers[1:] - centers[:-1]).norm(dim=-1) < 0.07).all()  # centimetres per frame, not the arc's decimetres
+    with pytest.raises(Spark3rError, match="synthetic:N:SEED:walk"):
+        parse_synthetic_spec("synthetic:3:7:spiral")
