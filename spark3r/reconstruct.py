@@ -135,9 +135,7 @@ def reconstruct(input: str | os.PathLike, model: str, *, weights: str | os.PathL
     device = torch.device(device)
     name = resolve_model_name(model)
     entry = get_entry(name)
-    if size is not None and size < 1:
-        raise Spark3rError(f"size is {size}: give the preprocessing size in pixels (e.g. {entry.image_width})")
-    recipe = f"{entry.preprocess}:{size or entry.image_width}"
+    recipe = entry.recipe(size)
     resolved, schedule_name = resolve_schedule(schedule, name)
     if not Path(input).exists():
         raise Spark3rError(f"input {input} does not exist: give a video, a folder of images or a folder holding images/")

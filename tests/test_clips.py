@@ -210,6 +210,10 @@ def test_bad_options_and_missing_pyav(tmp_path, clip, monkeypatch):
         open_clips("synthetic:1", preprocess=None, max_frames=0)
     with pytest.raises(Spark3rError, match="unknown preprocessing recipe"):
         open_clips("synthetic:1", preprocess="vggt:big")
+    with pytest.raises(Spark3rError, match="vggt:100 is not a multiple of the patch size 14: use 98 or 112"):
+        open_clips("synthetic:1", preprocess="vggt:100")
+    with pytest.raises(Spark3rError, match="every N-th frame or at most N frames, not both"):
+        open_clips("synthetic:1", preprocess=None, every=2, max_frames=2)
     with pytest.raises(Spark3rError, match="unknown clip format"):
         write_clip(clip, tmp_path, "gif")
     video = write_clip(clip, tmp_path, "mp4")

@@ -90,6 +90,12 @@ class VGGTRecipe(Recipe):
     patch_size: int = 14
     name: ClassVar[str] = "vggt"
 
+    def __post_init__(self):
+        if self.width % self.patch_size:
+            low = max(self.patch_size, self.width // self.patch_size * self.patch_size)
+            raise Spark3rError(f"vggt:{self.width} is not a multiple of the patch size {self.patch_size}: use "
+                               f"{low} or {low + self.patch_size}")
+
     def plan(self, height: int, width: int) -> list[Step]:
         new_height = max(round(height * (self.width / width) / self.patch_size) * self.patch_size, self.patch_size)
         steps: list[Step] = [Resize(new_height, self.width, "bicubic")]

@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         raise Spark3rError(f"{args.schedule} was made for {schedule.model}, not {name}: "
                            f"pass a schedule made for {name} or --model {schedule.model}")
     entry = get_entry(name)
-    clips = iter_clips(args.clips, preprocess=f"{entry.preprocess}:{entry.image_width}", max_frames=args.frames,
+    clips = iter_clips(args.clips, preprocess=entry.recipe(), max_frames=args.frames,
                        frames=args.frames)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -58,6 +58,13 @@ class ModelEntry:
     aliases: tuple[str, ...] = ()
     description: str = ""
 
+    def recipe(self, size: int | None = None) -> str:
+        """The preprocessing recipe of this model ("NAME:SIDE", spark3r.data.preprocess) at `size`, the side of a
+        square image (default: image_width)."""
+        if size is not None and size < 1:
+            raise Spark3rError(f"size is {size}: give the preprocessing size in pixels (e.g. {self.image_width})")
+        return f"{self.preprocess}:{size or self.image_width}"
+
 
 _ENTRIES: dict[str, ModelEntry] = {}
 _ALIASES: dict[str, str] = {}

@@ -773,7 +773,7 @@ def evaluate_lengths(model: nn.Module, spec: str, lengths: list[int], device: to
     entry = get_entry(MODEL)
     results = {}
     for frames in lengths:
-        clips = open_clips(spec, preprocess=f"{entry.preprocess}:{entry.image_width}", frames=frames)
+        clips = open_clips(spec, preprocess=entry.recipe(), frames=frames)
         if not clips:
             raise Spark3rError(f"--clips {spec} holds no clips: pass synthetic:N[:SEED][:walk] or a folder of clips")
         images, targets = clips_batch(clips, device)

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(model, ReconstructionModel):
         raise Spark3rError(f"model {name} does not run as trunk steps, so it cannot be profiled: use one of "
                            "spark3r's model classes")
-    clips, frames, notes = load_calibration(args.calib, f"{entry.preprocess}:{entry.image_width}", args.frames)
+    clips, frames, notes = load_calibration(args.calib, entry.recipe(), args.frames)
     images0 = clips[0][0].images
     layout = model.adapter.layout(images0)
     options, level_notes = profile_levels(layout, ProfileOptions(

@@ -21,7 +21,7 @@ from spark3r.schedule import Schedule, check_model
 def held_out_clips(profile: Profile, calib: str) -> list[Clip]:
     """The clips of `calib`, preprocessed for the profile's model; calibration clips of the profile are refused."""
     entry = get_entry(profile.model)
-    clips = open_clips(calib, preprocess=f"{entry.preprocess}:{entry.image_width}", frames=profile.frames)
+    clips = open_clips(calib, preprocess=entry.recipe(), frames=profile.frames)
     if not clips:
         raise Spark3rError(f"--calib {calib} holds no clips: pass a folder of clips, one clip or synthetic:N[:SEED]")
     profiled = {clip.get("sha256") for clip in profile.clips}
