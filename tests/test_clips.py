@@ -324,3 +324,23 @@ def test_walk_specs_render_walks_and_keep_the_arc_default():
     assert ((centers[1:] - centers[:-1]).norm(dim=-1) < 0.07).all()  # centimetres per frame, not the arc's decimetres
     with pytest.raises(Spark3rError, match="synthetic:N:SEED:walk"):
         parse_synthetic_spec("synthetic:3:7:spiral")
+
+
+def test_a_rotated_phone_video_is_read_upright(tmp_path):
+    """Stored 32 wide x 16 high with a 90-degree counter-clockwise display rotation: read 16 wide x 32 high, the
+    stored top-left white square now at the bottom left."""
+    import av
+
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 16, "yuv420p"
+        stream.set_display_rotation(90)
+        for _ in range(2):
+            stored = np.zeros((16, 32, 3), np.uint8)
+            stored[:8, :8] = 255
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")))
+        container.mux(stream.encode(None))
+    images = read_clip(path).images
+    assert images.shape == (2, 3, 32, 16)
+    assert images[:, :, 26:, :6].mean() > 0.9 and images[:, :, :6, :6].mean() < 0.1

@@ -418,9 +418,9 @@ def _read_npz(path: Path, every: int | None, max_frames: int | None, recipe: Rec
 
 
 def _read_video(path: Path, every: int | None, max_frames: int | None, recipe: Recipe | None) -> Clip | None:
-    """Decode the video as a stream, keeping (and preprocessing) only the sampled frames; the frame count comes from
-    the container's header (or a demux-only pass where it has none), so a video that decodes fewer frames than its
-    header lists is truncated or damaged."""
+    """Decode the video as a stream, keeping (and preprocessing) only the sampled frames, turned as its display
+    matrix says; the frame count comes from the container's header (or a demux-only pass where it has none), so a
+    video that decodes fewer frames than its header lists is truncated or damaged. Ground truth is at the stored size."""
     try:
         import av
     except ImportError:
@@ -443,7 +443,8 @@ def _read_video(path: Path, every: int | None, max_frames: int | None, recipe: R
             next_index = next(wanted)
             for decoded, frame in enumerate(container.decode(stream), start=1):
                 if decoded - 1 == next_index:
-                    builder.add(frame.to_ndarray(format="rgb24"))
+                    # the display matrix's counter-clockwise rotation (phone videos are often stored landscape)
+                    builder.add(np.rot90(frame.to_ndarray(format="rgb24"), k=round(frame.rotation / 90)))
                     next_index = next(wanted, None)
     except (av.FFmpegError, OSError):
         raise Spark3rError(corrupt) from None
