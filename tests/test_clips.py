@@ -248,6 +248,22 @@ def test_sixteen_bit_png_reads_at_its_own_scale(tmp_path):
     assert abs(sixteen.mean().item() - 31500 / 65535) < 1e-5  # mean of 0..63000, not ~1
 
 
+def test_sixteen_bit_colour_png_keeps_all_16_bits_and_composites_alpha(tmp_path):
+    """16-bit RGB(A) pngs written by OpenCV (BGR order): read as value / 65535 exactly (PIL alone keeps the high byte,
+    off by up to 1/255); alpha a composites on white: rgb * a + (1 - a)."""
+    import cv2
+
+    values = np.random.default_rng(1).integers(0, 65536, (6, 5, 4)).astype(np.uint16)
+    for name, pixels in (("rgb", values[..., :3]), ("rgba", values)):
+        (tmp_path / name).mkdir()
+        cv2.imwrite(str(tmp_path / name / "a.png"), pixels[..., [2, 1, 0, 3][:pixels.shape[-1]]])
+    rgb = values[..., :3].astype(np.float64) / 65535
+    alpha = values[..., 3:].astype(np.float64) / 65535
+    for name, expected in (("rgb", rgb), ("rgba", rgb * alpha + 1 - alpha)):
+        read = read_clip(tmp_path / name).images[0].permute(1, 2, 0).double().numpy()
+        assert np.abs(read - expected).max() < 1e-6, name
+
+
 def test_truncated_mp4_is_one_sentence(tmp_path, clip):
     """An mp4 whose index (moov, written first) lists more frames than the file still holds is refused."""
     import av

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -473,10 +474,13 @@ def _video_frame_count(path: Path) -> int:
 
 
 def _load_image(path: Path) -> np.ndarray:
-    """Float [H, W, 3] RGB in [0, 1] of an image file: 16-bit images scaled by 1 / 65535 (8-bit by 1 / 255), EXIF
-    orientation applied, transparency composited on white; a truncated or corrupt file is one sentence."""
+    """Float [H, W, 3] RGB in [0, 1] of an image file: 16-bit images (grayscale, RGB, RGBA) scaled by 1 / 65535,
+    8-bit by 1 / 255, EXIF orientation applied (not for 16-bit colour png), transparency composited on white; a
+    truncated or corrupt file is one sentence."""
     try:
         with Image.open(path) as image:
+            if image.format == "PNG" and image.mode in ("RGB", "RGBA") and ";16" in str(image.tile[0].args):
+                return _load_colour_png_16(path)  # PIL would keep only the high byte of each value
             image = ImageOps.exif_transpose(image)
             if image.mode in SIXTEEN_BIT_MODES:
                 gray = np.asarray(image, dtype=np.float32) / 65535
@@ -488,6 +492,20 @@ def _load_image(path: Path) -> np.ndarray:
     except (OSError, SyntaxError, ValueError):
         raise Spark3rError(f"cannot read the image {path}: it is truncated, corrupt or not an image "
                            "(remove or replace it)") from None
+
+
+def _load_colour_png_16(path: Path) -> np.ndarray:
+    """Float [H, W, 3] RGB in [0, 1] of a 16-bit RGB or RGBA png (OpenCV reads all 16 bits), alpha composited on
+    white."""
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.dtype != np.uint16:
+        raise OSError(f"OpenCV cannot read {path} as a 16-bit png")
+    values = pixels.astype(np.float32) / 65535
+    rgb = values[..., 2::-1]
+    if values.shape[-1] == 4:
+        alpha = values[..., 3:]
+        rgb = rgb * alpha + (1 - alpha)
+    return np.ascontiguousarray(rgb)
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
