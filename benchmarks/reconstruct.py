@@ -3,7 +3,7 @@
     python benchmarks/reconstruct.py --model vggt-1b --weights none --frames 1000 --size 518 --schedule paper
 
 Without --video, a video of --frames generated frames (a hand-held walk through a synthetic room, rendered at
---size x --size and written as H.264 mp4 with its ground truth beside it) is made first, in --work; with --video, that
+--size x --size and written as H.264 mp4) is made first, in --work; with --video, that
 file is used. Then `reconstruct` runs on it (all frames unless --max-frames / --every) into --work/reconstruction and
 its summary, the command line, the commit and the device are written to benchmarks/results/reconstruct-<model>-
 <frames>.{json,md} (or --results PREFIX).
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from spark3r.cli import DTYPES, resolve_device, resolve_dtype
-from spark3r.data.clips import write_clip
+from spark3r.data.clips import Clip, write_clip
 from spark3r.data.synthetic import SceneConfig, render_clip
 from spark3r.files import write_atomic, write_json
 from spark3r.reconstruct import reconstruct
@@ -28,10 +28,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def make_video(folder: Path, frames: int, size: int, device: torch.device, seed: int) -> Path:
-    """A generated walk of `frames` frames at size x size, written as folder/walk-<frames>.mp4 (+ .gt.npz)."""
+    """A generated walk of `frames` frames at size x size, written as folder/walk-<frames>.mp4 (no ground truth)."""
     clip = render_clip(seed, frames=frames, height=size, width=size, config=SceneConfig(path="walk"), device=device,
                        name=f"walk-{frames}")
-    return write_clip(clip.to("cpu"), folder, "mp4")
+    return write_clip(Clip(clip.name, clip.images.cpu()), folder, "mp4")
 
 
 def commit() -> str:
