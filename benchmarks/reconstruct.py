@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/spark3r-reconstruct"),
                         help="folder for the generated video and the reconstruction")
+    parser.add_argument("--commit", help="the commit to record (default: git rev-parse HEAD of this checkout, for "
+                                         "a copy without .git)")
     parser.add_argument("--results", type=Path, help="output prefix (default: benchmarks/results/"
                                                      "reconstruct-<model>-<frames>)")
     args = parser.parse_args(argv)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                          device=device, dtype=resolve_dtype(args.dtype, device), seed=args.seed)
     summary = {key: value for key, value in result.summary.items() if key != "frame_names"}
     record = {"command": " ".join(["python", "benchmarks/reconstruct.py", *(argv if argv is not None else sys.argv[1:])]),
-              "commit": commit(), "torch": torch.__version__, "video_seconds": video_seconds, "summary": summary}
+              "commit": args.commit or commit(), "torch": torch.__version__, "video_seconds": video_seconds, "summary": summary}
     prefix = args.results or HERE / "results" / f"reconstruct-{result.model}-{summary['frames']}"
     write_json(prefix.with_suffix(".json"), record)
     text = markdown(record)
