@@ -310,3 +310,21 @@ def test_weights_replaced_in_place_are_a_change_of_options(tmp_path):
     save_file({"a": torch.zeros(3)}, str(path))
     assert cli.weights_identity(str(path), None) != before
     assert cli.weights_identity("none", None) == "none"
+
+
+
+def test_calibration_clips_of_other_aspect_ratios_are_fitted_and_the_crop_said_once(tmp_path):
+    """vggt:28 makes a 28x56 (h x w) clip 14x28 and a 56x56 clip 28x28: the square clip is centre-cropped to the
+    first clip's 14x28 (half of it kept), in one warning, instead of being refused."""
+    from spark3r.data.clips import write_clip
+    from spark3r.data.synthetic import render_clip
+    from spark3r.errors import Spark3rWarning
+    from spark3r.profiler.cli import load_calibration
+
+    write_clip(render_clip(1, frames=2, height=28, width=56, name="a-wide"), tmp_path, "folder")
+    write_clip(render_clip(2, frames=2, height=56, width=56, name="b-square"), tmp_path, "folder")
+    with pytest.warns(Spark3rWarning) as caught:
+        clips, frames, _ = load_calibration(str(tmp_path), "vggt:28", None)
+    assert len(caught) == 1 and "b-square (28x28) is resized and centre-cropped" in str(caught[0].message)
+    assert "keeping 50%" in str(caught[0].message)
+    assert frames == 2 and [clip.images.shape[-2:] for clip, _ in clips] == [(14, 28), (14, 28)]
