@@ -324,7 +324,8 @@ def test_portrait_crop_of_the_vggt_recipe_is_said_once(tmp_path):
 
 def test_calibration_clips_of_other_aspect_ratios_are_fitted_to_the_first(clip):
     other = render_clip(5, frames=2, height=48, width=48, name="square")
-    with pytest.warns(Spark3rWarning, match="square .48x48. is resized and centre-cropped to the first clip's 48x32"):
+    with pytest.warns(Spark3rWarning, match=r"1 of 2 clips are resized and centre-cropped to the first clip's 48x32: "
+                                            r"square \(48x48\) keeps 67%"):
         fitted = fit_clips([clip, other])
     assert fitted[0] is clip and fitted[1].images.shape == (2, 3, 32, 48)
     assert fitted[1].intrinsics[0, 1, 2].item() == pytest.approx(other.intrinsics[0, 1, 2].item() - 8)

@@ -325,6 +325,6 @@ def test_calibration_clips_of_other_aspect_ratios_are_fitted_and_the_crop_said_o
     write_clip(render_clip(2, frames=2, height=56, width=56, name="b-square"), tmp_path, "folder")
     with pytest.warns(Spark3rWarning) as caught:
         clips, frames, _ = load_calibration(str(tmp_path), "vggt:28", None)
-    assert len(caught) == 1 and "b-square (28x28) is resized and centre-cropped" in str(caught[0].message)
-    assert "keeping 50%" in str(caught[0].message)
+    assert len(caught) == 1 and "1 of 2 clips are resized and centre-cropped to the first clip's 28x14: " \
+        "b-square (28x28) keeps 50%" in str(caught[0].message)
     assert frames == 2 and [clip.images.shape[-2:] for clip, _ in clips] == [(14, 28), (14, 28)]

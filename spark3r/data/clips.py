@@ -215,12 +215,12 @@ def preprocess_clip(clip: Clip, recipe: str | Recipe) -> Clip:
 
 
 def fit_clips(clips: Sequence[Clip]) -> list[Clip]:
-    """The clips brought to the first clip's size (`fit_plan`: resize to cover, centre crop; bicubic); a clip that
-    loses part of its frames to the crop is said once as a `Spark3rWarning`."""
+    """The clips brought to the first clip's size (`fit_plan`: resize to cover, centre crop; bicubic); the clips that
+    lose part of their frames to the crop are said in one `Spark3rWarning`."""
     if not clips:
         return []
     height, width = clips[0].height, clips[0].width
-    fitted = []
+    fitted, cropped = [], []
     for clip in clips:
         if (clip.height, clip.width) == (height, width):
             fitted.append(clip)
@@ -228,11 +228,13 @@ def fit_clips(clips: Sequence[Clip]) -> list[Clip]:
         steps = fit_plan(clip.height, clip.width, height, width, "bicubic")
         kept = kept_fraction(steps, clip.height, clip.width)
         if kept < 1:
-            warnings.warn(Spark3rWarning(
-                f"clip {clip.name} ({clip.width}x{clip.height}) is resized and centre-cropped to the first clip's "
-                f"{width}x{height}, keeping {100 * kept:.0f}% of each frame"), stacklevel=2)
+            cropped.append(f"{clip.name} ({clip.width}x{clip.height}) keeps {100 * kept:.0f}%")
         images, depth, intrinsics = apply_plan(steps, clip.images, clip.depth, clip.intrinsics)
         fitted.append(dataclasses.replace(clip, images=images, depth=depth, intrinsics=intrinsics))
+    if cropped:
+        listed = ", ".join(cropped[:3]) + (f" and {len(cropped) - 3} more" if len(cropped) > 3 else "")
+        warnings.warn(Spark3rWarning(f"{len(cropped)} of {len(clips)} clips are resized and centre-cropped to the "
+                                     f"first clip's {width}x{height}: {listed}"), stacklevel=2)
     return fitted
 
 
@@ -369,10 +371,9 @@ class _ClipBuilder:
             sizes = ", ".join(f"{width}x{height} keeps {100 * kept:.0f}%"
                               for (height, width), kept in sorted(self.cropped.items()))
             why = f"the {self.recipe.name} preprocessing" if self.recipe is not None else "fitting to one size"
-            warnings.warn(Spark3rWarning(
-                f"clip {self.name}: {why} centre-crops frames to {self.images.shape[-1]}x{self.images.shape[-2]}, "
-                f"dropping part of each image ({sizes}); crop the images yourself to choose what is kept"),
-                stacklevel=3)
+            warnings.warn(Spark3rWarning(  # no clip name: clips of the same sizes are said once
+                f"{why} centre-crops frames to {self.images.shape[-1]}x{self.images.shape[-2]}, dropping part of "
+                f"each image ({sizes}); crop the images yourself to choose what is kept"), stacklevel=3)
         return Clip(name=self.name, images=self.images, depth=self.depth, intrinsics=self.intrinsics,
                     extrinsics=self.truth.get("extrinsics"), source=self.source, frame_names=tuple(self.frame_names))
 
