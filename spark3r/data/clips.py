@@ -155,8 +155,7 @@ def unproject_depth(depth: torch.Tensor, intrinsics: torch.Tensor, extrinsics: t
 def frame_indices(total: int, every: int | None = None, max_frames: int | None = None) -> list[int]:
     """The frames kept of a clip of `total` frames: every `every`-th (0, every, 2 * every, ...), or `max_frames`
     spread uniformly over the whole clip (the first and last included; all frames when there are no more), or all."""
-    if every is not None and max_frames is not None:
-        raise Spark3rError("give every N-th frame or at most N frames, not both")
+    check_sampling(every, max_frames)
     if every is not None:
         return list(range(0, total, every))
     if max_frames is None or total <= max_frames:
