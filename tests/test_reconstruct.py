@@ -107,6 +107,15 @@ def test_command_runs_with_the_paper_schedule_and_dense(scene, tmp_path, capsys,
     assert summary["schedule"] == named and summary["frame_names"] == ["000000", "000002", "000003", "000005"]
 
 
+def test_every_nth_frame_and_another_size(scene, tmp_path, capsys):
+    folder, _ = scene
+    assert main([str(folder), "--model", "vggt-tiny", "--every", "2", "--size", "56", "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["frame_names"] == ["000000", "000002", "000004"] and summary["image_size"] == [56, 56]
+    assert summary["preprocess"] == "vggt:56" and "3 frames at 56x56" in capsys.readouterr().out
+
+
 def test_bad_input_is_one_sentence_and_exit_code_2(scene, tmp_path, capsys):
     folder, _ = scene
     cases = [([str(tmp_path / "missing.mp4"), "--model", "vggt-tiny"], "does not exist"),
