@@ -134,16 +134,23 @@ def test_da3_resamples_uint8_with_opencv_area_and_cubic_as_the_reference():
         [(326, "opencv_cubic"), (322, "opencv_area")]
 
 
-def test_da3_recipe_pixels_equal_opencv_on_the_uint8_image(tmp_path):
-    """A jpg-like 8-bit image through the da3 recipe equals cv2.resize of the uint8 array with INTER_AREA (the
-    reference's call) to the planned size, value for value."""
+@pytest.mark.parametrize("height, width, steps", [
+    (60, 80, [((42, 56), "INTER_AREA")]),                                    # da3:56, already multiples of 14
+    (200, 300, [((336, 504), "INTER_CUBIC")]),                               # da3:504 upscales
+    (97, 150, [((326, 504), "INTER_CUBIC"), ((322, 504), "INTER_AREA")]),  # then 326 -> nearest multiple 322
+])
+def test_da3_recipe_pixels_equal_opencv_on_the_uint8_image(tmp_path, height, width, steps):
+    """An 8-bit image through the da3 recipe equals the reference's calls, cv2.resize of the uint8 array with the
+    hand-derived sizes and filters, value for value."""
     import cv2
 
-    pixels = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
     (tmp_path / "clip").mkdir()
     Image.fromarray(pixels).save(tmp_path / "clip" / "a.png")
-    read = read_clip(tmp_path / "clip", preprocess="da3:56")  # 60x80 -> 42x56 (area), already multiples of 14
-    expected = cv2.resize(pixels, (56, 42), interpolation=cv2.INTER_AREA)
+    read = read_clip(tmp_path / "clip", preprocess="da3:56" if width == 80 else "da3")
+    expected = pixels
+    for (rows, cols), flag in steps:
+        expected = cv2.resize(expected, (cols, rows), interpolation=getattr(cv2, flag))
     assert torch.equal(read.images[0].mul(255).round().to(torch.uint8).permute(1, 2, 0), torch.from_numpy(expected))
 
 
