@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from spark3r.cli import DTYPES, resolve_device
+from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.files import write_json
 from spark3r.models.base import TrunkState
 from spark3r.models.blocks import no_autocast

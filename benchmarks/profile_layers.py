@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from spark3r.cli import DTYPES, resolve_device
+from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.models.loading import load_model
-from spark3r.profiler.cli import DEFAULT_KV_KEEP, DEFAULT_QUERY_MERGE, parse_kv_keep, parse_query_merge
+from spark3r.commands.profile_layers import DEFAULT_KV_KEEP, DEFAULT_QUERY_MERGE, parse_kv_keep, parse_query_merge
 from spark3r.files import write_atomic
 from spark3r.profiler.run import PHASES, ProfileOptions, profile_clip, profile_levels
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from spark3r.cli import DTYPES, resolve_device, resolve_dtype
-from spark3r.data.clips import Clip, write_clip
+from spark3r.commands.arguments import DTYPES, resolve_device, resolve_dtype
+from spark3r.data.clip import Clip
+from spark3r.data.clips import write_clip
 from spark3r.data.synthetic import SceneConfig, render_clip
 from spark3r.files import write_atomic, write_json
 from spark3r.reconstruct import reconstruct

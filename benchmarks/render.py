@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import measure  # noqa: E402
 
-from spark3r.cli import resolve_device  # noqa: E402
+from spark3r.commands.arguments import resolve_device  # noqa: E402
 from spark3r.files import write_json  # noqa: E402
 from spark3r.data.synthetic import (  # noqa: E402
     Scene,

@@ -32,11 +32,10 @@ HERE = Path(__file__).resolve().parent
 import torch
 import torch.nn.functional as F
 
-from spark3r.cli import DTYPES, resolve_device
+from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.files import write_json
 from spark3r.models.registry import build_model
 from spark3r.reduce import (
-    apply_schedule,
     kv_count,
     merge_queries,
     merge_slots,
@@ -46,7 +45,7 @@ from spark3r.reduce import (
     unmerge,
 )
 from spark3r.reduce.attention import is_dense
-from spark3r.schedule import load_schedule
+from spark3r.schedule import apply_schedule, load_schedule
 
 _spec = importlib.util.spec_from_file_location("benchmarks_foundation", HERE / "foundation.py")
 foundation = importlib.util.module_from_spec(_spec)

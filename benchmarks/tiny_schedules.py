@@ -51,23 +51,24 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from spark3r.cli import command
-from spark3r.data.clips import Clip, open_clips
+from spark3r.commands import profile_layers as profiler_cli
+from spark3r.commands import search_schedule as search_cli
+from spark3r.commands.arguments import command
+from spark3r.data.clip import Clip
+from spark3r.data.clips import open_clips
 from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS, output_deviation
 from spark3r.evaluate.metrics import camera_metrics, depth_metrics
 from spark3r.models.base import FlopConfig
 from spark3r.models.loading import find_weights, find_weights_file, load_model
 from spark3r.models.registry import get_entry, resolve_model_name
-from spark3r.profiler import cli as profiler_cli
 from spark3r.profiler.aggregate import spearman
 from spark3r.files import write_atomic
 from spark3r.profiler.format import STATISTICS, MetricTable, Profile, load_profile, save_profile
-from spark3r.profiler.run import finite_outputs
-from spark3r.reduce import global_attention_fraction, reduced
-from spark3r.schedule import KVSpec, LayerSpec, QuerySpec, Schedule, load_schedule
-from spark3r.search import cli as search_cli
-from spark3r.search.objective import predicted_deviation
+from spark3r.profiler.run import ProfileOptions, finite_outputs
+from spark3r.reduce import global_attention_fraction
+from spark3r.schedule import PAPER_KV_METHOD, KVSpec, LayerSpec, QuerySpec, Schedule, load_schedule, reduced
+from spark3r.search.problem import predicted_deviation
 
 CAMERA_TERMS = ("camera_center", "camera_rotation_deg", "focal")
 STABILITY_METRICS = ("score", "depth", "points")
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     (path_a, profile_a), (_, profile_b) = runner.profile("A", args.calib), runner.profile("B", args.replica)
     stable = stability(profile_a, profile_b, args.fixed_keep)
-    if profile_a.options.get("kv_method", "frame_stride") != "frame_stride":
+    if ProfileOptions.of_profile(profile_a).kv_method != PAPER_KV_METHOD:
         raise Spark3rError("the baselines prune K/V by frame stride: profile with --kv-method frame_stride")
     reduction = {key: profile_a.options[key] for key in ("keep_reference_frame", "group_frames", "similarity")
                  if key in profile_a.options}

@@ -1,6 +1,7 @@
 """Files are written atomically: into a temporary file in the target's folder, then renamed onto the target."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -39,3 +40,10 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
 def write_json(path: str | os.PathLike, payload) -> Path:
     """Write `payload` as indented JSON to `path` atomically."""
     return write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def write_png(path: str | os.PathLike, figure, dpi: int = 110) -> Path:
+    """Write a matplotlib `figure` as a PNG to `path` atomically."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return write_atomic(path, buffer.getvalue())

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spark3r.data.clips import Clip, read_clip, unproject_depth
-from spark3r.errors import Spark3rError
+from spark3r.data.clip import Clip, unproject_depth
+from spark3r.data.clips import read_clip
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.export.colmap import write_colmap_text
 from spark3r.export.frames import write_frames
 from spark3r.export.ply import write_ply
@@ -40,8 +41,8 @@ from spark3r.export.preview import write_preview
 from spark3r.files import write_json
 from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry, resolve_model_name
-from spark3r.reduce import global_attention_fraction, reduced
-from spark3r.schedule import Schedule, load_schedule, shipped_schedule
+from spark3r.reduce import global_attention_fraction
+from spark3r.schedule import Schedule, load_schedule, reduced, shipped_schedule
 
 DEFAULT_CONFIDENCE_PERCENTILE = 50.0
 DEFAULT_MAX_POINTS = 1_000_000
@@ -80,31 +81,33 @@ def resolve_schedule(schedule: str | os.PathLike | Schedule | None, model: str) 
     if schedule == "paper":
         path = shipped_schedule(model)
         if path is None:
-            raise Spark3rError(f"no paper-rule schedule is shipped for {model}: pass a schedule file or none")
+            raise ParameterError(f"no paper-rule `schedule` is shipped for {model}: pass a schedule file or none",
+                                 "schedule")
         return load_schedule(path), f"paper ({path.name})"
     if not Path(schedule).is_file():
-        raise Spark3rError(f"schedule {schedule} is not a file: pass {SCHEDULE_CHOICES}")
+        raise ParameterError(f"`schedule` {schedule} is not a file: pass {SCHEDULE_CHOICES}", "schedule")
     return load_schedule(schedule), str(schedule)
 
 
 def point_cloud(depth: np.ndarray, confidence: np.ndarray, intrinsics: np.ndarray, extrinsics: np.ndarray,
-                images: np.ndarray, percentile: float = DEFAULT_CONFIDENCE_PERCENTILE,
+                images: np.ndarray, confidence_percentile: float = DEFAULT_CONFIDENCE_PERCENTILE,
                 max_points: int = DEFAULT_MAX_POINTS, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
     """(points [N, 3] float32 world, colours [N, 3] uint8, confidence threshold) of the filtered pixels.
 
     depth, confidence [S, H, W]; intrinsics [S, 3, 3]; extrinsics [S, 3, 4]; images uint8 [S, H, W, 3]. A pixel is kept
-    when its depth is finite and positive and its confidence is at or above the `percentile`-th percentile of the
-    valid pixels' confidences; beyond `max_points` kept pixels, each is kept with probability max_points / kept
-    (seeded). Frames are unprojected one at a time.
+    when its depth is finite and positive and its confidence is at or above the `confidence_percentile`-th
+    percentile of the valid pixels' confidences; beyond `max_points` kept pixels, each is kept with probability
+    max_points / kept (seeded). Frames are unprojected one at a time.
     """
-    if not 0 <= percentile <= 100:
-        raise Spark3rError(f"confidence percentile {percentile} is outside [0, 100]: give a percentile")
+    if not 0 <= confidence_percentile <= 100:
+        raise ParameterError(f"`confidence_percentile` {confidence_percentile} is outside [0, 100]: give a percentile",
+                             "confidence_percentile")
     if max_points < 1:
-        raise Spark3rError(f"max_points is {max_points}: keep at least 1 point")
+        raise ParameterError(f"`max_points` is {max_points}: keep at least 1 point", "max_points")
     valid = np.isfinite(depth) & (depth > 0) & np.isfinite(confidence)
     if not valid.any():
         return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.uint8), float("nan")
-    threshold = float(np.percentile(confidence[valid], percentile))
+    threshold = float(np.percentile(confidence[valid], confidence_percentile))
     keep = valid & (confidence >= threshold)
     probability = min(1.0, max_points / int(keep.sum()))
     generator = np.random.default_rng(seed)
@@ -138,7 +141,8 @@ def reconstruct(input: str | os.PathLike, model: str, *, weights: str | os.PathL
     recipe = entry.recipe(size)
     resolved, schedule_name = resolve_schedule(schedule, name)
     if not Path(input).exists():
-        raise Spark3rError(f"input {input} does not exist: give a video, a folder of images or a folder holding images/")
+        raise ParameterError(f"`input` {input} does not exist: give a video, a folder of images or a folder holding "
+                             "images/", "input")
     out = Path(out)
     seconds: dict[str, float] = {}
     if device.type == "cuda":

@@ -1,9 +1,13 @@
 """profile-layers: aggregation, resume files, sharding, the measurement engine and the CLI."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
+from spark3r.commands.arguments import error_message
+from spark3r.commands.profile_layers import FLAGS as PROFILE_FLAGS
 from spark3r.errors import Spark3rError
 from spark3r.profiler.aggregate import asymmetry_summary, predicted_sum, spearman, summarize
 from spark3r.profiler.distributed import Ranks, shard
@@ -56,8 +60,9 @@ def test_clip_file_round_trip_and_option_mismatch(tmp_path):
     loaded = load_clip(tmp_path, "ab" * 32, options)
     assert loaded.name == "synthetic-0" and loaded.frames == 4 and loaded.timings == {"dense": 0.5}
     np.testing.assert_array_equal(loaded.arrays["kv_score"], result.arrays["kv_score"])
-    with pytest.raises(Spark3rError, match=r"other options \(kv_keep differ\).*new --out"):
+    with pytest.raises(Spark3rError) as error:
         load_clip(tmp_path, "ab" * 32, {**options, "kv_keep": (1.0, 0.25)})
+    assert re.search(r"other options \(kv_keep differ\).*new --out", error_message(error.value, PROFILE_FLAGS))
 
 
 # ---------------------------------------------------------------- the engine, on vggt-tiny with random weights
@@ -69,10 +74,11 @@ import sys
 
 import torch
 
-import spark3r
+from spark3r.commands import profile_layers as cli
 from spark3r.data.clips import open_clips
 from spark3r.evaluate.deviation import output_deviation
-from spark3r.profiler import cli
+from spark3r.models.loading import weights_identity
+from spark3r.profiler import pipeline
 from spark3r.profiler.format import load_profile
 from spark3r.profiler.run import PhaseTimer, ProfileOptions, dense_run, end_to_end, local_deviation, profile_clip
 from spark3r.reduce import Reduction, apply_reductions
@@ -82,21 +88,12 @@ CLI_ARGS = ["--model", "vggt-tiny", "--weights", "none", "--calib", "synthetic:2
             "--kv-keep", "0.5", "--query-merge", "2", "--additivity", "3", "--device", "cpu", "--dtype", "fp32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads spin against each other (several times slower),
-    and the 2-rank run below uses one thread per rank, so both runs round the same way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model = spark3r.load_model("vggt-tiny", weights=None, seed=0)
-    images = open_clips("synthetic:1", preprocess="vggt:112", frames=FRAMES)[0].images
-    return model, images
+def images():
+    return open_clips("synthetic:1", preprocess="vggt:112", frames=FRAMES)[0].images
 
 
 def reference_outputs(model, images, reductions=None):
@@ -114,8 +111,8 @@ def reference_outputs(model, images, reductions=None):
     return finite, attention
 
 
-def test_resume_from_any_layer_equals_full_forward(tiny):
-    model, images = tiny
+def test_resume_from_any_layer_equals_full_forward(tiny, images):
+    model = tiny
     full, _ = reference_outputs(model, images)
     with torch.inference_mode():
         run = dense_run(model, images[None], PhaseTimer(images.device))
@@ -125,8 +122,8 @@ def test_resume_from_any_layer_equals_full_forward(tiny):
                 assert torch.equal(resumed[key], full[key]), (layer, key)
 
 
-def test_local_deviation_matches_a_full_reduced_forward(tiny):
-    model, images = tiny
+def test_local_deviation_matches_a_full_reduced_forward(tiny, images):
+    model = tiny
     _, dense_attention = reference_outputs(model, images)
     reduction = Reduction(kv_keep=0.5)
     _, reduced_attention = reference_outputs(model, images, {2: reduction})
@@ -142,8 +139,8 @@ def test_local_deviation_matches_a_full_reduced_forward(tiny):
     assert rel_l2 == pytest.approx(expected_l2, rel=1e-5) and cos == pytest.approx(expected_cos, rel=1e-4)
 
 
-def test_batched_end_to_end_matches_full_reduced_forwards(tiny):
-    model, images = tiny
+def test_batched_end_to_end_matches_full_reduced_forwards(tiny, images):
+    model = tiny
     dense, _ = reference_outputs(model, images)
     reductions = [Reduction(kv_keep=0.5), Reduction(kv_keep=0.25), Reduction(query_merge=2)]
     with torch.inference_mode():
@@ -160,8 +157,8 @@ def test_batched_end_to_end_matches_full_reduced_forwards(tiny):
     assert multi["score"] == pytest.approx(output_deviation(dense, reduced)["score"], rel=1e-4)
 
 
-def test_profile_clip_dense_levels_are_exactly_zero(tiny):
-    model, images = tiny
+def test_profile_clip_dense_levels_are_exactly_zero(tiny, images):
+    model = tiny
     options = ProfileOptions(kv_keep=(1.0, 0.5), query_merge=(1, 2), additivity_schedules=2)
     measured = profile_clip(model, images, options)
     for kind in ("kv", "query"):
@@ -206,7 +203,7 @@ def _tables(out):
 
 
 def test_interrupted_run_resumes_to_the_same_profile(full_run, tmp_path, monkeypatch, capsys):
-    measure = cli.profile_clip
+    measure = pipeline.profile_clip
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -215,12 +212,12 @@ def test_interrupted_run_resumes_to_the_same_profile(full_run, tmp_path, monkeyp
             raise KeyboardInterrupt
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "profile_clip", interrupted)
+    monkeypatch.setattr(pipeline, "profile_clip", interrupted)
     assert cli.main([*CLI_ARGS, "--out", str(tmp_path)]) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
     assert len(list((tmp_path / "clips").glob("*.npz"))) == 1 and not (tmp_path / "profile.json").exists()
     calls.clear()
-    monkeypatch.setattr(cli, "profile_clip", lambda *a, **k: (calls.append(1), measure(*a, **k))[1])
+    monkeypatch.setattr(pipeline, "profile_clip", lambda *a, **k: (calls.append(1), measure(*a, **k))[1])
     assert cli.main([*CLI_ARGS, "--out", str(tmp_path)]) == 0
     assert len(calls) == 1  # only the missing clip was measured
     resumed, full = _tables(tmp_path), _tables(full_run)
@@ -236,7 +233,7 @@ def test_interrupted_run_resumes_to_the_same_profile(full_run, tmp_path, monkeyp
 def test_two_gloo_ranks_equal_one(full_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "spark3r.profiler.cli", *CLI_ARGS, "--out", str(tmp_path), "--json"]
+               "-m", "spark3r.commands.profile_layers", *CLI_ARGS, "--out", str(tmp_path), "--json"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["clips"] == 2
@@ -306,11 +303,10 @@ def test_weights_replaced_in_place_are_a_change_of_options(tmp_path):
 
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.zeros(2)}, str(path))
-    before = cli.weights_identity(str(path), None)
+    before = weights_identity(str(path), None)
     save_file({"a": torch.zeros(3)}, str(path))
-    assert cli.weights_identity(str(path), None) != before
-    assert cli.weights_identity("none", None) == "none"
-
+    assert weights_identity(str(path), None) != before
+    assert weights_identity("none", None) == "none"
 
 
 def test_calibration_clips_of_other_aspect_ratios_are_fitted_and_the_crop_said_once(tmp_path):
@@ -319,7 +315,7 @@ def test_calibration_clips_of_other_aspect_ratios_are_fitted_and_the_crop_said_o
     from spark3r.data.clips import write_clip
     from spark3r.data.synthetic import render_clip
     from spark3r.errors import Spark3rWarning
-    from spark3r.profiler.cli import load_calibration
+    from spark3r.profiler.pipeline import load_calibration
 
     write_clip(render_clip(1, frames=2, height=28, width=56, name="a-wide"), tmp_path, "folder")
     write_clip(render_clip(2, frames=2, height=56, width=56, name="b-square"), tmp_path, "folder")

@@ -9,12 +9,11 @@ import torch.nn.functional as F
 from spark3r.errors import Spark3rError
 from spark3r.models.base import FrameLayout
 from spark3r.reduce import (
-    KV_METHODS, Reduction, apply_reductions, apply_schedule, kv_count, kv_index, query_count, reduced,
-    reduced_attention,
+    KV_METHODS, Reduction, apply_reductions, kv_count, kv_index, query_count, reduced_attention,
 )
 from spark3r.reduce import merge as merge_module
 from spark3r.reduce.kv import grid_steps
-from spark3r.schedule import load_schedule
+from spark3r.schedule import apply_schedule, load_schedule, reduced
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
 
@@ -277,16 +276,8 @@ def test_wrong_token_count_is_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from spark3r.models.blocks import init_weights
-    from spark3r.models.vggt import VGGT, VGGT_TINY
-
-    torch.manual_seed(0)
-    model = init_weights(VGGT(VGGT_TINY)).eval()
-    images = torch.rand(1, 6, 3, 112, 112, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        dense = model(images)
-    return model, images, dense
+def images():
+    return torch.rand(1, 6, 3, 112, 112, generator=torch.Generator().manual_seed(1))
 
 
 def run(model, images):
@@ -298,8 +289,8 @@ def assert_same(outputs, expected):
     assert all(torch.equal(outputs[name], expected[name]) for name in expected)
 
 
-def test_apply_then_remove_restores_bit_exact_outputs(tiny):
-    model, images, dense = tiny
+def test_apply_then_remove_restores_bit_exact_outputs(tiny, images, dense):
+    model = tiny
     handle = apply_reductions(model, {layer: Reduction(kv_keep=0.5, query_merge=2, group_frames=3)
                                       for layer in range(6)})
     reduced_out = run(model, images)
@@ -311,8 +302,8 @@ def test_apply_then_remove_restores_bit_exact_outputs(tiny):
     assert_same(run(model, images), dense)
 
 
-def test_identity_schedule_is_bit_exact_and_shipped_schedule_reduces(tiny):
-    model, images, dense = tiny
+def test_identity_schedule_is_bit_exact_and_shipped_schedule_reduces(tiny, images, dense):
+    model = tiny
     identity = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6, "default": {"kv": {"keep": 1.0}}}
     with reduced(model, identity):
         assert_same(run(model, images), dense)
@@ -323,8 +314,8 @@ def test_identity_schedule_is_bit_exact_and_shipped_schedule_reduces(tiny):
 
 
 @pytest.mark.parametrize("method", KV_METHODS)
-def test_one_layer_reduction_matches_manual_layer(tiny, method):
-    model, images, _ = tiny
+def test_one_layer_reduction_matches_manual_layer(tiny, images, method):
+    model = tiny
     layer, reduction = 2, Reduction(kv_keep=0.5, kv_method=method, query_merge=2, group_frames=3)
     attn = model.adapter.modules(model)[layer]
     captured = {}
@@ -344,8 +335,8 @@ def test_one_layer_reduction_matches_manual_layer(tiny, method):
     assert torch.equal(captured["out"], expected)
 
 
-def test_run_steps_needs_the_layout_and_uses_set_layout(tiny):
-    model, images, _ = tiny
+def test_run_steps_needs_the_layout_and_uses_set_layout(tiny, images):
+    model = tiny
     reduction = Reduction(kv_keep=0.5, query_merge=2, group_frames=3)
     with apply_reductions(model, {1: reduction}) as handle:
         with torch.no_grad():
@@ -357,7 +348,7 @@ def test_run_steps_needs_the_layout_and_uses_set_layout(tiny):
 
 
 def test_patch_errors_are_clear(tiny):
-    model, _, _ = tiny
+    model = tiny
     with pytest.raises(Spark3rError, match="made for vggt-1b, not vggt-tiny"):
         apply_schedule(model, SCHEDULES / "vggt-1b-paper.yaml")
     with pytest.raises(Spark3rError, match="layers 0..5"):
@@ -368,11 +359,11 @@ def test_patch_errors_are_clear(tiny):
     assert all("forward" not in vars(attn) for attn in model.adapter.modules(model))
 
 
-def test_reduced_layers_run_in_the_autocast_dtype(tiny, monkeypatch):
+def test_reduced_layers_run_in_the_autocast_dtype(tiny, images, monkeypatch):
     import spark3r.reduce.patch as patch_module
     from spark3r.models.blocks import qkv_heads
 
-    model, images, _ = tiny
+    model = tiny
     seen = []
 
     def recording(q, k, v, *args, **kwargs):

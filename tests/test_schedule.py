@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from spark3r.commands.rule_schedule import main
 from spark3r.errors import Spark3rError
 from spark3r.reduce import Reduction
 from spark3r.schedule import (
-    Budget, KVSpec, LayerSpec, QuerySpec, Schedule, Stepped, check_model, load_schedule, main, paper_schedule,
+    Budget, KVSpec, LayerSpec, QuerySpec, Schedule, Stepped, check_model, load_schedule, paper_schedule,
     save_schedule, uniform_schedule,
 )
 
@@ -175,6 +176,6 @@ def test_module_command_writes_the_paper_schedule(tmp_path, capsys):
     assert main(["--rule", "paper", "--model", "pi3", "--global-layers", "18", "--sensitive", "11-16",
                  "--out", str(out)]) == 0
     text = out.read_text()
-    assert "# Made by: python -m spark3r.schedule --rule paper --model pi3" in text
+    assert "# Made by: python -m spark3r.commands.rule_schedule --rule paper --model pi3" in text
     assert load_schedule(out) == paper_schedule("pi3", 18, list(range(11, 17)))
     assert math.isclose(load_schedule(out).resolve(0, 1000).kv_keep, 1 / 75)

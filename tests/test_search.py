@@ -18,11 +18,10 @@ from spark3r.models.base import BlockGroup, FlopConfig
 from spark3r.models.registry import build_model
 from spark3r.profiler.format import MetricTable, Profile, save_profile
 from spark3r.reduce.flops import global_attention_fraction, model_fraction
-from spark3r.reduce.patch import apply_schedule
-from spark3r.schedule import check_model, load_schedule
-from spark3r.search.cli import main
+from spark3r.schedule import apply_schedule, check_model, load_schedule
+from spark3r.commands.search_schedule import main
 from spark3r.search.knapsack import pareto_front, solve_knapsack
-from spark3r.search.objective import Candidate, build_problem, interpolate, kv_levels, predicted_deviation
+from spark3r.search.problem import Candidate, build_problem, interpolate, kv_levels, predicted_deviation
 from spark3r.search.study import (
     CONSTRAINT, WARM_START, completed, is_feasible, join_study, make_sampler, open_study,
     ranked_candidates, run_study,
@@ -140,7 +139,7 @@ def test_knapsack_is_the_exact_optimum(per_layer_query):
         profile = synthetic_profile(layers=4, query_merge=(1, 2, 4), seed=seed)
         problem = build_problem(profile, flops, per_layer_query=per_layer_query)
         for budget in (0.07, 0.2, 0.33, 0.5, 1.0):
-            result = solve_knapsack(problem, budget)
+            result = solve_knapsack(problem.within(budget))
             assert result.exact and result.flops_fraction <= budget
             assert result.deviation == pytest.approx(brute_force(problem, budget), rel=1e-12)
 
@@ -148,9 +147,9 @@ def test_knapsack_is_the_exact_optimum(per_layer_query):
 def test_budget_below_the_cheapest_schedule_is_refused():
     problem = build_problem(synthetic_profile(), TINY_FLOPS)
     cheapest = problem.flops_fraction(problem.cheapest())
-    assert solve_knapsack(problem, cheapest).candidate == problem.cheapest()
+    assert solve_knapsack(problem.within(cheapest)).candidate == problem.cheapest()
     with pytest.raises(Spark3rError, match="below the cheapest schedule"):
-        solve_knapsack(problem, cheapest * 0.99)
+        solve_knapsack(problem.within(cheapest * 0.99))
 
 
 def test_pareto_front_is_monotone_and_bounds_the_optimum():
@@ -160,7 +159,7 @@ def test_pareto_front_is_monotone_and_bounds_the_optimum():
     assert (np.diff(fractions) > 0).all() and (np.diff(deviations) < 0).all()
     for fraction, deviation, candidate in front[:: max(1, len(front) // 8)]:
         assert problem.flops_fraction(candidate) == fraction
-        assert solve_knapsack(problem, fraction).deviation <= deviation + 1e-12
+        assert solve_knapsack(problem.within(fraction)).deviation <= deviation + 1e-12
 
 
 # ------------------------------------------------------------------------------------------------------ study
@@ -168,8 +167,8 @@ def test_pareto_front_is_monotone_and_bounds_the_optimum():
 
 def in_memory_run(problem, budget, trials, sampler="mutation", seed=0, warm=True, study=None):
     study = study or optuna.create_study(direction="minimize")
-    warm_start = solve_knapsack(problem, budget).candidate if warm else None
-    run_study(study, problem, budget, trials, make_sampler(sampler, seed), "w0", warm_start=warm_start,
+    warm_start = solve_knapsack(problem.within(budget)).candidate if warm else None
+    run_study(study, problem.within(budget), trials, make_sampler(sampler, seed), "w0", warm_start=warm_start,
               progress=False)
     return study
 
@@ -203,7 +202,7 @@ def test_infeasible_and_unconstrained_trials_are_never_ranked():
     lying = optuna.trial.create_trial(params=dense, distributions=completed(study)[0].distributions, value=-2.0,
                                       system_attrs={f"constraints:{CONSTRAINT}": -0.1})  # says feasible, is not
     study.add_trial(lying)
-    ranked = ranked_candidates(study, problem, budget)
+    ranked = ranked_candidates(study, problem.within(budget))
     assert ranked and all(problem.flops_fraction(candidate) <= budget for candidate, _, _ in ranked)
     assert problem.uniform(0, 0) not in {candidate for candidate, _, _ in ranked}
     assert [value for _, value, _ in ranked] == sorted(value for _, value, _ in ranked)
@@ -216,8 +215,8 @@ def test_resume_keeps_earlier_trials_and_tops_up_to_the_total(tmp_path):
     def run(trials):
         study = open_study(path, "s", {"k": 1})
         worker, rank = join_study(study, {})
-        ran = run_study(study, problem, 0.3, trials, make_sampler("mutation", rank), worker,
-                        warm_start=solve_knapsack(problem, 0.3).candidate, progress=False)
+        ran = run_study(study, problem.within(0.3), trials, make_sampler("mutation", rank), worker,
+                        warm_start=solve_knapsack(problem.within(0.3)).candidate, progress=False)
         return study, ran
 
     study, ran = run(70)
@@ -243,10 +242,10 @@ def test_same_seed_same_trials():
 def test_sampled_trials_come_within_two_percent_of_the_knapsack_optimum(per_layer_query):
     problem = realistic_problem(per_layer_query)
     budget = 0.1
-    optimum = solve_knapsack(problem, budget)
+    optimum = solve_knapsack(problem.within(budget))
     assert optimum.exact
     study = in_memory_run(problem, budget, 1000)
-    best = ranked_candidates(study, problem, budget, exclude_source=WARM_START)[0][1]
+    best = ranked_candidates(study, problem.within(budget), exclude_source=WARM_START)[0][1]
     assert optimum.deviation <= best <= 1.02 * optimum.deviation
 
 
@@ -320,9 +319,9 @@ def test_cli_without_any_profile(tmp_path, monkeypatch, capsys):
 
 
 def cli(tmp_path, *argv):
-    return subprocess.Popen([sys.executable, "-m", "spark3r.search.cli", "--profile", "profiles/vggt-tiny", "--budget",
-                             "0.3", "--per-layer-query", *argv], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "spark3r.commands.search_schedule", "--profile",
+                             "profiles/vggt-tiny", "--budget", "0.3", "--per-layer-query", *argv], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def journal_trials(tmp_path):
@@ -374,7 +373,7 @@ def test_verify_measures_candidates_and_exports_the_best_measured(tmp_path, monk
 def test_verify_uses_the_profiled_weights_file_and_refuses_a_changed_one(tmp_path, monkeypatch, capsys):
     from spark3r.models.loading import find_weights
     from spark3r.models.registry import get_entry
-    from spark3r.profiler.cli import weights_identity
+    from spark3r.models.loading import weights_identity
 
     monkeypatch.chdir(tmp_path)
     weights = tmp_path / "tiny.safetensors"

@@ -14,19 +14,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from spark3r.errors import Spark3rError
 from spark3r.models.blocks import merge_heads, qkv_heads
+from spark3r.models.geometry import pose_encoding_to_extrinsics_intrinsics, quaternion_to_matrix
 from spark3r.models.loading import adapt_state_dict, check_state_dict
 from spark3r.models.registry import build_model
-from spark3r.models.vggt import VGGT, VGGT_TINY, pose_encoding_to_extrinsics_intrinsics, quaternion_to_matrix
+from spark3r.models.vggt import VGGT, VGGT_TINY
 from support import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 42, 56  # 3 x 4 patches
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return build_model("vggt-tiny").eval()
 
 
 @pytest.fixture(scope="module")

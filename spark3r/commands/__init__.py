@@ -1,1 +1,2 @@
-"""Console scripts: each module parses its arguments, calls one library function and prints its result."""
+"""The command floor: one module per command (parse the flags, call one library function, print its result) and
+`arguments`, what they share. Nothing in spark3r imports from here."""

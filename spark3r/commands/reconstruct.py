@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from spark3r.cli import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
+from spark3r.commands.arguments import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
 from spark3r.reconstruct import (DEFAULT_CONFIDENCE_PERCENTILE, DEFAULT_MAX_POINTS, SCHEDULE_CHOICES,
                                  reconstruct)
 
@@ -39,7 +39,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-@command
+@command(flags={"input": "INPUT"})
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.models.blocks import init_weights
 from spark3r.models.registry import ModelEntry, get_entry
 
@@ -195,6 +195,29 @@ def find_weights(entry: ModelEntry) -> Path:
         f"no weights for {entry.name} found in {where}: pass --weights PATH (weights=PATH) with a .safetensors or "
         f".pt file, or --weights none (weights=None) for random weights"
     )
+
+
+def weights_identity(weights: str, entry: ModelEntry | None) -> str:
+    """Which weights a run used: "none", or the resolved file with its size and modification time (so "auto" finding
+    a new file, or a file replaced in place, is a change of options and cached results are not reused). `entry` is
+    needed for "auto" only."""
+    if weights == "none":
+        return "none"
+    path = (find_weights(entry) if weights == "auto" else find_weights_file(weights)).resolve()
+    stat = path.stat()
+    return f"{path} ({stat.st_size} bytes, mtime_ns {stat.st_mtime_ns})"
+
+
+def identified_weights(identity: str) -> str:
+    """The weights a `weights_identity` names: "none" or the file's path; one sentence if the file has since gone or
+    changed."""
+    if " (" not in identity:
+        return identity
+    path = identity.rsplit(" (", 1)[0]
+    if not Path(path).is_file() or weights_identity(path, None) != identity:
+        raise ParameterError(f"the profile was made with weights {identity}, which is gone or has changed since: pass "
+                             "`weights` for the weights to verify with, or profile again", "weights")
+    return path
 
 
 def load_model(name: str, weights: str | os.PathLike | None = "auto", device: torch.device | str = "cpu",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.files import write_atomic
 from spark3r.models.base import FrameLayout
 
@@ -191,7 +191,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     if path.is_dir():
         path = path / PROFILE_JSON
     if not path.is_file():
-        raise Spark3rError(f"profile {path} does not exist: run profile-layers first or pass --profile PATH")
+        raise ParameterError(f"profile {path} does not exist: run profile-layers first or pass `path` PATH", "path")
     data = path.read_bytes()
     try:
         doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)

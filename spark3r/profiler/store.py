@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.files import write_atomic
 
 CLIPS_DIR = "clips"
@@ -77,6 +77,6 @@ def load_clip(out_dir: str | Path, sha256: str, options: dict) -> ClipResult | N
     if meta.get("options") != normalize_options(options):
         changed = sorted(key for key in set(meta.get("options", {})) | set(options)
                          if meta.get("options", {}).get(key) != normalize_options(options).get(key))
-        raise Spark3rError(f"{Path(out_dir)} holds results measured with other options ({', '.join(changed)} differ): "
-                           "use a new --out or the options of the earlier run")
+        raise ParameterError(f"{Path(out_dir)} holds results measured with other options ({', '.join(changed)} "
+                             "differ): use a new `out_dir` or the options of the earlier run", "out_dir")
     return ClipResult(meta["name"], meta["sha256"], int(meta["frames"]), arrays, dict(meta.get("timings", {})))

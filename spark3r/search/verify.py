@@ -1,4 +1,4 @@
-"""--verify: run the best candidates for real on held-out clips and measure their deviation from the dense model."""
+"""Verification: run the best candidates for real on held-out clips and measure their deviation from the dense model."""
 from __future__ import annotations
 
 import sys
@@ -7,28 +7,36 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spark3r.data.clips import Clip, open_clips
-from spark3r.errors import Spark3rError
+from spark3r.data.clip import Clip
+from spark3r.data.clips import fit_clips, open_clips
+from spark3r.errors import ParameterError
 from spark3r.evaluate.deviation import output_deviation
 from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry
 from spark3r.profiler.format import Profile
-from spark3r.profiler.run import finite_outputs
-from spark3r.reduce.patch import reduced
-from spark3r.schedule import Schedule, check_model
+from spark3r.profiler.run import ProfileOptions, finite_outputs
+from spark3r.schedule import Schedule, check_model, reduced
 
 
-def held_out_clips(profile: Profile, calib: str) -> list[Clip]:
-    """The clips of `calib`, preprocessed for the profile's model; calibration clips of the profile are refused."""
+def held_out_clips(profile: Profile, calib: str, size: int | None = None, every: int | None = None,
+                   max_frames: int | None = None) -> list[Clip]:
+    """The clips of `calib`, preprocessed as the profile's were (or at `size`, the side of a square image), with
+    `max_frames` frames spread over each (default: the profile's frame count) or every `every`-th; calibration clips
+    of the profile are refused."""
     entry = get_entry(profile.model)
-    clips = open_clips(calib, preprocess=entry.recipe(), frames=profile.frames)
+    recipe = entry.recipe(size) if size is not None else profile.options.get("preprocess", entry.recipe())
+    if every is None and max_frames is None:
+        max_frames = profile.frames
+    clips = fit_clips(open_clips(calib, preprocess=recipe, max_frames=max_frames, every=every,
+                                 frames=profile.frames))
     if not clips:
-        raise Spark3rError(f"--calib {calib} holds no clips: pass a folder of clips, one clip or synthetic:N[:SEED]")
+        raise ParameterError(f"`calib` {calib} holds no clips: pass a folder of clips, one clip or synthetic:N[:SEED]",
+                             "calib")
     profiled = {clip.get("sha256") for clip in profile.clips}
     reused = [clip.name for clip in clips if clip.fingerprint() in profiled]
     if reused:
-        raise Spark3rError(f"--calib clip {reused[0]} was used to make the profile, so it is not held out: pass other "
-                           "clips (e.g. synthetic:N with another seed)")
+        raise ParameterError(f"`calib` clip {reused[0]} was used to make the profile, so it is not held out: pass "
+                             "other clips (e.g. synthetic:N with another seed)", "calib")
     return clips
 
 
@@ -42,7 +50,7 @@ def measure(profile: Profile, schedules: list[Schedule], clips: list[Clip], *, d
     adapter = model.adapter
     for schedule in schedules:
         check_model(schedule, adapter.model_name, adapter.num_global_layers)
-    score_weights = profile.options.get("score_weights")
+    score_weights = ProfileOptions.of_profile(profile).score_weights or None
     measured = np.empty((len(schedules), len(clips)))
     with tqdm(total=len(clips) * (len(schedules) + 1), desc="verify", unit="forward", file=sys.stderr,
               disable=not progress, leave=False) as bar:
@@ -55,8 +63,8 @@ def measure(profile: Profile, schedules: list[Schedule], clips: list[Clip], *, d
                     outputs = {key: value.float() for key, value in model(images).items() if key in dense}
                 deviation = output_deviation(dense, outputs, score_weights)
                 if metric not in deviation:
-                    raise Spark3rError(f"--verify measures end-to-end deviation, which has no {metric!r}: use --metric "
-                                       f"{' or '.join(sorted(deviation))}")
+                    raise ParameterError(f"verifying measures end-to-end deviation, which has no {metric!r}: use "
+                                         f"`metric` {' or '.join(sorted(deviation))}", "metric")
                 measured[row, column] = deviation[metric]
                 bar.update(1)
     return measured

@@ -9,38 +9,22 @@ Writes <out>/profile.json, profile.npz and heatmap.png (default out: profiles/<m
 from __future__ import annotations
 
 import json
-import math
 import sys
-import time
+import math
 from pathlib import Path
 
-from tqdm import tqdm
-
-from spark3r.cli import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
-from spark3r.data.clips import fit_clips, open_clips
+from spark3r.commands.arguments import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
 from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
-from spark3r.models.base import ReconstructionModel
-from spark3r.models.loading import find_weights, find_weights_file, load_model
-from spark3r.models.registry import get_entry, resolve_model_name
-from spark3r.profiler.aggregate import build_profile
-from spark3r.profiler.distributed import (
-    barrier,
-    close_distributed,
-    init_distributed,
-    launch_ranks,
-    rank_device,
-    shard,
-)
-from spark3r.profiler.format import save_profile
-from spark3r.profiler.plot import save_heatmap
-from spark3r.profiler.run import ProfileOptions, profile_clip, profile_levels, sample_schedules
-from spark3r.profiler.store import ClipResult, load_clip, save_clip
-from spark3r.reduce import KV_METHODS
+from spark3r.profiler.pipeline import ProfileRequest, profile_layers
+from spark3r.profiler.run import ProfileOptions
+from spark3r.reduce import DEFAULT_KV_METHOD, KV_METHODS
 
 DEFAULT_KV_KEEP = "0.5,0.25,0.125,0.0625,0.03125"
 DEFAULT_QUERY_MERGE = "1,2,3,4"
 CAMERA_TERMS = ("camera_center", "camera_rotation_deg", "focal")
+# library parameters whose flag is not --parameter-name
+FLAGS = {"additivity_schedules": "--additivity", "out_dir": "--out", "max_frames": "--frames"}
 
 
 def parse_kv_keep(text: str) -> tuple[float, ...]:
@@ -112,9 +96,14 @@ def build_parser() -> ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--query-merge", default=DEFAULT_QUERY_MERGE,
                         help="query merge factors to sweep, >= 1; 1 (dense) is always added (default: %(default)s)")
-    parser.add_argument("--frames", type=int, default=None,
-                        help="frames per clip (the first N); default: the shortest clip (8 for synthetic clips)")
-    parser.add_argument("--kv-method", default="frame_stride", choices=KV_METHODS, help="K/V pruning method")
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument("--frames", type=int, default=None,
+                          help="frames per clip, spread over the whole clip (synthetic clips: rendered with N); "
+                               "default: all, cut to the shortest clip (8 for synthetic clips)")
+    sampling.add_argument("--every", type=int, default=None, metavar="N", help="every N-th frame of each clip")
+    parser.add_argument("--size", type=int, default=None,
+                        help="preprocessing size in pixels, the side of a square image (default: the model's)")
+    parser.add_argument("--kv-method", default=DEFAULT_KV_METHOD, choices=KV_METHODS, help="K/V pruning method")
     parser.add_argument("--no-reference-frame", dest="keep_reference_frame", action="store_false",
                         help="do not keep frame 0's K/V whole (grid, random and key_norm methods)")
     parser.add_argument("--group-frames", type=int, default=20, help="query merging group size in frames")
@@ -130,132 +119,25 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def check_counts(args) -> None:
-    for flag, value, least in (("--frames", args.frames, 1), ("--group-frames", args.group_frames, 1),
-                               ("--additivity", args.additivity, 0), ("--level-batch", args.level_batch, 1)):
-        if value is not None and value < least:
-            raise Spark3rError(f"{flag} is {value}: give a whole number >= {least}")
-
-
-def weights_identity(weights: str, entry) -> str:
-    """Which weights a run used: "none", or the resolved file with its size and modification time (so "auto" finding
-    a new file, or a file replaced in place, is a change of options and cached clips are not reused)."""
-    if weights == "none":
-        return "none"
-    path = (find_weights(entry) if weights == "auto" else find_weights_file(weights)).resolve()
-    stat = path.stat()
-    return f"{path} ({stat.st_size} bytes, mtime_ns {stat.st_mtime_ns})"
-
-
-def profiled_weights(identity: str) -> str:
-    """The weights a profile was made with, from its `weights_identity`: "none" or the file's path; one sentence if
-    the file has since gone or changed."""
-    if " (" not in identity:
-        return identity
-    path = identity.rsplit(" (", 1)[0]
-    if not Path(path).is_file() or weights_identity(path, None) != identity:
-        raise Spark3rError(f"the profile was made with weights {identity}, which is gone or has changed since: pass "
-                           "--weights for the weights to verify with, or profile again")
-    return path
-
-
-def load_calibration(spec: str, recipe: str, frames: int | None) -> tuple[list, int, list[str]]:
-    """The calibration clips cut to one frame count, that count, and notes for the user."""
-    clips = open_clips(spec, preprocess=recipe, max_frames=frames, frames=frames)
-    if not clips:
-        raise Spark3rError(f"--calib {spec} holds no clips: pass a folder of clips, one clip or synthetic:N")
-    notes = []
-    if frames is None:
-        frames = min(clip.frames for clip in clips)
-        if any(clip.frames != frames for clip in clips):
-            notes.append(f"clips have different lengths: every clip is cut to the shortest, {frames} frames")
-            clips = [clip.select(range(frames)) for clip in clips]
-    short = [clip for clip in clips if clip.frames < frames]
-    if short:
-        raise Spark3rError(f"clip {short[0].name} has only {short[0].frames} frames but --frames {frames} was asked: "
-                           "lower --frames or use longer clips")
-    clips = fit_clips(clips)  # one image size for the profile: other sizes are resized and centre-cropped to the first
-    unique, seen = [], {}
-    for clip in clips:
-        sha = clip.fingerprint()
-        if sha in seen:
-            notes.append(f"clip {clip.name} is a copy of {seen[sha]}: counted once")
-        else:
-            seen[sha] = clip.name
-            unique.append((clip, sha))
-    return unique, frames, notes
-
-
-@command
+@command(flags=FLAGS)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_counts(args)
-    kv_keep, query_merge = parse_kv_keep(args.kv_keep), parse_query_merge(args.query_merge)
-    score_weights = parse_score_weights(args.score_weights)
-    started = time.perf_counter()
-    ranks = launch_ranks()
-    device = rank_device(resolve_device(args.device), ranks)
-    dtype = resolve_dtype(args.dtype, device)
-    name = resolve_model_name(args.model)
-    entry = get_entry(name)
-    out = Path(args.out) if args.out else Path("profiles") / name
-    model = load_model(name, weights=args.weights, device=device, dtype=dtype, seed=args.seed)
-    if not isinstance(model, ReconstructionModel):
-        raise Spark3rError(f"model {name} does not run as trunk steps, so it cannot be profiled: use one of "
-                           "spark3r's model classes")
-    clips, frames, notes = load_calibration(args.calib, entry.recipe(), args.frames)
-    images0 = clips[0][0].images
-    layout = model.adapter.layout(images0)
-    options, level_notes = profile_levels(layout, ProfileOptions(
-        kv_keep=kv_keep, query_merge=query_merge, kv_method=args.kv_method,
-        keep_reference_frame=args.keep_reference_frame, group_frames=args.group_frames,
-        score_weights=score_weights, additivity_schedules=args.additivity, level_batch=args.level_batch,
-        seed=args.seed))
-    identity = {"model": name, "weights": weights_identity(args.weights, entry), "dtype": str(dtype).removeprefix("torch."),
-                "frames": frames, "image_hw": list(images0.shape[-2:]), **options.identity()}
-    if ranks.is_main:
-        for note in notes + level_notes:
-            print(f"note: {note}", file=sys.stderr)
-    done = {sha: load_clip(out, sha, identity) for _, sha in clips}
-
-    init_distributed(ranks, device)
-    mine = [(clip, sha) for clip, sha in shard(clips, ranks) if done[sha] is None]
-    layers = model.adapter.num_global_layers
-    with tqdm(total=len(mine) * layers, desc=f"profiling {name}", unit="layer", file=sys.stderr,
-              disable=not ranks.is_main or not mine) as bar:
-        for clip, sha in mine:
-            measured = profile_clip(model, clip.images.to(device), options, on_layer=bar.update)
-            save_clip(ClipResult(clip.name, sha, frames, measured.arrays, measured.timings), out, identity)
-    barrier(ranks)
-    if not ranks.is_main:
-        close_distributed(ranks)
+    options = ProfileOptions(
+        kv_keep=parse_kv_keep(args.kv_keep), query_merge=parse_query_merge(args.query_merge),
+        kv_method=args.kv_method, keep_reference_frame=args.keep_reference_frame, group_frames=args.group_frames,
+        score_weights=parse_score_weights(args.score_weights), additivity_schedules=args.additivity,
+        level_batch=args.level_batch, seed=args.seed)
+    device = resolve_device(args.device)
+    outcome = profile_layers(ProfileRequest(model=args.model, calib=args.calib, options=options,
+                                            weights=args.weights, frames=args.frames, every=args.every,
+                                            size=args.size, out=args.out, device=device,
+                                            dtype=resolve_dtype(args.dtype, device)))
+    if outcome is None:  # a torchrun rank other than the main one
         return 0
-
-    results = [load_clip(out, sha, identity) for _, sha in clips]
-    missing = [clip.name for (clip, _), result in zip(clips, results) if result is None]
-    if missing:
-        raise RuntimeError(f"no result for clip {missing[0]} after all ranks finished")
-    kv_index, query_index = sample_schedules(options.additivity_schedules, layers, len(options.kv_keep),
-                                             len(options.query_merge), options.seed)
-    profile, raw = build_profile(
-        results, model=name, global_layers=layers, image_hw=tuple(images0.shape[-2:]), layout=layout,
-        kv_keep=list(options.kv_keep), query_merge=list(options.query_merge),
-        options={key: value for key, value in identity.items()
-                 if key not in ("model", "frames", "image_hw", "kv_keep", "query_merge")},
-        kv_index=kv_index, query_index=query_index)
-    absent = [term for term in DEFAULT_WEIGHTS if term not in profile.metrics]
-    if absent:
-        print(f"note: {', '.join(absent)} left out of the profile: the model does not output them or its dense "
-              "outputs for them are not finite (random weights give a zero field of view)", file=sys.stderr)
-    profile.timings["wall"] = time.perf_counter() - started
-    profile.timings["ranks"] = ranks.world_size
-    path = save_profile(profile, out, raw)
-    save_heatmap(profile, out / "heatmap.png")
-    close_distributed(ranks)
     if args.json:
-        print(json.dumps(summary(profile, path), indent=1))
+        print(json.dumps(summary(outcome.profile, outcome.path), indent=1))
     else:
-        print(table(profile, path))
+        print(table(outcome.profile, outcome.path))
     return 0
 
 
@@ -295,6 +177,7 @@ def table(profile, path: Path) -> str:
                                                                       "additivity"))
     lines.append(f"time: {phases}; wall {timings['wall']:.1f}s on {timings['ranks']} rank(s)")
     return "\n".join(lines)
+
 
 
 if __name__ == "__main__":
