@@ -118,11 +118,12 @@ def test_every_nth_frame_and_another_size(scene, tmp_path, capsys):
 
 def test_bad_input_is_one_sentence_and_exit_code_2(scene, tmp_path, capsys):
     folder, _ = scene
-    cases = [([str(tmp_path / "missing.mp4"), "--model", "vggt-tiny"], "does not exist"),
-             ([str(folder), "--model", "da3-small"], "no paper-rule schedule is shipped for da3-small"),
+    cases = [([str(tmp_path / "missing.mp4"), "--model", "vggt-tiny"], "INPUT " + str(tmp_path / "missing.mp4")),
+             ([str(folder), "--model", "da3-small"], "no paper-rule --schedule is shipped for da3-small"),
              ([str(folder), "--model", "vggt-tiny", "--schedule", "schedules/vggt-1b-paper.yaml"],
               "was made for vggt-1b"),
-             ([str(folder), "--model", "vggt-tiny", "--size", "0"], "size is 0")]
+             ([str(folder), "--model", "vggt-tiny", "--size", "0"], "--size is 0"),
+             ([str(folder), "--model", "vggt-tiny", "--max-points", "0"], "--max-points is 0")]
     for argv, sentence in cases:
         assert main(argv + ["--out", str(tmp_path / "out")]) == 2
         error = capsys.readouterr().err.strip().splitlines()[-1]
