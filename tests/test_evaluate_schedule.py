@@ -17,8 +17,8 @@ from spark3r.evaluate.metrics import camera_metrics, depth_metrics
 from spark3r.reduce import model_flops
 from spark3r.schedule import load_schedule
 
-IDENTITY = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6, "default": {"kv": {"keep": 1.0}}}
-AGGRESSIVE = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6,
+IDENTITY = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 12, "default": {"kv": {"keep": 1.0}}}
+AGGRESSIVE = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 12,
               "default": {"kv": {"keep": 0.25, "method": "grid"}, "query": {"merge": 2}}}
 
 
@@ -147,7 +147,7 @@ def test_schedule_with_another_layer_count_is_refused(tmp_path, capsys):
     schedule = write_schedule(tmp_path / "s.yaml", {**AGGRESSIVE, "global_layers": 5})
     assert command.main(["--model", "vggt-tiny", "--schedule", str(schedule), "--clips", "synthetic:1", "--frames", "2",
                     "--weights", "none", "--device", "cpu"]) == 2
-    assert "has 5 global layers but the vggt-tiny model has 6" in capsys.readouterr().err
+    assert "has 5 global layers but the vggt-tiny model has 12" in capsys.readouterr().err
 
 
 def test_command_samples_every_nth_frame_at_another_size(weights, tmp_path, capsys):

@@ -164,7 +164,7 @@ def test_profile_clip_dense_levels_are_exactly_zero(tiny, images):
     for kind in ("kv", "query"):
         for metric in ("local_rel_l2", "local_cos", "score", "depth"):
             table = measured.arrays[f"{kind}_{metric}"]
-            assert table.shape == (6, 2)
+            assert table.shape == (12, 2)
             assert (table[:, 0] == 0).all() and (table[:, 1] > 0).all(), (kind, metric)
     assert measured.arrays["additivity_score"].shape == (2,)
     assert set(measured.timings) >= {"dense", "local", "resume", "decode"}
@@ -182,13 +182,13 @@ def full_run(tmp_path_factory):
 def test_cli_end_to_end(full_run, capsys):
     profile = load_profile(full_run)
     assert profile.model == "vggt-tiny" and profile.frames == FRAMES and profile.kv_keep == [1.0, 0.5]
-    assert profile.query_merge == [1, 2] and len(profile.clips) == 2 and profile.global_layers == 6
+    assert profile.query_merge == [1, 2] and len(profile.clips) == 2 and profile.global_layers == 12
     assert {"local_rel_l2", "local_cos", "depth", "points", "score"} <= set(profile.metrics)
     assert (profile.kv["local_rel_l2"].mean[:, 0] == 0).all() and (profile.kv["score"].mean[:, 1] > 0).all()
     assert len(profile.additivity["measured"]) == 3 and profile.asymmetry["factors"] == [2]
     assert (full_run / "heatmap.png").stat().st_size > 1000
     raw = np.load(full_run / "profile.npz")
-    assert raw["kv_score"].shape == (2, 6, 2)
+    assert raw["kv_score"].shape == (2, 12, 2)
     np.testing.assert_allclose(raw["kv_score"].mean(axis=0), profile.kv["score"].mean)
     # rerunning finds every clip done and only rebuilds the profile
     assert cli.main([*CLI_ARGS, "--out", str(full_run), "--json"]) == 0
@@ -292,7 +292,7 @@ def test_benchmark_smoke_run(tmp_path):
     result = benchmark.main(["--model", "vggt-tiny", "--clips", "1", "--frames", "4", "--size", "112", "--device",
                              "cpu", "--dtype", "fp32", "--kv-keep", "0.5", "--query-merge", "2", "--additivity", "1",
                              "--out", str(out)])
-    assert json.loads(out.read_text())["global_layers"] == 6
+    assert json.loads(out.read_text())["global_layers"] == 12
     assert result["seconds"]["resume"] > 0 and result["seconds"]["decode"] > 0
     assert sum(result["seconds"].values()) <= result["wall_seconds"] * 1.01
 

@@ -304,11 +304,11 @@ def test_apply_then_remove_restores_bit_exact_outputs(tiny, images, dense):
 
 def test_identity_schedule_is_bit_exact_and_shipped_schedule_reduces(tiny, images, dense):
     model = tiny
-    identity = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6, "default": {"kv": {"keep": 1.0}}}
+    identity = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 12, "default": {"kv": {"keep": 1.0}}}
     with reduced(model, identity):
         assert_same(run(model, images), dense)
     with reduced(model, SCHEDULES / "vggt-tiny-paper.yaml") as handle:
-        assert handle.reduction(0, 6).kv_factor == 3 and handle.reduction(3, 6).kv_factor == 1
+        assert handle.reduction(0, 6).kv_factor == 3 and handle.reduction(7, 6).kv_factor == 1
         assert not torch.equal(run(model, images)["depth"], dense["depth"])
     assert_same(run(model, images), dense)
 
@@ -351,8 +351,8 @@ def test_patch_errors_are_clear(tiny):
     model = tiny
     with pytest.raises(Spark3rError, match="made for vggt-1b, not vggt-tiny"):
         apply_schedule(model, SCHEDULES / "vggt-1b-paper.yaml")
-    with pytest.raises(Spark3rError, match="layers 0..5"):
-        apply_reductions(model, {6: Reduction()})
+    with pytest.raises(Spark3rError, match="layers 0..11"):
+        apply_reductions(model, {12: Reduction()})
     with apply_reductions(model, {0: Reduction(kv_keep=0.5)}):
         with pytest.raises(Spark3rError, match="already patched"):
             apply_schedule(model, load_schedule(SCHEDULES / "vggt-tiny-paper.yaml"))

@@ -104,16 +104,16 @@ def test_problem_matches_flop_model_and_profile_sums(budget_of, fraction, frames
 
 
 def test_predicted_deviation_of_a_schedule_resolves_at_profile_frames():
-    profile = synthetic_profile()
-    rule = load_schedule("schedules/vggt-tiny-paper.yaml")  # at 8 frames: keep 1 on layers 3-4, 1/3 elsewhere
+    profile = synthetic_profile(layers=12)
+    rule = load_schedule("schedules/vggt-tiny-paper.yaml")  # at 8 frames: keep 1 on layers 6-8, 1/3 elsewhere
     one_third = interpolate(profile.kv["score"].mean, profile.kv_keep, [1 / 3])[:, 0]
-    expected = sum(one_third[layer] for layer in (0, 1, 2, 5))
+    expected = sum(one_third[layer] for layer in (0, 1, 2, 3, 4, 5, 9, 10, 11))
     assert predicted_deviation(profile, rule) == pytest.approx(expected, rel=1e-12)
-    # at 300 frames: keep 1/8 on layers 3-4 and 1/24 (below the profile's 1/8: its end value) elsewhere, merge 2
+    # at 300 frames: keep 1/8 on layers 6-8 and 1/24 (below the profile's 1/8: its end value) elsewhere, merge 2
     at_300 = profile.kv["score"].mean[:, 3].sum() + profile.query["score"].mean[:, 1].sum()
     assert predicted_deviation(profile, rule, frames=300) == pytest.approx(at_300, rel=1e-12)
     with pytest.raises(Spark3rError, match="profile for vggt-1b"):
-        predicted_deviation(synthetic_profile(model="vggt-1b"), rule)
+        predicted_deviation(synthetic_profile(model="vggt-1b", layers=12), rule)
 
 
 # ------------------------------------------------------------------------------------------------------ knapsack
@@ -253,6 +253,8 @@ def test_sampled_trials_come_within_two_percent_of_the_knapsack_optimum(per_laye
 
 
 def write_profile(root, name="vggt-tiny", **kwargs):
+    """A synthetic profile saved where search-schedule finds it; vggt-tiny's has the model's 12 global layers."""
+    kwargs.setdefault("layers", 12 if name == "vggt-tiny" else 6)
     return save_profile(synthetic_profile(model=name, **kwargs), root / "profiles" / name)
 
 

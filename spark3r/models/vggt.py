@@ -74,7 +74,7 @@ class VGGTConfig:
 
 VGGT_1B = VGGTConfig()
 VGGT_TINY = VGGTConfig(
-    name="vggt-tiny", img_size=112, embed_dim=128, depth=6, num_heads=2, encoder="conv", taps=(1, 3, 4, 5),
+    name="vggt-tiny", img_size=112, embed_dim=128, depth=12, num_heads=2, encoder="conv", taps=(3, 7, 9, 11),
     head_features=32, head_channels=(32, 64, 128, 128), camera_depth=2, camera_heads=4,
 )
 
