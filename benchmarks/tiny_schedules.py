@@ -183,7 +183,7 @@ def search_argv(args, profile: Path, budget: float, out: Path) -> list[str]:
 def load_clips(spec: str, model: str, frames: int) -> list[Clip]:
     """Clips preprocessed as profile-layers preprocesses them for `model`."""
     entry = get_entry(model)
-    return open_clips(spec, preprocess=f"{entry.preprocess}:{entry.image_width}", max_frames=frames, frames=frames)
+    return open_clips(spec, preprocess=entry.recipe(), max_frames=frames, frames=frames)
 
 
 def restrict_query(profile: Profile, merge: int, source: Path) -> Profile:

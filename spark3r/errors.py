@@ -20,3 +20,7 @@ class ParameterError(Spark3rError):
         for parameter in self.parameters:
             text = text.replace(f"`{parameter}`", names.get(parameter, parameter))
         return text
+
+
+class Spark3rWarning(UserWarning):
+    """Something the user should know that does not stop the run (e.g. a crop that drops part of the images)."""

@@ -32,6 +32,7 @@ Keys (all optional unless marked):
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import math
 import os
 from dataclasses import dataclass, field, fields, replace
@@ -429,6 +430,13 @@ def save_schedule(schedule: Schedule, path, header: str = "") -> Path:
     text = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
     text += yaml.dump(doc, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
     return write_atomic(path, text.encode("utf-8"))
+
+
+def shipped_schedule(model: str, rule: str = "paper") -> Path | None:
+    """The schedule shipped in the package for `model` (spark3r/schedules/<model>-<rule>.yaml), or None: found
+    wherever spark3r is installed or run from."""
+    path = importlib.resources.files("spark3r") / "schedules" / f"{model}-{rule}.yaml"
+    return Path(str(path)) if path.is_file() else None
 
 
 def check_model(schedule: Schedule, model_name: str, num_global_layers: int) -> None:

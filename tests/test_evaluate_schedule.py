@@ -148,3 +148,14 @@ def test_schedule_with_another_layer_count_is_refused(tmp_path, capsys):
     assert command.main(["--model", "vggt-tiny", "--schedule", str(schedule), "--clips", "synthetic:1", "--frames", "2",
                     "--weights", "none", "--device", "cpu"]) == 2
     assert "has 5 global layers but the vggt-tiny model has 12" in capsys.readouterr().err
+
+
+def test_command_samples_every_nth_frame_at_another_size(weights, tmp_path, capsys):
+    schedule = write_schedule(tmp_path / "s.yaml", AGGRESSIVE)
+    args = ["--model", "vggt-tiny", "--schedule", str(schedule), "--clips", "synthetic:1", "--every", "3",
+            "--size", "56", "--weights", str(weights), "--device", "cpu", "--repeats", "1", "--warmup", "0", "--json"]
+    assert command.main(args) == 0
+    assert json.loads(capsys.readouterr().out)["per_clip"][0]["frames"] == 3  # frames 0, 3, 6 of the default 8
+    with pytest.raises(SystemExit) as exit:
+        command.main(args[:-1] + ["--frames", "2"])
+    assert exit.value.code == 2 and "not allowed with argument --every" in capsys.readouterr().err

@@ -10,7 +10,8 @@ import pytest
 MODULES = ["spark3r", "spark3r.schedule", "spark3r.reduce", "spark3r.reduce.flops", "spark3r.models.registry",
            "spark3r.data", "spark3r.evaluate.schedule_eval", "spark3r.commands.profile_layers",
            "spark3r.commands.search_schedule", "spark3r.commands.make_clips", "spark3r.commands.evaluate_schedule",
-           "spark3r.commands.rule_schedule", "spark3r.commands.train_tiny"]
+           "spark3r.commands.rule_schedule", "spark3r.commands.train_tiny", "spark3r.reconstruct",
+           "spark3r.commands.reconstruct"]
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -21,8 +22,9 @@ def test_module_imports_on_its_own(module):
 
 PACKAGE = Path(__file__).resolve().parent.parent / "spark3r"
 # floors from the ground up: a module imports only modules of its own floor or below
-FLOORS = [("spark3r.errors", "spark3r.files"), ("spark3r.data",), ("spark3r.models",), ("spark3r.reduce",),
-          ("spark3r.schedule",), ("spark3r.evaluate",), ("spark3r.profiler", "spark3r.training"), ("spark3r.search",),
+FLOORS = [("spark3r.errors", "spark3r.files"), ("spark3r.data", "spark3r.export"), ("spark3r.models",),
+          ("spark3r.reduce",), ("spark3r.schedule",), ("spark3r.evaluate",),
+          ("spark3r.profiler", "spark3r.training", "spark3r.reconstruct"), ("spark3r.search",),
           ("spark3r.commands",)]
 
 

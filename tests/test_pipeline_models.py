@@ -36,7 +36,7 @@ def test_profile_search_apply(name, tmp_path):
     assert schedule.model == name and schedule.global_layers == profile.global_layers
 
     entry = get_entry(name)
-    images = open_clips("synthetic:1:7", preprocess=f"{entry.preprocess}:{entry.image_width}",
+    images = open_clips("synthetic:1:7", preprocess=entry.recipe(),
                         frames=FRAMES)[0].images
     with torch.no_grad():
         dense = model(images)

@@ -307,3 +307,42 @@ def test_weights_replaced_in_place_are_a_change_of_options(tmp_path):
     save_file({"a": torch.zeros(3)}, str(path))
     assert weights_identity(str(path), None) != before
     assert weights_identity("none", None) == "none"
+
+
+def test_calibration_clips_of_other_aspect_ratios_are_fitted_and_the_crop_said_once(tmp_path):
+    """vggt:28 makes a 28x56 (h x w) clip 14x28 and a 56x56 clip 28x28: the square clip is centre-cropped to the
+    first clip's 14x28 (half of it kept), in one warning, instead of being refused."""
+    from spark3r.data.clips import write_clip
+    from spark3r.data.synthetic import render_clip
+    from spark3r.errors import Spark3rWarning
+    from spark3r.profiler.pipeline import load_calibration
+
+    write_clip(render_clip(1, frames=2, height=28, width=56, name="a-wide"), tmp_path, "folder")
+    write_clip(render_clip(2, frames=2, height=56, width=56, name="b-square"), tmp_path, "folder")
+    with pytest.warns(Spark3rWarning) as caught:
+        clips, frames, _ = load_calibration(str(tmp_path), "vggt:28", None)
+    assert len(caught) == 1 and "1 of 2 clips are resized and centre-cropped to the first clip's 28x14: " \
+        "b-square (28x28) keeps 50%" in str(caught[0].message)
+    assert frames == 2 and [clip.images.shape[-2:] for clip, _ in clips] == [(14, 28), (14, 28)]
+
+
+def test_the_profile_records_its_preprocessing_and_verify_clips_follow_it(full_run):
+    """--verify's held-out clips are preprocessed as the profiled ones (recorded in the profile), at the profile's
+    frame count unless sampled otherwise, or at --size."""
+    from types import SimpleNamespace
+
+    from spark3r.search.verify import held_out_clips
+
+    assert load_profile(full_run).options["preprocess"] == "vggt:112"
+    profile = SimpleNamespace(model="vggt-tiny", options={"preprocess": "vggt:56"}, frames=3, clips=[])
+    default = held_out_clips(profile, "synthetic:1:5")[0]
+    assert default.images.shape == (3, 3, 56, 56)
+    sampled = held_out_clips(profile, "synthetic:1:5", size=28, every=2)[0]
+    assert sampled.images.shape == (2, 3, 28, 28)  # frames 0 and 2 of the 3 rendered
+
+
+def test_calibration_sampled_every_nth_frame(tmp_path):
+    from spark3r.profiler.pipeline import load_calibration
+
+    clips, frames, _ = load_calibration("synthetic:2", "vggt:28", None, every=3)  # 8 rendered frames: 0, 3, 6
+    assert frames == 3 and all(clip.frames == 3 for clip, _ in clips)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import warnings
 from typing import Callable
 
 import torch
 
-from spark3r.errors import ParameterError, Spark3rError
+from spark3r.errors import ParameterError, Spark3rError, Spark3rWarning
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,7 +65,8 @@ def error_message(error: Spark3rError, flags: dict[str, str]) -> str:
 
 def command(main: Callable[[list[str] | None], int | None] | None = None, *,
             flags: dict[str, str] | None = None):
-    """Wrap a console-script entry point: Spark3rError -> one line on stderr and exit code 2.
+    """Wrap a console-script entry point: Spark3rError -> one line on stderr and exit code 2; a Spark3rWarning ->
+    one "warning: ..." line on stderr.
 
     `flags` maps library parameters to this command's flags where the flag is not --parameter-with-dashes.
     Use as `@command` or `@command(flags={...})`.
@@ -76,7 +78,9 @@ def command(main: Callable[[list[str] | None], int | None] | None = None, *,
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
         try:
-            return main(argv) or 0
+            with warnings.catch_warnings():
+                warnings.showwarning = _print_warning
+                return main(argv) or 0
         except Spark3rError as error:
             print(f"error: {error_message(error, flags)}", file=sys.stderr)
             return 2
@@ -85,3 +89,10 @@ def command(main: Callable[[list[str] | None], int | None] | None = None, *,
             return 130
 
     return wrapped
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, Spark3rWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

@@ -46,7 +46,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--clips", required=True, help="a folder of clips, one clip, or synthetic:N[:SEED]")
     parser.add_argument("--weights", default="auto",
                         help="checkpoint file or folder, 'auto' (shipped or Hugging Face cache) or 'none' (random)")
-    parser.add_argument("--frames", type=int, help="frames per clip (the first N; synthetic clips: 8 by default)")
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument("--frames", type=int, help="frames per clip, spread over the whole clip (synthetic clips: "
+                                                     "rendered with N, 8 by default)")
+    sampling.add_argument("--every", type=int, metavar="N", help="every N-th frame of each clip")
+    parser.add_argument("--size", type=int, help="preprocessing size in pixels, the side of a square image (default: "
+                                                 "the model's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per run; the median is reported")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forwards before timing each run")
     parser.add_argument("--json", action="store_true", help="print JSON (summary and per clip) instead of the table")
@@ -62,12 +67,12 @@ def report_header(evaluation: ScheduleEvaluation) -> str:
             f"{frames} frames; {context['device']}, {context['dtype']}; depth median-aligned per clip)")
 
 
-@command
+@command(flags={"max_frames": "--frames"})
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     evaluation = evaluate_schedule(args.model, args.schedule, args.clips, device=device,
-                                   dtype=resolve_dtype(args.dtype, device), weights=args.weights, frames=args.frames,
+                                   dtype=resolve_dtype(args.dtype, device), weights=args.weights, frames=args.frames, every=args.every, size=args.size,
                                    repeats=args.repeats, warmup=args.warmup, seed=args.seed)
     if args.json:
         print(json.dumps(evaluation.to_dict(), indent=2))

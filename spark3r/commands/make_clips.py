@@ -28,8 +28,8 @@ def build_parser() -> ArgumentParser:
                         help="height and width of generated clips (default 224 224, or the recipe's size)")
     parser.add_argument("--unordered", action="store_true", help="shuffle the frames of generated clips")
     parser.add_argument("--preprocess", help=f"resize with a model's recipe ({', '.join(RECIPES)}, e.g. vggt:224)")
-    parser.add_argument("--stride", type=int, default=1, help="keep every N-th frame (default 1)")
-    parser.add_argument("--max-frames", type=int, help="keep at most this many frames per clip")
+    parser.add_argument("--stride", type=int, help="keep every N-th frame (default: all frames)")
+    parser.add_argument("--max-frames", type=int, help="keep at most this many frames per clip, spread over it")
     parser.add_argument("--json", action="store_true", help="print the written clips as JSON instead of a table")
     return parser
 
@@ -42,10 +42,10 @@ def table(written: list[WrittenClip]) -> str:
     return "\n".join(lines)
 
 
-@command(flags={"out_dir": "--out"})
+@command(flags={"out_dir": "--out", "every": "--stride"})
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    clips = iter_clips(args.spec, preprocess=args.preprocess, max_frames=args.max_frames, stride=args.stride,
+    clips = iter_clips(args.spec, preprocess=args.preprocess, max_frames=args.max_frames, every=args.stride,
                        frames=args.frames, size=tuple(args.size) if args.size else None,
                        scene=SceneConfig(shuffle=args.unordered))
     written = write_clips(tqdm(clips, desc="make-clips", unit="clip", file=sys.stderr), args.out, args.format)

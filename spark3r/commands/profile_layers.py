@@ -24,7 +24,7 @@ DEFAULT_KV_KEEP = "0.5,0.25,0.125,0.0625,0.03125"
 DEFAULT_QUERY_MERGE = "1,2,3,4"
 CAMERA_TERMS = ("camera_center", "camera_rotation_deg", "focal")
 # library parameters whose flag is not --parameter-name
-FLAGS = {"additivity_schedules": "--additivity", "out_dir": "--out"}
+FLAGS = {"additivity_schedules": "--additivity", "out_dir": "--out", "max_frames": "--frames"}
 
 
 def parse_kv_keep(text: str) -> tuple[float, ...]:
@@ -96,8 +96,13 @@ def build_parser() -> ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--query-merge", default=DEFAULT_QUERY_MERGE,
                         help="query merge factors to sweep, >= 1; 1 (dense) is always added (default: %(default)s)")
-    parser.add_argument("--frames", type=int, default=None,
-                        help="frames per clip (the first N); default: the shortest clip (8 for synthetic clips)")
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument("--frames", type=int, default=None,
+                          help="frames per clip, spread over the whole clip (synthetic clips: rendered with N); "
+                               "default: all, cut to the shortest clip (8 for synthetic clips)")
+    sampling.add_argument("--every", type=int, default=None, metavar="N", help="every N-th frame of each clip")
+    parser.add_argument("--size", type=int, default=None,
+                        help="preprocessing size in pixels, the side of a square image (default: the model's)")
     parser.add_argument("--kv-method", default=DEFAULT_KV_METHOD, choices=KV_METHODS, help="K/V pruning method")
     parser.add_argument("--no-reference-frame", dest="keep_reference_frame", action="store_false",
                         help="do not keep frame 0's K/V whole (grid, random and key_norm methods)")
@@ -124,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         level_batch=args.level_batch, seed=args.seed)
     device = resolve_device(args.device)
     outcome = profile_layers(ProfileRequest(model=args.model, calib=args.calib, options=options,
-                                            weights=args.weights, frames=args.frames, out=args.out, device=device,
+                                            weights=args.weights, frames=args.frames, every=args.every,
+                                            size=args.size, out=args.out, device=device,
                                             dtype=resolve_dtype(args.dtype, device)))
     if outcome is None:  # a torchrun rank other than the main one
         return 0

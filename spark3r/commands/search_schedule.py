@@ -44,6 +44,13 @@ def build_parser() -> ArgumentParser:
                         help="measure the K best candidates on the --calib clips and export the best measured one")
     parser.add_argument("--calib", default=None,
                         help="held-out clips for --verify (folder, clip or synthetic:N[:SEED])")
+    parser.add_argument("--size", type=int, default=None,
+                        help="preprocessing size of the --verify clips, the side of a square image (default: the "
+                             "profile's)")
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument("--every", type=int, default=None, metavar="N", help="--verify on every N-th frame")
+    sampling.add_argument("--max-frames", type=int, default=None, metavar="N",
+                          help="--verify on N frames spread over each clip (default: the profile's frame count)")
     parser.add_argument("--weights", default=None, help="weights for --verify (default: those the profile used)")
     parser.add_argument("--model", default=None, help="refuse a profile made for another model")
     parser.add_argument("--storage", default=None,

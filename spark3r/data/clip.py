@@ -23,7 +23,8 @@ class Clip:
     """One clip: images [S, 3, H, W] float in [0, 1] and optional ground truth.
 
     depth [S, H, W] z-depth (<= 0 or non-finite: no measurement); intrinsics [S, 3, 3]; extrinsics [S, 3, 4]
-    world-to-camera (OpenCV). `source` says where the clip came from.
+    world-to-camera (OpenCV). `source` says where the clip came from; `frame_names` (optional, one per frame) name
+    each frame by its file stem or, for videos and .npz clips, by its index in the source (`frame000042`).
     """
 
     name: str
@@ -32,6 +33,7 @@ class Clip:
     intrinsics: torch.Tensor | None = None
     extrinsics: torch.Tensor | None = None
     source: str = ""
+    frame_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         where = self.source or self.name
@@ -39,6 +41,9 @@ class Clip:
             raise Spark3rError(f"clip {where} has images of shape {tuple(self.images.shape)} and dtype "
                                f"{self.images.dtype}: give float images [S, 3, H, W] in [0, 1]")
         frames, _, height, width = self.images.shape
+        if self.frame_names and len(self.frame_names) != frames:
+            raise Spark3rError(f"clip {where} has {len(self.frame_names)} frame names for {frames} frames: "
+                               "give one name per frame (or none)")
         expected = {"depth": (frames, height, width), "intrinsics": (frames, 3, 3), "extrinsics": (frames, 3, 4)}
         for key, shape in expected.items():
             value = getattr(self, key)
@@ -66,8 +71,10 @@ class Clip:
 
     def select(self, indices: Sequence[int]) -> "Clip":
         """The clip restricted to frames `indices` (in that order)."""
-        index = torch.as_tensor(list(indices), dtype=torch.long, device=self.images.device)
-        return self._map(lambda tensor: tensor[index])
+        indices = list(indices)
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
+        names = tuple(self.frame_names[i] for i in indices) if self.frame_names else ()
+        return dataclasses.replace(self._map(lambda tensor: tensor[index]), frame_names=names)
 
     def to(self, device: torch.device | str) -> "Clip":
         return self._map(lambda tensor: tensor.to(device))

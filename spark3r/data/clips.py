@@ -2,13 +2,14 @@
 spark3r.data.clip).
 
 On disk a clip is
-- a folder of images (png / jpg; natural sort order; EXIF orientation applied; transparency composited on white), with
-  optional ground truth in `<folder>/gt.npz`;
+- a folder of images (png / jpg, 8 or 16 bits; natural sort order; EXIF orientation applied; transparency composited
+  on white), or a folder holding such an `images/` folder (the upstream `scene/images/` layout), with optional ground
+  truth in `gt.npz` beside the images; frames of different sizes are fitted to the first one's size;
 - a video file (.mp4 .mov .avi .mkv .webm; needs PyAV: `pip install spark3r[video]`), with optional ground truth in
   `<video stem>.gt.npz` beside it;
 - an .npz file holding `images` uint8 [S, H, W, 3] (or float [S, H, W, 3] in [0, 1]) and optional ground-truth arrays.
 
-Ground-truth arrays (each optional, one entry per frame of the whole clip, before any subsampling):
+Ground-truth arrays (each optional, one entry per frame of the whole clip, before any sampling):
   depth [S, H, W]        z-depth at the image size; 0, negative or non-finite values mean "no measurement"
   intrinsics [S, 3, 3]   pixels; the centre of pixel (row i, column j) is at image coordinates (j + 0.5, i + 0.5)
   extrinsics [S, 3, 4]   world-to-camera [R | t] (x_cam = R x_world + t), OpenCV camera (x right, y down, z forward);
@@ -28,23 +29,27 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from spark3r.data.clip import GROUND_TRUTH_KEYS, Clip, to_uint8
-from spark3r.data.preprocess import Recipe, apply_plan, get_recipe
+from spark3r.data.preprocess import Recipe, Resize, apply_plan, fit_plan, get_recipe, kept_fraction
 from spark3r.data.synthetic import SceneConfig, clip_seeds, render_clip
-from spark3r.errors import ParameterError, Spark3rError
+from spark3r.errors import ParameterError, Spark3rError, Spark3rWarning
 from spark3r.files import check_output_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
+IMAGES_SUBFOLDER = "images"  # upstream layout: scene/images/*.png
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")  # how PIL opens a 16-bit grayscale PNG
 GROUND_TRUTH_FILE = "gt.npz"
 GROUND_TRUTH_SUFFIX = ".gt.npz"
 FORMATS = ("folder", "npz", "mp4")
@@ -55,41 +60,60 @@ _SYNTHETIC_SPEC = re.compile(r"synthetic:(\d+)(?::(\d+))?(?::(arc|walk))?")
 _CLIP_SPEC_HELP = "pass a folder of clips, one clip (image folder, video or .npz) or synthetic:N[:SEED][:walk]"
 
 
-def frame_indices(total: int, stride: int = 1, max_frames: int | None = None) -> list[int]:
-    """Frames 0, stride, 2 * stride, ... of a clip of `total` frames, at most `max_frames` of them."""
-    indices = list(range(0, total, stride))
-    return indices if max_frames is None else indices[:max_frames]
+def frame_indices(total: int, every: int | None = None, max_frames: int | None = None) -> list[int]:
+    """The frames kept of a clip of `total` frames: every `every`-th (0, every, 2 * every, ...), or `max_frames`
+    spread uniformly over the whole clip (the first and last included; all frames when there are no more), or all."""
+    check_sampling(every, max_frames)
+    if every is not None:
+        return list(range(0, total, every))
+    if max_frames is None or total <= max_frames:
+        return list(range(total))
+    if max_frames == 1:
+        return [0]
+    # round(i * (total - 1) / (max_frames - 1)), halves up, in integers
+    return [(2 * i * (total - 1) + max_frames - 1) // (2 * (max_frames - 1)) for i in range(max_frames)]
 
 
 def open_clips(spec: str | os.PathLike, *, preprocess: str | Recipe | None, max_frames: int | None = None,
-               stride: int = 1, frames: int | None = None, size: tuple[int, int] | None = None,
+               every: int | None = None, frames: int | None = None, size: tuple[int, int] | None = None,
                scene: SceneConfig | None = None) -> list[Clip]:
-    """Every clip a spec names, subsampled (every `stride`-th frame, at most `max_frames`) and preprocessed.
+    """Every clip a spec names, sampled (`frame_indices`: every `every`-th frame, or `max_frames` spread over the
+    clip) and preprocessed.
 
     spec: a folder of clips, one clip, or `synthetic:N[:SEED][:walk]`.
     preprocess: a recipe (spark3r.data.preprocess, e.g. "vggt", "vggt:112", "da3"), or None to keep the images as read.
     frames, size, scene: for `synthetic:` only: frames per clip (8), (height, width) to render at (the recipe's size
     for a square image, or 224 x 224 without a recipe) and a `SceneConfig`.
+    Frames of one clip that come out of the recipe at different sizes are fitted to the first one's size
+    (`fit_plan`); a crop that drops part of a frame is said once per clip as a `Spark3rWarning`.
     """
-    return list(iter_clips(spec, preprocess=preprocess, max_frames=max_frames, stride=stride, frames=frames,
+    return list(iter_clips(spec, preprocess=preprocess, max_frames=max_frames, every=every, frames=frames,
                            size=size, scene=scene))
 
 
 def iter_clips(spec: str | os.PathLike, *, preprocess: str | Recipe | None, max_frames: int | None = None,
-               stride: int = 1, frames: int | None = None, size: tuple[int, int] | None = None,
+               every: int | None = None, frames: int | None = None, size: tuple[int, int] | None = None,
                scene: SceneConfig | None = None) -> Iterator[Clip]:
     """`open_clips` one clip at a time (the spec is checked before the first clip is read)."""
-    if stride < 1:
-        raise Spark3rError(f"stride is {stride}: give a stride of at least 1")
-    if max_frames is not None and max_frames < 1:
-        raise Spark3rError(f"max_frames is {max_frames}: give at least 1 (or leave it unset for all frames)")
+    check_sampling(every, max_frames)
     recipe = None if preprocess is None else get_recipe(preprocess)
     if str(spec).startswith("synthetic:"):
-        clips = (clip.select(frame_indices(clip.frames, stride, max_frames))
+        clips = (clip.select(frame_indices(clip.frames, every, max_frames))
                  for clip in _synthetic_clips(str(spec), recipe, frames, size, scene))
-    else:
-        clips = (read_clip(path, stride=stride, max_frames=max_frames) for path in clip_paths(spec))
-    return clips if recipe is None else (preprocess_clip(clip, recipe) for clip in clips)
+        return clips if recipe is None else (preprocess_clip(clip, recipe) for clip in clips)
+    return (read_clip(path, every=every, max_frames=max_frames, preprocess=recipe) for path in clip_paths(spec))
+
+
+def check_sampling(every: int | None, max_frames: int | None) -> None:
+    """One sentence unless the frame sampling options are valid (`frame_indices`)."""
+    if every is not None and every < 1:
+        raise ParameterError(f"`every` is {every}: keep every N-th frame with N >= 1", "every")
+    if max_frames is not None and max_frames < 1:
+        raise ParameterError(f"`max_frames` is {max_frames}: give at least 1 (or leave it unset for all frames)",
+                             "max_frames")
+    if every is not None and max_frames is not None:
+        raise ParameterError("give `every` (every N-th frame) or `max_frames` (N frames spread over the clip), not "
+                             "both", "every", "max_frames")
 
 
 def preprocess_clip(clip: Clip, recipe: str | Recipe) -> Clip:
@@ -97,6 +121,30 @@ def preprocess_clip(clip: Clip, recipe: str | Recipe) -> Clip:
     steps = get_recipe(recipe).plan(clip.height, clip.width)
     images, depth, intrinsics = apply_plan(steps, clip.images, clip.depth, clip.intrinsics)
     return dataclasses.replace(clip, images=images, depth=depth, intrinsics=intrinsics)
+
+
+def fit_clips(clips: Sequence[Clip]) -> list[Clip]:
+    """The clips brought to the first clip's size (`fit_plan`: resize to cover, centre crop; bicubic); the clips that
+    lose part of their frames to the crop are said in one `Spark3rWarning`."""
+    if not clips:
+        return []
+    height, width = clips[0].height, clips[0].width
+    fitted, cropped = [], []
+    for clip in clips:
+        if (clip.height, clip.width) == (height, width):
+            fitted.append(clip)
+            continue
+        steps = fit_plan(clip.height, clip.width, height, width, "bicubic")
+        kept = kept_fraction(steps, clip.height, clip.width)
+        if kept < 1:
+            cropped.append(f"{clip.name} ({clip.width}x{clip.height}) keeps {100 * kept:.0f}%")
+        images, depth, intrinsics = apply_plan(steps, clip.images, clip.depth, clip.intrinsics)
+        fitted.append(dataclasses.replace(clip, images=images, depth=depth, intrinsics=intrinsics))
+    if cropped:
+        listed = ", ".join(cropped[:3]) + (f" and {len(cropped) - 3} more" if len(cropped) > 3 else "")
+        warnings.warn(Spark3rWarning(f"{len(cropped)} of {len(clips)} clips are resized and centre-cropped to the "
+                                     f"first clip's {width}x{height}: {listed}"), stacklevel=2)
+    return fitted
 
 
 def parse_synthetic_spec(spec: str) -> tuple[int, int, str]:
@@ -126,13 +174,11 @@ def clip_paths(spec: str | os.PathLike) -> list[Path]:
     path = Path(spec)
     if not path.exists():
         raise Spark3rError(f"clip path {path} does not exist: {_CLIP_SPEC_HELP}")
-    if path.is_file():
+    if path.is_file() or image_folder(path) is not None:
         return [path]
     entries = _natural_sorted(entry for entry in path.iterdir() if not entry.name.startswith("."))
     if not entries:
         raise Spark3rError(f"folder {path} is empty: put png/jpg images in it, or clip folders, videos or .npz clips")
-    if any(_is_image(entry) for entry in entries):
-        return [path]
     clips = [entry for entry in entries if entry.is_dir() or entry.suffix.lower() in VIDEO_SUFFIXES
              or (entry.suffix.lower() == ".npz" and not _is_ground_truth(entry))]
     if not clips:
@@ -141,112 +187,233 @@ def clip_paths(spec: str | os.PathLike) -> list[Path]:
     return clips
 
 
-def read_clip(path: str | os.PathLike, *, stride: int = 1, max_frames: int | None = None) -> Clip:
-    """One clip from an image folder, a video or an .npz file, keeping frames `frame_indices(S, stride, max_frames)`."""
+def image_folder(path: Path) -> Path | None:
+    """The folder holding a clip's images: `path` itself if it holds png/jpg images, else `path/images` if that does
+    (the upstream `scene/images/` layout), else None."""
+    for folder in (path, path / IMAGES_SUBFOLDER):
+        if folder.is_dir() and any(_is_image(entry) for entry in folder.iterdir()):
+            return folder
+    return None
+
+
+def read_clip(path: str | os.PathLike, *, every: int | None = None, max_frames: int | None = None,
+              preprocess: str | Recipe | None = None) -> Clip:
+    """One clip from an image folder (or a folder with an `images/` folder), a video or an .npz file, keeping frames
+    `frame_indices(S, every, max_frames)`, each preprocessed by the recipe `preprocess` as it is read (None: as read).
+
+    Frames are read one at a time, so memory holds only the kept frames (a video is decoded as a stream).
+    """
     path = Path(path)
+    check_sampling(every, max_frames)
+    recipe = None if preprocess is None else get_recipe(preprocess)
     if not path.exists():
         raise Spark3rError(f"clip path {path} does not exist: {_CLIP_SPEC_HELP}")
     if path.is_dir():
-        clip = _read_image_folder(path, stride, max_frames)
+        clip = _read_image_folder(path, every, max_frames, recipe)
     elif path.suffix.lower() == ".npz":
-        clip = _read_npz(path, stride, max_frames)
+        clip = _read_npz(path, every, max_frames, recipe)
     elif path.suffix.lower() in VIDEO_SUFFIXES:
-        clip = _read_video(path, stride, max_frames)
+        clip = _read_video(path, every, max_frames, recipe)
     else:
         raise Spark3rError(f"{path} is not a clip: give a folder of png/jpg images, a video "
                            f"({' '.join(VIDEO_SUFFIXES)}) or an .npz file")
     if clip is None:
-        raise ParameterError(f"clip {path} has zero frames after subsampling: check the file and `stride` / "
-                             "`max_frames`", "stride", "max_frames")
+        raise Spark3rError(f"clip {path} has zero frames: check the file")
     return clip
 
 
-def _read_image_folder(folder: Path, stride: int, max_frames: int | None) -> Clip | None:
-    entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
-    if not entries:
-        raise Spark3rError(f"folder {folder} is empty: put the clip's png/jpg images in it")
-    files = _natural_sorted(entry for entry in entries if _is_image(entry))
-    if not files:
-        raise Spark3rError(f"folder {folder} holds no png/jpg images: put the clip's frames in it as images")
-    indices = frame_indices(len(files), stride, max_frames)
-    if not indices:
-        return None
-    pixels = [_load_image(files[index]) for index in indices]
-    for index, array in zip(indices, pixels):
-        if array.shape != pixels[0].shape:
-            raise Spark3rError(
-                f"images in {folder} have different sizes ({files[indices[0]].name} is {pixels[0].shape[1]}x"
-                f"{pixels[0].shape[0]}, {files[index].name} is {array.shape[1]}x{array.shape[0]}): "
-                "resize them to one size")
-    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(255)
+class _ClipBuilder:
+    """Collects a clip's kept frames one at a time, each preprocessed by the recipe as it arrives and fitted to the
+    first frame's output size, with its ground truth (tensors cut to the kept frames) transformed alike."""
+
+    def __init__(self, name: str, source: str, frame_names: list[str], recipe: Recipe | None,
+                 truth: dict[str, torch.Tensor]):
+        self.name, self.source, self.frame_names, self.recipe, self.truth = name, source, frame_names, recipe, truth
+        self.count = len(frame_names)
+        self.images: torch.Tensor | None = None
+        self.depth: torch.Tensor | None = None
+        self.intrinsics: torch.Tensor | None = None
+        self.added = 0
+        self.cropped: dict[tuple[int, int], float] = {}
+
+    def add(self, pixels: np.ndarray) -> None:
+        """Append one frame: pixels [H, W, 3], uint8 or float in [0, 1]."""
+        image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
+        image = image.float().div_(255) if pixels.dtype == np.uint8 else image.float()
+        height, width = image.shape[-2:]
+        steps = self._steps(height, width)
+        kept = kept_fraction(steps, height, width)
+        if kept < 1:
+            self.cropped[(height, width)] = kept
+        index = self.added
+        depth, intrinsics = (self.truth[key][index:index + 1] if key in self.truth else None
+                             for key in ("depth", "intrinsics"))
+        image, depth, intrinsics = apply_plan(steps, image, depth, intrinsics)
+        if self.images is None:
+            self.images = torch.empty(self.count, *image.shape[1:])
+            self.depth = None if depth is None else torch.empty(self.count, *depth.shape[1:])
+            self.intrinsics = None if intrinsics is None else torch.empty(self.count, 3, 3)
+        self.images[index] = image[0]
+        if depth is not None:
+            self.depth[index] = depth[0]
+        if intrinsics is not None:
+            self.intrinsics[index] = intrinsics[0]
+        self.added += 1
+
+    def _steps(self, height: int, width: int) -> list:
+        steps = [] if self.recipe is None else self.recipe.plan(height, width)
+        if self.images is None:
+            return steps
+        target = tuple(self.images.shape[-2:])
+        output = (height, width) if not steps else (steps[-1].height, steps[-1].width)
+        if output == target:
+            return steps
+        resample = next((step.resample for step in steps if isinstance(step, Resize)), "bicubic")
+        return fit_plan(height, width, *target, resample)
+
+    def clip(self) -> Clip | None:
+        if self.images is None:
+            return None
+        if self.cropped:
+            sizes = ", ".join(f"{width}x{height} keeps {100 * kept:.0f}%"
+                              for (height, width), kept in sorted(self.cropped.items()))
+            why = f"the {self.recipe.name} preprocessing" if self.recipe is not None else "fitting to one size"
+            warnings.warn(Spark3rWarning(  # no clip name: clips of the same sizes are said once
+                f"{why} centre-crops frames to {self.images.shape[-1]}x{self.images.shape[-2]}, dropping part of "
+                f"each image ({sizes}); crop the images yourself to choose what is kept"), stacklevel=3)
+        return Clip(name=self.name, images=self.images, depth=self.depth, intrinsics=self.intrinsics,
+                    extrinsics=self.truth.get("extrinsics"), source=self.source, frame_names=tuple(self.frame_names))
+
+
+def _read_image_folder(path: Path, every: int | None, max_frames: int | None, recipe: Recipe | None) -> Clip | None:
+    folder = image_folder(path)
+    if folder is None:
+        if not any(not entry.name.startswith(".") for entry in path.iterdir()):
+            raise Spark3rError(f"folder {path} is empty: put the clip's png/jpg images in it")
+        raise Spark3rError(f"folder {path} holds no png/jpg images (nor an {IMAGES_SUBFOLDER}/ folder of them): "
+                           "put the clip's frames in it as images")
+    files = _natural_sorted(entry for entry in folder.iterdir() if _is_image(entry))
+    indices = frame_indices(len(files), every, max_frames)
+    first = _load_image(files[indices[0]])
     ground_truth = folder / GROUND_TRUTH_FILE
-    truth = _ground_truth(_load_npz(ground_truth), ground_truth, len(files), images.shape[-2:], indices) \
+    truth = _ground_truth(_load_npz(ground_truth), ground_truth, len(files), first.shape[:2], indices) \
         if ground_truth.exists() else {}
-    return Clip(name=folder.name, images=images, source=str(folder), **truth)
+    builder = _ClipBuilder(path.name, str(path), [files[index].stem for index in indices], recipe, truth)
+    builder.add(first)
+    for index in indices[1:]:
+        builder.add(_load_image(files[index]))
+    return builder.clip()
 
 
-def _read_npz(path: Path, stride: int, max_frames: int | None) -> Clip | None:
+def _read_npz(path: Path, every: int | None, max_frames: int | None, recipe: Recipe | None) -> Clip | None:
     arrays = _load_npz(path)
     if "images" not in arrays:
         raise Spark3rError(f"{path} has no 'images' array: save the frames as images=uint8 [S, H, W, 3]")
     pixels = arrays["images"]
     if pixels.ndim != 4 or pixels.shape[-1] != 3:
         raise Spark3rError(f"{path} holds images of shape {pixels.shape}: save them as [S, H, W, 3]")
-    if pixels.dtype == np.uint8:
-        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
-    elif np.issubdtype(pixels.dtype, np.floating) and np.isfinite(pixels).all() \
-            and pixels.min(initial=0) >= 0 and pixels.max(initial=0) <= 1:
-        images = torch.from_numpy(pixels.astype(np.float32)).permute(0, 3, 1, 2)
-    else:
+    floating = np.issubdtype(pixels.dtype, np.floating)
+    if not (pixels.dtype == np.uint8 or (floating and np.isfinite(pixels).all() and pixels.min(initial=0) >= 0
+                                         and pixels.max(initial=0) <= 1)):
         raise Spark3rError(f"{path} holds images of dtype {pixels.dtype}: save them as uint8 or as float in [0, 1]")
-    indices = frame_indices(len(images), stride, max_frames)
+    indices = frame_indices(len(pixels), every, max_frames)
     if not indices:
         return None
-    truth = _ground_truth(arrays, path, len(images), images.shape[-2:], indices)
-    return Clip(name=path.stem, images=images[indices].contiguous(), source=str(path), **truth)
+    truth = _ground_truth(arrays, path, len(pixels), pixels.shape[1:3], indices)
+    builder = _ClipBuilder(path.stem, str(path), _index_names(indices), recipe, truth)
+    for index in indices:
+        builder.add(pixels[index] if pixels.dtype == np.uint8 else pixels[index].astype(np.float32))
+    return builder.clip()
 
 
-def _read_video(path: Path, stride: int, max_frames: int | None) -> Clip | None:
+def _read_video(path: Path, every: int | None, max_frames: int | None, recipe: Recipe | None) -> Clip | None:
+    """Decode the video as a stream, keeping (and preprocessing) only the sampled frames, turned as its display
+    matrix says; the frame count comes from the container's header (or a demux-only pass where it has none), so a
+    video that decodes fewer frames than its header lists is truncated or damaged. Ground truth is at the stored size."""
     try:
         import av
     except ImportError:
         raise Spark3rError(f"reading the video {path} needs PyAV: install spark3r[video]") from None
     ground_truth = path.with_name(path.stem + GROUND_TRUTH_SUFFIX)
-    limit = max_frames or float("inf")
-    kept, total = [], 0
+    corrupt = f"cannot read the video {path}: it is corrupt or not a video (re-encode it, e.g. to H.264 mp4)"
     try:
+        total = _video_frame_count(path)
+        if not total:
+            return None
+        indices = frame_indices(total, every, max_frames)
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise Spark3rError(f"{path} has no video stream: give a video file or a folder of images")
-            for total, frame in enumerate(container.decode(container.streams.video[0]), start=1):
-                if (total - 1) % stride == 0 and len(kept) < limit:
-                    kept.append(frame.to_ndarray(format="rgb24"))
-                elif len(kept) >= limit and not ground_truth.exists():
-                    break
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            size = (stream.codec_context.height, stream.codec_context.width)
+            truth = _ground_truth(_load_npz(ground_truth), ground_truth, total, size, indices) \
+                if ground_truth.exists() else {}
+            builder = _ClipBuilder(path.stem, str(path), _index_names(indices), recipe, truth)
+            wanted, decoded = iter(indices), 0
+            next_index = next(wanted)
+            for decoded, frame in enumerate(container.decode(stream), start=1):
+                if decoded - 1 == next_index:
+                    # the display matrix's counter-clockwise rotation (phone videos are often stored landscape)
+                    builder.add(np.rot90(frame.to_ndarray(format="rgb24"), k=round(frame.rotation / 90)))
+                    next_index = next(wanted, None)
     except (av.FFmpegError, OSError):
-        raise Spark3rError(f"cannot read the video {path}: it is corrupt or not a video (re-encode it, "
-                           "e.g. to H.264 mp4)") from None
-    if not kept:
-        return None
-    images = torch.from_numpy(np.stack(kept)).permute(0, 3, 1, 2).float().div_(255)
-    indices = frame_indices(total, stride, max_frames)
-    truth = _ground_truth(_load_npz(ground_truth), ground_truth, total, images.shape[-2:], indices) \
-        if ground_truth.exists() else {}
-    return Clip(name=path.stem, images=images, source=str(path), **truth)
+        raise Spark3rError(corrupt) from None
+    if decoded < total:
+        raise Spark3rError(f"the video {path} is truncated or damaged: its header lists {total} frames but only "
+                           f"{decoded} decode (copy or download it again, or re-encode it)")
+    return builder.clip()
+
+
+def _index_names(indices: list[int]) -> list[str]:
+    """Names of frames known by their index in the source: frame000042."""
+    return [f"frame{index:06d}" for index in indices]
+
+
+def _video_frame_count(path: Path) -> int:
+    """Frames of the first video stream: from the container's header, else counted by demuxing (no decoding)."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise Spark3rError(f"{path} has no video stream: give a video file or a folder of images")
+        stream = container.streams.video[0]
+        if stream.frames:
+            return stream.frames
+        return sum(1 for packet in container.demux(stream) if packet.size)
 
 
 def _load_image(path: Path) -> np.ndarray:
-    """uint8 [H, W, 3] RGB of an image file, EXIF orientation applied, transparency composited on white."""
+    """Float [H, W, 3] RGB in [0, 1] of an image file: 16-bit images (grayscale, RGB, RGBA) scaled by 1 / 65535,
+    8-bit by 1 / 255, EXIF orientation applied (not for 16-bit colour png), transparency composited on white; a
+    truncated or corrupt file is one sentence."""
     try:
         with Image.open(path) as image:
+            if image.format == "PNG" and image.mode in ("RGB", "RGBA") and ";16" in str(image.tile[0].args):
+                return _load_colour_png_16(path)  # PIL would keep only the high byte of each value
             image = ImageOps.exif_transpose(image)
+            if image.mode in SIXTEEN_BIT_MODES:
+                gray = np.asarray(image, dtype=np.float32) / 65535
+                return np.repeat(gray[..., None], 3, axis=-1)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 image = image.convert("RGBA")
                 image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image)
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(image.convert("RGB"), dtype=np.float32) / 255
     except (OSError, SyntaxError, ValueError):
-        raise Spark3rError(f"cannot read the image {path}: it is corrupt or not an image "
+        raise Spark3rError(f"cannot read the image {path}: it is truncated, corrupt or not an image "
                            "(remove or replace it)") from None
+
+
+def _load_colour_png_16(path: Path) -> np.ndarray:
+    """Float [H, W, 3] RGB in [0, 1] of a 16-bit RGB or RGBA png (OpenCV reads all 16 bits), alpha composited on
+    white."""
+    pixels = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.dtype != np.uint16:
+        raise OSError(f"OpenCV cannot read {path} as a 16-bit png")
+    values = pixels.astype(np.float32) / 65535
+    rgb = values[..., 2::-1]
+    if values.shape[-1] == 4:
+        alpha = values[..., 3:]
+        rgb = rgb * alpha + (1 - alpha)
+    return np.ascontiguousarray(rgb)
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:

@@ -1,8 +1,10 @@
 """Per-model image preprocessing as upstream, applied to a clip's images and its ground truth alike.
 
 A recipe turns an input size into a plan: a short list of `Resize` and `Crop` steps. `apply_plan` runs the plan on the
-images (PIL, per channel in float so nothing is quantised), the depth (nearest neighbour: no mixed depths at edges)
-and the intrinsics (scaled by each resize, shifted by each crop), so the ground truth stays consistent with the pixels.
+images (PIL filters per channel in float so nothing is quantised; OpenCV filters on uint8 images, as DA3's reference
+does), the depth (nearest neighbour: no mixed depths at edges) and the intrinsics (scaled by each resize, shifted by
+each crop), so the ground truth stays consistent with the pixels. `fit_plan` brings an image of another size to a
+given size (resize to cover it, centre crop): how frames or clips of different sizes are made one size.
 Image coordinates put the centre of pixel (row i, column j) at (j + 0.5, i + 0.5), so a resize scales fx, cx by the
 width ratio and fy, cy by the height ratio exactly.
 
@@ -13,8 +15,8 @@ image (the upstream default when omitted); all return images in [0, 1]:
 - "pi3[:504]"   one size from the pixel limit 255000 * (SIDE / 504)^2 (upstream's PIXEL_LIMIT 255000 at 504): scale to
   the limit, round each side to patches of 14, then take patches off the side that keeps the aspect ratio closest
   until the area fits; LANCZOS.
-- "da3[:504]"   longest side -> SIDE (bicubic when upscaling, area when downscaling), then each side to its nearest
-  multiple of 14 (ties up) by a second small resize. Upstream applies ImageNet mean/std in its processor; here images
+- "da3[:504]"   longest side -> SIDE (OpenCV on uint8: cubic when upscaling, area when downscaling), then each side to
+  its nearest multiple of 14 (ties up) by a second small resize of the uint8 result, as the reference does. Upstream applies ImageNet mean/std in its processor; here images
   stay in [0, 1] and spark3r's DA3 model applies mean/std in its forward.
 - "omega[:512]" centre-crop the aspect ratio (h / w) into [0.5, 2], then "balanced": about (SIDE / 16)^2 patches of 16
   with the input's aspect ratio; bicubic.
@@ -25,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,12 +35,13 @@ from PIL import Image
 
 from spark3r.errors import Spark3rError
 
-RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS, "area": Image.Resampling.BOX}
+PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+OPENCV_FILTERS = {"opencv_area": cv2.INTER_AREA, "opencv_cubic": cv2.INTER_CUBIC}
 
 
 @dataclass(frozen=True)
 class Resize:
-    """Resize to height x width with a PIL filter named in RESAMPLE (depth: nearest)."""
+    """Resize to height x width with a filter named in PIL_FILTERS (float) or OPENCV_FILTERS (uint8); depth: nearest."""
 
     height: int
     width: int
@@ -86,6 +90,12 @@ class VGGTRecipe(Recipe):
     patch_size: int = 14
     name: ClassVar[str] = "vggt"
 
+    def __post_init__(self):
+        if self.width % self.patch_size:
+            low = max(self.patch_size, self.width // self.patch_size * self.patch_size)
+            raise Spark3rError(f"vggt:{self.width} is not a multiple of the patch size {self.patch_size}: use "
+                               f"{low} or {low + self.patch_size}")
+
     def plan(self, height: int, width: int) -> list[Step]:
         new_height = max(round(height * (self.width / width) / self.patch_size) * self.patch_size, self.patch_size)
         steps: list[Step] = [Resize(new_height, self.width, "bicubic")]
@@ -132,11 +142,11 @@ class DA3Recipe(Recipe):
         if longest != self.process_res:
             scale = self.process_res / longest
             height, width = max(1, round(height * scale)), max(1, round(width * scale))
-            steps.append(Resize(height, width, "bicubic" if scale > 1 else "area"))
+            steps.append(Resize(height, width, "opencv_cubic" if scale > 1 else "opencv_area"))
         new_height, new_width = self._nearest_multiple(height), self._nearest_multiple(width)
         if (new_height, new_width) != (height, width):
             upscale = new_height > height or new_width > width
-            steps.append(Resize(new_height, new_width, "bicubic" if upscale else "area"))
+            steps.append(Resize(new_height, new_width, "opencv_cubic" if upscale else "opencv_area"))
         return steps
 
     def _nearest_multiple(self, size: int) -> int:
@@ -184,6 +194,28 @@ def get_recipe(spec: str | Recipe) -> Recipe:
     return RECIPES[name].from_side(int(side)) if side else RECIPES[name]()
 
 
+def fit_plan(height: int, width: int, target_height: int, target_width: int, resample: str) -> list[Step]:
+    """Steps that bring a height x width image to target_height x target_width: scale it (keeping its aspect ratio)
+    until it covers the target, then centre-crop the overflow."""
+    scale = max(target_height / height, target_width / width)
+    new_height, new_width = max(target_height, round(height * scale)), max(target_width, round(width * scale))
+    steps: list[Step] = [Resize(new_height, new_width, resample)]
+    if (new_height, new_width) != (target_height, target_width):
+        steps.append(Crop((new_height - target_height) // 2, (new_width - target_width) // 2, target_height,
+                          target_width))
+    return steps
+
+
+def kept_fraction(steps: list[Step], height: int, width: int) -> float:
+    """The fraction of a height x width image's area that survives the crops of `steps` (1.0: nothing dropped)."""
+    kept = 1.0
+    for step in steps:
+        if isinstance(step, Crop):
+            kept *= step.height * step.width / (height * width)
+        height, width = step.height, step.width
+    return kept
+
+
 def apply_plan(steps: list[Step], images: torch.Tensor, depth: torch.Tensor | None = None,
                intrinsics: torch.Tensor | None = None):
     """Run `steps` on images [S, 3, H, W] in [0, 1], depth [S, H, W] and intrinsics [S, 3, 3] (both optional).
@@ -212,10 +244,17 @@ def apply_plan(steps: list[Step], images: torch.Tensor, depth: torch.Tensor | No
 
 
 def _resize_images(images: torch.Tensor, step: Resize) -> torch.Tensor:
-    """PIL resize of every channel of every frame in float ("F" mode), clamped back into [0, 1]."""
+    """Resize images [S, 3, H, W] in [0, 1] to step's size: PIL filters per channel in float ("F" mode), clamped back
+    into [0, 1]; OpenCV filters on the images rounded to uint8 (exact for images read from 8-bit files)."""
+    if step.resample in OPENCV_FILTERS:
+        frames = images.detach().to("cpu", torch.float32).mul(255).round_().clamp_(0, 255).to(torch.uint8)
+        frames = frames.permute(0, 2, 3, 1).numpy()
+        resized = np.stack([cv2.resize(frame, (step.width, step.height), interpolation=OPENCV_FILTERS[step.resample])
+                            for frame in frames])
+        return torch.from_numpy(resized).permute(0, 3, 1, 2).to(images.device, images.dtype).div_(255)
     planes = images.detach().to("cpu", torch.float32).numpy()
     resized = np.empty((*planes.shape[:2], step.height, step.width), dtype=np.float32)
     for index in np.ndindex(*planes.shape[:2]):
         plane = Image.fromarray(planes[index])  # float32 -> mode "F"
-        resized[index] = np.asarray(plane.resize((step.width, step.height), RESAMPLE[step.resample]))
+        resized[index] = np.asarray(plane.resize((step.width, step.height), PIL_FILTERS[step.resample]))
     return torch.from_numpy(resized).clamp_(0, 1).to(images.device, images.dtype)

@@ -151,10 +151,12 @@ class ScheduleEvaluation:
 
 
 def evaluate_schedule(model: str, schedule: str | Path, clips: str, *, device: torch.device, dtype: torch.dtype,
-                      weights: str | None = "auto", frames: int | None = None, repeats: int = 3, warmup: int = 1,
-                      seed: int = 0, progress: bool = True) -> ScheduleEvaluation:
+                      weights: str | None = "auto", frames: int | None = None, every: int | None = None,
+                      size: int | None = None, repeats: int = 3, warmup: int = 1, seed: int = 0,
+                      progress: bool = True) -> ScheduleEvaluation:
     """Load `model` (a registry name or alias) and `schedule` (a YAML path), and `evaluate_clip` every clip of the
-    spec `clips` (the first `frames` frames of each)."""
+    spec `clips`: `frames` frames spread over each (synthetic clips: rendered with that many) or every `every`-th,
+    preprocessed by the model's recipe at `size` (the side of a square image; default: the model's)."""
     for parameter, value, least in (("frames", frames, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
         if value is not None and value < least:
             raise ParameterError(f"`{parameter}` is {value}: give a whole number >= {least}", parameter)
@@ -164,8 +166,7 @@ def evaluate_schedule(model: str, schedule: str | Path, clips: str, *, device: t
         raise ParameterError(f"{schedule} was made for {loaded.model}, not {name}: "
                              f"pass a schedule made for {name} or `model` {loaded.model}", "model")
     entry = get_entry(name)
-    clip_iter = iter_clips(clips, preprocess=f"{entry.preprocess}:{entry.image_width}", max_frames=frames,
-                           frames=frames)
+    clip_iter = iter_clips(clips, preprocess=entry.recipe(size), max_frames=frames, every=every, frames=frames)
     network = load_model(name, weights=weights, device=device, dtype=dtype, seed=seed)
     if not isinstance(network, ReconstructionModel):
         raise Spark3rError(f"model {name} has no FLOP config: evaluate one of spark3r's model classes")

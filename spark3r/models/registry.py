@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.models.blocks import init_weights
 
 FAMILY_MODULES = {
@@ -57,6 +57,14 @@ class ModelEntry:
     drop_prefixes: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     description: str = ""
+
+    def recipe(self, size: int | None = None) -> str:
+        """The preprocessing recipe of this model ("NAME:SIDE", spark3r.data.preprocess) at `size`, the side of a
+        square image (default: image_width)."""
+        if size is not None and size < 1:
+            raise ParameterError(f"`size` is {size}: give the preprocessing size in pixels (e.g. {self.image_width})",
+                                 "size")
+        return f"{self.preprocess}:{size or self.image_width}"
 
 
 _ENTRIES: dict[str, ModelEntry] = {}

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from spark3r.data.clip import Clip
-from spark3r.data.clips import open_clips
+from spark3r.data.clips import fit_clips, open_clips
 from spark3r.errors import ParameterError, Spark3rError
 from spark3r.files import check_output_folder
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
@@ -35,14 +35,18 @@ from spark3r.profiler.store import ClipResult, load_clip, save_clip
 
 @dataclass(frozen=True)
 class ProfileRequest:
-    """What to profile: `model` (registry name or alias) on the clip spec `calib`, cut to `frames` frames (default:
-    the shortest clip), at the levels and settings of `options`; written to `out` (default profiles/<model>/)."""
+    """What to profile: `model` (registry name or alias) on the clip spec `calib`, `frames` frames spread over each
+    clip (synthetic clips: rendered with that many; default: all, cut to the shortest clip) or every `every`-th,
+    preprocessed at `size` (the side of a square image; default: the model's), at the levels and settings of
+    `options`; written to `out` (default profiles/<model>/)."""
 
     model: str
     calib: str
     options: ProfileOptions
     weights: str = "auto"
     frames: int | None = None
+    every: int | None = None
+    size: int | None = None
     out: str | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
@@ -65,10 +69,11 @@ def check_request(request: ProfileRequest) -> None:
             raise ParameterError(f"`{parameter}` is {value}: give a whole number >= {least}", parameter)
 
 
-def load_calibration(spec: str, recipe: str, frames: int | None) -> tuple[list[tuple[Clip, str]], int, list[str]]:
-    """The calibration clips cut to one frame count (each with its digest, copies counted once), that count, and
-    notes for the user."""
-    clips = open_clips(spec, preprocess=recipe, max_frames=frames, frames=frames)
+def load_calibration(spec: str, recipe: str, frames: int | None,
+                     every: int | None = None) -> tuple[list[tuple[Clip, str]], int, list[str]]:
+    """The calibration clips cut to one frame count and brought to one image size (`fit_clips`: the first clip's),
+    each with its digest (copies counted once), that count, and notes for the user."""
+    clips = open_clips(spec, preprocess=recipe, max_frames=frames, every=every, frames=frames)
     if not clips:
         raise ParameterError(f"`calib` {spec} holds no clips: pass a folder of clips, one clip or synthetic:N", "calib")
     notes = []
@@ -81,11 +86,7 @@ def load_calibration(spec: str, recipe: str, frames: int | None) -> tuple[list[t
     if short:
         raise ParameterError(f"clip {short[0].name} has only {short[0].frames} frames but `frames` {frames} was asked: "
                              "lower `frames` or use longer clips", "frames")
-    sizes = {(clip.height, clip.width) for clip in clips}
-    if len(sizes) > 1:
-        listed = ", ".join(f"{height}x{width}" for height, width in sorted(sizes))
-        raise Spark3rError(f"the clips have different sizes after preprocessing ({listed}): "
-                           "profile clips of one aspect ratio")
+    clips = fit_clips(clips)  # one image size for the profile: other sizes are resized and centre-cropped to the first
     unique, seen = [], {}
     for clip in clips:
         sha = clip.fingerprint()
@@ -107,7 +108,8 @@ def profile_layers(request: ProfileRequest) -> ProfileOutcome | None:
     name = resolve_model_name(request.model)
     entry = get_entry(name)
     out = check_output_folder(request.out if request.out else Path("profiles") / name, "out")
-    clips, frames, notes = load_calibration(request.calib, f"{entry.preprocess}:{entry.image_width}", request.frames)
+    recipe = entry.recipe(request.size)
+    clips, frames, notes = load_calibration(request.calib, recipe, request.frames, request.every)
     model = load_model(name, weights=request.weights, device=device, dtype=request.dtype, seed=request.options.seed)
     if not isinstance(model, ReconstructionModel):
         raise Spark3rError(f"model {name} does not run as trunk steps, so it cannot be profiled: use one of "
@@ -116,7 +118,7 @@ def profile_layers(request: ProfileRequest) -> ProfileOutcome | None:
     layout = model.adapter.layout(images0)
     options, level_notes = profile_levels(layout, request.options)
     identity = {"model": name, "weights": weights_identity(request.weights, entry),
-                "dtype": str(request.dtype).removeprefix("torch."), "frames": frames,
+                "dtype": str(request.dtype).removeprefix("torch."), "frames": frames, "preprocess": recipe,
                 "image_hw": list(images0.shape[-2:]), **options.identity()}
     if ranks.is_main:
         for note in notes + level_notes:

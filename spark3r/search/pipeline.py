@@ -23,7 +23,7 @@ from spark3r.models.loading import identified_weights
 from spark3r.models.registry import build_model, resolve_model_name
 from spark3r.profiler.format import PROFILE_JSON, Profile, load_profile
 from spark3r.reduce.flops import global_attention_fraction, model_fraction
-from spark3r.schedule import PAPER_KV_METHOD, Budget, Schedule, load_schedule, save_schedule
+from spark3r.schedule import PAPER_KV_METHOD, Budget, Schedule, load_schedule, save_schedule, shipped_schedule
 from spark3r.search.knapsack import KnapsackResult, pareto_front, solve_knapsack
 from spark3r.search.problem import (
     Candidate, SearchProblem, build_problem, candidate_schedule, check_budget, predicted_deviation,
@@ -45,7 +45,8 @@ class SearchRequest:
 
     sampler / trials / seed: the Optuna study, kept in `storage` (default <out>.journal) under `study` (default
     <model>-b<budget>-<digest>). verify: measure this many best candidates on the held-out clips `calib` with
-    `weights` (default: those the profile used). model: refuse a profile made for another model. out: the schedule
+    `weights` (default: those the profile used), preprocessed as the profile's clips (or at `size`), `max_frames`
+    frames spread over each (default: the profile's frame count) or every `every`-th. model: refuse a profile made for another model. out: the schedule
     YAML (default schedules/<model>-b<budget>.yaml).
     """
 
@@ -60,6 +61,9 @@ class SearchRequest:
     kv_extra_levels: int = 0
     verify: int = 0
     calib: str | None = None
+    size: int | None = None
+    every: int | None = None
+    max_frames: int | None = None
     weights: str | None = None
     model: str | None = None
     storage: str | None = None
@@ -110,13 +114,9 @@ def newest_profile(root: Path = PROFILES_DIR) -> Path:
 
 
 def find_paper_rule(model: str) -> Path | None:
-    """The shipped paper-rule schedule of `model` (schedules/<model>-paper.yaml here or in the source tree)."""
-    package = Path(__file__).resolve().parents[1]
-    for folder in (SCHEDULES_DIR, package / "schedules", package.parent / "schedules"):
-        path = folder / f"{model}-paper.yaml"
-        if path.is_file():
-            return path
-    return None
+    """The paper-rule schedule of `model`: schedules/<model>-paper.yaml in the working folder, else the shipped one."""
+    local = SCHEDULES_DIR / f"{model}-paper.yaml"
+    return local if local.is_file() else shipped_schedule(model)
 
 
 def flops_fraction_of(schedule: Schedule, flop_config: FlopConfig, frames: int, budget_of: str) -> float:
@@ -171,6 +171,9 @@ def remade_command(request: SearchRequest, profile_path: Path, out: Path, storag
         parts += ["--kv-extra-levels", str(request.kv_extra_levels)]
     if request.verify:
         parts += ["--verify", str(request.verify), "--calib", request.calib]
+        for flag, value in (("--size", request.size), ("--every", request.every), ("--max-frames", request.max_frames)):
+            if value is not None:
+                parts += [flag, str(value)]
     return shlex.join(parts)
 
 
@@ -242,7 +245,7 @@ def verify_best(run: SearchRun, candidates: list[Candidate]) -> tuple[Candidate,
     from spark3r.search.verify import held_out_clips, measure
 
     request, profile = run.request, run.profile
-    clips = held_out_clips(profile, request.calib)
+    clips = held_out_clips(profile, request.calib, request.size, request.every, request.max_frames)
     schedules = [candidate_schedule(run.problem, candidate) for candidate in candidates]
     weights = (request.weights if request.weights is not None
                else identified_weights(profile.options.get("weights", "auto")))

@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from spark3r.data.clip import Clip
-from spark3r.data.clips import open_clips
+from spark3r.data.clips import fit_clips, open_clips
 from spark3r.errors import ParameterError
 from spark3r.evaluate.deviation import output_deviation
 from spark3r.models.loading import load_model
@@ -18,10 +18,17 @@ from spark3r.profiler.run import ProfileOptions, finite_outputs
 from spark3r.schedule import Schedule, check_model, reduced
 
 
-def held_out_clips(profile: Profile, calib: str) -> list[Clip]:
-    """The clips of `calib`, preprocessed for the profile's model; calibration clips of the profile are refused."""
+def held_out_clips(profile: Profile, calib: str, size: int | None = None, every: int | None = None,
+                   max_frames: int | None = None) -> list[Clip]:
+    """The clips of `calib`, preprocessed as the profile's were (or at `size`, the side of a square image), with
+    `max_frames` frames spread over each (default: the profile's frame count) or every `every`-th; calibration clips
+    of the profile are refused."""
     entry = get_entry(profile.model)
-    clips = open_clips(calib, preprocess=f"{entry.preprocess}:{entry.image_width}", frames=profile.frames)
+    recipe = entry.recipe(size) if size is not None else profile.options.get("preprocess", entry.recipe())
+    if every is None and max_frames is None:
+        max_frames = profile.frames
+    clips = fit_clips(open_clips(calib, preprocess=recipe, max_frames=max_frames, every=every,
+                                 frames=profile.frames))
     if not clips:
         raise ParameterError(f"`calib` {calib} holds no clips: pass a folder of clips, one clip or synthetic:N[:SEED]",
                              "calib")

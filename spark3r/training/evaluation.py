@@ -107,7 +107,7 @@ def evaluate_lengths(model: nn.Module, clips: str, lengths: list[int], device: t
     entry = get_entry(model.adapter.model_name)
     results = {}
     for frames in lengths:
-        opened = open_clips(clips, preprocess=f"{entry.preprocess}:{entry.image_width}", frames=frames)
+        opened = open_clips(clips, preprocess=entry.recipe(), frames=frames)
         if not opened:
             raise ParameterError(f"`clips` {clips} holds no clips: pass synthetic:N[:SEED][:walk] or a folder of clips",
                                  "clips")

@@ -1,0 +1,23 @@
+"""benchmarks/reconstruct.py on CPU with vggt-tiny: it generates the video, reconstructs it and writes the results."""
+import importlib.util
+import json
+from pathlib import Path
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reconstruct.py"
+SPEC = importlib.util.spec_from_file_location("benchmark_reconstruct", PATH)
+benchmark = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(benchmark)
+
+
+def test_generates_a_walk_video_and_records_every_stage(tmp_path, capsys):
+    argv = ["--model", "vggt-tiny", "--weights", "auto", "--frames", "6", "--size", "56", "--device", "cpu",
+            "--work", str(tmp_path / "work"), "--results", str(tmp_path / "result")]
+    assert benchmark.main(argv) == 0
+    record = json.loads((tmp_path / "result.json").read_text())
+    summary = record["summary"]
+    assert summary["frames"] == 6 and summary["image_size"] == [56, 56] and summary["input"].endswith("walk-6.mp4")
+    assert set(summary["seconds"]) == {"read", "load_model", "model", "points", "frames", "preview"}
+    assert record["command"].startswith("python benchmarks/reconstruct.py --model vggt-tiny")
+    assert len(record["commit"].removesuffix("+dirty")) == 40 and record["video_seconds"] > 0
+    text = (tmp_path / "result.md").read_text()
+    assert "| model |" in text and "schedule paper (vggt-tiny-paper.yaml)" in text and text in capsys.readouterr().out
