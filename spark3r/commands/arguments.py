@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from spark3r.errors import ParameterError, Spark3rError, Spark3rWarning
+from spark3r.models.loading import checked_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -32,15 +33,10 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`--device`: auto (cuda if present, else cpu) or a device name that `checked_device` accepts."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise Spark3rError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise Spark3rError(f"--device {name} asks for CUDA but none is available here: use --device cpu")
-    return device
+    return checked_device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -145,17 +145,18 @@ def check_finite(state_dict: dict[str, Tensor], source: str) -> None:
 def checked_device(device: torch.device | str) -> torch.device:
     """`device` as a torch.device, with a sentence for a name that is no device or a CUDA device this machine lacks."""
     if not isinstance(device, (torch.device, str)):
-        raise Spark3rError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got "
-                           f"{type(device).__name__}")
+        raise ParameterError(f"`device` must be a torch.device or a name such as cpu or cuda, got "
+                             f"{type(device).__name__}", "device")
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise Spark3rError(f"device {device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
+        raise ParameterError(f"`device` {device!r} is not a device: use cpu, cuda, cuda:N or auto", "device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise Spark3rError(f"device {str(device)!r} asks for CUDA but none is available here: use device='cpu'")
+        raise ParameterError(f"`device` {str(device)} asks for CUDA but none is available here: use `device` cpu",
+                             "device")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise Spark3rError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} "
-                           "CUDA devices (cuda:0 ...)")
+        raise ParameterError(f"`device` {str(device)} does not exist: this machine has {torch.cuda.device_count()} "
+                             "CUDA devices (cuda:0 ...)", "device")
     return device
 
 
