@@ -126,6 +126,10 @@ CLI_CASES = [
     ("search-schedule", ["--budget", "0.3", "--trials", "5", "--out", "."], [make_tiny_profile], 2,
      "--out . is a folder"),
     ("make-clips", ["synthetic:1", "--out", "taken"], [make_existing_file], 2, "--out taken is a file"),
+    ("reconstruct", ["missing-video.mp4", "--model", "vggt-tiny"], [], 2, "missing-video.mp4 does not exist"),
+    ("reconstruct", ["synthetic:1", "--model", "vggt-tiny", "--schedule", "nope.yaml"], [], 2,
+     "--schedule nope.yaml is not a file"),
+    ("reconstruct", ["clip", "--model", "vggt-tiny", "--every", "2", "--max-frames", "3"], [], 2, "not allowed with"),
 ]
 
 
@@ -180,7 +184,7 @@ def frames(**change):
 def run_reduced(model, images):
     from spark3r import reduced
 
-    identity = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6, "default": {"kv": {"keep": 0.5}}}
+    identity = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 12, "default": {"kv": {"keep": 0.5}}}
     with reduced(model, identity):
         return model(images)
 

@@ -458,9 +458,9 @@ def test_verify_measures_the_reduced_run_against_the_dense_one():
     from spark3r.models.loading import load_model
     from spark3r.search.verify import held_out_clips, measure
 
-    profile = synthetic_profile(weights="auto", frames=3)
+    profile = synthetic_profile(layers=12, weights="auto", frames=3)
     clips = held_out_clips(profile, "synthetic:1:77")
-    schedule = load_schedule({"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6,
+    schedule = load_schedule({"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 12,
                               "default": {"kv": {"keep": 0.25}, "query": {"merge": 2}}})
     measured = measure(profile, [schedule], clips, device=torch.device("cpu"), dtype=torch.float32, weights="auto",
                        seed=0, metric="depth", progress=False)
@@ -475,7 +475,7 @@ def test_verify_exports_the_best_measured_candidate_with_its_measurement(tmp_pat
     from spark3r.models.registry import get_entry
 
     monkeypatch.chdir(tmp_path)
-    write_profile(tmp_path, weights="auto", frames=3)
+    write_profile(tmp_path, weights="auto", frames=3, seed=2)  # a profile whose predicted best is not the measured one
     assert main(["--budget", "0.3", "--trials", "60", "--verify", "3", "--calib", "synthetic:1:77", "--metric",
                  "depth", "--json", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
