@@ -1,13 +1,17 @@
 """`profile-layers`: how sensitive each global attention layer is to K/V pruning and query merging.
 
     profile-layers --model vggt-tiny --calib synthetic:8
+    profile-layers --model vggt-tiny --calib synthetic:8 --frames 8,16,32 --kv-frames 1,2,4,8
     torchrun --nproc-per-node 8 profile-layers --model vggt-1b --calib clips/ --weights model.safetensors
 
 Writes <out>/profile.json, profile.npz and heatmap.png (default out: profiles/<model>/), one result file per clip in
 <out>/clips/ so an interrupted run resumes with the same command, and a short table on stdout (--json: a JSON summary).
+With several --frames, each length is profiled into <out>/frames-<S>/ and <out>/profile.json combines them with a
+per-layer model of deviation against kept K/V frames, query merge and clip length (spark3r.profiler.lengths).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -32,7 +36,8 @@ from spark3r.profiler.distributed import (
     rank_device,
     shard,
 )
-from spark3r.profiler.format import save_profile
+from spark3r.profiler.format import Profile, save_profile
+from spark3r.profiler.lengths import combine, levels_at
 from spark3r.profiler.plot import save_heatmap
 from spark3r.profiler.run import ProfileOptions, profile_clip, profile_levels, sample_schedules
 from spark3r.profiler.store import ClipResult, load_clip, save_clip
@@ -56,6 +61,14 @@ def parse_kv_keep(text: str) -> tuple[float, ...]:
             raise Spark3rError(f"--kv-keep level {item} is out of range: each keep must lie in (0, 1], e.g. 0.25")
         values.append(value)
     return tuple(sorted({1.0, *values}, reverse=True))
+
+
+def parse_counts(text: str, flag: str) -> tuple[int, ...]:
+    """"16,32,64" -> (16, 32, 64): distinct whole numbers >= 1, ascending."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.isdigit() and int(item) >= 1 for item in items):
+        raise Spark3rError(f"{flag} {text!r} must list whole numbers >= 1, e.g. 16,32,64")
+    return tuple(sorted({int(item) for item in items}))
 
 
 def parse_query_merge(text: str) -> tuple[int, ...]:
@@ -112,8 +125,13 @@ def build_parser() -> ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--query-merge", default=DEFAULT_QUERY_MERGE,
                         help="query merge factors to sweep, >= 1; 1 (dense) is always added (default: %(default)s)")
-    parser.add_argument("--frames", type=int, default=None,
-                        help="frames per clip (the first N); default: the shortest clip (8 for synthetic clips)")
+    parser.add_argument("--kv-frames", default=None,
+                        help="K/V levels in kept frames, e.g. 1,2,4,8,16: at S frames, N means keep 1/ceil(S/N) "
+                             "(a schedule's kv: {frames: N}); profiled beside the --kv-keep fractions")
+    parser.add_argument("--frames", default=None,
+                        help="frames per clip (the first N; synthetic clips are generated at that length), or "
+                             "several lengths, e.g. 16,32,64, each profiled; default: the shortest clip (8 for "
+                             "synthetic clips)")
     parser.add_argument("--kv-method", default="frame_stride", choices=KV_METHODS, help="K/V pruning method")
     parser.add_argument("--no-reference-frame", dest="keep_reference_frame", action="store_false",
                         help="do not keep frame 0's K/V whole (grid, random and key_norm methods)")
@@ -131,7 +149,7 @@ def build_parser() -> ArgumentParser:
 
 
 def check_counts(args) -> None:
-    for flag, value, least in (("--frames", args.frames, 1), ("--group-frames", args.group_frames, 1),
+    for flag, value, least in (("--group-frames", args.group_frames, 1),
                                ("--additivity", args.additivity, 0), ("--level-batch", args.level_batch, 1)):
         if value is not None and value < least:
             raise Spark3rError(f"{flag} is {value}: give a whole number >= {least}")
@@ -194,46 +212,83 @@ def load_calibration(spec: str, recipe: str, frames: int | None) -> tuple[list, 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_counts(args)
-    kv_keep, query_merge = parse_kv_keep(args.kv_keep), parse_query_merge(args.query_merge)
-    score_weights = parse_score_weights(args.score_weights)
+    lengths = (None,) if args.frames is None else parse_counts(args.frames, "--frames")
+    kv_frames = () if args.kv_frames is None else parse_counts(args.kv_frames, "--kv-frames")
+    base = ProfileOptions(
+        kv_keep=parse_kv_keep(args.kv_keep), query_merge=parse_query_merge(args.query_merge),
+        kv_method=args.kv_method, keep_reference_frame=args.keep_reference_frame, group_frames=args.group_frames,
+        score_weights=parse_score_weights(args.score_weights), additivity_schedules=args.additivity,
+        level_batch=args.level_batch, seed=args.seed)
     started = time.perf_counter()
     ranks = launch_ranks()
     device = rank_device(resolve_device(args.device), ranks)
-    dtype = resolve_dtype(args.dtype, device)
     name = resolve_model_name(args.model)
-    entry = get_entry(name)
     out = Path(args.out) if args.out else Path("profiles") / name
+    dtype = resolve_dtype(args.dtype, device)
     model = load_model(name, weights=args.weights, device=device, dtype=dtype, seed=args.seed)
     if not isinstance(model, ReconstructionModel):
         raise Spark3rError(f"model {name} does not run as trunk steps, so it cannot be profiled: use one of "
                            "spark3r's model classes")
-    clips, frames, notes = load_calibration(args.calib, f"{entry.preprocess}:{entry.image_width}", args.frames)
+    init_distributed(ranks, device)
+    folders = [out / f"frames-{frames}" for frames in lengths] if len(lengths) > 1 else [out]
+    profiles = [profile_length(args, model, name, ranks, device, dtype, base, frames, kv_frames, folder)
+                for frames, folder in zip(lengths, folders)]
+    close_distributed(ranks)
+    if not ranks.is_main:
+        return 0
+    if len(lengths) > 1:
+        for (profile, raw), folder in zip(profiles, folders):
+            save_length(profile, raw, folder, started)
+        profile, raw = combine([profile for profile, _ in profiles]), profiles[-1][1]
+    else:
+        profile, raw = profiles[0]
+    path = save_length(profile, raw, out, started)
+    absent = [term for term in DEFAULT_WEIGHTS if term not in profile.metrics]
+    if absent:
+        print(f"note: {', '.join(absent)} left out of the profile: the model does not output them or its dense "
+              "outputs for them are not finite (random weights give a zero field of view)", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary(profile, path), indent=1))
+    else:
+        print(table(profile, path))
+    return 0
+
+
+def save_length(profile: Profile, raw: dict, out: Path, started: float) -> Path:
+    """Write a profile with its raw arrays and heat map into `out`; returns the path of profile.json."""
+    profile.timings["wall"] = time.perf_counter() - started
+    path = save_profile(profile, out, raw)
+    save_heatmap(profile, out / "heatmap.png")
+    return path
+
+
+def profile_length(args, model: ReconstructionModel, name: str, ranks, device, dtype, base: ProfileOptions,
+                   frames: int | None, kv_frames: tuple[int, ...], out: Path) -> tuple[Profile, dict] | None:
+    """Profile the calibration clips cut (or generated) at `frames` frames at `base`'s levels and the `kv_frames`
+    levels, keeping per-clip results in `out` (so a rerun resumes); the profile and its raw arrays (None on ranks
+    other than the main one)."""
+    entry = get_entry(name)
+    clips, frames, notes = load_calibration(args.calib, f"{entry.preprocess}:{entry.image_width}", frames)
     images0 = clips[0][0].images
     layout = model.adapter.layout(images0)
-    options, level_notes = profile_levels(layout, ProfileOptions(
-        kv_keep=kv_keep, query_merge=query_merge, kv_method=args.kv_method,
-        keep_reference_frame=args.keep_reference_frame, group_frames=args.group_frames,
-        score_weights=score_weights, additivity_schedules=args.additivity, level_batch=args.level_batch,
-        seed=args.seed))
+    options, level_notes = profile_levels(
+        layout, dataclasses.replace(base, kv_keep=levels_at(frames, base.kv_keep, kv_frames)))
     identity = {"model": name, "weights": weights_identity(args.weights, entry), "dtype": str(dtype).removeprefix("torch."),
                 "frames": frames, "image_hw": list(images0.shape[-2:]), **options.identity()}
     if ranks.is_main:
         for note in notes + level_notes:
             print(f"note: {note}", file=sys.stderr)
     done = {sha: load_clip(out, sha, identity) for _, sha in clips}
-
-    init_distributed(ranks, device)
     mine = [(clip, sha) for clip, sha in shard(clips, ranks) if done[sha] is None]
     layers = model.adapter.num_global_layers
-    with tqdm(total=len(mine) * layers, desc=f"profiling {name}", unit="layer", file=sys.stderr,
+    with tqdm(total=len(mine) * layers, desc=f"profiling {name} at {frames} frames", unit="layer", file=sys.stderr,
               disable=not ranks.is_main or not mine) as bar:
         for clip, sha in mine:
             measured = profile_clip(model, clip.images.to(device), options, on_layer=bar.update)
             save_clip(ClipResult(clip.name, sha, frames, measured.arrays, measured.timings), out, identity)
     barrier(ranks)
     if not ranks.is_main:
-        close_distributed(ranks)
-        return 0
+        return None
 
     results = [load_clip(out, sha, identity) for _, sha in clips]
     missing = [clip.name for (clip, _), result in zip(clips, results) if result is None]
@@ -247,20 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         options={key: value for key, value in identity.items()
                  if key not in ("model", "frames", "image_hw", "kv_keep", "query_merge")},
         kv_index=kv_index, query_index=query_index)
-    absent = [term for term in DEFAULT_WEIGHTS if term not in profile.metrics]
-    if absent:
-        print(f"note: {', '.join(absent)} left out of the profile: the model does not output them or its dense "
-              "outputs for them are not finite (random weights give a zero field of view)", file=sys.stderr)
-    profile.timings["wall"] = time.perf_counter() - started
     profile.timings["ranks"] = ranks.world_size
-    path = save_profile(profile, out, raw)
-    save_heatmap(profile, out / "heatmap.png")
-    close_distributed(ranks)
-    if args.json:
-        print(json.dumps(summary(profile, path), indent=1))
-    else:
-        print(table(profile, path))
-    return 0
+    return profile, raw
 
 
 def summary(profile, path: Path) -> dict:
@@ -271,7 +314,30 @@ def summary(profile, path: Path) -> dict:
         "score": {"kv": profile.kv["score"].mean.tolist(), "query": profile.query["score"].mean.tolist()},
         "additivity": {key: profile.additivity.get(key) for key in ("measured", "predicted_sum", "spearman")},
         "asymmetry": profile.asymmetry, "timings": profile.timings,
+        "lengths": [entry["frames"] for entry in profile.by_length],
+        "length_model": {metric: {key: model[key] for key in ("form", "kv", "query", "held_out")}
+                         for metric, model in profile.length_model.items()},
     }
+
+
+def length_lines(profile) -> list[str]:
+    """The length model's fit error at the held-out length, per metric fitted (none for a one-length profile)."""
+    lines = []
+    for metric, model in profile.length_model.items():
+        held = model["held_out"]
+        errors = "; ".join(f"{kind} RMSE of log {_num(held[kind]['rmse_log'])}, median relative error "
+                           f"{_num(held[kind]['median_relative_error'])}, Spearman {_num(held[kind]['spearman'])}"
+                           for kind in ("kv", "query"))
+        lines.append(f"length model ({metric}), fitted on {held['fitted_on']} frames, predicting {held['frames']}: "
+                     f"{errors}")
+    if lines:
+        lines.insert(0, f"profiled at {[entry['frames'] for entry in profile.by_length]} frames; the tables above are "
+                        f"those at {profile.frames}. {profile.length_model[next(iter(profile.length_model))]['form']}")
+    return lines
+
+
+def _num(value) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
 
 
 def table(profile, path: Path) -> str:
@@ -294,6 +360,7 @@ def table(profile, path: Path) -> str:
         rho_text = "undefined" if rho is None else f"{rho:.3f}"
         lines.append(f"additivity: Spearman {rho_text} between measured and summed single-layer scores of "
                      f"{len(profile.additivity['measured'])} schedules")
+    lines += length_lines(profile)
     timings = profile.timings
     phases = ", ".join(f"{phase} {timings[phase]:.1f}s" for phase in ("dense", "cache", "local", "resume", "decode",
                                                                       "additivity"))
