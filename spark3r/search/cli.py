@@ -2,6 +2,7 @@
 
     search-schedule --budget 0.1                      # newest profiles/*/profile.json -> schedules/<model>-b0.1.yaml
     search-schedule --profile P --budget 0.1 --trials 4000 --verify 5 --calib synthetic:4:100
+    search-schedule --budget 0.01 --frames 100,300,1000   # a profile of several lengths: spark3r.search.deploy
 
 First the exact optimum of the predicted objective (multiple-choice knapsack), then an Optuna study warm-started with it
 (resumable: the same command continues it; several workers can share it), optionally the best candidates measured on
@@ -28,6 +29,7 @@ from spark3r.profiler.format import PROFILE_JSON, Profile, load_profile
 from spark3r.reduce.flops import global_attention_fraction, model_fraction
 from spark3r.schedule import BUDGET_OF, Budget, Schedule, load_schedule, save_schedule
 from spark3r.search.knapsack import KnapsackResult, pareto_front, solve_knapsack
+from spark3r.search.lengths import parse_lengths
 from spark3r.search.objective import Candidate, SearchProblem, build_problem, candidate_schedule, predicted_deviation
 from spark3r.search.study import (
     SAMPLERS, WARM_START, default_study_name, is_feasible, join_study, make_sampler, open_study, problem_key,
@@ -45,8 +47,10 @@ def build_parser() -> ArgumentParser:
                         help="profile.json (or its folder); default: the newest profiles/*/profile.json here")
     parser.add_argument("--budget", type=float, required=True,
                         help="largest allowed fraction of dense FLOPs, in (0, 1]")
-    parser.add_argument("--frames", type=int, default=None,
-                        help="frames at which the budget is counted (default: the profile's clip length)")
+    parser.add_argument("--frames", default=None,
+                        help="deployment length(s) at which the budget is counted, e.g. 1000 or 100,300,1000 "
+                             "(several need a profile of several lengths); default: 1000 for a profile of several "
+                             "lengths, else the profile's clip length")
     parser.add_argument("--budget-of", default="global_attention", choices=BUDGET_OF,
                         help="what the budget is a fraction of: global attention (QK^T and AV) or the whole model")
     parser.add_argument("--sampler", default="mutation", choices=SAMPLERS,
@@ -80,8 +84,6 @@ def check_args(args) -> None:
                                ("--kv-extra-levels", args.kv_extra_levels, 0)):
         if value < least:
             raise Spark3rError(f"{flag} is {value}: give a whole number >= {least}")
-    if args.frames is not None and args.frames < 1:
-        raise Spark3rError(f"--frames is {args.frames}: give a positive number of frames")
     if args.verify and not args.calib:
         raise Spark3rError("--verify needs held-out clips: add --calib DIR (or synthetic:N[:SEED])")
 
@@ -93,6 +95,13 @@ def newest_profile(root: Path = PROFILES_DIR) -> Path:
         raise Spark3rError(f"no profile given and none found under {root}/: run profile-layers first or pass "
                            "--profile PATH")
     return found[-1]
+
+
+def paper_rule_of(profile: Profile) -> Path | None:
+    """The paper's rule to compare with: shipped for the model and comparable (the profile prunes by frame stride)."""
+    if profile.options.get("kv_method", "frame_stride") != "frame_stride":
+        return None
+    return find_paper_rule(profile.model)
 
 
 def find_paper_rule(model: str) -> Path | None:
@@ -162,7 +171,9 @@ def table(result: dict) -> str:
     """The short human summary."""
     n = result["frames"]
     lines = [f"search-schedule: {result['model']}, budget {result['budget']:g} of dense "
-             f"{result['budget_of'].replace('_', ' ')} FLOPs at {n} frames; profile {result['profile']}",
+             f"{result['budget_of'].replace('_', ' ')} FLOPs at {n} frames"
+             f"{'' if result['frames_stated'] else ' (the profile clip length, the default: pass --frames)'}; "
+             f"profile {result['profile']}",
              f"{'':34} {'deviation':>10} {f'FLOPs@{n}':>10} {f'FLOPs@{LONG_FRAMES}':>11} {'measured':>9}"]
     paper = result["paper_rule"]
     rows = [("knapsack optimum" + (" (exact)" if result["knapsack"]["exact"] else " (not proven)"), result["knapsack"]),
@@ -216,7 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         raise Spark3rError(f"profile {profile_path} was made for {profile.model}, not {wanted}: pass a profile of "
                            f"that model or --model {profile.model}")
     flop_config = build_model(profile.model, device="meta").flop_config(*profile.image_hw)
-    options = dict(frames=args.frames, budget_of=args.budget_of, metric=args.metric,
+    if profile.by_length:
+        from spark3r.search import deploy
+
+        deploy.print_result(deploy.run(args, profile, profile_path, flop_config, paper_rule_of(profile)), args.json)
+        return 0
+    lengths = None if args.frames is None else parse_lengths(args.frames)
+    if lengths is not None and len(lengths) > 1:
+        raise Spark3rError(f"--frames {args.frames} names several lengths, but profile {profile_path} was measured at "
+                           "one: profile several (profile-layers --frames 16,32,64 --kv-frames 1,2,4,8)")
+    options = dict(frames=None if lengths is None else lengths[0], budget_of=args.budget_of, metric=args.metric,
                    per_layer_query=args.per_layer_query, kv_extra_levels=args.kv_extra_levels)
     problem = build_problem(profile, flop_config, **options)
     long = build_problem(profile, flop_config, **{**options, "frames": LONG_FRAMES})
@@ -275,8 +295,8 @@ def summarize(args, profile, profile_path, problem, long, knapsack: KnapsackResu
     """Everything --json prints (the table shows most of it)."""
     uniform, _ = best_uniform(problem, args.budget)
     paper = None
-    paper_path = find_paper_rule(profile.model)
-    if paper_path is not None and profile.options.get("kv_method", "frame_stride") == "frame_stride":
+    paper_path = paper_rule_of(profile)
+    if paper_path is not None:
         rule = load_schedule(paper_path)
         if rule.global_layers == profile.global_layers:
             # resolved at the budget's frame count, like its FLOPs, so both describe one set of per-layer levels
@@ -291,7 +311,7 @@ def summarize(args, profile, profile_path, problem, long, knapsack: KnapsackResu
     trials = completed(study)
     return {
         "profile": str(profile_path), "model": profile.model, "budget": args.budget, "budget_of": args.budget_of,
-        "frames": problem.frames, "metric": args.metric,
+        "frames": problem.frames, "frames_stated": args.frames is not None, "metric": args.metric,
         "knapsack": {**describe(problem, long, knapsack.candidate, measured), "exact": knapsack.exact,
                      "lower_bound": knapsack.lower_bound},
         "optuna_best": describe(problem, long, sampled[0][0], measured) if sampled else None,

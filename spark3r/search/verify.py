@@ -18,14 +18,22 @@ from spark3r.reduce.patch import reduced
 from spark3r.schedule import Schedule, check_model
 
 
-def held_out_clips(profile: Profile, calib: str) -> list[Clip]:
-    """The clips of `calib`, preprocessed for the profile's model; calibration clips of the profile are refused."""
+def held_out_clips(profile: Profile, calib: str, frames: int | None = None) -> list[Clip]:
+    """The clips of `calib` at `frames` frames (default: the profile's), preprocessed for the profile's model;
+    calibration clips of the profile, at any profiled length, are refused."""
     entry = get_entry(profile.model)
-    clips = open_clips(calib, preprocess=f"{entry.preprocess}:{entry.image_width}", frames=profile.frames)
+    frames = profile.frames if frames is None else frames
+    clips = open_clips(calib, preprocess=f"{entry.preprocess}:{entry.image_width}", max_frames=frames, frames=frames)
+    short = [clip for clip in clips if clip.frames < frames]
+    if short:
+        raise Spark3rError(f"--calib clip {short[0].name} has {short[0].frames} frames, fewer than the {frames} to "
+                           "verify at: pass longer clips")
     if not clips:
         raise Spark3rError(f"--calib {calib} holds no clips: pass a folder of clips, one clip or synthetic:N[:SEED]")
-    profiled = {clip.get("sha256") for clip in profile.clips}
-    reused = [clip.name for clip in clips if clip.fingerprint() in profiled]
+    profiled_clips = [*profile.clips, *(clip for entry in profile.by_length for clip in entry.get("clips", []))]
+    profiled = {clip.get("sha256") for clip in profiled_clips}
+    names = {clip.get("name") for clip in profiled_clips} if frames != profile.frames else set()
+    reused = [clip.name for clip in clips if clip.fingerprint() in profiled or clip.name in names]
     if reused:
         raise Spark3rError(f"--calib clip {reused[0]} was used to make the profile, so it is not held out: pass other "
                            "clips (e.g. synthetic:N with another seed)")
