@@ -271,7 +271,7 @@ def bad_files(tmp_path_factory):
     ({"--query-merge": "0"}, "--query-merge level 0 is out of range"),
     ({"--score-weights": "depth:1"}, "--score-weights item 'depth:1' is malformed"),
     ({"--score-weights": "color=1"}, "unknown term 'color'"),
-    ({"--frames": "0"}, "--frames is 0"),
+    ({"--frames": "0"}, "--frames '0' must list whole numbers >= 1"),
     ({"--calib": "{tmp}/short"}, "has only 2 frames but --frames 4 was asked"),
 ])
 def test_bad_inputs_give_one_sentence(change, message, bad_files, capsys):
