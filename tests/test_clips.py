@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from spark3r.data.cli import main as make_clips
-from spark3r.data.clips import Clip, open_clips, preprocess_clip, read_clip, write_clip
+from spark3r.data.clips import Clip, open_clips, parse_synthetic_spec, preprocess_clip, read_clip, write_clip
 from spark3r.data.preprocess import get_recipe
 from spark3r.data.synthetic import SceneConfig, render_clip, render_views, sample_clip
 from spark3r.errors import Spark3rError
@@ -183,3 +183,15 @@ def test_bad_options_and_missing_pyav(tmp_path, clip, monkeypatch):
         read_clip(video)
     with pytest.raises(Spark3rError, match="depth of shape"):
         Clip("x", torch.zeros(2, 3, 4, 4), depth=torch.zeros(2, 4, 5))
+
+
+def test_walk_specs_render_walks_and_keep_the_arc_default():
+    assert parse_synthetic_spec("synthetic:3") == (3, 0, "arc")
+    assert parse_synthetic_spec("synthetic:3:7:walk") == (3, 7, "walk")
+    walk = open_clips("synthetic:1:7:walk", preprocess=None, frames=5, size=(14, 14))[0]
+    arc = open_clips("synthetic:1:7", preprocess=None, frames=5, size=(14, 14))[0]
+    assert walk.name == "synthetic-walk7-000" and arc.name == "synthetic7-000"
+    centers = -(walk.extrinsics[:, :, :3].transpose(1, 2) @ walk.extrinsics[:, :, 3:])[..., 0]
+    assert ((centers[1:] - centers[:-1]).norm(dim=-1) < 0.07).all()  # centimetres per frame, not the arc's decimetres
+    with pytest.raises(Spark3rError, match="synthetic:N:SEED:walk"):
+        parse_synthetic_spec("synthetic:3:7:spiral")

@@ -60,9 +60,9 @@ def project(points, intrinsics, extrinsics):
     return pixels[:, :2] / pixels[:, 2:], camera[:, 2]
 
 
-@pytest.mark.parametrize("other", [1, 3])
-def test_reprojected_pixels_land_on_the_same_surface_point(other):
-    clip = render_clip(3, frames=4, height=48, width=64)
+@pytest.mark.parametrize("path, frames, other", [("arc", 4, 1), ("arc", 4, 3), ("walk", 12, 1), ("walk", 12, 6)])
+def test_reprojected_pixels_land_on_the_same_surface_point(path, frames, other):
+    clip = render_clip(3, frames=frames, height=48, width=64, config=SceneConfig(path=path))
     points = unproject_depth(clip.depth, clip.intrinsics, clip.extrinsics)[0].reshape(-1, 3)
     pixels, z = project(points, clip.intrinsics[other], clip.extrinsics[other])
     col, row = pixels[:, 0].floor().long(), pixels[:, 1].floor().long()
@@ -110,6 +110,53 @@ def test_camera_path_is_smooth_level_and_clear_of_objects():
         assert (ground > footprint + config.clearance - 1e-9).all()
 
 
+def camera_centers(extrinsics):
+    return -(extrinsics[:, :, :3].transpose(1, 2) @ extrinsics[:, :, 3:])[..., 0]
+
+
+def test_walk_is_continuous_level_clear_of_objects_and_moves_through_the_room():
+    config = SceneConfig(path="walk")
+    for seed in range(6):
+        scene, intrinsics, extrinsics = sample_clip(seed, 256, 32, 32, config)
+        rotation, centers = extrinsics[:, :, :3], camera_centers(extrinsics)
+        assert torch.allclose(rotation @ rotation.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(256, 3, 3))
+        assert rotation[:, 0, 1].abs().max() < 1e-12  # no roll
+        step = (centers[1:] - centers[:-1]).norm(dim=-1)
+        assert step.min() > 0.02 - 0.002 and step.max() < 0.06 + 0.002  # a few centimetres per frame, no jumps
+        forward = rotation[:, 2]
+        turn = torch.rad2deg(torch.acos((forward[1:] * forward[:-1]).sum(-1).clamp(max=1)))
+        assert turn.max() < 10 and turn.median() < 3  # a few degrees per frame
+        assert torch.rad2deg(torch.asin(forward[:, 1].abs())).max() <= config.max_pitch + 1e-9
+        assert (centers[:, [0, 2]].abs() < scene.room_half[0, [0, 2]] - 0.5).all()  # away from the walls
+        extent = centers.max(0).values - centers.min(0).values
+        assert extent[[0, 2]].min() > 1.0  # it walks through the room instead of turning on the spot
+        distance = (centers[:, None] - scene.sphere_center[0][None]).norm(dim=-1)
+        assert (distance > scene.sphere_radius[0] + config.clearance - 1e-9).all()
+        footprint = scene.box_half[0, :, [0, 2]].norm(dim=-1)
+        ground = (centers[:, None, [0, 2]] - scene.box_center[0][None, :, [0, 2]]).norm(dim=-1)
+        assert (ground > footprint + config.clearance - 1e-9).all()
+
+
+def test_a_long_walk_revisits_the_scene():
+    """Over 1000 frames (20-60 m) on a loop of a few metres' radius, the camera comes back near where it started."""
+    extrinsics = sample_clip(4, 1000, 8, 8, SceneConfig(path="walk"))[2]
+    centers = camera_centers(extrinsics)
+    later = (centers[300:] - centers[0]).norm(dim=-1)
+    assert later.min() < 0.3
+
+
+def test_existing_specs_keep_their_clips():
+    """The third camera of synthetic:1:0's clip as the arc drew it before the walk mode existed (printed by the
+    renderer of commit 189e6d8): existing clip specs keep their meaning."""
+    arc = sample_clip(clip_seeds(0, 1)[0], 3, 16, 16, SceneConfig())[2]
+    expected = torch.tensor([[-0.8951940853, 0.0, 0.4456765078, -0.4009196365],
+                             [0.0201207947, 0.9989803708, 0.0404150008, -0.4857542923],
+                             [-0.4452220831, 0.0451466352, -0.8942813193, 1.0256900429]], dtype=torch.float64)
+    assert torch.allclose(arc[2], expected, atol=1e-9)
+    walk = sample_clip(clip_seeds(0, 1)[0], 3, 16, 16, SceneConfig(path="walk"))[2]
+    assert not torch.allclose(arc, walk)
+
+
 def test_unordered_views_shuffle_the_same_cameras():
     ordered = sample_clip(2, 6, 16, 16, SceneConfig())[2]
     shuffled = sample_clip(2, 6, 16, 16, SceneConfig(shuffle=True))[2]
@@ -122,6 +169,7 @@ def test_unordered_views_shuffle_the_same_cameras():
     ({"fov": (70.0, 50.0)}, "SceneConfig.fov"),
     ({"room_half_width": (1.5, 2.0)}, "too small"),
     ({"max_pitch": -1.0}, "SceneConfig.max_pitch"),
+    ({"path": "spiral"}, "SceneConfig.path"),
 ])
 def test_bad_scene_config_is_one_sentence(kwargs, message):
     with pytest.raises(Spark3rError, match=message) as error:

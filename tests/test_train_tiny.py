@@ -14,6 +14,7 @@ from scipy.spatial.transform import Rotation
 import spark3r
 from spark3r.data.clips import Clip, write_clip
 from spark3r.data.synthetic import render_batch
+from spark3r.errors import Spark3rError
 from spark3r.models import train_tiny as tt
 from spark3r.models.blocks import patch_positions
 from spark3r.models.vggt import pose_encoding_to_extrinsics_intrinsics
@@ -115,7 +116,7 @@ def test_learning_rate_warms_up_then_decays_to_five_percent():
 
 def test_training_seeds_never_reach_held_out_specs():
     assert tt.train_spec_seed(0, 0) == 10**9 and tt.train_spec_seed(2, 5) == 3 * 10**9 + 5
-    first = tt.StepScenes(0, 2, 2, (28, 28), tt.SceneConfig())
+    first = tt.StepScenes(0, tt.StepShape((2, 2), 2), (28, 28), tt.SceneConfig())
     assert all(torch.equal(a, b) for a, b in zip(first[3].values(), first[3].values()))
     assert not torch.equal(first[3]["extrinsics"], first[4]["extrinsics"])
 
@@ -153,7 +154,7 @@ def test_frame_only_attention_equals_attention_run_per_frame(tiny):
 def test_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
     model = spark3r.load_model("vggt-tiny", weights="none", seed=0).train()
-    images, targets = tt.render_step(tt.StepScenes(0, 1, 2, (28, 28), tt.SceneConfig())[0], (28, 28),
+    images, targets = tt.render_step(tt.StepScenes(0, tt.StepShape((2, 2), 1), (28, 28), tt.SceneConfig())[0], (28, 28),
                                      torch.device("cpu"))
     optimizer = torch.optim.AdamW(tt.parameter_groups(model, 0.05), lr=1e-3)
     losses = []
@@ -239,11 +240,67 @@ def test_evaluate_command_prints_the_three_rows(capsys):
     assert tt.main(["--evaluate", "none", "--clips", "synthetic:2:1000", "--frames", "2", "--device", "cpu",
                     "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert set(report["results"]) == {"model", "frame_only", "trivial"} and report["count"] == 2
-    assert report["results"]["trivial"]["auc30"] == 0.0
+    assert report["frames"] == [2] and report["lengths"]["2"]["count"] == 2
+    assert set(report["lengths"]["2"]["results"]) == {"model", "frame_only", "trivial"}
+    assert report["lengths"]["2"]["results"]["trivial"]["auc30"] == 0.0
 
 
 def test_evaluate_refuses_clips_without_ground_truth(tmp_path, capsys):
     write_clip(Clip(name="plain", images=torch.rand(2, 3, 112, 112)), tmp_path, "npz")
     assert tt.main(["--evaluate", "none", "--clips", str(tmp_path), "--device", "cpu"]) == 2
     assert "has no ground-truth depth and cameras" in capsys.readouterr().err
+
+
+def test_variable_length_steps_stay_in_range_fill_the_frame_budget_and_repeat():
+    shape = tt.StepShape((2, 48), clips=48, frames_per_step=384, path="mixed")
+    drawn = [shape.at(tt.train_spec_seed(0, step)) for step in range(400)]
+    assert drawn == [shape.at(tt.train_spec_seed(0, step)) for step in range(400)]
+    lengths = [frames for frames, _, _ in drawn]
+    assert min(lengths) == 2 and max(lengths) == 48 and len(set(lengths)) == 47
+    assert all(clips == 384 // frames for frames, clips, _ in drawn)
+    assert all(path == "walk" for frames, _, path in drawn if frames > 16)
+    short_paths = [path for frames, _, path in drawn if frames <= 16]
+    assert 0.3 < short_paths.count("arc") / len(short_paths) < 0.7
+    assert tt.StepShape((8, 8), clips=6).at(123) == (8, 6, "arc")
+    arrays = tt.StepScenes(0, tt.StepShape((2, 5), 1, frames_per_step=10, path="walk"), (28, 28), tt.SceneConfig())[7]
+    frames, clips, _ = tt.StepShape((2, 5), 1, frames_per_step=10, path="walk").at(tt.train_spec_seed(0, 7))
+    assert arrays["extrinsics"].shape == (clips, frames, 3, 4)
+
+
+def test_grown_trunk_computes_the_same_function_with_its_taps_moved():
+    from dataclasses import replace
+
+    from spark3r.models.blocks import init_weights
+    from spark3r.models.vggt import VGGT, VGGT_TINY
+
+    torch.manual_seed(0)
+    small = VGGT(replace(VGGT_TINY, depth=4, taps=(0, 1, 2, 3), init_values=0.5)).eval()
+    init_weights(small)
+    for name, value in small.named_parameters():  # LayerScale far from zero, so a wrong tap or copy shows
+        if name.endswith("gamma"):
+            value.data.uniform_(0.3, 0.8)
+    grown_state = tt.grow_depth(small.state_dict(), 8)
+    assert tt.trunk_depth(grown_state) == 8
+    for new in (2, 3):  # a silent copy of old block 1, then old block 1
+        assert torch.equal(grown_state[f"aggregator.global_blocks.{new}.attn.qkv.weight"],
+                           small.state_dict()["aggregator.global_blocks.1.attn.qkv.weight"])
+    assert not grown_state["aggregator.global_blocks.2.ls1.gamma"].any()
+    assert grown_state["aggregator.global_blocks.3.ls1.gamma"].min() >= 0.3
+    big = VGGT(replace(VGGT_TINY, depth=8, taps=(1, 3, 5, 7), init_values=0.5)).eval()  # tap t -> 2 (t + 1) - 1
+    big.load_state_dict(grown_state)
+    images = torch.rand(1, 3, 3, 28, 28)
+    with torch.no_grad():
+        expected, grown = small(images), big(images)
+    for key in ("depth", "points", "pose_enc"):
+        assert torch.allclose(grown[key], expected[key], atol=1e-6), key
+    with pytest.raises(Spark3rError, match="whole multiple of 4"):
+        tt.grow_depth(small.state_dict(), 6)
+
+
+def test_evaluate_reports_every_length(capsys):
+    assert tt.main(["--evaluate", "none", "--clips", "synthetic:1:1000:walk", "--frames", "2,3", "--device", "cpu",
+                    "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["frames"] == [2, 3] and set(report["lengths"]) == {"2", "3"}
+    assert tt.main(["--evaluate", "none", "--frames", "2,x", "--device", "cpu"]) == 2
+    assert "at least 2 frames" in capsys.readouterr().err

@@ -15,8 +15,9 @@ Ground-truth arrays (each optional, one entry per frame of the whole clip, befor
 Other arrays in these files are ignored.
 
 A clip spec (what every command's --calib / --clips takes) is a folder of clips (sub-folders of images, videos, .npz
-files), one clip, or `synthetic:N[:SEED]`: N generated clips with ground truth (spark3r.data.synthetic), seed 0 by
-default.
+files), one clip, or `synthetic:N[:SEED][:walk]`: N generated clips with ground truth (spark3r.data.synthetic), seed 0
+by default; `:walk` gives a hand-held walk through the scene instead of the default short arc, for long clips (e.g.
+`synthetic:16:500:walk` with `--frames 256`).
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ FORMATS = ("folder", "npz", "mp4")
 DEFAULT_SYNTHETIC_FRAMES = 8
 DEFAULT_SYNTHETIC_SIZE = (224, 224)
 VIDEO_FPS = 10
-_SYNTHETIC_SPEC = re.compile(r"synthetic:(\d+)(?::(\d+))?")
-_CLIP_SPEC_HELP = "pass a folder of clips, one clip (image folder, video or .npz) or synthetic:N[:SEED]"
+_SYNTHETIC_SPEC = re.compile(r"synthetic:(\d+)(?::(\d+))?(?::(arc|walk))?")
+_CLIP_SPEC_HELP = "pass a folder of clips, one clip (image folder, video or .npz) or synthetic:N[:SEED][:walk]"
 
 
 @dataclass
@@ -150,7 +151,7 @@ def open_clips(spec: str | os.PathLike, *, preprocess: str | Recipe | None, max_
                scene: SceneConfig | None = None) -> list[Clip]:
     """Every clip a spec names, subsampled (every `stride`-th frame, at most `max_frames`) and preprocessed.
 
-    spec: a folder of clips, one clip, or `synthetic:N[:SEED]`.
+    spec: a folder of clips, one clip, or `synthetic:N[:SEED][:walk]`.
     preprocess: a recipe (spark3r.data.preprocess, e.g. "vggt", "vggt:112", "da3"), or None to keep the images as read.
     frames, size, scene: for `synthetic:` only: frames per clip (8), (height, width) to render at (the recipe's size
     for a square image, or 224 x 224 without a recipe) and a `SceneConfig`.
@@ -183,24 +184,27 @@ def preprocess_clip(clip: Clip, recipe: str | Recipe) -> Clip:
     return dataclasses.replace(clip, images=images, depth=depth, intrinsics=intrinsics)
 
 
-def parse_synthetic_spec(spec: str) -> tuple[int, int]:
-    """(count, seed) of `synthetic:N[:SEED]`."""
+def parse_synthetic_spec(spec: str) -> tuple[int, int, str]:
+    """(count, seed, camera path) of `synthetic:N[:SEED][:PATH]`; PATH is "arc" (the default) or "walk" (a hand-held
+    walk through the scene, for long clips: spark3r.data.synthetic)."""
     match = _SYNTHETIC_SPEC.fullmatch(spec)
     if not match or int(match.group(1)) < 1:
-        raise Spark3rError(f"bad clip spec {spec!r}: write synthetic:N or synthetic:N:SEED with whole numbers "
-                           "N >= 1 and SEED >= 0")
-    return int(match.group(1)), int(match.group(2) or 0)
+        raise Spark3rError(f"bad clip spec {spec!r}: write synthetic:N, synthetic:N:SEED or synthetic:N:SEED:walk with "
+                           "whole numbers N >= 1 and SEED >= 0")
+    return int(match.group(1)), int(match.group(2) or 0), match.group(3) or "arc"
 
 
 def _synthetic_clips(spec: str, recipe: Recipe | None, frames: int | None, size: tuple[int, int] | None,
                      scene: SceneConfig | None) -> Iterator[Clip]:
-    from spark3r.data.synthetic import clip_seeds, render_clip
+    from spark3r.data.synthetic import SceneConfig, clip_seeds, render_clip
 
-    count, seed = parse_synthetic_spec(spec)
+    count, seed, path = parse_synthetic_spec(spec)
+    scene = dataclasses.replace(scene or SceneConfig(), path=path)
     if size is None:
         size = DEFAULT_SYNTHETIC_SIZE if recipe is None else recipe.output_size(1024, 1024)
     frames = DEFAULT_SYNTHETIC_FRAMES if frames is None else frames
-    return (render_clip(clip_seed, frames, size[0], size[1], config=scene, name=f"synthetic{seed}-{index:03d}")
+    prefix = "synthetic" if path == "arc" else f"synthetic-{path}"
+    return (render_clip(clip_seed, frames, size[0], size[1], config=scene, name=f"{prefix}{seed}-{index:03d}")
             for index, clip_seed in enumerate(clip_seeds(seed, count)))
 
 

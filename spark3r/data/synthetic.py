@@ -2,9 +2,14 @@
 
 A scene is an axis-aligned room (6 planes) holding boxes (turned about the vertical axis), spheres and optional thin
 panels. Every surface carries its own texture defined in world coordinates (a sharpened sum of 3-D sinusoids mixing two
-colours) and Lambertian shading from one fixed light, so every view sees the same surface pattern. The camera moves on a
-smooth arc inside the room, looking across it (a few degrees of yaw per frame, slight pitch, no roll), and every object
-keeps a clearance from the whole path. `SceneConfig(shuffle=True)` gives unordered views.
+colours) and Lambertian shading from one fixed light, so every view sees the same surface pattern. Every object keeps a
+clearance from the whole camera path. Two camera paths (`SceneConfig.path`):
+- "arc" (default): a smooth arc around a point near the room centre, looking across the room, 3-9 degrees of yaw per
+  frame; made for short clips (at 256 frames it spins in place several times);
+- "walk": a hand-held walk for long clips: the camera walks a smooth closed loop through the room at a few centimetres
+  per frame, looking ahead and somewhat inwards with a slow head swing (a few degrees per frame), so 256 frames move
+  through the scene and longer clips revisit it.
+Both have slight pitch and no roll. `SceneConfig(shuffle=True)` gives unordered views.
 
 Conventions (shared with `spark3r.data.clips`):
 - world: y points down (gravity), the room is centred on the origin, the floor is the plane y = +room_half[1];
@@ -31,6 +36,8 @@ WALLS = 6
 MAX_RAYS_PER_CALL = 1 << 23
 PANEL_HALF_THICKNESS = 0.02
 _EPS = 1e-4
+CAMERA_PATHS = ("arc", "walk")
+WALL_MARGIN = 0.6
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,9 @@ class SceneConfig:
     fov: tuple[float, float] = (50.0, 70.0)
     texture_waves: int = 3
     shuffle: bool = False
+    path: str = "arc"
+    walk_step: tuple[float, float] = (0.02, 0.06)
+    walk_swing: tuple[float, float] = (5.0, 25.0)
 
     def __post_init__(self):
         for name in ("boxes", "spheres", "panels"):
@@ -59,6 +69,8 @@ class SceneConfig:
             if isinstance(value, tuple) and not (len(value) == 2 and 0 <= value[0] <= value[1]):
                 raise Spark3rError(f"SceneConfig.{item.name} is {value}: "
                                    "give a range (low, high) with 0 <= low <= high")
+        if self.path not in CAMERA_PATHS:
+            raise Spark3rError(f"SceneConfig.path is {self.path!r}: give one of {', '.join(CAMERA_PATHS)}")
         if self.clearance < 0:
             raise Spark3rError(f"SceneConfig.clearance is {self.clearance}: give a distance >= 0 in metres")
         if not 0 <= self.max_pitch < 45:
@@ -181,15 +193,30 @@ def sample_clip(seed: int, frames: int, height: int, width: int,
     half_x, half_z = uniform(*config.room_half_width, 2)
     half_y = uniform(*config.room_height, 1)[0] / 2
     room_half = torch.stack([half_x, half_y, half_z])
-    path = _sample_path(uniform, config, room_half, frames)
-    keep_out = path["radius"] * 1.15 + config.clearance
-    box_center, box_half, box_yaw = _sample_boxes(uniform, config, room_half, path["center"], keep_out)
-    sphere_center, sphere_radius = _sample_spheres(uniform, config, room_half, path["center"], keep_out)
+    if config.path == "walk":
+        walk = _sample_walk(uniform, config, room_half, frames)
+        ground = walk["centers"][:, [0, 2]]
+
+        def clear(x: float, z: float, footprint: float) -> bool:
+            gap = (ground - torch.tensor([x, z], dtype=torch.float64)).norm(dim=-1).min().item()
+            return gap >= config.clearance + footprint
+    else:
+        path = _sample_path(uniform, config, room_half, frames)
+        keep_out = (path["radius"] * 1.15 + config.clearance).item()
+        center_x, center_z = path["center"][0].item(), path["center"][2].item()
+
+        def clear(x: float, z: float, footprint: float) -> bool:
+            return math.hypot(x - center_x, z - center_z) >= keep_out + footprint
+    box_center, box_half, box_yaw = _sample_boxes(uniform, config, room_half, clear)
+    sphere_center, sphere_radius = _sample_spheres(uniform, config, room_half, clear)
     light = torch.stack([uniform(-0.5, 0.5, 1)[0], torch.tensor(-1.0, dtype=torch.float64), uniform(-0.5, 0.5, 1)[0]])
     scene = Scene(room_half=room_half[None], box_center=box_center[None], box_half=box_half[None],
                   box_yaw=box_yaw[None], sphere_center=sphere_center[None], sphere_radius=sphere_radius[None],
                   light=(light / light.norm())[None], **_sample_textures(uniform, generator, config))
-    intrinsics, extrinsics = _path_cameras(uniform, config, path, frames, height, width)
+    if config.path == "walk":
+        intrinsics, extrinsics = _walk_cameras(uniform, config, walk, frames, height, width)
+    else:
+        intrinsics, extrinsics = _path_cameras(uniform, config, path, frames, height, width)
     if config.shuffle:
         order = torch.randperm(frames, generator=generator)
         intrinsics, extrinsics = intrinsics[order], extrinsics[order]
@@ -214,19 +241,47 @@ def _sample_path(uniform, config: SceneConfig, room_half: torch.Tensor, frames: 
     }
 
 
-def _place(uniform, room_half: torch.Tensor, center: torch.Tensor, keep_out: torch.Tensor,
-           footprint: float) -> tuple[float, float]:
-    """A floor position (x, z) whose footprint disc lies inside the room and outside the camera keep-out disc."""
+def _sample_walk(uniform, config: SceneConfig, room_half: torch.Tensor, frames: int) -> dict:
+    """A closed loop (an ellipse with a slow radial wobble) around a point near the room centre, walked at a constant
+    speed of `walk_step` metres per frame: camera centres [S, 3] and the unit walking direction [S, 3]."""
+    reach = room_half[[0, 2]] - WALL_MARGIN - config.clearance
+    center = uniform(-0.1, 0.1, 2) * reach
+    semi_axes = uniform(0.45, 0.7, 2) * reach / 1.1
+    wobble, phase = uniform(0.0, 0.1, 2), uniform(0, 2 * math.pi, 2)
+    eye_height = uniform(1.0, 1.7, 1)[0].clamp(max=2 * room_half[1] - 0.5)
+    step = uniform(*config.walk_step, 1)[0] * (1 if uniform(0, 1, 1)[0] < 0.5 else -1)
+    start = uniform(0, 1, 1)[0]
+
+    def loop(u: torch.Tensor) -> torch.Tensor:  # [M] -> [M, 2] (x, z)
+        radial = 1 + wobble[0] * torch.sin(2 * u + phase[0]) + wobble[1] * torch.sin(3 * u + phase[1])
+        return center + radial[:, None] * semi_axes * torch.stack([torch.cos(u), torch.sin(u)], dim=-1)
+
+    fine = torch.linspace(0, 2 * math.pi, 8193, dtype=torch.float64)
+    length = torch.cat([torch.zeros(1, dtype=torch.float64), loop(fine).diff(dim=0).norm(dim=-1).cumsum(0)])
+    walked = torch.remainder(start * length[-1] + step * torch.arange(frames + 1, dtype=torch.float64), length[-1])
+    index = torch.searchsorted(length, walked).clamp(1, len(fine) - 1)
+    share = (walked - length[index - 1]) / (length[index] - length[index - 1])
+    ground = loop(fine[index - 1] + share * (fine[index] - fine[index - 1]))  # frames + 1 points: one step ahead
+    t = torch.arange(frames, dtype=torch.float64)
+    height = room_half[1] - eye_height + 0.02 * torch.sin(0.3 * t + phase[0])
+    centers = torch.stack([ground[:-1, 0], height, ground[:-1, 1]], dim=-1)
+    heading = torch.nn.functional.normalize(ground[1:] - ground[:-1], dim=-1)
+    return {"centers": centers, "heading": heading, "center": center}
+
+
+def _place(uniform, room_half: torch.Tensor, clear, footprint: float) -> tuple[float, float]:
+    """A floor position (x, z) whose footprint disc lies inside the room and `clear(x, z, footprint)` of the camera
+    path."""
     limit_x, limit_z = room_half[0].item() - footprint - 0.05, room_half[2].item() - footprint - 0.05
     for _ in range(1000):
         x, z = uniform(-limit_x, limit_x, 1).item(), uniform(-limit_z, limit_z, 1).item()
-        if math.hypot(x - center[0].item(), z - center[2].item()) >= keep_out.item() + footprint:
+        if clear(x, z, footprint):
             return x, z
     raise Spark3rError("the room is too small to place the objects away from the camera path: "
                        "raise SceneConfig.room_half_width or lower path_radius / clearance")
 
 
-def _sample_boxes(uniform, config: SceneConfig, room_half, center, keep_out):
+def _sample_boxes(uniform, config: SceneConfig, room_half, clear):
     centers, halves, yaws = [], [], []
     for index in range(config.boxes + config.panels):
         if index < config.boxes:
@@ -234,7 +289,7 @@ def _sample_boxes(uniform, config: SceneConfig, room_half, center, keep_out):
         else:
             thickness = torch.tensor(PANEL_HALF_THICKNESS, dtype=torch.float64)
             half = torch.stack([uniform(0.4, 1.0, 1)[0], uniform(0.5, 1.0, 1)[0], thickness])
-        x, z = _place(uniform, room_half, center, keep_out, math.hypot(half[0].item(), half[2].item()))
+        x, z = _place(uniform, room_half, clear, math.hypot(half[0].item(), half[2].item()))
         centers.append(torch.tensor([x, room_half[1].item() - half[1].item(), z], dtype=torch.float64))
         halves.append(half)
         yaws.append(uniform(0, math.pi, 1)[0])
@@ -244,11 +299,11 @@ def _sample_boxes(uniform, config: SceneConfig, room_half, center, keep_out):
     return torch.stack(centers), torch.stack(halves), torch.stack(yaws)
 
 
-def _sample_spheres(uniform, config: SceneConfig, room_half, center, keep_out):
+def _sample_spheres(uniform, config: SceneConfig, room_half, clear):
     centers, radii = [], []
     for _ in range(config.spheres):
         radius = uniform(0.25, 0.6, 1).item()
-        x, z = _place(uniform, room_half, center, keep_out, radius)
+        x, z = _place(uniform, room_half, clear, radius)
         lift = uniform(0.0, min(1.2, 2 * room_half[1].item() - 2 * radius - 0.1), 1).item()
         centers.append(torch.tensor([x, room_half[1].item() - radius - lift, z], dtype=torch.float64))
         radii.append(radius)
@@ -287,6 +342,31 @@ def _path_cameras(uniform, config: SceneConfig, path: dict, frames: int, height:
     yaw = angle + math.pi + path["heading"]
     max_pitch = math.radians(config.max_pitch)
     pitch = uniform(-0.6 * max_pitch, 0.3 * max_pitch, 1)[0] + 0.4 * max_pitch * torch.sin(0.13 * t + wobble[2])
+    return _cameras(uniform, config, centers, yaw, pitch, height, width)
+
+
+def _walk_cameras(uniform, config: SceneConfig, walk: dict, frames: int, height: int,
+                  width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cameras along the walk: looking ahead, turned part of the way towards the loop's centre, with a slow head
+    swing of `walk_swing` degrees and slight pitch, no roll."""
+    t = torch.arange(frames, dtype=torch.float64)
+    centers, heading = walk["centers"], walk["heading"]
+    ahead = torch.atan2(heading[:, 0], heading[:, 1])
+    inward = walk["center"] - centers[:, [0, 2]]
+    towards_center = torch.atan2(inward[:, 0], inward[:, 1])
+    turn = torch.remainder(towards_center - ahead + math.pi, 2 * math.pi) - math.pi
+    swing = math.radians(uniform(*config.walk_swing, 1).item())
+    rate, phase = uniform(0.01, 0.03, 1)[0], uniform(0, 2 * math.pi, 2)
+    yaw = ahead + uniform(0.2, 0.5, 1)[0] * turn + swing * torch.sin(rate * t + phase[0])
+    max_pitch = math.radians(config.max_pitch)
+    pitch = uniform(-0.6 * max_pitch, 0.3 * max_pitch, 1)[0] + 0.4 * max_pitch * torch.sin(0.05 * t + phase[1])
+    return _cameras(uniform, config, centers, yaw, pitch, height, width)
+
+
+def _cameras(uniform, config: SceneConfig, centers: torch.Tensor, yaw: torch.Tensor, pitch: torch.Tensor, height: int,
+             width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intrinsics [S, 3, 3] (one drawn field of view) and world-to-camera extrinsics [S, 3, 4] of cameras at `centers`
+    [S, 3] looking along yaw / pitch [S] (radians; yaw 0 looks along +z, positive pitch looks up), no roll."""
     forward = torch.stack([torch.cos(pitch) * torch.sin(yaw), -torch.sin(pitch), torch.cos(pitch) * torch.cos(yaw)], -1)
     right = torch.stack([torch.cos(yaw), torch.zeros_like(yaw), -torch.sin(yaw)], -1)
     down = torch.linalg.cross(forward, right)
@@ -295,7 +375,7 @@ def _path_cameras(uniform, config: SceneConfig, path: dict, frames: int, height:
     extrinsics = torch.cat([rotation, translation[..., None]], dim=-1)
     focal = (width / 2) / math.tan(math.radians(uniform(*config.fov, 1).item()) / 2)
     intrinsics = torch.tensor([[focal, 0, width / 2], [0, focal, height / 2], [0, 0, 1]], dtype=torch.float64)
-    return intrinsics.expand(frames, 3, 3).clone(), extrinsics
+    return intrinsics.expand(len(centers), 3, 3).clone(), extrinsics
 
 
 def render_views(scene: Scene, intrinsics: torch.Tensor, extrinsics: torch.Tensor, height: int,

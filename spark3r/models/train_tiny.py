@@ -1,11 +1,18 @@
 """Train the bundled vggt-tiny on synthetic clips rendered on the fly, and evaluate it on held-out clips.
 
     python -m spark3r.models.train_tiny --steps 100000 --minutes 21 --seed 0 --out vggt-tiny.safetensors
-    python -m spark3r.models.train_tiny --evaluate vggt-tiny.safetensors --clips synthetic:64:1000
+    python -m spark3r.models.train_tiny --frames 2 --max-frames 48 --frames-per-step 384 --path mixed \
+        --init old.safetensors --out vggt-tiny.safetensors
+    python -m spark3r.models.train_tiny --evaluate vggt-tiny.safetensors --clips synthetic:16:1000:walk \
+        --frames 8,32,128,256
 
-Training renders `--batch` new clips of `--frames` frames on the device every step (spark3r.data.synthetic: scene
-parameters are sampled by DataLoader workers on the CPU, the ray cast runs on the device) and trains the vggt-tiny
-architecture, the same code as vggt-1b, from random weights with VGGT's losses:
+Training renders new clips on the device every step (spark3r.data.synthetic: scene parameters are sampled by
+DataLoader workers on the CPU, the ray cast runs on the device): `--batch` clips of `--frames` frames, or, with
+`--max-frames`, clips of a length drawn per step from `--frames`..`--max-frames`, as many as fit `--frames-per-step`
+frames (VGGT trains on a varying number of frames so that it generalises in length). `--path` picks the camera path:
+arc (short arcs), walk (hand-held walks through the scene) or mixed (walks, and arcs for half of the steps of at most
+16 frames). It trains the vggt-tiny architecture, the same code as vggt-1b, from random weights or from `--init`
+weights (a shallower trunk is grown by `grow_depth`) with VGGT's losses:
 - targets as VGGT normalises them: cameras relative to frame 0, points in frame 0's camera coordinates, and depth,
   points and translations divided by the mean distance of the clip's points from camera 0;
 - camera: L1 on pose_enc (translation, quaternion xyzw, field of view; FoV weighted 0.5) of every refinement iteration
@@ -19,13 +26,14 @@ still decays its learning rate to the end. A checkpoint beside `--out` (`<out st
 training time over all resumes). The weights are written as fp16 safetensors in the state_dict layout that
 `load_model("vggt-tiny", weights=path)` loads strictly (10.6 MB).
 
-Seeds: run seed S renders, at step i, the clips of `synthetic:<batch>:<10^9 (S + 1) + i>`; every spec seed below 10^9
-is held out. The periodic eval log uses synthetic:16:999 and `--evaluate` defaults to synthetic:64:1000.
+Seeds: run seed S renders, at step i, the clips of `synthetic:<clips>:<10^9 (S + 1) + i>` (the step's length and path
+are drawn from the same seed); every spec seed below 10^9 is held out. The periodic eval log uses synthetic:16:999 (at
+the longest training length) and `--evaluate` defaults to synthetic:16:1000:walk at 8, 32, 128 and 256 frames.
 
-`--evaluate` prints depth AbsRel and delta < 1.25 (median-aligned per clip), rotation and translation error of the
-cameras relative to frame 0 (translation in the normalised scene scale), ATE (Sim(3)-aligned, normalised scale) and
-AUC@30 for the model, the model with every global attention layer reduced to frame-only attention, and the trivial
-baselines (a constant depth per clip, identity cameras).
+`--evaluate` prints, at each of `--frames` (a list), depth AbsRel and delta < 1.25 (median-aligned per clip), rotation
+and translation error of the cameras relative to frame 0 (translation in the normalised scene scale), ATE
+(Sim(3)-aligned, normalised scale) and AUC@30 for the model, the model with every global attention layer reduced to
+frame-only attention, and the trivial baselines (a constant depth per clip, identity cameras).
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -42,7 +51,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from spark3r.cli import (
@@ -78,13 +87,16 @@ from spark3r.models.registry import get_entry
 MODEL = "vggt-tiny"
 TRAIN_SEED_BASE = 10**9
 HELD_OUT_SPEC = "synthetic:16:999"
-DEFAULT_EVAL_SPEC = "synthetic:64:1000"
+DEFAULT_EVAL_SPEC = "synthetic:16:1000:walk"
+DEFAULT_EVAL_FRAMES = "8,32,128,256"
+SCENE_PATHS = ("arc", "walk", "mixed")
+MIXED_ARC_FRAMES = 16
 CONF_ALPHA = 0.2
 CAMERA_GAMMA = 0.6
 FOCAL_WEIGHT = 0.5
 GRADIENT_SCALES = 3
 FINAL_LR_FRACTION = 0.05
-MAX_WEIGHTS_BYTES = 15 * 2**20
+MAX_WEIGHTS_BYTES = 25 * 10**6
 
 
 # ----------------------------------------------------------------------------------------------------------- targets
@@ -266,15 +278,44 @@ def train_spec_seed(seed: int, step: int) -> int:
     return TRAIN_SEED_BASE * (seed + 1) + step
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """What one training step renders: `clips` clips of `frames` frames each, along camera path `path`.
+
+    frames: (low, high) frame counts, drawn per step (low == high: fixed); frames_per_step: frames of a step when the
+    length varies (clips = frames_per_step // length, at least 1), else `clips` clips per step; path: arc, walk or
+    mixed (walks, and arcs for half of the steps of at most MIXED_ARC_FRAMES frames).
+    """
+
+    frames: tuple[int, int]
+    clips: int
+    frames_per_step: int | None = None
+    path: str = "arc"
+
+    def at(self, spec_seed: int) -> tuple[int, int, str]:
+        """(frames, clips, path) of the step whose spec seed is `spec_seed`."""
+        low, high = self.frames
+        if low == high and self.path != "mixed":
+            return low, self.clips, self.path
+        draw = torch.Generator().manual_seed(spec_seed)
+        frames = int(torch.randint(low, high + 1, (), generator=draw))
+        arc = torch.rand((), generator=draw).item() < 0.5
+        path = self.path if self.path != "mixed" else ("arc" if arc and frames <= MIXED_ARC_FRAMES else "walk")
+        clips = self.clips if low == high else max(1, self.frames_per_step // frames)
+        return frames, clips, path
+
+
 class StepScenes(torch.utils.data.Dataset):
     """Item `step`: the sampled scenes and cameras of that step's clips (CPU float32), ready for `render_views`."""
 
-    def __init__(self, seed: int, batch: int, frames: int, size: tuple[int, int], scene: SceneConfig):
-        self.seed, self.batch, self.frames, self.size, self.scene = seed, batch, frames, size, scene
+    def __init__(self, seed: int, shape: StepShape, size: tuple[int, int], scene: SceneConfig):
+        self.seed, self.shape, self.size, self.scene = seed, shape, size, scene
 
     def __getitem__(self, step: int) -> dict[str, Tensor]:
-        sampled = [sample_clip(clip_seed, self.frames, *self.size, self.scene)
-                   for clip_seed in clip_seeds(train_spec_seed(self.seed, step), self.batch)]
+        spec_seed = train_spec_seed(self.seed, step)
+        frames, clips, path = self.shape.at(spec_seed)
+        scene = replace(self.scene, path=path)
+        sampled = [sample_clip(clip_seed, frames, *self.size, scene) for clip_seed in clip_seeds(spec_seed, clips)]
         scene = Scene.stack([item[0] for item in sampled])
         arrays = {item.name: getattr(scene, item.name) for item in fields(Scene)}
         arrays["intrinsics"] = torch.stack([item[1] for item in sampled])
@@ -288,6 +329,53 @@ def render_step(arrays: dict[str, Tensor], size: tuple[int, int], device: torch.
     intrinsics, extrinsics = arrays.pop("intrinsics"), arrays.pop("extrinsics")
     images, depth = render_views(Scene(**arrays), intrinsics, extrinsics, *size)
     return images, scene_targets(depth, intrinsics, extrinsics)
+
+
+# ------------------------------------------------------------------------------------------------------ growth
+TRUNK_BLOCK = re.compile(r"aggregator\.(frame_blocks|global_blocks)\.(\d+)\.(.+)")
+
+
+def trunk_depth(state: dict[str, Tensor]) -> int:
+    """The number of frame (= global) blocks of a VGGT state_dict."""
+    return 1 + max(int(match.group(2)) for match in map(TRUNK_BLOCK.fullmatch, state) if match)
+
+
+def grow_depth(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+    """A VGGT state_dict with d frame + d global blocks -> one with `depth` = k d of each that computes the same
+    function: block i becomes block k (i + 1) - 1, after k - 1 copies of it whose LayerScale gammas are zero (identity
+    blocks that training then opens). Frame and global block k (i + 1) - 1 then output what old frame and global block
+    i did, so old tap t (the pair of both outputs) is new tap k (t + 1) - 1 (vggt-tiny's 1, 3, 4, 5 of 6 are 3, 7, 9,
+    11 of 12)."""
+    old = trunk_depth(state)
+    if depth % old:
+        raise Spark3rError(f"cannot grow a trunk of {old} blocks to {depth}: give a whole multiple of {old}")
+    factor = depth // old
+    grown = {}
+    for key, value in state.items():
+        match = TRUNK_BLOCK.fullmatch(key)
+        if not match:
+            grown[key] = value
+            continue
+        kind, index, rest = match.group(1), int(match.group(2)), match.group(3)
+        for copy in range(factor):
+            silent = copy < factor - 1 and rest in ("ls1.gamma", "ls2.gamma")
+            grown[f"aggregator.{kind}.{factor * index + copy}.{rest}"] = torch.zeros_like(value) if silent else value
+    return grown
+
+
+def initial_weights(path: str, model: nn.Module) -> None:
+    """Load `path` (a safetensors file of vggt-tiny weights, any trunk depth that divides the model's) into `model`,
+    strictly, growing its trunk with `grow_depth` first."""
+    try:
+        state = load_file(path)
+    except (OSError, ValueError) as error:
+        raise Spark3rError(f"--init {path} is not a readable safetensors file ({error}): give a vggt-tiny weights "
+                           "file") from None
+    depth = len(model.aggregator.frame_blocks)
+    state = grow_depth(state, depth) if trunk_depth(state) != depth else state
+    missing, unexpected = model.load_state_dict({key: value.float() for key, value in state.items()}, strict=False)
+    if missing or unexpected:
+        raise Spark3rError(f"--init {path} does not fit {MODEL}: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 # ------------------------------------------------------------------------------------------------------ frame-only
@@ -418,6 +506,10 @@ class TrainConfig:
     steps: int = 10000
     batch: int = 48
     frames: int = 8
+    max_frames: int | None = None
+    frames_per_step: int | None = None
+    path: str = "arc"
+    init: str | None = None
     size: int = 112
     seed: int = 0
     lr: float = 6e-4
@@ -435,7 +527,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
 
-    RESUME_KEYS = ("batch", "frames", "size", "seed")
+    RESUME_KEYS = ("batch", "frames", "max_frames", "frames_per_step", "path", "size", "seed")
 
     def check(self) -> None:
         for name in ("steps", "batch", "frames", "size", "log_every", "eval_every", "checkpoint_every"):
@@ -443,6 +535,14 @@ class TrainConfig:
                 raise Spark3rError(f"--{name.replace('_', '-')} is {getattr(self, name)}: give a whole number >= 1")
         if self.frames < 2:
             raise Spark3rError(f"--frames is {self.frames}: relative pose needs at least 2 frames per clip")
+        if self.max_frames is not None and self.max_frames < self.frames:
+            raise Spark3rError(f"--max-frames {self.max_frames} is below --frames {self.frames}: give the longest "
+                               "clip length of the range")
+        if self.frames_per_step is not None and self.frames_per_step < self.longest:
+            raise Spark3rError(f"--frames-per-step {self.frames_per_step} holds no clip of {self.longest} frames: "
+                               f"give at least {self.longest}")
+        if self.path not in SCENE_PATHS:
+            raise Spark3rError(f"--path {self.path} is not one of {', '.join(SCENE_PATHS)}")
         if self.size % 14:
             raise Spark3rError(f"--size {self.size} is not a multiple of the patch size 14: use e.g. 112")
         if self.minutes is not None and not self.minutes > 0:
@@ -451,6 +551,15 @@ class TrainConfig:
             raise Spark3rError("--lr and --clip-grad must be > 0, --warmup and --weight-decay >= 0")
         if not self.out.endswith(".safetensors"):
             raise Spark3rError(f"--out {self.out} must name a .safetensors file, e.g. vggt-tiny.safetensors")
+
+    @property
+    def longest(self) -> int:
+        return self.max_frames or self.frames
+
+    @property
+    def step_shape(self) -> StepShape:
+        frames_per_step = self.frames_per_step or self.batch * self.frames
+        return StepShape((self.frames, self.longest), self.batch, frames_per_step, self.path)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -522,25 +631,29 @@ def train(config: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95),
                                   **({"fused": True} if device.type == "cuda" else {}))
     start, seconds_before = load_checkpoint(config, model, optimizer)
+    if start == 0 and config.init is not None:
+        initial_weights(config.init, model)
     if config.compile:
         compile_model(model)
-    count, held_out_seed = parse_synthetic_spec(config.held_out)
+    count, held_out_seed, held_out_path = parse_synthetic_spec(config.held_out)
     if held_out_seed >= TRAIN_SEED_BASE:
         raise Spark3rError(f"held-out spec {config.held_out} uses a training seed: give a seed below {TRAIN_SEED_BASE}")
-    held_out = render_batch(clip_seeds(held_out_seed, count), frames=config.frames, height=size[0], width=size[1],
-                            device=device)
+    held_out = render_batch(clip_seeds(held_out_seed, count), frames=config.longest, height=size[0], width=size[1],
+                            config=SceneConfig(path=held_out_path), device=device)
     held_images, held_targets = held_out.images, scene_targets(held_out.depth, held_out.intrinsics, held_out.extrinsics)
     workers = config.workers if config.workers is not None else (min(8, (os.cpu_count() or 2) - 1)
                                                                  if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(
-        StepScenes(config.seed, config.batch, config.frames, size, SceneConfig()), batch_size=None,
+        StepScenes(config.seed, config.step_shape, size, SceneConfig()), batch_size=None,
         sampler=range(start, config.steps), num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=False, **({"prefetch_factor": 4} if workers else {}))
     parameters = list(model.parameters())
     limit = None if config.minutes is None else config.minutes * 60
     print(f"training {MODEL} ({sum(p.numel() for p in parameters) / 1e6:.2f} M parameters) on {device} "
-          f"({str(dtype).removeprefix('torch.')} trunk): batch {config.batch} x {config.frames} frames of "
-          f"{size[0]}x{size[1]}, steps {start}..{config.steps}"
+          f"({str(dtype).removeprefix('torch.')} trunk): "
+          + (f"batch {config.batch} x {config.frames} frames" if config.max_frames is None else
+             f"{config.step_shape.frames_per_step} frames per step in clips of {config.frames}-{config.max_frames}")
+          + f" of {size[0]}x{size[1]} ({config.path} paths), steps {start}..{config.steps}"
           + (f", at most {config.minutes:g} min" if limit else ""), flush=True)
 
     def held_out_eval(step: int) -> dict:
@@ -550,7 +663,7 @@ def train(config: TrainConfig) -> dict:
         print(f"eval step {step}: depth abs_rel {model_row['abs_rel']:.3f} delta {model_row['delta_1.25']:.3f} | "
               f"rot {model_row['rotation_deg']:.2f} deg (frame-only {frame_row['rotation_deg']:.2f}) | trans "
               f"{model_row['translation']:.3f} (frame-only {frame_row['translation']:.3f}) | auc30 "
-              f"{model_row['auc30']:.3f} [{config.held_out}]", flush=True)
+              f"{model_row['auc30']:.3f} [{config.held_out}, {config.longest} frames]", flush=True)
         return results
 
     step, began = start, time.monotonic()
@@ -610,8 +723,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", default="vggt-tiny.safetensors", help="weights file to write (fp16 safetensors)")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="training steps (default %(default)s)")
     parser.add_argument("--minutes", type=float, help="stop cleanly after this much training time (all resumes)")
-    parser.add_argument("--batch", type=int, default=TrainConfig.batch, help="clips per step (default %(default)s)")
-    parser.add_argument("--frames", type=int, default=TrainConfig.frames, help="frames per clip (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=TrainConfig.batch,
+                        help="clips per step at a fixed length (default %(default)s)")
+    parser.add_argument("--frames", help=f"frames per clip (training: one number, default {TrainConfig.frames}, the "
+                        f"shortest when --max-frames is given; --evaluate: a list, default {DEFAULT_EVAL_FRAMES})")
+    parser.add_argument("--max-frames", type=int, help="train on clip lengths drawn per step from --frames to this")
+    parser.add_argument("--frames-per-step", type=int,
+                        help="with --max-frames: frames per step (clips = this // length; default batch x frames)")
+    parser.add_argument("--path", choices=SCENE_PATHS, default=TrainConfig.path,
+                        help="camera path of the training clips (default %(default)s)")
+    parser.add_argument("--init", help="start from these vggt-tiny weights (safetensors; a shallower trunk is grown)")
     parser.add_argument("--size", type=int, default=TrainConfig.size, help="square image size (default %(default)s)")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="warm-up steps (default %(default)s)")
@@ -635,23 +756,46 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def frame_counts(text: str | None, default: str) -> list[int]:
+    """`--frames` as a list of whole numbers >= 2 ("8" or "8,32,128")."""
+    try:
+        counts = [int(part) for part in (text or default).split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 2:
+        raise Spark3rError(f"--frames {text}: give whole numbers of at least 2 frames per clip (relative pose needs "
+                           "two), e.g. 8 or 8,32,128,256")
+    return counts
+
+
+def evaluate_lengths(model: nn.Module, spec: str, lengths: list[int], device: torch.device) -> dict[int, dict]:
+    """{frames: evaluate(...) rows} of the clips of `spec` rendered or read at each of `lengths` frames."""
+    entry = get_entry(MODEL)
+    results = {}
+    for frames in lengths:
+        clips = open_clips(spec, preprocess=f"{entry.preprocess}:{entry.image_width}", frames=frames)
+        if not clips:
+            raise Spark3rError(f"--clips {spec} holds no clips: pass synthetic:N[:SEED][:walk] or a folder of clips")
+        images, targets = clips_batch(clips, device)
+        results[images.shape[1]] = {"count": len(clips), "size": list(images.shape[-2:]),
+                                    "results": evaluate(model, images, targets)}
+    return results
+
+
 def run_evaluation(args) -> int:
     device = resolve_device(args.device)
+    lengths = frame_counts(args.frames, DEFAULT_EVAL_FRAMES)
     model = load_model(MODEL, weights=args.evaluate, device=device, dtype=resolve_dtype(args.dtype, device),
                        seed=args.seed)
-    entry = get_entry(MODEL)
-    clips = open_clips(args.clips, preprocess=f"{entry.preprocess}:{entry.image_width}", frames=args.frames)
-    if not clips:
-        raise Spark3rError(f"--clips {args.clips} holds no clips: pass synthetic:N[:SEED] or a folder of clips")
-    images, targets = clips_batch(clips, device)
-    results = evaluate(model, images, targets)
-    frames, height, width = images.shape[1], images.shape[-2], images.shape[-1]
+    by_length = evaluate_lengths(model, args.clips, lengths, device)
     if args.json:
-        print(json.dumps({"weights": args.evaluate, "clips": args.clips, "count": len(clips), "frames": frames,
-                          "size": [height, width], "results": results}, indent=2))
-    else:
-        print(format_table(results, f"{MODEL} ({args.evaluate}) on {args.clips}: {len(clips)} clips x {frames} "
-                                    f"frames, {height}x{width}; depth median-aligned per clip"))
+        print(json.dumps({"weights": args.evaluate, "clips": args.clips, "frames": list(by_length),
+                          "lengths": {str(frames): row for frames, row in by_length.items()}}, indent=2))
+        return 0
+    for frames, row in by_length.items():
+        height, width = row["size"]
+        print(format_table(row["results"], f"{MODEL} ({args.evaluate}) on {args.clips}: {row['count']} clips x "
+                                           f"{frames} frames, {height}x{width}; depth median-aligned per clip"))
     return 0
 
 
@@ -660,8 +804,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.evaluate is not None:
         return run_evaluation(args)
+    counts = frame_counts(args.frames, str(TrainConfig.frames))
+    if len(counts) > 1:
+        raise Spark3rError(f"--frames {args.frames} is a list: training takes one length (add --max-frames for a range)")
     train(TrainConfig(
-        out=args.out, steps=args.steps, batch=args.batch, frames=args.frames, size=args.size, seed=args.seed,
+        out=args.out, steps=args.steps, batch=args.batch, frames=counts[0], max_frames=args.max_frames,
+        frames_per_step=args.frames_per_step, path=args.path, init=args.init, size=args.size, seed=args.seed,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         camera_weight=args.camera_weight, minutes=args.minutes, log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, workers=args.workers, compile=args.compile, held_out=args.held_out,
