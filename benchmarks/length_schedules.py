@@ -312,7 +312,8 @@ def report(result: dict) -> str:
              f"{held['frames']} frames: RMSE of log {_n(held['all']['rmse_log'], 3)}, median relative error "
              f"{_n(held['all']['median_relative_error'], 3)}, Spearman {_n(held['all']['spearman'], 3)}.", "",
              f"The paper's rule at {settings['frames']} frames spends {result['paper_rule_fraction']:.4f} of dense global "
-             "attention FLOPs; budgets are 2x, 1x and 0.5x that.", "",
+             f"attention FLOPs; budgets are {', '.join(s + 'x' for s in settings['budget_scales'].split(','))} "
+             "that.", "",
              "| budget | schedule | FLOPs | predicted | deviation | depth AbsRel | ATE | AUC@30 |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]
     dense = result["dense"]
