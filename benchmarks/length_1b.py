@@ -80,7 +80,8 @@ def main(argv=None) -> dict:
     rows = {row["schedule"]: row for row in json.loads(speed_json.read_text())["rows"]}
     paper_row, searched_row = rows[paper_path.stem], rows[searched_path.stem]
     result = {
-        "commands": commands, "git_commit": tiny.git_commit(), "budget": budget, "frames": args.frames,
+        "model": args.model, "commands": commands, "git_commit": tiny.git_commit(), "budget": budget,
+        "frames": args.frames, "dense_note": rows["dense"]["note"],
         "profile_length_model": profile.get("length_model", {}).get("score", {}).get("held_out"),
         "searched": {"schedule": str(searched_path), "kv_frames": search["chosen"]["kv_frames"],
                      "query_merge": search["chosen"]["query_merge"],
@@ -103,18 +104,19 @@ def report(result: dict) -> str:
     s, p = result["searched"], result["paper"]
     held = result["profile_length_model"] or {}
     return "\n".join([
-        f"# {result['frames']}-frame VGGT-1B (random weights): searched length-aware schedule vs the paper's rule", "",
+        f"# {result['model']} at {result['frames']} frames (random weights): searched length-aware schedule vs the "
+        "paper's rule", "",
         f"Made with git {result['git_commit']}:", "", *[f"    {c}" for c in result["commands"]], "",
         f"Length model held out at {held.get('frames')} frames: RMSE of log "
-        f"{(held.get('all') or {}).get('rmse_log')}.", "",
+        f"{(held.get('all') or {}).get('rmse_log', float('nan')):.3f}.", "",
         "| schedule | global-attention FLOPs fraction | end-to-end s | aggregator s | peak GiB |",
         "|---|---:|---:|---:|---:|",
         f"| paper's rule | {p['flops_fraction']:.5f} | {p['end_to_end_s']:.2f} | {p['aggregator_s']:.2f} | "
         f"{p['peak_gib'] or 0:.1f} |",
         f"| searched (K/V frames {s['kv_frames']}, merge {s['query_merge']}) | {s['flops_fraction']:.5f} | "
         f"{s['end_to_end_s']:.2f} | {s['aggregator_s']:.2f} | {s['peak_gib'] or 0:.1f} |", "",
-        f"Searched / paper time: {result['time_ratio']:.3f} (goal: within 10% at the same FLOPs). Dense (assembled "
-        f"per block): {result['dense_end_to_end_s']:.1f} s.", "",
+        f"Searched / paper time: {result['time_ratio']:.3f} (goal: within 10% at the same FLOPs). Dense: "
+        f"{result['dense_end_to_end_s']:.1f} s ({result['dense_note']}).", "",
         "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()) + ".", ""])
 
 
