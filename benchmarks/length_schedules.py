@@ -334,6 +334,13 @@ def report(result: dict) -> str:
             for metric, v in metrics.items():
                 lines.append(f"| {entry['scale']:g}x | {pair} | {metric} | {_n(v['ratio'], 3)} | {v['better']} / "
                              f"{v['clips']} | {v['p']:.3g} | {v['verdict']} |")
+    tightest = min(result["budgets"], key=lambda entry: entry["budget"])
+    ratios = {pair: v["score"]["ratio"] for pair, v in tightest["versus"].items()}
+    never_worse = all(v["score"]["verdict"] != "loss" for entry in result["budgets"] for v in entry["versus"].values())
+    lines += ["", f"Goal at the tightest budget ({tightest['scale']:g}x): deviation at least 25% lower than both "
+              "baselines: " + ", ".join(f"{pair} {_n(ratio, 3)}" for pair, ratio in ratios.items())
+              + f" -> {'met' if all(r is not None and r <= 0.75 for r in ratios.values()) else 'not met'}; never "
+              f"significantly worse at any budget: {'yes' if never_worse else 'no'}."]
     prediction = result["prediction"]
     lines += ["", f"Prediction at {settings['frames']} frames: Spearman {_n(prediction['spearman'], 3)} between the "
               f"length model's predicted and the measured mean deviation of {len(prediction['schedules'])} random "
