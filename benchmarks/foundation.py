@@ -12,17 +12,23 @@ hold. The heads then run on a trunk state whose taps all come from that one laye
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from spark3r.cli import DTYPES, resolve_device
+from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.files import write_json
 from spark3r.models.base import TrunkState
 from spark3r.models.blocks import no_autocast
 from spark3r.models.registry import build_model
+
+_spec = importlib.util.spec_from_file_location("benchmarks_provenance",
+                                              Path(__file__).resolve().parent / "provenance.py")
+provenance = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(provenance)
 
 GIB = 2**30
 
@@ -139,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {frames} frames", file=sys.stderr)
     print(markdown(rows))
     write_json(args.out, {
-        "model": args.model, "size": [height, width], "dtype": args.dtype, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "rows": rows,
+        **provenance.record(__file__, argv, device), "model": args.model, "size": [height, width],
+        "dtype": args.dtype, "device": str(device), "rows": rows,
     })
     return 0
 

@@ -24,10 +24,11 @@ import tiny_schedules as tiny  # noqa: E402
 
 from spark3r.files import write_atomic  # noqa: E402
 from spark3r.models.registry import build_model  # noqa: E402
-from spark3r.profiler import cli as profiler_cli  # noqa: E402
+from spark3r.commands import profile_layers as profiler_cli  # noqa: E402
 from spark3r.reduce import global_attention_fraction  # noqa: E402
 from spark3r.schedule import load_schedule  # noqa: E402
-from spark3r.search import cli as search_cli  # noqa: E402
+from spark3r.commands import search_schedule as search_cli  # noqa: E402
+from spark3r.search.pipeline import find_paper_rule  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("benchmarks_speed", HERE / "speed.py")
 speed = importlib.util.module_from_spec(_spec)
@@ -60,7 +61,7 @@ def main(argv=None) -> dict:
     seconds["profile"] = time.perf_counter() - started
 
     flop_config = build_model(args.model, device="meta").flop_config(args.size, args.size)
-    paper_path = search_cli.find_paper_rule(args.model)
+    paper_path = find_paper_rule(args.model)
     paper = load_schedule(paper_path)
     budget = global_attention_fraction(flop_config, args.frames, paper)
     searched_path = work / f"{args.model}-searched-f{args.frames}.yaml"

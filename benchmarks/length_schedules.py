@@ -37,17 +37,18 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_schedules as tiny  # noqa: E402  (measuring, ground-truth errors, git commit: shared with that benchmark)
 
-from spark3r.cli import command, resolve_device, resolve_dtype  # noqa: E402
+from spark3r.commands.arguments import command, resolve_device, resolve_dtype  # noqa: E402
 from spark3r.errors import Spark3rError  # noqa: E402
 from spark3r.files import write_atomic  # noqa: E402
 from spark3r.models.loading import load_model  # noqa: E402
 from spark3r.models.registry import resolve_model_name  # noqa: E402
-from spark3r.profiler import cli as profiler_cli  # noqa: E402
+from spark3r.commands import profile_layers as profiler_cli  # noqa: E402
 from spark3r.profiler.aggregate import spearman  # noqa: E402
 from spark3r.profiler.format import load_profile  # noqa: E402
 from spark3r.reduce import global_attention_fraction  # noqa: E402
 from spark3r.schedule import KVSpec, LayerSpec, QuerySpec, Schedule, load_schedule, paper_schedule  # noqa: E402
-from spark3r.search import cli as search_cli  # noqa: E402
+from spark3r.commands import search_schedule as search_cli  # noqa: E402
+from spark3r.search.pipeline import find_paper_rule  # noqa: E402
 from spark3r.search.lengths import kv_frame_levels, profile_length_model, schedule_deviation  # noqa: E402
 
 SIGNIFICANCE = 0.05
@@ -98,7 +99,7 @@ def runtime(args) -> list[str]:
 def paper_rule(model: str, layers: int) -> Schedule:
     """The shipped paper-rule schedule of the model, or the rule with VGGT-1B's sensitive tier 11-16 of 24 scaled to
     `layers` (rounded half up)."""
-    shipped = search_cli.find_paper_rule(model)
+    shipped = find_paper_rule(model)
     if shipped is not None and load_schedule(shipped).global_layers == layers:
         return load_schedule(shipped)
     first, last = (math.floor(index * layers / 24 + 0.5) for index in PAPER_SENSITIVE_OF_24)

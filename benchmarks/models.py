@@ -26,20 +26,24 @@ from pathlib import Path
 
 import torch
 
-from spark3r.cli import DTYPES, resolve_device
+from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.files import write_json
 from spark3r.models.base import TrunkState
 from spark3r.models.registry import build_model
-from spark3r.reduce import Reduction, apply_reductions, apply_schedule
+from spark3r.reduce import Reduction, apply_reductions
 from spark3r.reduce.flops import model_flops
-from spark3r.schedule import load_schedule, paper_schedule
+from spark3r.schedule import apply_schedule, load_schedule, paper_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("benchmarks_foundation", REPO / "benchmarks" / "foundation.py")
 foundation = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(foundation)
 measure = foundation.measure
-PAPER_SPEEDUP = {"pi3": "23-25x", "da3-giant": "16-18x", "vggt-omega": "16-19x"}  # method.md 5, ~1000 frames, H20
+_spec = importlib.util.spec_from_file_location("benchmarks_provenance", REPO / "benchmarks" / "provenance.py")
+provenance = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(provenance)
+
+PAPER_SPEEDUP = {"pi3": "23-25x", "da3-giant": "16-18x", "vggt-omega": "16-19x"}  # the paper, ~1000 frames, H20
 
 
 def paper_rule(model):
@@ -190,9 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     print(markdown(rows))
     write_json(args.out, {
-        "models": args.models, "dtype": args.dtype, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "rows": rows,
+        **provenance.record(__file__, argv, device), "models": args.models, "dtype": args.dtype,
+        "device": str(device), "rows": rows,
     })
     return 0
 

@@ -11,6 +11,7 @@ uses; the table sums its phase timers over clips (CUDA-synchronised) and gives t
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -18,11 +19,16 @@ from pathlib import Path
 
 import torch
 
-from spark3r.cli import DTYPES, resolve_device
+from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.models.loading import load_model
-from spark3r.profiler.cli import DEFAULT_KV_KEEP, DEFAULT_QUERY_MERGE, parse_kv_keep, parse_query_merge
+from spark3r.commands.profile_layers import DEFAULT_KV_KEEP, DEFAULT_QUERY_MERGE, parse_kv_keep, parse_query_merge
 from spark3r.files import write_atomic
 from spark3r.profiler.run import PHASES, ProfileOptions, profile_clip, profile_levels
+
+_spec = importlib.util.spec_from_file_location("benchmarks_provenance",
+                                              Path(__file__).resolve().parent / "provenance.py")
+provenance = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(provenance)
 
 GOAL_SECONDS = 300.0
 GOAL_WORKLOAD = {"model": "vggt-1b", "clips": 8, "frames": 32, "size": 518}  # on one H100
@@ -72,14 +78,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"clip {index + 1}/{len(clips)}: {per_clip[-1]:.1f} s", file=sys.stderr)
     wall = time.perf_counter() - started
     result = {
-        "model": args.model, "dtype": args.dtype, "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda" else "cpu", "clips": args.clips, "frames": args.frames, "size": args.size,
+        **provenance.record(__file__, argv, device), "model": args.model, "dtype": args.dtype, "clips": args.clips,
+        "frames": args.frames, "size": args.size,
         "global_layers": model.adapter.num_global_layers, "kv_keep": list(options.kv_keep),
         "query_merge": list(options.query_merge), "additivity": args.additivity, "level_batch": args.level_batch,
         "seconds": totals, "wall_seconds": wall, "seconds_per_clip": per_clip,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "goal_seconds": GOAL_SECONDS, "command": "python benchmarks/profile_layers.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                         else argv),
+        "goal_seconds": GOAL_SECONDS,
     }
     print(table(result))
     if args.out:
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def table(result: dict) -> str:
     wall = result["wall_seconds"]
-    lines = [f"{result['model']} ({result['dtype']}, {result['device']}): {result['clips']} clips x "
+    lines = [f"{result['model']} ({result['dtype']}, {result['device_name']}): {result['clips']} clips x "
              f"{result['frames']} frames at {result['size']}px, {result['global_layers']} layers x "
              f"{len(result['kv_keep'])} K/V + {len(result['query_merge'])} query levels, "
              f"{result['additivity']} additivity schedules, level batch {result['level_batch']}",

@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foundation import measure  # noqa: E402
+from provenance import record  # noqa: E402
 
-from spark3r.cli import resolve_device  # noqa: E402
+from spark3r.commands.arguments import resolve_device  # noqa: E402
 from spark3r.files import write_json  # noqa: E402
 from spark3r.data.synthetic import (  # noqa: E402
     Scene,
@@ -69,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     depth_difference = float(((depth[check].cpu() - cpu_depth).abs() / cpu_depth).median())
 
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "batch": args.batch, "frames": args.frames, "height": height, "width": width,
+        **record(__file__, argv, device), "batch": args.batch, "frames": args.frames, "height": height, "width": width,
         "sample_seconds": sample_seconds, "render_seconds": render_seconds, "render_peak_gib": peak,
         "mrays_per_second": rays / render_seconds / 1e6,
         "device_vs_cpu": {"image_max_abs": image_difference, "depth_median_rel": depth_difference},
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| device | clips x frames x H x W | sample (CPU) ms | render ms | Mrays/s | peak GiB | max image diff vs CPU |")
     print("|---|---|---|---|---|---|---|")
     peak_text = f"{peak:.2f}" if peak is not None else "-"
-    print(f"| {result['device']} | {args.batch} x {args.frames} x {height} x {width} | {sample_seconds * 1e3:.1f} | "
+    print(f"| {result['device_name']} | {args.batch} x {args.frames} x {height} x {width} | {sample_seconds * 1e3:.1f} | "
           f"{render_seconds * 1e3:.1f} | {result['mrays_per_second']:.1f} | {peak_text} | {image_difference:.2e} |")
     write_json(args.out, result)
     return 0

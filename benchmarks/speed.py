@@ -32,11 +32,10 @@ HERE = Path(__file__).resolve().parent
 import torch
 import torch.nn.functional as F
 
-from spark3r.cli import DTYPES, resolve_device
+from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.files import write_json
 from spark3r.models.registry import build_model
 from spark3r.reduce import (
-    apply_schedule,
     kv_count,
     merge_queries,
     merge_slots,
@@ -46,11 +45,14 @@ from spark3r.reduce import (
     unmerge,
 )
 from spark3r.reduce.attention import is_dense
-from spark3r.schedule import load_schedule
+from spark3r.schedule import apply_schedule, load_schedule
 
 _spec = importlib.util.spec_from_file_location("benchmarks_foundation", HERE / "foundation.py")
 foundation = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(foundation)
+_spec = importlib.util.spec_from_file_location("benchmarks_provenance", HERE / "provenance.py")
+provenance = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(provenance)
 measure, run_trunk = foundation.measure, foundation.run_trunk
 
 SCHEDULES = HERE.parent / "schedules"
@@ -345,9 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(breakdown_markdown(rows))
     write_json(args.out, {
-        "model": args.model, "size": args.size, "dtype": args.dtype, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "repeats": args.repeats, "dense_max_frames": args.dense_max_frames,
+        **provenance.record(__file__, argv, device), "model": args.model, "size": args.size, "dtype": args.dtype,
+        "device": str(device), "repeats": args.repeats, "dense_max_frames": args.dense_max_frames,
         "compile": args.compile,
         "schedules": {name: str(path) for name, path in zip(schedules, paths)}, "rows": rows,
     })

@@ -33,13 +33,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import hashlib
+import importlib.util
 import io
 import json
 import math
 import shlex
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -51,23 +50,29 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from spark3r.cli import command
-from spark3r.data.clips import Clip, open_clips
+from spark3r.commands import profile_layers as profiler_cli
+from spark3r.commands import search_schedule as search_cli
+from spark3r.commands.arguments import command
+from spark3r.data.clip import Clip
+from spark3r.data.clips import open_clips
 from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS, output_deviation
 from spark3r.evaluate.metrics import camera_metrics, depth_metrics
 from spark3r.models.base import FlopConfig
 from spark3r.models.loading import find_weights, find_weights_file, load_model
 from spark3r.models.registry import get_entry, resolve_model_name
-from spark3r.profiler import cli as profiler_cli
 from spark3r.profiler.aggregate import spearman
 from spark3r.files import write_atomic
 from spark3r.profiler.format import STATISTICS, MetricTable, Profile, load_profile, save_profile
-from spark3r.profiler.run import finite_outputs
-from spark3r.reduce import global_attention_fraction, reduced
-from spark3r.schedule import KVSpec, LayerSpec, QuerySpec, Schedule, load_schedule
-from spark3r.search import cli as search_cli
-from spark3r.search.objective import predicted_deviation
+from spark3r.profiler.run import ProfileOptions, finite_outputs
+from spark3r.reduce import global_attention_fraction
+from spark3r.schedule import PAPER_KV_METHOD, KVSpec, LayerSpec, QuerySpec, Schedule, load_schedule, reduced
+from spark3r.search.problem import predicted_deviation
+
+_spec = importlib.util.spec_from_file_location("benchmarks_provenance",
+                                              Path(__file__).resolve().parent / "provenance.py")
+provenance = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(provenance)
 
 CAMERA_TERMS = ("camera_center", "camera_rotation_deg", "focal")
 STABILITY_METRICS = ("score", "depth", "points")
@@ -400,6 +405,7 @@ class Runner:
         self.weights_file, self.weights_sha256 = weights_digest(args.model, args.weights)
         options = [self.weights_sha256, *profile_argv(args, "", Path())]
         self.work = Path(args.work) / hashlib.sha256(json.dumps(options).encode()).hexdigest()[:12]
+        self.reused = self.work.exists()  # then profile-layers reads the clips it already profiled from there
         self.commands: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
         self._mark = time.perf_counter()
@@ -495,7 +501,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     (path_a, profile_a), (_, profile_b) = runner.profile("A", args.calib), runner.profile("B", args.replica)
     stable = stability(profile_a, profile_b, args.fixed_keep)
-    if profile_a.options.get("kv_method", "frame_stride") != "frame_stride":
+    if ProfileOptions.of_profile(profile_a).kv_method != PAPER_KV_METHOD:
         raise Spark3rError("the baselines prune K/V by frame stride: profile with --kv-method frame_stride")
     reduction = {key: profile_a.options[key] for key in ("keep_reference_frame", "group_frames", "similarity")
                  if key in profile_a.options}
@@ -524,9 +530,8 @@ def main(argv: list[str] | None = None) -> dict:
                              (profile_a, profile_b), flop_config, args.frames)
                for budget, (plan, searches) in plans.items()]
     result = {
-        "command": shlex.join(["python", "benchmarks/tiny_schedules.py", *(sys.argv[1:] if argv is None else argv)]),
-        "commands": runner.commands, "git_commit": git_commit(), "torch": torch.__version__, "threads": args.threads,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance.record(__file__, argv, "cpu"), "commands": runner.commands, "threads": args.threads,
+        "work_folder_reused": runner.reused,
         "weights": {"file": runner.weights_file, "sha256": runner.weights_sha256},
         "settings": {key: getattr(args, key) for key in ("model", "frames", "calib", "replica", "held_out", "kv_keep",
                                                           "query_merge", "additivity", "fixed_keep", "budgets",
@@ -547,19 +552,6 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def git_commit() -> str | None:
-    """The checkout's commit, with " + uncommitted changes" when tracked files differ from it; None outside git."""
-    def git(*command: str) -> str:
-        return subprocess.run(["git", *command], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "HEAD") + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 # ----------------------------------------------------------------------------------------------------------- report
 
 
@@ -578,8 +570,10 @@ def _header(result: dict) -> list[str]:
     settings = result["settings"]
     return [
         f"# {settings['model']} on CPU: profile stability and searched schedules vs baselines", "",
-        f"Made by `{result['command']}` ({result['created']}, git {result['git_commit']}, torch "
-        f"{result['torch']}, {result['threads']} CPU threads; weights {result['weights']['file']}, sha256 "
+        f"Made by `{result['command']}` ({result['created']}, git {result['commit']}, torch "
+        f"{result['torch']}, {result['device_name']}, {result['threads']} CPU threads"
+        f"{'; profiles read from the cache of an earlier run' if result['work_folder_reused'] else ''}; weights "
+        f"{result['weights']['file']}, sha256 "
         f"{result['weights']['sha256'][:12]}). It ran:", "",
         *[f"    {command}" for command in result["commands"].values()], "",
         f"Clips are generated with ground truth, {settings['frames']} frames at {result['image']}: profile A "

@@ -12,8 +12,8 @@ __all__ = ["load_model", "load_schedule", "apply_schedule", "reduced", "Schedule
 _LAZY = {
     "load_schedule": "spark3r.schedule",
     "Schedule": "spark3r.schedule",
-    "apply_schedule": "spark3r.reduce",
-    "reduced": "spark3r.reduce",
+    "apply_schedule": "spark3r.schedule",
+    "reduced": "spark3r.schedule",
 }
 
 

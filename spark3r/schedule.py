@@ -19,7 +19,7 @@ Keys (all optional unless marked):
 - `kv`: the amount is either `keep: x` (fraction kept, in (0, 1]) or `frames: N` (keep about N frames whatever S is:
   factor ceil(S / N)); `default.kv` must give one of them. `method`: frame_stride (default), grid, random or key_norm;
   `keep_reference_frame` (default true); `seed` of the random method (default 0).
-  Two extensions express the paper's length-adaptive rule (method.md sections 3-4):
+  Two extensions express the paper's length-adaptive rule:
   `full_up_to: T` (with `frames`): the factor is 1 while S <= T (the paper: 100);
   `factor: f` (>= 1): multiplies the reduction factor (keep / f); the paper's insensitive layers use 3.
 - `query`: `merge` is the factor r_Q, an integer or a step map `{100: 1, 300: 2, else: 4}` (the first threshold
@@ -31,22 +31,25 @@ Keys (all optional unless marked):
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import math
-import shlex
-import textwrap
+import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
+from torch import nn
 
 from spark3r.errors import Spark3rError
 from spark3r.files import write_atomic
+from spark3r.models.base import Adapter
+from spark3r.reduce.patch import ReductionHandle, adapter_of, patch_attention
 from spark3r.reduce.reduction import KV_METHODS, SIMILARITIES, Reduction
 
 SCHEDULE_VERSION = 1
 BUDGET_OF = ("global_attention", "model")
+PAPER_KV_METHOD = "frame_stride"
 PAPER_KV_FRAMES = 40
 PAPER_FULL_UP_TO = 100
 PAPER_INSENSITIVE_FACTOR = 3
@@ -399,11 +402,18 @@ def load_schedule(path_or_dict) -> Schedule:
     """Read and validate a schedule from a YAML file path or an already-parsed dict."""
     if isinstance(path_or_dict, dict):
         return schedule_from_dict(path_or_dict)
+    if not isinstance(path_or_dict, (str, os.PathLike)):
+        raise Spark3rError(f"a schedule is a Schedule, a dict or the path of a YAML file, got "
+                           f"{type(path_or_dict).__name__}")
     path = Path(path_or_dict)
+    if path.is_dir():
+        raise Spark3rError(f"schedule {str(path)!r} is a folder: give the path of the schedule YAML file in it")
     if not path.is_file():
         raise Spark3rError(f"schedule file {str(path)!r} does not exist: give the path of a schedule YAML file")
     try:
         doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise Spark3rError(f"{path} is not a text file (not UTF-8): give a schedule YAML file") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -431,22 +441,46 @@ def check_model(schedule: Schedule, model_name: str, num_global_layers: int) -> 
                            f"{num_global_layers}: use a schedule made for this model")
 
 
+def apply_schedule(model: nn.Module, schedule: Schedule | str | Path,
+                   adapter: Adapter | None = None) -> ReductionHandle:
+    """Patch every global attention layer of `model` with `schedule` (a Schedule or a YAML path).
+
+    adapter defaults to `model.adapter`. The schedule's model name and layer count must match the adapter's.
+    """
+    adapter = adapter_of(model, adapter)
+    if not isinstance(schedule, Schedule):
+        schedule = load_schedule(schedule)
+    check_model(schedule, adapter.model_name, adapter.num_global_layers)
+    return patch_attention(model, schedule.resolve, range(adapter.num_global_layers), adapter)
+
+
+@contextlib.contextmanager
+def reduced(model: nn.Module, schedule: Schedule | str | Path,
+            adapter: Adapter | None = None) -> Iterator[ReductionHandle]:
+    """`with reduced(model, schedule):` runs `model` with the schedule applied and restores it on exit."""
+    handle = apply_schedule(model, schedule, adapter)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
 # ---------------------------------------------------------------------------------------------- the paper's rule
 
 
 def paper_schedule(model: str, global_layers: int, sensitive: list[int]) -> Schedule:
-    """The paper's hand-set rule (method.md sections 3-4) as a schedule.
+    """The paper's hand-set rule as a schedule.
 
     r_Q steps 1/2/3/4 at 100/300/500 frames; r_KV = 1 up to 100 frames, else ceil(S / 40), by frame stride, with the
     reference frame kept; the `sensitive` layers use r_KV and all others 3 x r_KV (3 on short inputs).
     """
     default = LayerSpec(
         kv=KVSpec(frames=PAPER_KV_FRAMES, full_up_to=PAPER_FULL_UP_TO, factor=PAPER_INSENSITIVE_FACTOR,
-                  method="frame_stride", keep_reference_frame=True),
+                  method=PAPER_KV_METHOD, keep_reference_frame=True),
         query=QuerySpec(merge=Stepped(PAPER_QUERY_MERGE, PAPER_QUERY_MERGE_ELSE), group_frames=20),
     )
     layers = {index: LayerSpec(kv=KVSpec(factor=1)) for index in sorted(sensitive)}
-    provenance = {"rule": "paper", "sensitive": _range_text(sensitive)}
+    provenance = {"rule": "paper", "sensitive": range_text(sensitive)}
     return Schedule(model, global_layers, default, layers, provenance=provenance)
 
 
@@ -459,14 +493,14 @@ def uniform_schedule(model: str, global_layers: int, sensitive_count: int) -> Sc
     factor = global_layers / (sensitive_count + (global_layers - sensitive_count) / PAPER_INSENSITIVE_FACTOR)
     default = LayerSpec(
         kv=KVSpec(frames=PAPER_KV_FRAMES, full_up_to=PAPER_FULL_UP_TO, factor=round(factor, 6),
-                  method="frame_stride", keep_reference_frame=True),
+                  method=PAPER_KV_METHOD, keep_reference_frame=True),
         query=QuerySpec(merge=Stepped(PAPER_QUERY_MERGE, PAPER_QUERY_MERGE_ELSE), group_frames=20),
     )
     provenance = {"rule": "uniform", "matches": "paper rule mean K/V keep"}
     return Schedule(model, global_layers, default, provenance=provenance)
 
 
-def _range_text(layers: list[int]) -> str:
+def range_text(layers: list[int]) -> str:
     """[10, 11, 12, 15] -> "10-12,15"."""
     runs: list[list[int]] = []
     for layer in sorted(layers):
@@ -475,45 +509,3 @@ def _range_text(layers: list[int]) -> str:
         else:
             runs.append([layer])
     return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
-
-
-def _layer_range(text: str) -> list[int]:
-    """"10-12,15" -> [10, 11, 12, 15]."""
-    layers = []
-    for part in text.split(","):
-        first, _, last = part.partition("-")
-        layers.extend(range(int(first), int(last or first) + 1))
-    return layers
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Write the paper-rule or uniform schedule of a model: python -m spark3r.schedule --rule paper ..."""
-    parser = argparse.ArgumentParser(prog="python -m spark3r.schedule", description=main.__doc__)
-    parser.add_argument("--rule", choices=["paper", "uniform"], required=True)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--global-layers", type=int, required=True)
-    parser.add_argument("--sensitive", type=_layer_range, required=True, help="sensitive global layers, e.g. 11-16")
-    parser.add_argument("--note", default="", help="an extra header line")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    if args.rule == "paper":
-        schedule = paper_schedule(args.model, args.global_layers, args.sensitive)
-        what = (f"The Spark3R paper's hand-set rule for {args.model} (spec/method.md sections 3-4): r_Q 1/2/3/4 up to "
-                f"100/300/500 frames and beyond; r_KV = 1 up to 100 frames, else ceil(S/40), by frame stride; "
-                f"sensitive layers {_range_text(args.sensitive)} use r_KV, all others 3 x r_KV.")
-    else:
-        schedule = uniform_schedule(args.model, args.global_layers, len(args.sensitive))
-        what = (f"Uniform K/V reduction for {args.model}: every layer {schedule.default.kv.factor} x r_KV, the paper "
-                f"rule's mean K/V keep with {len(args.sensitive)} sensitive layers (comparable global-attention "
-                f"FLOPs); r_Q and r_KV(S) as the paper.")
-    command = (f"python -m spark3r.schedule --rule {args.rule} --model {args.model} --global-layers "
-               f"{args.global_layers} --sensitive {_range_text(args.sensitive)}"
-               + (f" --note {shlex.quote(args.note)}" if args.note else "") + f" --out {args.out}")
-    header = "\n".join([textwrap.fill(what, 116), *textwrap.wrap(args.note, 116), f"Made by: {command}"])
-    save_schedule(schedule, args.out, header=header)
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

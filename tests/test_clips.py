@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from spark3r.data.cli import main as make_clips
-from spark3r.data.clips import Clip, open_clips, parse_synthetic_spec, preprocess_clip, read_clip, write_clip
+from spark3r.commands.make_clips import main as make_clips
+from spark3r.data.clip import Clip
+from spark3r.data.clips import open_clips, parse_synthetic_spec, preprocess_clip, read_clip, write_clip
 from spark3r.data.preprocess import get_recipe
 from spark3r.data.synthetic import SceneConfig, render_clip, render_views, sample_clip
 from spark3r.errors import Spark3rError

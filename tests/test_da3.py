@@ -18,14 +18,15 @@ from spark3r.models.da3 import (
     pose_encoding_to_camera,
     reference_order,
     select_reference_view,
-    unproject_depth,
 )
+from spark3r.models.geometry import unproject_pixel_indices
 from spark3r.models.loading import load_model
 from spark3r.models.registry import build_model, resolve_model_name
-from spark3r.reduce import Reduction, apply_reductions, apply_schedule
-from spark3r.schedule import paper_schedule
+from spark3r.reduce import Reduction, apply_reductions
+from spark3r.schedule import apply_schedule, paper_schedule
 from support import check_patch_and_restore, read_manifest
 
+TINY_MODEL = "da3-tiny"
 H, W = 42, 56  # 3 x 4 patches
 TINY = CONFIGS["da3-tiny"]
 EVEN_ALT = DA3Config("da3-tiny-even", 64, 10, 2, 2, (3, 5, 7, 9), 16, (8, 16, 32, 32), cam_enc_heads=4,
@@ -34,20 +35,8 @@ PARAMS = {"da3-small": 34_299_655, "da3-base": 135_366_791, "da3-large": 410_941
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return build_model("da3-tiny").eval()
-
-
-@pytest.fixture(scope="module")
 def images():
     return torch.rand(1, 4, 3, H, W, generator=torch.Generator().manual_seed(1))  # saddle_balanced picks frame 3
-
-
-@pytest.fixture(scope="module")
-def dense(tiny, images):
-    with torch.no_grad():
-        return tiny(images)
 
 
 @pytest.mark.parametrize("name", ["da3-small", "da3-base", "da3-large", "da3-giant"])
@@ -186,7 +175,7 @@ def test_unprojected_points_project_back_to_their_pixels():
     cam_to_world = torch.eye(4, dtype=torch.float64).repeat(1, 2, 1, 1)
     cam_to_world[..., :3, :3] = torch.from_numpy(Rotation.random(2, random_state=0).as_matrix())
     cam_to_world[..., :3, 3] = torch.randn(1, 2, 3, dtype=torch.float64, generator=generator)
-    points = unproject_depth(depth, intrinsics, cam_to_world)
+    points = unproject_pixel_indices(depth, intrinsics, cam_to_world)
     camera = torch.einsum("bsji,bshwj->bshwi", cam_to_world[..., :3, :3], points - cam_to_world[:, :, None, None, :3, 3])
     pixels = torch.einsum("bsij,bshwj->bshwi", intrinsics, camera)
     torch.testing.assert_close(camera[..., 2], depth, atol=1e-12, rtol=0)

@@ -9,26 +9,25 @@ import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-import spark3r
-from spark3r.data.clips import Clip
+from spark3r.commands import evaluate_schedule as command
+from spark3r.data.clip import Clip
 from spark3r.data.synthetic import render_clip
 from spark3r.evaluate import schedule_eval as se
 from spark3r.evaluate.metrics import camera_metrics, depth_metrics
 from spark3r.reduce import model_flops
 from spark3r.schedule import load_schedule
 
-IDENTITY = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6, "default": {"kv": {"keep": 1.0}}}
-AGGRESSIVE = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6,
+IDENTITY = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 12, "default": {"kv": {"keep": 1.0}}}
+AGGRESSIVE = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 12,
               "default": {"kv": {"keep": 0.25, "method": "grid"}, "query": {"merge": 2}}}
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny):
     """vggt-tiny with random weights and the camera head's FoV bias at 1 rad, so its intrinsics are finite."""
-    model = spark3r.load_model("vggt-tiny", weights="none", seed=0)
     with torch.no_grad():
-        model.camera_head.pose_branch.fc2.bias[7:] = 1.0
-    return model
+        tiny.camera_head.pose_branch.fc2.bias[7:] = 1.0
+    return tiny
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +89,7 @@ def test_quality_matches_the_metrics_and_needs_ground_truth(tiny, clip):
 
 def test_summary_sums_times_and_flops_and_averages_the_rest():
     def result(seconds, flops, peak, deviation, abs_rel):
-        return se.ClipResult(name="c", frames=4, seconds={"dense": seconds, "reduced": seconds / 2},
+        return se.ClipComparison(name="c", frames=4, seconds={"dense": seconds, "reduced": seconds / 2},
                              peak_bytes={"dense": peak, "reduced": peak // 2},
                              flops={"dense": flops, "reduced": flops / 4}, global_attention_fraction=0.2,
                              deviation={"depth": deviation, "score": 2 * deviation},
@@ -108,13 +107,13 @@ def test_command_prints_json_and_the_table(weights, tmp_path, capsys):
     schedule = write_schedule(tmp_path / "s.yaml", AGGRESSIVE)
     args = ["--model", "vggt-tiny", "--schedule", str(schedule), "--clips", "synthetic:1", "--frames", "2",
             "--weights", str(weights), "--device", "cpu", "--repeats", "1", "--warmup", "0"]
-    assert se.main(args + ["--json"]) == 0
+    assert command.main(args + ["--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     summary = report["summary"]
     assert summary["clips"] == 1 and len(report["per_clip"]) == 1 and report["model"] == "vggt-tiny"
     assert summary["predicted_speedup"] > 1 and summary["dense"]["peak_bytes"] is None
     assert set(summary["reduced"]["quality"]) == set(se.QUALITY_KEYS)
-    table = se.format_report(summary, "header")
+    table = command.format_report(summary, "header")
     for text in ("measured speed-up", "predicted speed-up", "peak CUDA memory", "deviation of reduced from dense",
                  "abs_rel", "auc30", "normal_consistency"):
         assert text in table
@@ -124,7 +123,7 @@ def test_clips_without_ground_truth_get_no_quality_rows(tiny, clip):
     plain = Clip(name="plain", images=clip.images[:2])
     result = se.evaluate_clip(tiny, load_schedule(AGGRESSIVE), plain, torch.device("cpu"), repeats=1, warmup=0)
     assert result.quality == {"dense": {}, "reduced": {}}
-    assert "ground truth: none in these clips" in se.format_report(se.summarize([result]), "header")
+    assert "ground truth: none in these clips" in command.format_report(se.summarize([result]), "header")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -139,13 +138,13 @@ def test_bad_inputs_exit_2_with_one_sentence(tmp_path, capsys, change, message):
     schedule = write_schedule(tmp_path / "s.yaml", AGGRESSIVE)
     options = {"--model": "vggt-tiny", "--schedule": str(schedule), "--clips": "synthetic:1", "--weights": "none",
                "--device": "cpu", "--repeats": "1", **change}
-    assert se.main([item for pair in options.items() for item in pair]) == 2
+    assert command.main([item for pair in options.items() for item in pair]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_schedule_with_another_layer_count_is_refused(tmp_path, capsys):
     schedule = write_schedule(tmp_path / "s.yaml", {**AGGRESSIVE, "global_layers": 5})
-    assert se.main(["--model", "vggt-tiny", "--schedule", str(schedule), "--clips", "synthetic:1", "--frames", "2",
+    assert command.main(["--model", "vggt-tiny", "--schedule", str(schedule), "--clips", "synthetic:1", "--frames", "2",
                     "--weights", "none", "--device", "cpu"]) == 2
-    assert "has 5 global layers but the vggt-tiny model has 6" in capsys.readouterr().err
+    assert "has 5 global layers but the vggt-tiny model has 12" in capsys.readouterr().err

@@ -105,6 +105,6 @@ def test_vggt_tiny_flop_config_runs():
     with torch.device("meta"):
         model = VGGT(VGGT_TINY)
     config = model.flop_config(112, 112)
-    schedule = paper_schedule("vggt-tiny", 6, [3, 4])
+    schedule = paper_schedule("vggt-tiny", 12, [6, 7, 8])
     fraction = model_fraction(config, 8, schedule)
     assert 0 < fraction < 1 and math.isfinite(fraction)

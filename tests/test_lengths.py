@@ -14,7 +14,7 @@ from spark3r.profiler.lengths import combine, kept_frames, length_models, levels
 from spark3r.reduce import Reduction
 from spark3r.reduce.flops import global_attention_fraction, model_flops
 from spark3r.schedule import load_schedule
-from spark3r.search.cli import main as search_main
+from spark3r.commands.search_schedule import main as search_main
 from spark3r.search.lengths import (
     LengthCandidate, build_length_problem, merge_steps, parse_lengths, schedule_deviation, search,
 )
@@ -191,7 +191,7 @@ def test_one_length_profile_refuses_several_frames(tmp_path, monkeypatch, capsys
 
 
 def test_profile_layers_at_several_lengths_then_verify_at_a_longer_one(tmp_path, monkeypatch, capsys):
-    from spark3r.profiler.cli import main as profile_main
+    from spark3r.commands.profile_layers import main as profile_main
 
     monkeypatch.chdir(tmp_path)
     assert profile_main(["--model", "vggt-tiny", "--calib", "synthetic:1:5", "--frames", "4,6,8", "--kv-frames",

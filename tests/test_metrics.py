@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spark3r.errors import Spark3rError
-from spark3r.evaluate.deviation import DEFAULT_WEIGHTS, output_deviation
+from spark3r.evaluate.deviation import output_deviation
 from spark3r.evaluate.metrics import camera_metrics, depth_metrics, point_metrics, pose_auc, umeyama
 
 
@@ -165,8 +165,9 @@ def test_output_deviation_hand_computed():
     assert deviation["camera_center"] == pytest.approx(math.sqrt(0.04 / 2) / 2.0, rel=1e-5)  # / median depth 2
     assert deviation["camera_rotation_deg"] == pytest.approx(2.0, rel=1e-4)
     assert deviation["focal"] == pytest.approx(0.1 / 4, rel=1e-5)
-    expected = sum(DEFAULT_WEIGHTS[name] * deviation[name] for name in DEFAULT_WEIGHTS)
-    assert deviation["score"] == pytest.approx(expected)
+    # every term weighs 1 but the rotation, which counts in radians: 2 degrees = 2 * pi / 180
+    expected = 0.1 + deviation["points"] + math.sqrt(0.04 / 2) / 2.0 + 2.0 * math.pi / 180 + 0.1 / 4
+    assert deviation["score"] == pytest.approx(expected, rel=1e-4)
     only_depth = output_deviation(dense, reduced, weights={"points": 0, "camera_center": 0, "camera_rotation_deg": 0,
                                                            "focal": 0})
     assert only_depth["score"] == pytest.approx(0.1, rel=1e-5)
@@ -228,3 +229,36 @@ def test_rotation_angle_is_exact_near_zero():
     dense = outputs()
     dense["extrinsics"][..., :3] = rotations[: dense["extrinsics"].shape[1]].float()
     assert output_deviation(dense, dense)["score"] == 0
+
+
+def test_output_deviation_scores_a_rotation_in_radians():
+    # two cameras at the origin; the reduced run turns camera 1 by 10 degrees: no centre moves, so the score is the
+    # rotation alone, 10 degrees = pi / 18
+    dense = {"extrinsics": cameras([[0, 0, 0], [0, 0, 0]])[None]}
+    turned = torch.stack([torch.eye(3, dtype=torch.float64), rotation_y(10)])
+    deviation = output_deviation(dense, {"extrinsics": cameras([[0, 0, 0], [0, 0, 0]], turned)[None]})
+    assert deviation["camera_rotation_deg"] == pytest.approx(10.0, rel=1e-12)
+    assert deviation["camera_center"] == 0.0
+    assert deviation["score"] == pytest.approx(math.pi / 18, rel=1e-12)
+
+
+def test_output_deviation_depth_is_relative_l1():
+    # one of four pixels off by 1 on a depth of 1 everywhere: L1 gives 1 / 4 (L2 would give 1 / 2)
+    dense = torch.ones(1, 1, 2, 2)
+    reduced = dense.clone()
+    reduced[0, 0, 0, 0] = 2.0
+    assert output_deviation({"depth": dense}, {"depth": reduced})["depth"] == pytest.approx(0.25, rel=1e-12)
+
+
+def test_translation_direction_error_ignores_the_sign():
+    # the predicted cameras walk the same line backwards: every relative translation is flipped, no rotation, so each
+    # pair's error is 0 degrees (translation direction up to sign) and AUC@30 is 1
+    gt = cameras([[0, 0, 0], [1, 0, 0], [2, 0, 0]])
+    flipped = cameras([[0, 0, 0], [-1, 0, 0], [-2, 0, 0]])
+    assert camera_metrics(flipped, gt, align="none")["auc30"] == 1.0
+
+
+def test_delta_threshold_is_strict():
+    # ratios 1.25, 1, 1, 1 (exact in binary): delta < 1.25 holds at 3 of 4 pixels
+    pred = torch.tensor([[[1.25, 1.0], [1.0, 1.0]]], dtype=torch.float64)
+    assert depth_metrics(pred, torch.ones(1, 2, 2), align="none")["delta_1.25"] == 0.75

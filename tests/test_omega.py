@@ -13,9 +13,10 @@ from spark3r.errors import Spark3rError
 from spark3r.models.loading import load_model
 from spark3r.models.omega import CONFIGS, VGGTOmega, convert_checkpoint
 from spark3r.models.registry import build_model
-from spark3r.reduce import Reduction, apply_reductions, apply_schedule
-from spark3r.schedule import paper_schedule
+from spark3r.reduce import Reduction, apply_reductions
+from spark3r.schedule import apply_schedule, paper_schedule
 
+TINY_MODEL = "vggt-omega-tiny"
 H, W = 48, 64  # 3 x 4 patches of 16
 TINY = CONFIGS["vggt-omega-tiny"]
 RELEASE_TO_OLD = (  # upstream's rename record, backwards
@@ -31,20 +32,8 @@ from support import check_patch_and_restore, read_manifest
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return build_model("vggt-omega-tiny").eval()
-
-
-@pytest.fixture(scope="module")
 def images():
     return torch.rand(1, 3, 3, H, W, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def dense(tiny, images):
-    with torch.no_grad():
-        return tiny(images)
 
 
 def test_state_dict_equals_the_release_manifest():

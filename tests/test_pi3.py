@@ -15,30 +15,19 @@ from spark3r.errors import Spark3rError
 from spark3r.models.loading import load_model
 from spark3r.models.pi3 import CONFIGS, Pi3, centred_focal_lengths, svd_orthogonalize
 from spark3r.models.registry import build_model
-from spark3r.reduce import Reduction, apply_reductions, apply_schedule
-from spark3r.schedule import paper_schedule
+from spark3r.reduce import Reduction, apply_reductions
+from spark3r.schedule import apply_schedule, paper_schedule
 from support import check_patch_and_restore, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = "pi3-tiny"
 H, W = 42, 56  # 3 x 4 patches
 TINY = CONFIGS["pi3-tiny"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return build_model("pi3-tiny").eval()
-
-
-@pytest.fixture(scope="module")
 def images():
     return torch.rand(1, 4, 3, H, W, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def dense(tiny, images):
-    with torch.no_grad():
-        return tiny(images)
 
 
 def test_pi3_state_dict_equals_the_official_manifest():

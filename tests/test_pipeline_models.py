@@ -7,21 +7,16 @@ import pytest
 import torch
 
 import spark3r
+from spark3r.commands import profile_layers as profile_cli
+from spark3r.commands import search_schedule as search_cli
 from spark3r.data import open_clips
 from spark3r.models.registry import get_entry
-from spark3r.profiler import cli as profile_cli
 from spark3r.profiler.format import load_profile
-from spark3r.search import cli as search_cli
 
 FRAMES = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["pi3-tiny", "da3-tiny", "vggt-omega-tiny"])

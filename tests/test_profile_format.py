@@ -87,7 +87,7 @@ def test_bad_profiles_raise_one_sentence(tmp_path, edit, message):
 
 def test_nan_is_rejected(tmp_path):
     text = json.dumps(_doc()).replace("0.0", "NaN", 1)
-    with pytest.raises(Spark3rError, match="not valid JSON"):
+    with pytest.raises(Spark3rError, match="holds NaN where numbers belong"):  # not "not valid JSON"
         load_profile(_write(tmp_path, text))
     profile = make_profile()
     profile.kv["score"].std[1, 1] = np.nan
@@ -102,3 +102,12 @@ def test_missing_and_corrupt_files(tmp_path):
         load_profile(_write(tmp_path, '{"spark3r_profile": 1, "model": "vg'))
     with pytest.raises(Spark3rError, match="JSON object"):
         load_profile(_write(tmp_path, "[1, 2]"))
+
+
+def test_measurement_digest_ignores_timings_and_creation_time():
+    profile = make_profile()
+    again = make_profile()
+    again.timings, again.created, again.versions = {"wall": 93.0}, "2026-12-01T00:00:00+00:00", {"torch": "x"}
+    assert again.measurement_sha256 == profile.measurement_sha256
+    again.kv["score"].mean[0, 1] += 1e-9
+    assert again.measurement_sha256 != profile.measurement_sha256

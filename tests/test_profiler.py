@@ -1,9 +1,13 @@
 """profile-layers: aggregation, resume files, sharding, the measurement engine and the CLI."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
+from spark3r.commands.arguments import error_message
+from spark3r.commands.profile_layers import FLAGS as PROFILE_FLAGS
 from spark3r.errors import Spark3rError
 from spark3r.profiler.aggregate import asymmetry_summary, predicted_sum, spearman, summarize
 from spark3r.profiler.distributed import Ranks, shard
@@ -56,8 +60,9 @@ def test_clip_file_round_trip_and_option_mismatch(tmp_path):
     loaded = load_clip(tmp_path, "ab" * 32, options)
     assert loaded.name == "synthetic-0" and loaded.frames == 4 and loaded.timings == {"dense": 0.5}
     np.testing.assert_array_equal(loaded.arrays["kv_score"], result.arrays["kv_score"])
-    with pytest.raises(Spark3rError, match=r"other options \(kv_keep differ\).*new --out"):
+    with pytest.raises(Spark3rError) as error:
         load_clip(tmp_path, "ab" * 32, {**options, "kv_keep": (1.0, 0.25)})
+    assert re.search(r"other options \(kv_keep differ\).*new --out", error_message(error.value, PROFILE_FLAGS))
 
 
 # ---------------------------------------------------------------- the engine, on vggt-tiny with random weights
@@ -69,10 +74,11 @@ import sys
 
 import torch
 
-import spark3r
+from spark3r.commands import profile_layers as cli
 from spark3r.data.clips import open_clips
 from spark3r.evaluate.deviation import output_deviation
-from spark3r.profiler import cli
+from spark3r.models.loading import weights_identity
+from spark3r.profiler import pipeline
 from spark3r.profiler.format import load_profile
 from spark3r.profiler.run import PhaseTimer, ProfileOptions, dense_run, end_to_end, local_deviation, profile_clip
 from spark3r.reduce import Reduction, apply_reductions
@@ -82,21 +88,12 @@ CLI_ARGS = ["--model", "vggt-tiny", "--weights", "none", "--calib", "synthetic:2
             "--kv-keep", "0.5", "--query-merge", "2", "--additivity", "3", "--device", "cpu", "--dtype", "fp32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads spin against each other (several times slower),
-    and the 2-rank run below uses one thread per rank, so both runs round the same way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model = spark3r.load_model("vggt-tiny", weights=None, seed=0)
-    images = open_clips("synthetic:1", preprocess="vggt:112", frames=FRAMES)[0].images
-    return model, images
+def images():
+    return open_clips("synthetic:1", preprocess="vggt:112", frames=FRAMES)[0].images
 
 
 def reference_outputs(model, images, reductions=None):
@@ -114,8 +111,8 @@ def reference_outputs(model, images, reductions=None):
     return finite, attention
 
 
-def test_resume_from_any_layer_equals_full_forward(tiny):
-    model, images = tiny
+def test_resume_from_any_layer_equals_full_forward(tiny, images):
+    model = tiny
     full, _ = reference_outputs(model, images)
     with torch.inference_mode():
         run = dense_run(model, images[None], PhaseTimer(images.device))
@@ -125,8 +122,8 @@ def test_resume_from_any_layer_equals_full_forward(tiny):
                 assert torch.equal(resumed[key], full[key]), (layer, key)
 
 
-def test_local_deviation_matches_a_full_reduced_forward(tiny):
-    model, images = tiny
+def test_local_deviation_matches_a_full_reduced_forward(tiny, images):
+    model = tiny
     _, dense_attention = reference_outputs(model, images)
     reduction = Reduction(kv_keep=0.5)
     _, reduced_attention = reference_outputs(model, images, {2: reduction})
@@ -142,8 +139,8 @@ def test_local_deviation_matches_a_full_reduced_forward(tiny):
     assert rel_l2 == pytest.approx(expected_l2, rel=1e-5) and cos == pytest.approx(expected_cos, rel=1e-4)
 
 
-def test_batched_end_to_end_matches_full_reduced_forwards(tiny):
-    model, images = tiny
+def test_batched_end_to_end_matches_full_reduced_forwards(tiny, images):
+    model = tiny
     dense, _ = reference_outputs(model, images)
     reductions = [Reduction(kv_keep=0.5), Reduction(kv_keep=0.25), Reduction(query_merge=2)]
     with torch.inference_mode():
@@ -160,14 +157,14 @@ def test_batched_end_to_end_matches_full_reduced_forwards(tiny):
     assert multi["score"] == pytest.approx(output_deviation(dense, reduced)["score"], rel=1e-4)
 
 
-def test_profile_clip_dense_levels_are_exactly_zero(tiny):
-    model, images = tiny
+def test_profile_clip_dense_levels_are_exactly_zero(tiny, images):
+    model = tiny
     options = ProfileOptions(kv_keep=(1.0, 0.5), query_merge=(1, 2), additivity_schedules=2)
     measured = profile_clip(model, images, options)
     for kind in ("kv", "query"):
         for metric in ("local_rel_l2", "local_cos", "score", "depth"):
             table = measured.arrays[f"{kind}_{metric}"]
-            assert table.shape == (6, 2)
+            assert table.shape == (12, 2)
             assert (table[:, 0] == 0).all() and (table[:, 1] > 0).all(), (kind, metric)
     assert measured.arrays["additivity_score"].shape == (2,)
     assert set(measured.timings) >= {"dense", "local", "resume", "decode"}
@@ -185,13 +182,13 @@ def full_run(tmp_path_factory):
 def test_cli_end_to_end(full_run, capsys):
     profile = load_profile(full_run)
     assert profile.model == "vggt-tiny" and profile.frames == FRAMES and profile.kv_keep == [1.0, 0.5]
-    assert profile.query_merge == [1, 2] and len(profile.clips) == 2 and profile.global_layers == 6
+    assert profile.query_merge == [1, 2] and len(profile.clips) == 2 and profile.global_layers == 12
     assert {"local_rel_l2", "local_cos", "depth", "points", "score"} <= set(profile.metrics)
     assert (profile.kv["local_rel_l2"].mean[:, 0] == 0).all() and (profile.kv["score"].mean[:, 1] > 0).all()
     assert len(profile.additivity["measured"]) == 3 and profile.asymmetry["factors"] == [2]
     assert (full_run / "heatmap.png").stat().st_size > 1000
     raw = np.load(full_run / "profile.npz")
-    assert raw["kv_score"].shape == (2, 6, 2)
+    assert raw["kv_score"].shape == (2, 12, 2)
     np.testing.assert_allclose(raw["kv_score"].mean(axis=0), profile.kv["score"].mean)
     # rerunning finds every clip done and only rebuilds the profile
     assert cli.main([*CLI_ARGS, "--out", str(full_run), "--json"]) == 0
@@ -206,7 +203,7 @@ def _tables(out):
 
 
 def test_interrupted_run_resumes_to_the_same_profile(full_run, tmp_path, monkeypatch, capsys):
-    measure = cli.profile_clip
+    measure = pipeline.profile_clip
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -215,12 +212,12 @@ def test_interrupted_run_resumes_to_the_same_profile(full_run, tmp_path, monkeyp
             raise KeyboardInterrupt
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "profile_clip", interrupted)
+    monkeypatch.setattr(pipeline, "profile_clip", interrupted)
     assert cli.main([*CLI_ARGS, "--out", str(tmp_path)]) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
     assert len(list((tmp_path / "clips").glob("*.npz"))) == 1 and not (tmp_path / "profile.json").exists()
     calls.clear()
-    monkeypatch.setattr(cli, "profile_clip", lambda *a, **k: (calls.append(1), measure(*a, **k))[1])
+    monkeypatch.setattr(pipeline, "profile_clip", lambda *a, **k: (calls.append(1), measure(*a, **k))[1])
     assert cli.main([*CLI_ARGS, "--out", str(tmp_path)]) == 0
     assert len(calls) == 1  # only the missing clip was measured
     resumed, full = _tables(tmp_path), _tables(full_run)
@@ -236,7 +233,7 @@ def test_interrupted_run_resumes_to_the_same_profile(full_run, tmp_path, monkeyp
 def test_two_gloo_ranks_equal_one(full_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "spark3r.profiler.cli", *CLI_ARGS, "--out", str(tmp_path), "--json"]
+               "-m", "spark3r.commands.profile_layers", *CLI_ARGS, "--out", str(tmp_path), "--json"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["clips"] == 2
@@ -295,7 +292,7 @@ def test_benchmark_smoke_run(tmp_path):
     result = benchmark.main(["--model", "vggt-tiny", "--clips", "1", "--frames", "4", "--size", "112", "--device",
                              "cpu", "--dtype", "fp32", "--kv-keep", "0.5", "--query-merge", "2", "--additivity", "1",
                              "--out", str(out)])
-    assert json.loads(out.read_text())["global_layers"] == 6
+    assert json.loads(out.read_text())["global_layers"] == 12
     assert result["seconds"]["resume"] > 0 and result["seconds"]["decode"] > 0
     assert sum(result["seconds"].values()) <= result["wall_seconds"] * 1.01
 
@@ -306,7 +303,7 @@ def test_weights_replaced_in_place_are_a_change_of_options(tmp_path):
 
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.zeros(2)}, str(path))
-    before = cli.weights_identity(str(path), None)
+    before = weights_identity(str(path), None)
     save_file({"a": torch.zeros(3)}, str(path))
-    assert cli.weights_identity(str(path), None) != before
-    assert cli.weights_identity("none", None) == "none"
+    assert weights_identity(str(path), None) != before
+    assert weights_identity("none", None) == "none"

@@ -9,12 +9,11 @@ import torch.nn.functional as F
 from spark3r.errors import Spark3rError
 from spark3r.models.base import FrameLayout
 from spark3r.reduce import (
-    KV_METHODS, Reduction, apply_reductions, apply_schedule, kv_count, kv_index, query_count, reduced,
-    reduced_attention,
+    KV_METHODS, Reduction, apply_reductions, kv_count, kv_index, query_count, reduced_attention,
 )
 from spark3r.reduce import merge as merge_module
 from spark3r.reduce.kv import grid_steps
-from spark3r.schedule import load_schedule
+from spark3r.schedule import apply_schedule, load_schedule, reduced
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
 
@@ -277,16 +276,8 @@ def test_wrong_token_count_is_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from spark3r.models.blocks import init_weights
-    from spark3r.models.vggt import VGGT, VGGT_TINY
-
-    torch.manual_seed(0)
-    model = init_weights(VGGT(VGGT_TINY)).eval()
-    images = torch.rand(1, 6, 3, 112, 112, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        dense = model(images)
-    return model, images, dense
+def images():
+    return torch.rand(1, 6, 3, 112, 112, generator=torch.Generator().manual_seed(1))
 
 
 def run(model, images):
@@ -298,8 +289,8 @@ def assert_same(outputs, expected):
     assert all(torch.equal(outputs[name], expected[name]) for name in expected)
 
 
-def test_apply_then_remove_restores_bit_exact_outputs(tiny):
-    model, images, dense = tiny
+def test_apply_then_remove_restores_bit_exact_outputs(tiny, images, dense):
+    model = tiny
     handle = apply_reductions(model, {layer: Reduction(kv_keep=0.5, query_merge=2, group_frames=3)
                                       for layer in range(6)})
     reduced_out = run(model, images)
@@ -311,20 +302,20 @@ def test_apply_then_remove_restores_bit_exact_outputs(tiny):
     assert_same(run(model, images), dense)
 
 
-def test_identity_schedule_is_bit_exact_and_shipped_schedule_reduces(tiny):
-    model, images, dense = tiny
-    identity = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6, "default": {"kv": {"keep": 1.0}}}
+def test_identity_schedule_is_bit_exact_and_shipped_schedule_reduces(tiny, images, dense):
+    model = tiny
+    identity = {"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 12, "default": {"kv": {"keep": 1.0}}}
     with reduced(model, identity):
         assert_same(run(model, images), dense)
     with reduced(model, SCHEDULES / "vggt-tiny-paper.yaml") as handle:
-        assert handle.reduction(0, 6).kv_factor == 3 and handle.reduction(3, 6).kv_factor == 1
+        assert handle.reduction(0, 6).kv_factor == 3 and handle.reduction(7, 6).kv_factor == 1
         assert not torch.equal(run(model, images)["depth"], dense["depth"])
     assert_same(run(model, images), dense)
 
 
 @pytest.mark.parametrize("method", KV_METHODS)
-def test_one_layer_reduction_matches_manual_layer(tiny, method):
-    model, images, _ = tiny
+def test_one_layer_reduction_matches_manual_layer(tiny, images, method):
+    model = tiny
     layer, reduction = 2, Reduction(kv_keep=0.5, kv_method=method, query_merge=2, group_frames=3)
     attn = model.adapter.modules(model)[layer]
     captured = {}
@@ -344,8 +335,8 @@ def test_one_layer_reduction_matches_manual_layer(tiny, method):
     assert torch.equal(captured["out"], expected)
 
 
-def test_run_steps_needs_the_layout_and_uses_set_layout(tiny):
-    model, images, _ = tiny
+def test_run_steps_needs_the_layout_and_uses_set_layout(tiny, images):
+    model = tiny
     reduction = Reduction(kv_keep=0.5, query_merge=2, group_frames=3)
     with apply_reductions(model, {1: reduction}) as handle:
         with torch.no_grad():
@@ -357,22 +348,22 @@ def test_run_steps_needs_the_layout_and_uses_set_layout(tiny):
 
 
 def test_patch_errors_are_clear(tiny):
-    model, _, _ = tiny
+    model = tiny
     with pytest.raises(Spark3rError, match="made for vggt-1b, not vggt-tiny"):
         apply_schedule(model, SCHEDULES / "vggt-1b-paper.yaml")
-    with pytest.raises(Spark3rError, match="layers 0..5"):
-        apply_reductions(model, {6: Reduction()})
+    with pytest.raises(Spark3rError, match="layers 0..11"):
+        apply_reductions(model, {12: Reduction()})
     with apply_reductions(model, {0: Reduction(kv_keep=0.5)}):
         with pytest.raises(Spark3rError, match="already patched"):
             apply_schedule(model, load_schedule(SCHEDULES / "vggt-tiny-paper.yaml"))
     assert all("forward" not in vars(attn) for attn in model.adapter.modules(model))
 
 
-def test_reduced_layers_run_in_the_autocast_dtype(tiny, monkeypatch):
+def test_reduced_layers_run_in_the_autocast_dtype(tiny, images, monkeypatch):
     import spark3r.reduce.patch as patch_module
     from spark3r.models.blocks import qkv_heads
 
-    model, images, _ = tiny
+    model = tiny
     seen = []
 
     def recording(q, k, v, *args, **kwargs):
@@ -477,3 +468,75 @@ def test_merging_identical_frames_changes_nothing():
     reduction = Reduction(query_merge=2, group_frames=4)
     assert query_count(layout, reduction) == math.ceil(layout.tokens / 2)
     torch.testing.assert_close(reduced_attention(q, k, v, layout, reduction), attention(q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------------- boundaries
+
+
+def test_apply_remove_cycles_leave_no_hook_behind(tiny, images, dense):
+    model = tiny
+    hooks = len(model._forward_pre_hooks)
+    for _ in range(3):
+        apply_reductions(model, {0: Reduction(kv_keep=0.5)}).remove()
+        with reduced(model, SCHEDULES / "vggt-tiny-paper.yaml"):
+            pass
+    assert len(model._forward_pre_hooks) == hooks
+    assert_same(run(model, images), dense)
+
+
+def paper_factor(frames: int, insensitive_factor: float) -> int:
+    """The paper's K/V factor by hand: 1 up to 100 frames, else ceil(S / 40), times the layer's factor."""
+    return round(insensitive_factor * (1 if frames <= 100 else -(-frames // 40)))
+
+
+def test_kv_factor_is_the_nearest_integer_of_one_over_keep():
+    assert 1.0 / 0.33333333333333337 < 3  # the reciprocal falls just short of 3 in floating point
+    assert Reduction(kv_keep=0.33333333333333337).kv_factor == 3
+    assert kv_count(FrameLayout(9, 1, 2, 2), Reduction(kv_keep=0.33333333333333337)) == 9 + 3 * 4  # frames 0, 3, 6
+    paper, uniform = load_schedule(SCHEDULES / "vggt-1b-paper.yaml"), load_schedule(SCHEDULES / "vggt-1b-uniform.yaml")
+    assert 1.0 / paper.resolve(0, 481).kv_keep < 39  # 3 * ceil(481 / 40) = 39, read as 38.99999999999999
+    for frames in range(1, 2001):
+        assert paper.resolve(0, frames).kv_factor == paper_factor(frames, 3), frames
+        assert paper.resolve(11, frames).kv_factor == paper_factor(frames, 1), frames
+        assert uniform.resolve(0, frames).kv_factor == paper_factor(frames, 2), frames
+
+
+@pytest.mark.parametrize("method", ["random", "key_norm"])
+def test_patches_per_frame_is_the_nearest_integer(method):
+    # VGGT-1B's 37 x 37 grid at keep 1/16: 1369 / 16 = 85.56 patches, so 86 in every frame but the reference frame
+    layout = FrameLayout(frames=3, n_special=5, grid_h=37, grid_w=37)
+    reduction = Reduction(kv_keep=1 / 16, kv_method=method)
+    assert kv_count(layout, reduction) == 3 * 5 + 1369 + 2 * 86
+    keys = torch.randn(1, 2, layout.tokens, 4, generator=torch.Generator().manual_seed(0))
+    assert kv_index(keys, layout, reduction).shape[-1] == 3 * 5 + 1369 + 2 * 86
+
+
+def test_bf16_queries_are_averaged_in_fp32():
+    """Means of 100 bf16 queries each are the float64 means rounded once to bf16 (summing in bf16 rounds the sum, the
+    count's reciprocal and the product: about a quarter of the means then land one bf16 step off)."""
+    q = torch.randn(1, 4, 600, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    slot = torch.arange(600)[None] // 100  # six slots of 100 tokens
+    merged = merge_module.merge_queries(q, slot, 6)
+    assert merged.dtype == torch.bfloat16
+    expected = q.double().reshape(1, 4, 6, 100, 64).mean(3).bfloat16()
+    assert (merged == expected).double().mean() >= 0.99
+
+
+def test_whole_peaks_benchmark_smoke_on_tiny_models(tmp_path):
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "whole_peaks.py"
+    spec = importlib.util.spec_from_file_location("whole_peaks_benchmark", path)
+    whole_peaks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(whole_peaks)
+    out = tmp_path / "peaks.json"
+    assert whole_peaks.main(["--models", "vggt-tiny", "pi3-tiny", "--frames", "3", "--dtype", "fp32", "--device",
+                             "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python benchmarks/whole_peaks.py --models vggt-tiny pi3-tiny")
+    assert [(row["model"], row["frames"], row["size"]) for row in result["rows"]] == [
+        ("vggt-tiny", 3, [112, 112]), ("pi3-tiny", 3, [42, 56])]
+    assert all(row["seconds"] > 0 and row["peak_gib"] is None for row in result["rows"])  # no CUDA peak on the CPU
+    with pytest.raises(Spark3rError, match="is a folder"):
+        whole_peaks.main(["--models", "vggt-tiny", "--frames", "2", "--device", "cpu", "--out", str(tmp_path)])

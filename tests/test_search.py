@@ -17,12 +17,14 @@ from spark3r.errors import Spark3rError
 from spark3r.models.base import BlockGroup, FlopConfig
 from spark3r.models.registry import build_model
 from spark3r.profiler.format import MetricTable, Profile, save_profile
+from spark3r.profiler.run import ProfileOptions
 from spark3r.reduce.flops import global_attention_fraction, model_fraction
-from spark3r.reduce.patch import apply_schedule
-from spark3r.schedule import check_model, load_schedule
-from spark3r.search.cli import main
+from spark3r.schedule import apply_schedule, check_model, load_schedule
+from spark3r.commands.search_schedule import main
 from spark3r.search.knapsack import pareto_front, solve_knapsack
-from spark3r.search.objective import Candidate, build_problem, interpolate, kv_levels, predicted_deviation
+from spark3r.search.problem import (
+    Candidate, SearchProblem, build_problem, interpolate, kv_levels, predicted_deviation,
+)
 from spark3r.search.study import (
     CONSTRAINT, WARM_START, completed, is_feasible, join_study, make_sampler, open_study,
     ranked_candidates, run_study,
@@ -105,16 +107,16 @@ def test_problem_matches_flop_model_and_profile_sums(budget_of, fraction, frames
 
 
 def test_predicted_deviation_of_a_schedule_resolves_at_profile_frames():
-    profile = synthetic_profile()
-    rule = load_schedule("schedules/vggt-tiny-paper.yaml")  # at 8 frames: keep 1 on layers 3-4, 1/3 elsewhere
+    profile = synthetic_profile(layers=12)
+    rule = load_schedule("schedules/vggt-tiny-paper.yaml")  # at 8 frames: keep 1 on layers 6-8, 1/3 elsewhere
     one_third = interpolate(profile.kv["score"].mean, profile.kv_keep, [1 / 3])[:, 0]
-    expected = sum(one_third[layer] for layer in (0, 1, 2, 5))
+    expected = sum(one_third[layer] for layer in (0, 1, 2, 3, 4, 5, 9, 10, 11))
     assert predicted_deviation(profile, rule) == pytest.approx(expected, rel=1e-12)
-    # at 300 frames: keep 1/8 on layers 3-4 and 1/24 (below the profile's 1/8: its end value) elsewhere, merge 2
+    # at 300 frames: keep 1/8 on layers 6-8 and 1/24 (below the profile's 1/8: its end value) elsewhere, merge 2
     at_300 = profile.kv["score"].mean[:, 3].sum() + profile.query["score"].mean[:, 1].sum()
     assert predicted_deviation(profile, rule, frames=300) == pytest.approx(at_300, rel=1e-12)
     with pytest.raises(Spark3rError, match="profile for vggt-1b"):
-        predicted_deviation(synthetic_profile(model="vggt-1b"), rule)
+        predicted_deviation(synthetic_profile(model="vggt-1b", layers=12), rule)
 
 
 # ------------------------------------------------------------------------------------------------------ knapsack
@@ -140,7 +142,7 @@ def test_knapsack_is_the_exact_optimum(per_layer_query):
         profile = synthetic_profile(layers=4, query_merge=(1, 2, 4), seed=seed)
         problem = build_problem(profile, flops, per_layer_query=per_layer_query)
         for budget in (0.07, 0.2, 0.33, 0.5, 1.0):
-            result = solve_knapsack(problem, budget)
+            result = solve_knapsack(problem.within(budget))
             assert result.exact and result.flops_fraction <= budget
             assert result.deviation == pytest.approx(brute_force(problem, budget), rel=1e-12)
 
@@ -148,9 +150,9 @@ def test_knapsack_is_the_exact_optimum(per_layer_query):
 def test_budget_below_the_cheapest_schedule_is_refused():
     problem = build_problem(synthetic_profile(), TINY_FLOPS)
     cheapest = problem.flops_fraction(problem.cheapest())
-    assert solve_knapsack(problem, cheapest).candidate == problem.cheapest()
+    assert solve_knapsack(problem.within(cheapest)).candidate == problem.cheapest()
     with pytest.raises(Spark3rError, match="below the cheapest schedule"):
-        solve_knapsack(problem, cheapest * 0.99)
+        solve_knapsack(problem.within(cheapest * 0.99))
 
 
 def test_pareto_front_is_monotone_and_bounds_the_optimum():
@@ -160,7 +162,7 @@ def test_pareto_front_is_monotone_and_bounds_the_optimum():
     assert (np.diff(fractions) > 0).all() and (np.diff(deviations) < 0).all()
     for fraction, deviation, candidate in front[:: max(1, len(front) // 8)]:
         assert problem.flops_fraction(candidate) == fraction
-        assert solve_knapsack(problem, fraction).deviation <= deviation + 1e-12
+        assert solve_knapsack(problem.within(fraction)).deviation <= deviation + 1e-12
 
 
 # ------------------------------------------------------------------------------------------------------ study
@@ -168,8 +170,8 @@ def test_pareto_front_is_monotone_and_bounds_the_optimum():
 
 def in_memory_run(problem, budget, trials, sampler="mutation", seed=0, warm=True, study=None):
     study = study or optuna.create_study(direction="minimize")
-    warm_start = solve_knapsack(problem, budget).candidate if warm else None
-    run_study(study, problem, budget, trials, make_sampler(sampler, seed), "w0", warm_start=warm_start,
+    warm_start = solve_knapsack(problem.within(budget)).candidate if warm else None
+    run_study(study, problem.within(budget), trials, make_sampler(sampler, seed), "w0", warm_start=warm_start,
               progress=False)
     return study
 
@@ -203,7 +205,7 @@ def test_infeasible_and_unconstrained_trials_are_never_ranked():
     lying = optuna.trial.create_trial(params=dense, distributions=completed(study)[0].distributions, value=-2.0,
                                       system_attrs={f"constraints:{CONSTRAINT}": -0.1})  # says feasible, is not
     study.add_trial(lying)
-    ranked = ranked_candidates(study, problem, budget)
+    ranked = ranked_candidates(study, problem.within(budget))
     assert ranked and all(problem.flops_fraction(candidate) <= budget for candidate, _, _ in ranked)
     assert problem.uniform(0, 0) not in {candidate for candidate, _, _ in ranked}
     assert [value for _, value, _ in ranked] == sorted(value for _, value, _ in ranked)
@@ -216,8 +218,8 @@ def test_resume_keeps_earlier_trials_and_tops_up_to_the_total(tmp_path):
     def run(trials):
         study = open_study(path, "s", {"k": 1})
         worker, rank = join_study(study, {})
-        ran = run_study(study, problem, 0.3, trials, make_sampler("mutation", rank), worker,
-                        warm_start=solve_knapsack(problem, 0.3).candidate, progress=False)
+        ran = run_study(study, problem.within(0.3), trials, make_sampler("mutation", rank), worker,
+                        warm_start=solve_knapsack(problem.within(0.3)).candidate, progress=False)
         return study, ran
 
     study, ran = run(70)
@@ -243,10 +245,10 @@ def test_same_seed_same_trials():
 def test_sampled_trials_come_within_two_percent_of_the_knapsack_optimum(per_layer_query):
     problem = realistic_problem(per_layer_query)
     budget = 0.1
-    optimum = solve_knapsack(problem, budget)
+    optimum = solve_knapsack(problem.within(budget))
     assert optimum.exact
     study = in_memory_run(problem, budget, 1000)
-    best = ranked_candidates(study, problem, budget, exclude_source=WARM_START)[0][1]
+    best = ranked_candidates(study, problem.within(budget), exclude_source=WARM_START)[0][1]
     assert optimum.deviation <= best <= 1.02 * optimum.deviation
 
 
@@ -254,6 +256,8 @@ def test_sampled_trials_come_within_two_percent_of_the_knapsack_optimum(per_laye
 
 
 def write_profile(root, name="vggt-tiny", **kwargs):
+    """A synthetic profile saved where search-schedule finds it; vggt-tiny's has the model's 12 global layers."""
+    kwargs.setdefault("layers", 12 if name == "vggt-tiny" else 6)
     return save_profile(synthetic_profile(model=name, **kwargs), root / "profiles" / name)
 
 
@@ -320,9 +324,9 @@ def test_cli_without_any_profile(tmp_path, monkeypatch, capsys):
 
 
 def cli(tmp_path, *argv):
-    return subprocess.Popen([sys.executable, "-m", "spark3r.search.cli", "--profile", "profiles/vggt-tiny", "--budget",
-                             "0.3", "--per-layer-query", *argv], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "spark3r.commands.search_schedule", "--profile",
+                             "profiles/vggt-tiny", "--budget", "0.3", "--per-layer-query", *argv], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def journal_trials(tmp_path):
@@ -374,7 +378,7 @@ def test_verify_measures_candidates_and_exports_the_best_measured(tmp_path, monk
 def test_verify_uses_the_profiled_weights_file_and_refuses_a_changed_one(tmp_path, monkeypatch, capsys):
     from spark3r.models.loading import find_weights
     from spark3r.models.registry import get_entry
-    from spark3r.profiler.cli import weights_identity
+    from spark3r.models.loading import weights_identity
 
     monkeypatch.chdir(tmp_path)
     weights = tmp_path / "tiny.safetensors"
@@ -387,3 +391,135 @@ def test_verify_uses_the_profiled_weights_file_and_refuses_a_changed_one(tmp_pat
     os.utime(weights, (time.time() + 5, time.time() + 5))  # the file replaced since profiling
     assert main([*argv, "--out", "other.yaml"]) == 2
     assert "which is gone or has changed since: pass --weights" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------ boundaries
+
+
+def hand_problem(layer_costs, layer_deviations, dense_flops):
+    """A SearchProblem typed in by hand: one merge level, per layer the FLOPs and deviation of each K/V level."""
+    costs, deviations = np.asarray(layer_costs, dtype=float), np.asarray(layer_deviations, dtype=float)
+    layers, levels = costs.shape
+    return SearchProblem(model="hand", frames=8, budget_of="global_attention", metric="score",
+                         kv_keep=tuple(1.0 / 2**j for j in range(levels)), query_merge=(1,), per_layer_query=False,
+                         kv_deviation=deviations, query_deviation=np.zeros((layers, 1)),
+                         layer_flops=costs[:, :, None], fixed_flops=0.0, dense_flops=float(dense_flops),
+                         options=ProfileOptions(kv_keep=tuple(1.0 / 2**j for j in range(levels)), query_merge=(1,)))
+
+
+@pytest.mark.parametrize("budget, deviation", [(1.0, 0.0), (0.5, 1.0), (0.25, 3.0)])
+def test_knapsack_takes_an_option_that_costs_exactly_the_budget(budget, deviation):
+    # one layer, options costing 1, 1/2, 1/4 of dense with deviations 0, 1, 3: at a budget equal to an option's cost
+    # that option is the optimum (it is within "at most the budget")
+    problem = hand_problem([[4.0, 2.0, 1.0]], [[0.0, 1.0, 3.0]], dense_flops=4.0)
+    result = solve_knapsack(problem.within(budget))
+    assert result.deviation == deviation and result.flops_fraction == budget and result.exact
+
+
+def test_knapsack_at_budgets_equal_to_schedule_costs_matches_brute_force():
+    # layer 1's last option is free, so at the budget of (0, 2) one option of layer 0 takes the whole capacity
+    problem = hand_problem([[8.0, 4.0, 2.0], [2.0, 1.0, 0.0]], [[0.0, 1.0, 2.5], [0.0, 0.1, 0.3]], dense_flops=8.0)
+    assert solve_knapsack(problem.within(1.0)).deviation == 0.3  # (0, 2); (0, 1) costs 9, the next best (1, 0) 1.0
+    for kv in itertools.product(range(3), repeat=2):
+        budget = problem.flops_fraction(Candidate(kv, (0, 0)))
+        if budget > 1:
+            continue
+        result = solve_knapsack(problem.within(budget))
+        assert result.flops_fraction <= budget
+        assert result.deviation == pytest.approx(brute_force(problem, budget), abs=1e-15)
+
+
+def test_a_trial_exactly_at_the_budget_is_feasible_and_ranked():
+    problem = build_problem(synthetic_profile(), TINY_FLOPS)
+    candidate = problem.uniform(2, 1)
+    problem = problem.within(problem.flops_fraction(candidate))  # the constraint is fraction - budget = 0.0 exactly
+    study = optuna.create_study(direction="minimize")
+    run_study(study, problem, 1, make_sampler("mutation", 0), "w0", warm_start=candidate, progress=False)
+    trial = completed(study)[0]
+    assert trial.constraints[CONSTRAINT] == 0.0
+    assert is_feasible(trial)
+    assert [ranked for ranked, _, _ in ranked_candidates(study, problem)] == [candidate]
+
+
+# ------------------------------------------------------------------------------------------------------ --verify
+
+
+def relative_depth_l1(model, images, schedule):
+    """sum |D_reduced - D_dense| / sum |D_dense| in float64, the schedule applied by hand."""
+    with torch.no_grad():
+        dense = model(images)["depth"].double()
+        with apply_schedule(model, schedule):
+            moved = model(images)["depth"].double()
+    return float((moved - dense).abs().sum() / dense.abs().sum()), float((moved - dense).abs().sum()
+                                                                        / moved.abs().sum())
+
+
+def test_verify_measures_the_reduced_run_against_the_dense_one():
+    from spark3r.models.loading import load_model
+    from spark3r.search.verify import held_out_clips, measure
+
+    profile = synthetic_profile(weights="auto", frames=3)
+    clips = held_out_clips(profile, "synthetic:1:77")
+    schedule = load_schedule({"spark3r_schedule": 1, "model": "vggt-tiny", "global_layers": 6,
+                              "default": {"kv": {"keep": 0.25}, "query": {"merge": 2}}})
+    measured = measure(profile, [schedule], clips, device=torch.device("cpu"), dtype=torch.float32, weights="auto",
+                       seed=0, metric="depth", progress=False)
+    expected, swapped = relative_depth_l1(load_model("vggt-tiny"), clips[0].images[None], schedule)
+    assert abs(expected - swapped) > 1e-3 * expected  # the two directions are told apart
+    assert measured.shape == (1, 1) and measured[0, 0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_verify_exports_the_best_measured_candidate_with_its_measurement(tmp_path, monkeypatch, capsys):
+    from spark3r.data.clips import open_clips
+    from spark3r.models.loading import load_model
+    from spark3r.models.registry import get_entry
+
+    monkeypatch.chdir(tmp_path)
+    write_profile(tmp_path, weights="auto", frames=3)
+    assert main(["--budget", "0.3", "--trials", "60", "--verify", "3", "--calib", "synthetic:1:77", "--metric",
+                 "depth", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    verified, chosen = result["verified"], result["chosen"]
+    assert len(verified) == 3
+    best = min(verified, key=lambda row: row["measured_deviation"])
+    assert chosen == best
+    assert chosen["deviation"] > min(row["deviation"] for row in verified)  # here measuring changes the choice
+
+    path = tmp_path / "schedules" / "vggt-tiny-b0.3.yaml"
+    schedule = load_schedule(path)
+    reductions = schedule.reductions(3)
+    assert [r.kv_keep for r in reductions] == chosen["kv_keep"]
+    assert [r.query_merge for r in reductions] == chosen["query_merge"]
+    assert schedule.predicted["deviation"] == pytest.approx(chosen["deviation"], abs=1e-8)
+    assert schedule.provenance["verify_clips"] == "synthetic:1:77" and schedule.provenance["verified_candidates"] == 3
+    assert "--verify 3 --calib synthetic:1:77" in path.read_text()
+    entry = get_entry("vggt-tiny")
+    clip = open_clips("synthetic:1:77", preprocess=f"{entry.preprocess}:{entry.image_width}", frames=3)[0]
+    measured, _ = relative_depth_l1(load_model("vggt-tiny"), clip.images[None], schedule)
+    assert schedule.provenance["measured_deviation"] == pytest.approx(measured, rel=1e-5)
+
+
+def test_a_profile_rewritten_from_its_cache_resumes_the_study(tmp_path, monkeypatch, capsys):
+    from spark3r.profiler.format import load_profile
+
+    monkeypatch.chdir(tmp_path)
+    path = write_profile(tmp_path)
+    assert main(["--budget", "0.3", "--trials", "60", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trials"]["ran"] == 60
+    profile = load_profile(path)  # profile-layers rerun on cached clips: same tables, new timings and time stamp
+    profile.timings, profile.created = {"wall": 93.0}, "2026-12-01T22:00:00+00:00"
+    save_profile(profile, path.parent)
+    assert main(["--budget", "0.3", "--trials", "80", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["trials"]["total"] == 80 and again["trials"]["ran"] == 20
+
+
+def test_the_summary_marks_rows_over_the_budget(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_profile(tmp_path)
+    assert main(["--budget", "0.3", "--trials", "20"]) == 0
+    rows = {line[:34].strip(): line for line in capsys.readouterr().out.splitlines()}
+    paper = next(name for name in rows if name.startswith("paper's rule"))
+    fraction = float(rows[paper][34:].split()[1])  # the vggt-tiny rule at 8 frames keeps 1/3 of K/V on 4 of 6 layers
+    assert fraction > 0.3 and paper.endswith("(over budget)")
+    assert not any(name.endswith("(over budget)") for name in rows if name.startswith(("knapsack", "chosen")))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from spark3r.data.clips import unproject_depth
+from spark3r.data.clip import unproject_depth
 from spark3r.data.synthetic import Scene, SceneConfig, clip_seeds, render_batch, render_clip, render_views, sample_clip
 from spark3r.errors import Spark3rError
 

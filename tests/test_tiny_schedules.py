@@ -26,7 +26,7 @@ def uniform_fraction(frames: int, factor: int) -> float:
 
 
 def test_baselines_match_flops_by_hand():
-    build = lambda factor: tiny.stride_schedule("vggt-tiny", [factor] * 6, 1, {}, "uniform")  # noqa: E731
+    build = lambda factor: tiny.stride_schedule("vggt-tiny", [factor] * 12, 1, {}, "uniform")  # noqa: E731
     options = tiny.fractions(FLOP_CONFIG, 16, build)
     assert [r for _, r in options] == list(range(1, 17))
     assert [fraction for fraction, _ in options] == pytest.approx([uniform_fraction(16, r) for r in range(1, 17)])
@@ -38,10 +38,10 @@ def test_baselines_match_flops_by_hand():
     assert tiny.most_within(options, 0.01) is None
     assert tiny.two_tier_factors(6, [3, 4], 2, 3) == [6, 6, 6, 2, 2, 6]
     # at 16 frames one kept frame costs 144 / 1104 = 0.130 of the K/V: budget 0.1 needs merge 2, 0.05 merge 3
-    assert [tiny.mildest_merge(FLOP_CONFIG, 16, [1, 2, 3, 4], 6, budget, {}, "vggt-tiny")
+    assert [tiny.mildest_merge(FLOP_CONFIG, 16, [1, 2, 3, 4], 12, budget, {}, "vggt-tiny")
             for budget in (0.25, 0.1, 0.05)] == [1, 2, 3]
     with pytest.raises(Spark3rError, match="below every schedule"):
-        tiny.mildest_merge(FLOP_CONFIG, 16, [1, 2], 6, 0.01, {}, "vggt-tiny")
+        tiny.mildest_merge(FLOP_CONFIG, 16, [1, 2], 12, 0.01, {}, "vggt-tiny")
 
 
 def test_schedule_of_factors_resolves_per_layer():
@@ -151,4 +151,4 @@ def test_smoke_run_profiles_are_disjoint_and_ground_truth_is_sane(smoke):
     assert not {clip["sha256"] for clip in profiles[0].clips} & {clip["sha256"] for clip in profiles[1].clips}
     dense = result["held_out_dense"]
     assert 0 < dense["abs_rel"] < 1 and dense["rpe_rot"] >= 0
-    assert result["probe"]["base_score"] > 0 and len(result["probe"]["ratio"]) == 6
+    assert result["probe"]["base_score"] > 0 and len(result["probe"]["ratio"]) == 12

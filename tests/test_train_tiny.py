@@ -12,12 +12,20 @@ from safetensors.torch import load_file
 from scipy.spatial.transform import Rotation
 
 import spark3r
-from spark3r.data.clips import Clip, write_clip
-from spark3r.data.synthetic import render_batch
+from spark3r.commands.train_tiny import main
+from spark3r.data.clip import Clip
+from spark3r.data.clips import write_clip
+from spark3r.data.synthetic import SceneConfig, render_batch
 from spark3r.errors import Spark3rError
-from spark3r.models import train_tiny as tt
 from spark3r.models.blocks import patch_positions
-from spark3r.models.vggt import pose_encoding_to_extrinsics_intrinsics
+from spark3r.models.geometry import pose_encoding_to_extrinsics_intrinsics
+from spark3r.training.evaluation import clip_scores, frame_only_global_attention
+from spark3r.training.losses import (
+    camera_iterations, camera_loss, confidence_loss, gradient_loss, matrix_to_quaternion, pose_encoding, scene_targets,
+    training_loss,
+)
+from spark3r.training.steps import StepScenes, StepShape, render_step, train_spec_seed
+from spark3r.training.tiny import grow_depth, learning_rate, parameter_groups, trunk_depth
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +41,7 @@ def test_matrix_to_quaternion_matches_scipy():
     matrices = np.concatenate([rotations, np.stack(special)])
     expected = Rotation.from_matrix(matrices).as_quat()  # xyzw
     expected *= np.where(expected[:, 3:] < 0, -1.0, 1.0)
-    ours = tt.matrix_to_quaternion(torch.from_numpy(matrices)).numpy()
+    ours = matrix_to_quaternion(torch.from_numpy(matrices)).numpy()
     # a 180-degree rotation has w = 0, where q and -q are both valid: compare up to sign there
     assert np.allclose(np.abs((ours * expected).sum(-1)), 1.0, atol=1e-9)
     assert np.allclose(ours[:-3], expected[:-3], atol=1e-9)
@@ -42,14 +50,14 @@ def test_matrix_to_quaternion_matches_scipy():
 
 def test_pose_encoding_round_trips_through_the_model_decoder(clips):
     extrinsics, intrinsics = clips.extrinsics.double(), clips.intrinsics.double()
-    encoding = tt.pose_encoding(extrinsics, intrinsics, (28, 28))
+    encoding = pose_encoding(extrinsics, intrinsics, (28, 28))
     decoded_extrinsics, decoded_intrinsics = pose_encoding_to_extrinsics_intrinsics(encoding, (28, 28))
     assert torch.allclose(decoded_extrinsics, extrinsics, atol=1e-9)
     assert torch.allclose(decoded_intrinsics, intrinsics, atol=1e-9)
 
 
 def test_scene_targets_against_a_float64_reference(clips):
-    targets = tt.scene_targets(clips.depth, clips.intrinsics, clips.extrinsics)
+    targets = scene_targets(clips.depth, clips.intrinsics, clips.extrinsics)
     depth, intrinsics, extrinsics = (x.double().numpy() for x in (clips.depth, clips.intrinsics, clips.extrinsics))
     for b in range(2):
         to_4x4 = [np.vstack([e, [0, 0, 0, 1]]) for e in extrinsics[b]]
@@ -82,7 +90,7 @@ def test_confidence_and_gradient_losses_against_loops():
     valid = torch.rand(2, 5, 6, generator=generator) > 0.3
     error = (pred - target).norm(dim=-1)
     terms = [conf[i] * error[i] - 0.2 * math.log(conf[i]) for i in np.ndindex(2, 5, 6) if valid[i]]
-    assert math.isclose(tt.confidence_loss(error, conf, valid).item(), (sum(terms) / len(terms)).item(), rel_tol=1e-12)
+    assert math.isclose(confidence_loss(error, conf, valid).item(), (sum(terms) / len(terms)).item(), rel_tol=1e-12)
     scales = []
     for scale in range(3):
         step = 2**scale
@@ -95,7 +103,7 @@ def test_confidence_and_gradient_losses_against_loops():
             if i + 1 < p.shape[1] and m[n, i, j] and m[n, i + 1, j]:
                 total += abs((p[n, i + 1, j, c] - t[n, i + 1, j, c]).item() - d)
         scales.append(total / (m.sum().item() * 3))
-    assert math.isclose(tt.gradient_loss(pred, target, valid).item(), sum(scales) / 3, rel_tol=1e-10)
+    assert math.isclose(gradient_loss(pred, target, valid).item(), sum(scales) / 3, rel_tol=1e-10)
 
 
 def test_camera_loss_weights_later_iterations_more():
@@ -103,32 +111,27 @@ def test_camera_loss_weights_later_iterations_more():
     first, last = torch.zeros(1, 2, 9), torch.zeros(1, 2, 9)
     first[..., 0], last[..., 7] = 1.0, 1.0  # translation error 1/3 on the first, FoV error 1/2 on the last iteration
     expected = (0.6 * (1 / 3) + 1.0 * 0.5 * (1 / 2)) / 2
-    assert math.isclose(tt.camera_loss([first, last], target).item(), expected, rel_tol=1e-6)
+    assert math.isclose(camera_loss([first, last], target).item(), expected, rel_tol=1e-6)
 
 
 def test_learning_rate_warms_up_then_decays_to_five_percent():
-    rates = [tt.learning_rate(step, step / 100, 1e-3, warmup=10) for step in range(101)]
+    rates = [learning_rate(step, step / 100, 1e-3, warmup=10) for step in range(101)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
     assert rates[100] == pytest.approx(5e-5)
-    assert tt.learning_rate(500, 0.5, 1e-3, warmup=10) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
+    assert learning_rate(500, 0.5, 1e-3, warmup=10) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))
 
 
 def test_training_seeds_never_reach_held_out_specs():
-    assert tt.train_spec_seed(0, 0) == 10**9 and tt.train_spec_seed(2, 5) == 3 * 10**9 + 5
-    first = tt.StepScenes(0, tt.StepShape((2, 2), 2), (28, 28), tt.SceneConfig())
+    assert train_spec_seed(0, 0) == 10**9 and train_spec_seed(2, 5) == 3 * 10**9 + 5
+    first = StepScenes(0, StepShape((2, 2), 2), (28, 28), SceneConfig())
     assert all(torch.equal(a, b) for a, b in zip(first[3].values(), first[3].values()))
     assert not torch.equal(first[3]["extrinsics"], first[4]["extrinsics"])
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return spark3r.load_model("vggt-tiny", weights="none", seed=0)
-
-
 def test_camera_iterations_end_at_the_head_output(tiny):
     images = torch.rand(1, 2, 3, 28, 28)
-    with torch.no_grad(), tt.camera_iterations(tiny) as poses:
+    with torch.no_grad(), camera_iterations(tiny) as poses:
         outputs = tiny(images)
     assert len(poses) == tiny.camera_head.iterations
     assert torch.equal(poses[-1], outputs["pose_enc"])
@@ -142,7 +145,7 @@ def test_frame_only_attention_equals_attention_run_per_frame(tiny):
     pos = patch_positions(2, 2, layout.n_special)
     with torch.no_grad():
         dense = attn(x, pos=pos.repeat(3, 1)[None])
-        with tt.frame_only_global_attention(tiny, layout):
+        with frame_only_global_attention(tiny, layout):
             patched = attn(x, pos=pos.repeat(3, 1)[None])
         per_frame = torch.cat([attn(chunk, pos=pos[None]) for chunk in x.split(layout.tokens_per_frame, dim=1)], 1)
         restored = attn(x, pos=pos.repeat(3, 1)[None])
@@ -154,14 +157,14 @@ def test_frame_only_attention_equals_attention_run_per_frame(tiny):
 def test_loss_decreases_on_a_fixed_batch():
     torch.manual_seed(0)
     model = spark3r.load_model("vggt-tiny", weights="none", seed=0).train()
-    images, targets = tt.render_step(tt.StepScenes(0, tt.StepShape((2, 2), 1), (28, 28), tt.SceneConfig())[0], (28, 28),
+    images, targets = render_step(StepScenes(0, StepShape((2, 2), 1), (28, 28), SceneConfig())[0], (28, 28),
                                      torch.device("cpu"))
-    optimizer = torch.optim.AdamW(tt.parameter_groups(model, 0.05), lr=1e-3)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.05), lr=1e-3)
     losses = []
     for _ in range(20):
-        with tt.camera_iterations(model) as poses:
+        with camera_iterations(model) as poses:
             outputs = model(images)
-        loss, parts = tt.training_loss(outputs, poses, targets, camera_weight=5.0)
+        loss, parts = training_loss(outputs, poses, targets, camera_weight=5.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -174,7 +177,7 @@ def test_training_writes_strictly_loadable_fp16_weights_and_resumes(tmp_path, ca
     out = tmp_path / "tiny.safetensors"
     args = ["--out", str(out), "--batch", "1", "--frames", "2", "--size", "28", "--log-every", "1",
             "--eval-every", "2", "--held-out", "synthetic:1:999", "--device", "cpu"]
-    assert tt.main(["--steps", "2", *args]) == 0
+    assert main(["--steps", "2", *args]) == 0
     first = capsys.readouterr().out
     assert "step 2/2" in first and "eval step 2" in first and f"wrote {out}" in first
     state = load_file(out)
@@ -183,17 +186,17 @@ def test_training_writes_strictly_loadable_fp16_weights_and_resumes(tmp_path, ca
     loaded = spark3r.load_model("vggt-tiny", weights=out)
     assert all(torch.equal(loaded.state_dict()[key], value.float()) for key, value in state.items())
 
-    assert tt.main(["--steps", "3", *args]) == 0
+    assert main(["--steps", "3", *args]) == 0
     second = capsys.readouterr()
     assert "resuming" in second.err and "step 3/3" in second.out and "step 1/" not in second.out
     assert torch.load(out.with_suffix(".ckpt.pt"), weights_only=True)["step"] == 3
-    assert tt.main(["--steps", "3", *args[:2], "--batch", "2", *args[4:]]) == 2
+    assert main(["--steps", "3", *args[:2], "--batch", "2", *args[4:]]) == 2
     assert "was made with --batch 1, not 2" in capsys.readouterr().err
 
 
 def test_time_limit_stops_cleanly_and_still_writes_weights(tmp_path, capsys):
     out = tmp_path / "tiny.safetensors"
-    assert tt.main(["--out", str(out), "--steps", "100", "--minutes", "1e-6", "--batch", "1", "--frames", "2",
+    assert main(["--out", str(out), "--steps", "100", "--minutes", "1e-6", "--batch", "1", "--frames", "2",
                     "--size", "28", "--held-out", "synthetic:1:999", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "time limit of 1e-06 min reached at step 0" in printed and "after 0 steps" in printed
@@ -209,19 +212,19 @@ def test_time_limit_stops_cleanly_and_still_writes_weights(tmp_path, capsys):
 def test_bad_training_settings_exit_2_with_one_sentence(tmp_path, capsys, bad, message):
     args = ["--out", str(tmp_path / "w.safetensors"), "--steps", "1", "--batch", "1", "--frames", "2", "--size", "28",
             "--device", "cpu"]
-    assert tt.main(args + bad) == 2
+    assert main(args + bad) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
 
 def test_clip_scores_of_perfect_and_identity_cameras(clips):
-    targets = tt.scene_targets(clips.depth, clips.intrinsics, clips.extrinsics)
+    targets = scene_targets(clips.depth, clips.intrinsics, clips.extrinsics)
     gt = targets.extrinsics[0].double()
-    perfect = tt.clip_scores(targets.depth[0] * 3.0, gt.float(), targets, 0)
+    perfect = clip_scores(targets.depth[0] * 3.0, gt.float(), targets, 0)
     assert perfect["abs_rel"] < 1e-6 and perfect["delta_1.25"] == 1.0
     assert perfect["rotation_deg"] < 0.1 and perfect["translation"] < 1e-4 and perfect["ate"] < 1e-4
     assert perfect["auc30"] > 0.95
-    trivial = tt.clip_scores(torch.ones(3, 28, 28), None, targets, 0)
+    trivial = clip_scores(torch.ones(3, 28, 28), None, targets, 0)
     angles = [math.degrees(math.acos(np.clip((np.trace(gt[s, :, :3].numpy()) - 1) / 2, -1, 1))) for s in (1, 2)]
     assert trivial["rotation_deg"] == pytest.approx(np.mean(angles), abs=1e-4)  # float32 targets: not exactly orthonormal
     assert trivial["translation"] == pytest.approx(gt[1:, :, 3].norm(dim=-1).mean().item(), abs=1e-6)
@@ -232,12 +235,12 @@ def test_clip_scores_of_perfect_and_identity_cameras(clips):
 
 
 def test_evaluate_command_prints_the_three_rows(capsys):
-    assert tt.main(["--evaluate", "none", "--clips", "synthetic:2:1000", "--frames", "2", "--device", "cpu"]) == 0
+    assert main(["--evaluate", "none", "--clips", "synthetic:2:1000", "--frames", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for label in ("model", "model, frame-only global attention", "constant depth / identity cameras",
                   "frame-only / model pose error"):
         assert label in out
-    assert tt.main(["--evaluate", "none", "--clips", "synthetic:2:1000", "--frames", "2", "--device", "cpu",
+    assert main(["--evaluate", "none", "--clips", "synthetic:2:1000", "--frames", "2", "--device", "cpu",
                     "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["frames"] == [2] and report["lengths"]["2"]["count"] == 2
@@ -247,23 +250,23 @@ def test_evaluate_command_prints_the_three_rows(capsys):
 
 def test_evaluate_refuses_clips_without_ground_truth(tmp_path, capsys):
     write_clip(Clip(name="plain", images=torch.rand(2, 3, 112, 112)), tmp_path, "npz")
-    assert tt.main(["--evaluate", "none", "--clips", str(tmp_path), "--device", "cpu"]) == 2
+    assert main(["--evaluate", "none", "--clips", str(tmp_path), "--device", "cpu"]) == 2
     assert "has no ground-truth depth and cameras" in capsys.readouterr().err
 
 
 def test_variable_length_steps_stay_in_range_fill_the_frame_budget_and_repeat():
-    shape = tt.StepShape((2, 48), clips=48, frames_per_step=384, path="mixed")
-    drawn = [shape.at(tt.train_spec_seed(0, step)) for step in range(400)]
-    assert drawn == [shape.at(tt.train_spec_seed(0, step)) for step in range(400)]
+    shape = StepShape((2, 48), clips=48, frames_per_step=384, path="mixed")
+    drawn = [shape.at(train_spec_seed(0, step)) for step in range(400)]
+    assert drawn == [shape.at(train_spec_seed(0, step)) for step in range(400)]
     lengths = [frames for frames, _, _ in drawn]
     assert min(lengths) == 2 and max(lengths) == 48 and len(set(lengths)) == 47
     assert all(clips == 384 // frames for frames, clips, _ in drawn)
     assert all(path == "walk" for frames, _, path in drawn if frames > 16)
     short_paths = [path for frames, _, path in drawn if frames <= 16]
     assert 0.3 < short_paths.count("arc") / len(short_paths) < 0.7
-    assert tt.StepShape((8, 8), clips=6).at(123) == (8, 6, "arc")
-    arrays = tt.StepScenes(0, tt.StepShape((2, 5), 1, frames_per_step=10, path="walk"), (28, 28), tt.SceneConfig())[7]
-    frames, clips, _ = tt.StepShape((2, 5), 1, frames_per_step=10, path="walk").at(tt.train_spec_seed(0, 7))
+    assert StepShape((8, 8), clips=6).at(123) == (8, 6, "arc")
+    arrays = StepScenes(0, StepShape((2, 5), 1, frames_per_step=10, path="walk"), (28, 28), SceneConfig())[7]
+    frames, clips, _ = StepShape((2, 5), 1, frames_per_step=10, path="walk").at(train_spec_seed(0, 7))
     assert arrays["extrinsics"].shape == (clips, frames, 3, 4)
 
 
@@ -279,8 +282,8 @@ def test_grown_trunk_computes_the_same_function_with_its_taps_moved():
     for name, value in small.named_parameters():  # LayerScale far from zero, so a wrong tap or copy shows
         if name.endswith("gamma"):
             value.data.uniform_(0.3, 0.8)
-    grown_state = tt.grow_depth(small.state_dict(), 8)
-    assert tt.trunk_depth(grown_state) == 8
+    grown_state = grow_depth(small.state_dict(), 8)
+    assert trunk_depth(grown_state) == 8
     for new in (2, 3):  # a silent copy of old block 1, then old block 1
         assert torch.equal(grown_state[f"aggregator.global_blocks.{new}.attn.qkv.weight"],
                            small.state_dict()["aggregator.global_blocks.1.attn.qkv.weight"])
@@ -294,13 +297,13 @@ def test_grown_trunk_computes_the_same_function_with_its_taps_moved():
     for key in ("depth", "points", "pose_enc"):
         assert torch.allclose(grown[key], expected[key], atol=1e-6), key
     with pytest.raises(Spark3rError, match="whole multiple of 4"):
-        tt.grow_depth(small.state_dict(), 6)
+        grow_depth(small.state_dict(), 6)
 
 
 def test_evaluate_reports_every_length(capsys):
-    assert tt.main(["--evaluate", "none", "--clips", "synthetic:1:1000:walk", "--frames", "2,3", "--device", "cpu",
+    assert main(["--evaluate", "none", "--clips", "synthetic:1:1000:walk", "--frames", "2,3", "--device", "cpu",
                     "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["frames"] == [2, 3] and set(report["lengths"]) == {"2", "3"}
-    assert tt.main(["--evaluate", "none", "--frames", "2,x", "--device", "cpu"]) == 2
+    assert main(["--evaluate", "none", "--frames", "2,x", "--device", "cpu"]) == 2
     assert "at least 2 frames" in capsys.readouterr().err

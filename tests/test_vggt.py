@@ -14,19 +14,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from spark3r.errors import Spark3rError
 from spark3r.models.blocks import merge_heads, qkv_heads
+from spark3r.models.geometry import pose_encoding_to_extrinsics_intrinsics, quaternion_to_matrix
 from spark3r.models.loading import adapt_state_dict, check_state_dict
 from spark3r.models.registry import build_model
-from spark3r.models.vggt import VGGT, VGGT_TINY, pose_encoding_to_extrinsics_intrinsics, quaternion_to_matrix
+from spark3r.models.vggt import VGGT, VGGT_TINY
 from support import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 42, 56  # 3 x 4 patches
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return build_model("vggt-tiny").eval()
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +66,7 @@ def test_run_steps_in_two_halves_equals_one_go(tiny, images):
         rest = tiny.run_steps(half)
     assert whole.step == rest.step == tiny.num_steps
     assert torch.equal(whole.tokens, rest.tokens)
-    assert whole.taps.keys() == rest.taps.keys() == {1, 3, 4, 5}
+    assert whole.taps.keys() == rest.taps.keys() == {3, 7, 9, 11}
     for layer in whole.taps:
         assert torch.equal(whole.taps[layer], rest.taps[layer])
 
@@ -81,7 +76,7 @@ def test_taps_are_frame_output_then_global_output(tiny, images):
         state = tiny.prepare(images)
         before_global = tiny.run_steps(state, stop=2 * 3 + 1)
         after_global = tiny.run_steps(before_global, stop=2 * 3 + 2)
-    tap = after_global.taps[3]
+    tap = after_global.taps[3]  # a tapped layer of the 12
     assert torch.equal(tap[..., :VGGT_TINY.embed_dim], before_global.tokens)
     assert torch.equal(tap[..., VGGT_TINY.embed_dim:], after_global.tokens)
 
@@ -96,7 +91,7 @@ def test_lean_mode_leaves_taps_and_outputs_unchanged_in_fp32(tiny, images):
             full_out = tiny.decode(full_state, images)
         finally:
             tiny.lean = True
-    assert set(full_state.taps) == set(range(6)) and set(lean_state.taps) == {1, 3, 4, 5}
+    assert set(full_state.taps) == set(range(12)) and set(lean_state.taps) == {3, 7, 9, 11}
     for layer in lean_state.taps:
         assert lean_state.taps[layer].dtype == torch.float32
         assert torch.equal(lean_state.taps[layer], full_state.taps[layer])
@@ -131,8 +126,8 @@ def test_special_tokens_distinguish_frame_zero(tiny, images):
 
 def test_adapter_finds_the_global_attention_and_its_layout(tiny, images):
     modules = tiny.adapter.modules(tiny)
-    assert len(modules) == 6 and modules[2] is tiny.aggregator.global_blocks[2].attn
-    assert tiny.global_layer_steps == [1, 3, 5, 7, 9, 11] and tiny.num_steps == 12
+    assert len(modules) == 12 and modules[2] is tiny.aggregator.global_blocks[2].attn
+    assert tiny.global_layer_steps == list(range(1, 24, 2)) and tiny.num_steps == 24
     layout = tiny.adapter.layout(images)
     assert (layout.frames, layout.n_special, layout.grid_h, layout.grid_w) == (4, 5, 3, 4)
 
@@ -155,7 +150,7 @@ def test_patched_global_attention_through_qkv_heads_is_exact(tiny, images):
 def test_dpt_heads_do_not_depend_on_the_frame_chunk(tiny, images):
     with torch.no_grad():
         state = tiny.run_steps(tiny.prepare(images))
-        taps = [state.taps[layer] for layer in (1, 3, 4, 5)]
+        taps = [state.taps[layer] for layer in (3, 7, 9, 11)]
         one, one_conf = tiny.depth_head(taps, (H, W), 5, frames_chunk_size=1)
         all_frames, all_conf = tiny.depth_head(taps, (H, W), 5, frames_chunk_size=None)
     torch.testing.assert_close(one, all_frames, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Clips: frames with optional ground truth, the readers and writer for clips on disk, and the one clip-spec parser.
+"""Clips on disk: the readers and writer of the clip formats, and the one clip-spec parser (the Clip itself:
+spark3r.data.clip).
 
 On disk a clip is
 - a folder of images (png / jpg; natural sort order; EXIF orientation applied; transparency composited on white), with
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import re
 import shutil
@@ -31,113 +31,28 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from spark3r.data.clip import GROUND_TRUTH_KEYS, Clip, to_uint8
 from spark3r.data.preprocess import Recipe, apply_plan, get_recipe
-from spark3r.errors import Spark3rError
-
-if TYPE_CHECKING:
-    from spark3r.data.synthetic import SceneConfig
+from spark3r.data.synthetic import SceneConfig, clip_seeds, render_clip
+from spark3r.errors import ParameterError, Spark3rError
+from spark3r.files import check_output_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm")
 GROUND_TRUTH_FILE = "gt.npz"
 GROUND_TRUTH_SUFFIX = ".gt.npz"
-GROUND_TRUTH_KEYS = ("depth", "intrinsics", "extrinsics")
 FORMATS = ("folder", "npz", "mp4")
 DEFAULT_SYNTHETIC_FRAMES = 8
 DEFAULT_SYNTHETIC_SIZE = (224, 224)
 VIDEO_FPS = 10
 _SYNTHETIC_SPEC = re.compile(r"synthetic:(\d+)(?::(\d+))?(?::(arc|walk))?")
 _CLIP_SPEC_HELP = "pass a folder of clips, one clip (image folder, video or .npz) or synthetic:N[:SEED][:walk]"
-
-
-@dataclass
-class Clip:
-    """One clip: images [S, 3, H, W] float in [0, 1] and optional ground truth.
-
-    depth [S, H, W] z-depth (<= 0 or non-finite: no measurement); intrinsics [S, 3, 3]; extrinsics [S, 3, 4]
-    world-to-camera (OpenCV). `source` says where the clip came from.
-    """
-
-    name: str
-    images: torch.Tensor
-    depth: torch.Tensor | None = None
-    intrinsics: torch.Tensor | None = None
-    extrinsics: torch.Tensor | None = None
-    source: str = ""
-
-    def __post_init__(self):
-        where = self.source or self.name
-        if self.images.dim() != 4 or self.images.shape[1] != 3 or not self.images.is_floating_point():
-            raise Spark3rError(f"clip {where} has images of shape {tuple(self.images.shape)} and dtype "
-                               f"{self.images.dtype}: give float images [S, 3, H, W] in [0, 1]")
-        frames, _, height, width = self.images.shape
-        expected = {"depth": (frames, height, width), "intrinsics": (frames, 3, 3), "extrinsics": (frames, 3, 4)}
-        for key, shape in expected.items():
-            value = getattr(self, key)
-            if value is not None and tuple(value.shape) != shape:
-                raise Spark3rError(f"clip {where} has {key} of shape {tuple(value.shape)} but its images need "
-                                   f"{list(shape)}: give one entry per frame at the image size")
-
-    @property
-    def frames(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def height(self) -> int:
-        return self.images.shape[2]
-
-    @property
-    def width(self) -> int:
-        return self.images.shape[3]
-
-    def fingerprint(self) -> str:
-        """sha256 of the pixels as 8-bit values (and their shape): equal for a clip and its folder / npz copies."""
-        digest = hashlib.sha256(f"{self.frames}x{self.height}x{self.width}".encode())
-        digest.update(_to_uint8(self.images).numpy().tobytes())
-        return digest.hexdigest()
-
-    def select(self, indices: Sequence[int]) -> "Clip":
-        """The clip restricted to frames `indices` (in that order)."""
-        index = torch.as_tensor(list(indices), dtype=torch.long, device=self.images.device)
-        return self._map(lambda tensor: tensor[index])
-
-    def to(self, device: torch.device | str) -> "Clip":
-        return self._map(lambda tensor: tensor.to(device))
-
-    def world_points(self) -> torch.Tensor:
-        """Ground-truth point map [S, H, W, 3] in world coordinates (non-finite where depth has no measurement)."""
-        if self.depth is None or self.intrinsics is None or self.extrinsics is None:
-            raise Spark3rError(f"clip {self.name} has no depth and cameras: it needs ground truth for points")
-        return unproject_depth(self.depth, self.intrinsics, self.extrinsics)
-
-    def _map(self, function) -> "Clip":
-        return dataclasses.replace(self, **{key: None if getattr(self, key) is None else function(getattr(self, key))
-                                            for key in ("images", *GROUND_TRUTH_KEYS)})
-
-
-def unproject_depth(depth: torch.Tensor, intrinsics: torch.Tensor, extrinsics: torch.Tensor) -> torch.Tensor:
-    """World points [S, H, W, 3] of z-depth [S, H, W]: x_world = R^T (z K^-1 [j + 0.5, i + 0.5, 1] - t).
-
-    Pixels without a measurement (depth <= 0 or non-finite) get NaN.
-    """
-    frames, height, width = depth.shape
-    dtype = torch.promote_types(depth.dtype, torch.float32)
-    rows = torch.arange(height, device=depth.device, dtype=dtype) + 0.5
-    cols = torch.arange(width, device=depth.device, dtype=dtype) + 0.5
-    pixels = torch.stack([cols.expand(height, width), rows[:, None].expand(height, width),
-                          torch.ones(height, width, device=depth.device, dtype=dtype)], dim=-1)
-    rays = pixels.reshape(1, -1, 3) @ torch.linalg.inv(intrinsics.to(dtype)).transpose(-1, -2)  # [S, HW, 3]
-    valid = torch.isfinite(depth) & (depth > 0)
-    z = torch.where(valid, depth.to(dtype), torch.nan).reshape(frames, -1, 1)
-    rotation, translation = extrinsics[..., :3].to(dtype), extrinsics[..., 3].to(dtype)
-    points = (z * rays - translation[:, None]) @ rotation
-    return points.reshape(frames, height, width, 3)
 
 
 def frame_indices(total: int, stride: int = 1, max_frames: int | None = None) -> list[int]:
@@ -196,8 +111,6 @@ def parse_synthetic_spec(spec: str) -> tuple[int, int, str]:
 
 def _synthetic_clips(spec: str, recipe: Recipe | None, frames: int | None, size: tuple[int, int] | None,
                      scene: SceneConfig | None) -> Iterator[Clip]:
-    from spark3r.data.synthetic import SceneConfig, clip_seeds, render_clip
-
     count, seed, path = parse_synthetic_spec(spec)
     scene = dataclasses.replace(scene or SceneConfig(), path=path)
     if size is None:
@@ -243,7 +156,8 @@ def read_clip(path: str | os.PathLike, *, stride: int = 1, max_frames: int | Non
         raise Spark3rError(f"{path} is not a clip: give a folder of png/jpg images, a video "
                            f"({' '.join(VIDEO_SUFFIXES)}) or an .npz file")
     if clip is None:
-        raise Spark3rError(f"clip {path} has zero frames after subsampling: check the file and --stride / --max-frames")
+        raise ParameterError(f"clip {path} has zero frames after subsampling: check the file and `stride` / "
+                             "`max_frames`", "stride", "max_frames")
     return clip
 
 
@@ -381,7 +295,7 @@ def write_clip(clip: Clip, out_dir: str | os.PathLike, format: str = "folder") -
         raise Spark3rError(f"unknown clip format {format!r}: use one of {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pixels = _to_uint8(clip.images).permute(0, 2, 3, 1).numpy()
+    pixels = to_uint8(clip.images).permute(0, 2, 3, 1).numpy()
     truth = {key: getattr(clip, key).detach().cpu().float().numpy()
              for key in GROUND_TRUTH_KEYS if getattr(clip, key) is not None}
     if format == "npz":
@@ -406,14 +320,38 @@ def write_clip(clip: Clip, out_dir: str | os.PathLike, format: str = "folder") -
     return target
 
 
+@dataclass(frozen=True)
+class WrittenClip:
+    """A clip as `write_clips` wrote it: where, its size, which ground truth it holds and its content digest."""
+
+    name: str
+    path: Path
+    frames: int
+    height: int
+    width: int
+    ground_truth: tuple[str, ...]
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "frames": self.frames, "height": self.height,
+                "width": self.width, "ground_truth": list(self.ground_truth), "sha256": self.sha256}
+
+
+def write_clips(clips: Iterable[Clip], out_dir: str | os.PathLike, format: str = "folder") -> list[WrittenClip]:
+    """`write_clip` every clip of `clips` (e.g. `iter_clips(...)`, read one at a time) and describe what was written."""
+    check_output_folder(out_dir, "out_dir")  # before the first clip is read or made
+    written = []
+    for clip in clips:
+        path = write_clip(clip, out_dir, format)
+        truth = tuple(key for key in GROUND_TRUTH_KEYS if getattr(clip, key) is not None)
+        written.append(WrittenClip(clip.name, path, clip.frames, clip.height, clip.width, truth, clip.fingerprint()))
+    return written
+
+
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Compressed .npz at exactly `path` (numpy would append .npz to a name without it)."""
     with open(path, "wb") as file:
         np.savez_compressed(file, **arrays)
-
-
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return images.detach().cpu().float().mul(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 @contextlib.contextmanager

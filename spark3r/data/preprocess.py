@@ -6,7 +6,7 @@ and the intrinsics (scaled by each resize, shifted by each crop), so the ground 
 Image coordinates put the centre of pixel (row i, column j) at (j + 0.5, i + 0.5), so a resize scales fx, cx by the
 width ratio and fy, cy by the height ratio exactly.
 
-Recipes (architectures.md 2.6, 3.5, 4.5, 2.8), named "NAME" or "NAME:SIDE", where SIDE is the output size of a square
+Recipes, named "NAME" or "NAME:SIDE", where SIDE is the output size of a square
 image (the upstream default when omitted); all return images in [0, 1]:
 - "vggt[:518]"  width -> SIDE, height -> round(h * SIDE / w / 14) * 14, bicubic; a height above SIDE is centre-cropped
   to SIDE ("crop" mode). The tiny models use vggt:112 or vggt:224.

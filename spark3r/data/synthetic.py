@@ -11,7 +11,7 @@ clearance from the whole camera path. Two camera paths (`SceneConfig.path`):
   through the scene and longer clips revisit it.
 Both have slight pitch and no roll. `SceneConfig(shuffle=True)` gives unordered views.
 
-Conventions (shared with `spark3r.data.clips`):
+Conventions (shared with `spark3r.data.clip`):
 - world: y points down (gravity), the room is centred on the origin, the floor is the plane y = +room_half[1];
 - camera: OpenCV (x right, y down, z forward); extrinsics [S, 3, 4] world-to-camera [R | t] (x_cam = R x_world + t),
   as VGGT; intrinsics [S, 3, 3] without skew;
@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from spark3r.data.clips import Clip
+from spark3r.data.clip import Clip
 from spark3r.errors import Spark3rError
 
 WALLS = 6

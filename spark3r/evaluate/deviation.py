@@ -99,8 +99,9 @@ def _checked(value: torch.Tensor, key: str, run: str) -> torch.Tensor:
     if value.dim() != rank or tuple(value.shape[value.dim() - len(trailing):]) != trailing:
         raise Spark3rError(f"the {run} {key!r} output has shape {tuple(value.shape)}, not {SHAPES[key]}")
     if not torch.isfinite(value).all():
-        raise Spark3rError(f"the {run} {key!r} output holds NaN or Inf values: that forward is numerically broken "
-                           "(try --dtype fp32 or a milder schedule)")
+        fix = ("the model's weights or the input frames are broken: check them" if run == "dense" else
+               "the reduced forward is numerically broken: try a milder schedule, or fp32 if it ran in bf16 or fp16")
+        raise Spark3rError(f"the {run} {key!r} output holds NaN or Inf values: {fix}")
     return value.detach().double()
 
 

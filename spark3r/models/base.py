@@ -117,6 +117,9 @@ class Adapter:
         """Frame layout for preprocessed `images` [B, S, 3, H, W] (or [S, 3, H, W])."""
         if images.dim() == 4:
             images = images[None]
+        if images.dim() != 5:
+            raise Spark3rError(f"images have shape {list(images.shape)}: pass RGB frames as [S, 3, H, W] or "
+                               "[B, S, 3, H, W]")
         _, frames, _, height, width = images.shape
         return FrameLayout(frames, self.n_special, height // self.patch_size, width // self.patch_size)
 

@@ -379,3 +379,10 @@ def active_compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     if device_type != "meta" and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return default
+
+
+def expand_special(token: Tensor, batch: int, frames: int) -> Tensor:
+    """[1, 2, X, C] -> [B * S, X, C]: index 0 for frame 0 of every scene, index 1 for frames 1..S-1."""
+    first = token[:, :1].expand(batch, 1, *token.shape[2:])
+    others = token[:, 1:].expand(batch, frames - 1, *token.shape[2:])
+    return torch.cat([first, others], dim=1).flatten(0, 1)

@@ -1,6 +1,6 @@
 """Depth-Anything-3 any-view models (ByteDance-Seed/Depth-Anything-3): da3-small, -base, -large, -giant (alias da3).
 
-The module tree mirrors `DepthAnything3` so state_dict keys equal the checkpoints' (spec/state_dict/da3-*.tsv):
+The module tree mirrors `DepthAnything3` so state_dict keys equal the checkpoints' (tests/manifests/da3-*.tsv):
 `model.backbone.pretrained` (DINOv2 without registers, DA3 pos-embed interpolation, camera_token), `model.head`
 (DualDPT), `model.cam_dec`, `model.cam_enc` and, for giant, `model.gs_head`.
 
@@ -8,7 +8,7 @@ Input: images [B, S, 3, H, W] (or [S, 3, H, W]) in [0, 1], H and W multiples of 
 mean/std in its input processor; here `prepare` does it, so every spark3r model takes [0, 1] images and the "da3"
 preprocess recipe only resizes.
 
-Backbone (architectures.md section 4.2): ViT blocks i < alt_start run per frame without RoPE or qk-norm. Before block
+Backbone: ViT blocks i < alt_start run per frame without RoPE or qk-norm. Before block
 alt_start - 1, when S >= 3, a reference view is chosen from the cls tokens ("saddle_balanced" by default, or "first")
 and moved to frame 0; the taps are restored to the input order. Before block alt_start, token 0 of every frame becomes
 the camera token (frame 0: camera_token[:, 0], others: camera_token[:, 1]). From alt_start on, odd blocks are global
@@ -20,7 +20,7 @@ block just before the first global block; the blocks before it run in `prepare`.
 Outputs: depth [B, S, H, W] (exp), depth_conf (1 + exp), extrinsics [B, S, 3, 4] world-to-camera (the inverse of the
 decoded camera-to-world pose), intrinsics [B, S, 3, 3] from the predicted field of view (principal point (W/2, H/2)),
 pose_enc [B, S, 9], points [B, S, H, W, 3] = depth unprojected with those cameras (pixel (u, v) at integer indices,
-as upstream's `unproject_depth`), points_conf = depth_conf.
+as upstream's `unproject_depth`: spark3r.models.geometry.unproject_pixel_indices), points_conf = depth_conf.
 
 Not wired: camera conditioning (cam_enc turns a 9-d pose encoding into camera tokens, but `forward` takes images
 only), the ray-based pose path (the DualDPT ray branch is available through `DualDPT.forward(..., rays=True)`) and the
@@ -63,9 +63,9 @@ from spark3r.models.dpt import (
     make_resize_layers,
     make_scratch,
 )
-from spark3r.models.pi3 import se3_inverse
+from spark3r.models.geometry import quaternion_to_matrix, se3_inverse, unproject_pixel_indices
+from spark3r.models.inputs import IMAGENET_MEAN, IMAGENET_STD, check_images
 from spark3r.models.registry import ModelEntry, register
-from spark3r.models.vggt import IMAGENET_MEAN, IMAGENET_STD, check_images, quaternion_to_matrix
 
 REF_VIEW_STRATEGIES = ("saddle_balanced", "first")
 MIN_VIEWS_FOR_REFERENCE = 3  # upstream THRESH_FOR_REF_SELECTION
@@ -169,23 +169,6 @@ def pose_encoding_to_camera(pose_enc: Tensor, image_size: tuple[int, int], min_t
     intrinsics[..., 1, 2] = height / 2.0
     intrinsics[..., 2, 2] = 1.0
     return pose, intrinsics
-
-
-def unproject_depth(depth: Tensor, intrinsics: Tensor, cam_to_world: Tensor) -> Tensor:
-    """depth [B, S, H, W], intrinsics [B, S, 3, 3], camera-to-world [B, S, 3 or 4, 4] -> world points [B, S, H, W, 3].
-
-    Pixel (u, v) sits at integer indices: camera point = depth * K^-1 [u, v, 1].
-    """
-    height, width = depth.shape[-2:]
-    v, u = torch.meshgrid(
-        torch.arange(height, device=depth.device, dtype=depth.dtype),
-        torch.arange(width, device=depth.device, dtype=depth.dtype),
-        indexing="ij",
-    )
-    pixels = torch.stack([u, v, torch.ones_like(u)], dim=-1)
-    rays = torch.einsum("bsij,hwj->bshwi", torch.linalg.inv(intrinsics), pixels)
-    points = rays * depth[..., None]
-    return torch.einsum("bsij,bshwj->bshwi", cam_to_world[..., :3, :3], points) + cam_to_world[:, :, None, None, :3, 3]
 
 
 class Permute(nn.Module):
@@ -519,7 +502,7 @@ class DA3(ReconstructionModel):
                 extrinsics=se3_inverse(cam_to_world)[..., :3, :],
                 intrinsics=intrinsics,
                 pose_enc=pose_enc,
-                points=unproject_depth(out["depth"], intrinsics, cam_to_world),
+                points=unproject_pixel_indices(out["depth"], intrinsics, cam_to_world),
                 points_conf=out["depth_conf"],
             )
         return out

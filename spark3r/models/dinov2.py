@@ -3,7 +3,7 @@
 Keys, in state_dict order: cls_token, [camera_token], pos_embed, [register_tokens], [mask_token], patch_embed.proj,
 blocks.{i}, norm. Token order: [cls, registers, patches]; registers are inserted after pos_embed is added.
 
-Two pos_embed interpolation variants (architectures.md section 1.4), both computed in fp32:
+Two pos_embed interpolation variants, both computed in fp32:
   VGGT / pi3: interpolate_offset 0, antialias True, resize to size (Hp, Wp);
   DA3:        interpolate_offset 0.1, antialias False, resize by scale_factor ((Hp + 0.1) / M, (Wp + 0.1) / M).
 A square input whose grid equals the pretraining grid (37 x 37 at 518 px) uses pos_embed as is.

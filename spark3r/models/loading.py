@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.models.blocks import init_weights
 from spark3r.models.registry import ModelEntry, get_entry
 
@@ -134,6 +134,31 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], model_name
         )
 
 
+def check_finite(state_dict: dict[str, Tensor], source: str) -> None:
+    """A Spark3rError naming the first floating tensor of `state_dict` that holds NaN or Inf, if any."""
+    broken = [key for key, value in state_dict.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise Spark3rError(f"{source} holds NaN or Inf values ({len(broken)} tensors, first {broken[0]!r}): the "
+                           "checkpoint is corrupt; pass intact weights")
+
+
+def checked_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device, with a sentence for a name that is no device or a CUDA device this machine lacks."""
+    if not isinstance(device, (torch.device, str)):
+        raise Spark3rError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got "
+                           f"{type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise Spark3rError(f"device {device!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Spark3rError(f"device {str(device)!r} asks for CUDA but none is available here: use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise Spark3rError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} "
+                           "CUDA devices (cuda:0 ...)")
+    return device
+
+
 def load_weights(model: nn.Module, state_dict: dict[str, Tensor], entry: ModelEntry) -> nn.Module:
     """Strict load of a checkpoint into `model` (which may be on the meta device: tensors are then assigned).
 
@@ -197,6 +222,29 @@ def find_weights(entry: ModelEntry) -> Path:
     )
 
 
+def weights_identity(weights: str, entry: ModelEntry | None) -> str:
+    """Which weights a run used: "none", or the resolved file with its size and modification time (so "auto" finding
+    a new file, or a file replaced in place, is a change of options and cached results are not reused). `entry` is
+    needed for "auto" only."""
+    if weights == "none":
+        return "none"
+    path = (find_weights(entry) if weights == "auto" else find_weights_file(weights)).resolve()
+    stat = path.stat()
+    return f"{path} ({stat.st_size} bytes, mtime_ns {stat.st_mtime_ns})"
+
+
+def identified_weights(identity: str) -> str:
+    """The weights a `weights_identity` names: "none" or the file's path; one sentence if the file has since gone or
+    changed."""
+    if " (" not in identity:
+        return identity
+    path = identity.rsplit(" (", 1)[0]
+    if not Path(path).is_file() or weights_identity(path, None) != identity:
+        raise ParameterError(f"the profile was made with weights {identity}, which is gone or has changed since: pass "
+                             "`weights` for the weights to verify with, or profile again", "weights")
+    return path
+
+
 def load_model(name: str, weights: str | os.PathLike | None = "auto", device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
     """A model by registered name or alias, in eval mode, with fp32 parameters on `device`.
@@ -207,8 +255,11 @@ def load_model(name: str, weights: str | os.PathLike | None = "auto", device: to
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise Spark3rError(f"dtype {dtype} is not supported: use torch.float32, torch.bfloat16 or torch.float16")
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise Spark3rError(f"weights must be 'auto', None (random weights) or the path of a weights file, got "
+                           f"{type(weights).__name__}")
     entry = get_entry(name)
-    device = torch.device(device)
+    device = checked_device(device)
     with torch.device("meta"):
         model = entry.builder()
     if weights is None or weights == "none":
@@ -218,7 +269,9 @@ def load_model(name: str, weights: str | os.PathLike | None = "auto", device: to
             init_weights(model.to_empty(device=device))
     else:
         path = find_weights(entry) if weights == "auto" else weights
-        load_weights(model, load_state_dict(path), entry)
+        state_dict = load_state_dict(path)
+        check_finite(state_dict, f"weights file {str(path)!r}")
+        load_weights(model, state_dict, entry)
         model = model.to(device)
     model.compute_dtype = dtype
     return model.eval()

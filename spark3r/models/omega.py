@@ -1,4 +1,4 @@
-"""VGGT-Omega (facebookresearch/vggt-omega), re-implemented with the release key names (spec/state_dict/omega.tsv).
+"""VGGT-Omega (facebookresearch/vggt-omega), re-implemented with the release key names (tests/manifests/omega.tsv).
 
 Trunk: a DINOv3-style ViT-L/16 patch encoder (cls + 4 storage tokens, axial RoPE with a persistent `periods` buffer,
 no pos_embed, LayerScale, `qkv` with a persistent K-bias mask) -> per frame [camera(1), register(16), patches] ->
@@ -42,19 +42,19 @@ from spark3r.models.base import (
     non_block_flops,
     pair_tap,
 )
-from spark3r.models.blocks import Block, active_compute_dtype, compute_autocast, no_autocast, rotate_half
-from spark3r.models.da3 import unproject_depth
+from spark3r.models.blocks import (
+    Block,
+    active_compute_dtype,
+    compute_autocast,
+    expand_special,
+    no_autocast,
+    rotate_half,
+)
 from spark3r.models.dinov2 import PatchEmbed
 from spark3r.models.dpt import FeatureFusionBlock, add_uv_pos_embed, make_resize_layers, make_scratch
-from spark3r.models.pi3 import se3_inverse
+from spark3r.models.geometry import pose_encoding_to_extrinsics_intrinsics, se3_inverse, unproject_pixel_indices
+from spark3r.models.inputs import IMAGENET_MEAN, IMAGENET_STD, check_images
 from spark3r.models.registry import ModelEntry, register
-from spark3r.models.vggt import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    check_images,
-    expand_special,
-    pose_encoding_to_extrinsics_intrinsics,
-)
 
 HEAD_CHUNK_FRAMES = 8
 
@@ -404,7 +404,7 @@ class VGGTOmega(ReconstructionModel):
                 confs.append(conf.unflatten(0, chunk[0].shape[:2]))
             depth, depth_conf = torch.cat(depths, dim=1), torch.cat(confs, dim=1)
             extrinsics, intrinsics = pose_encoding_to_extrinsics_intrinsics(pose_enc, image_size)
-            points = unproject_depth(depth, intrinsics, se3_inverse(extrinsics))
+            points = unproject_pixel_indices(depth, intrinsics, se3_inverse(extrinsics))
         return {
             "depth": depth, "depth_conf": depth_conf, "points": points, "points_conf": depth_conf,
             "pose_enc": pose_enc, "extrinsics": extrinsics, "intrinsics": intrinsics,

@@ -1,6 +1,7 @@
 """pi3 (yyfz/Pi3): a DINOv2 encoder, a 36-block alternating decoder (odd blocks global) and three per-frame heads.
 
-Keys and shapes equal `Pi3()`'s state_dict (spec/state_dict/pi3.tsv), so the official `model.safetensors` loads strictly.
+Keys and shapes equal `Pi3()`'s state_dict (tests/manifests/pi3.tsv), so the official
+`model.safetensors` loads strictly.
 Input: images [B, S, 3, H, W] (or [S, 3, H, W]) in [0, 1], H and W multiples of 14; ImageNet normalisation happens
 inside, with the checkpoint's persistent `image_mean` / `image_std` buffers.
 
@@ -43,8 +44,9 @@ from spark3r.models.blocks import (
     patch_positions,
 )
 from spark3r.models.dinov2 import DinoVisionTransformer
+from spark3r.models.geometry import se3_inverse
+from spark3r.models.inputs import IMAGENET_MEAN, IMAGENET_STD, check_images
 from spark3r.models.registry import ModelEntry, register
-from spark3r.models.vggt import IMAGENET_MEAN, IMAGENET_STD, check_images
 
 HEAD_CHUNK_FRAMES = 32
 
@@ -87,15 +89,6 @@ CONFIGS = {
         default_size=(42, 56),
     ),
 }
-
-
-def se3_inverse(pose: Tensor) -> Tensor:
-    """Inverse of rigid transforms [..., 4, 4] (or [..., 3, 4]) -> [..., 4, 4]."""
-    rotation_t = pose[..., :3, :3].transpose(-1, -2)
-    translation = -(rotation_t @ pose[..., :3, 3:])
-    bottom = torch.zeros_like(pose[..., :1, :4])
-    bottom[..., 0, 3] = 1.0
-    return torch.cat([torch.cat([rotation_t, translation], dim=-1), bottom], dim=-2)
 
 
 def centred_focal_lengths(local_points: Tensor) -> Tensor:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from spark3r.errors import Spark3rError
 from spark3r.models.base import (
     Adapter,
     BlockGroup,
@@ -29,16 +28,15 @@ from spark3r.models.blocks import (
     RotaryPositionEmbedding2D,
     active_compute_dtype,
     compute_autocast,
+    expand_special,
     no_autocast,
     patch_positions,
 )
 from spark3r.models.dinov2 import conv_patch_embed, vit_large_reg
 from spark3r.models.dpt import DPTHead
+from spark3r.models.geometry import pose_encoding_to_extrinsics_intrinsics
+from spark3r.models.inputs import IMAGENET_MEAN, IMAGENET_STD, check_images
 from spark3r.models.registry import ModelEntry, register
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclass(frozen=True)
 class VGGTConfig:
@@ -76,16 +74,9 @@ class VGGTConfig:
 
 VGGT_1B = VGGTConfig()
 VGGT_TINY = VGGTConfig(
-    name="vggt-tiny", img_size=112, embed_dim=128, depth=6, num_heads=2, encoder="conv", taps=(1, 3, 4, 5),
+    name="vggt-tiny", img_size=112, embed_dim=128, depth=12, num_heads=2, encoder="conv", taps=(3, 7, 9, 11),
     head_features=32, head_channels=(32, 64, 128, 128), camera_depth=2, camera_heads=4,
 )
-
-
-def expand_special(token: Tensor, batch: int, frames: int) -> Tensor:
-    """[1, 2, X, C] -> [B * S, X, C]: index 0 for frame 0 of every scene, index 1 for frames 1..S-1."""
-    first = token[:, :1].expand(batch, 1, *token.shape[2:])
-    others = token[:, 1:].expand(batch, frames - 1, *token.shape[2:])
-    return torch.cat([first, others], dim=1).flatten(0, 1)
 
 
 def enumerate_chunks(x: Tensor, chunk: int):
@@ -157,36 +148,6 @@ class Aggregator(nn.Module):
         return tokens.unflatten(0, (batch, frames))
 
 
-def quaternion_to_matrix(quaternion: Tensor) -> Tensor:
-    """Unit or non-unit quaternions [..., 4] in xyzw (scalar last) -> rotation matrices [..., 3, 3]."""
-    x, y, z, w = quaternion.unbind(-1)
-    two_s = 2.0 / (quaternion * quaternion).sum(-1)
-    matrix = torch.stack([
-        1 - two_s * (y * y + z * z), two_s * (x * y - z * w), two_s * (x * z + y * w),
-        two_s * (x * y + z * w), 1 - two_s * (x * x + z * z), two_s * (y * z - x * w),
-        two_s * (x * z - y * w), two_s * (y * z + x * w), 1 - two_s * (x * x + y * y),
-    ], dim=-1)
-    return matrix.unflatten(-1, (3, 3))
-
-
-def pose_encoding_to_extrinsics_intrinsics(pose_enc: Tensor, image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """pose_enc [..., 9] = [t (3), quaternion xyzw (4), fov_h, fov_w] of an H x W image ->
-    extrinsics [..., 3, 4] = [R | t] (world-to-camera, OpenCV), intrinsics [..., 3, 3] (principal point at the centre).
-    """
-    height, width = image_size
-    rotation = quaternion_to_matrix(pose_enc[..., 3:7])
-    extrinsics = torch.cat([rotation, pose_enc[..., :3, None]], dim=-1)
-    fy = (height / 2.0) / torch.tan(pose_enc[..., 7] / 2.0)
-    fx = (width / 2.0) / torch.tan(pose_enc[..., 8] / 2.0)
-    zero, one = torch.zeros_like(fx), torch.ones_like(fx)
-    intrinsics = torch.stack([
-        fx, zero, zero + width / 2.0,
-        zero, fy, zero + height / 2.0,
-        zero, zero, one,
-    ], dim=-1).unflatten(-1, (3, 3))
-    return extrinsics, intrinsics
-
-
 class CameraHead(nn.Module):
     """Iterative AdaLN camera head: camera tokens [B, S, 2C] -> pose_enc [B, S, 9].
 
@@ -223,29 +184,6 @@ class CameraHead(nn.Module):
             delta = self.pose_branch(self.trunk_norm(self.trunk(modulated)))
             pose_enc = delta if pose_enc is None else pose_enc + delta
         return torch.cat([pose_enc[..., :7], torch.relu(pose_enc[..., 7:])], dim=-1)
-
-
-def check_images(images: Tensor, patch_size: int) -> Tensor:
-    """Images [S, 3, H, W] or [B, S, 3, H, W] in [0, 1] -> [B, S, 3, H, W]; one-sentence errors for bad input."""
-    if not isinstance(images, Tensor):
-        raise Spark3rError(f"images must be a tensor [S, 3, H, W] or [B, S, 3, H, W], got {type(images).__name__}")
-    if images.dim() == 4:
-        images = images[None]
-    if images.dim() != 5 or images.shape[2] != 3:
-        raise Spark3rError(
-            f"images have shape {list(images.shape)}: pass RGB frames as [S, 3, H, W] or [B, S, 3, H, W]"
-        )
-    if images.shape[0] == 0 or images.shape[1] == 0:
-        raise Spark3rError("got 0 images: pass at least one frame")
-    if not images.is_floating_point():
-        raise Spark3rError(f"images have dtype {images.dtype}: pass floats in [0, 1] (e.g. images.float() / 255)")
-    height, width = images.shape[-2:]
-    if height < patch_size or width < patch_size or height % patch_size or width % patch_size:
-        raise Spark3rError(
-            f"image size {height}x{width} is not a multiple of the patch size {patch_size}: "
-            f"preprocess the frames to multiples of {patch_size}"
-        )
-    return images
 
 
 class VGGT(ReconstructionModel):

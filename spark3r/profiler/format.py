@@ -16,12 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.files import write_atomic
 from spark3r.models.base import FrameLayout
 
 PROFILE_VERSION = 1
 PROFILE_JSON = "profile.json"
+VOLATILE_KEYS = ("timings", "versions", "created")  # what changes when the same measurement is written again
 PROFILE_NPZ = "profile.npz"
 STATISTICS = ("mean", "std", "ci95")
 REQUIRED_KEYS = ("spark3r_profile", "model", "global_layers", "frames", "image_hw", "layout", "clips", "options",
@@ -70,6 +71,13 @@ class Profile:
     versions: dict = field(default_factory=dict)
     created: str = ""
     sha256: str = ""
+
+    @property
+    def measurement_sha256(self) -> str:
+        """Digest of what the profile measured: its document without timings, versions and creation time, so a rerun
+        that reads every clip from the cache (a new profile.json, new timings) has the same digest."""
+        measured = {key: value for key, value in self.to_dict().items() if key not in VOLATILE_KEYS}
+        return hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()
 
     @property
     def frame_layout(self) -> FrameLayout:
@@ -200,10 +208,13 @@ def load_profile(path: str | os.PathLike) -> Profile:
     if path.is_dir():
         path = path / PROFILE_JSON
     if not path.is_file():
-        raise Spark3rError(f"profile {path} does not exist: run profile-layers first or pass --profile PATH")
+        raise ParameterError(f"profile {path} does not exist: run profile-layers first or pass `path` PATH", "path")
     data = path.read_bytes()
     try:
         doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except _NonFinite as constant:
+        raise Spark3rError(f"profile {path} holds {constant} where numbers belong: the profile is broken (non-finite "
+                           "deviations); rerun profile-layers") from None
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError):
         raise Spark3rError(f"profile {path} is not valid JSON (corrupt or truncated): rerun profile-layers") from None
     profile = Profile.from_dict(doc, source=f"profile {path}")
@@ -211,8 +222,12 @@ def load_profile(path: str | os.PathLike) -> Profile:
     return profile
 
 
+class _NonFinite(Exception):
+    """A NaN or Infinity in a profile's JSON (json.loads accepts them; a profile must not hold them)."""
+
+
 def _reject_constant(name: str):
-    raise ValueError(f"JSON constant {name}")
+    raise _NonFinite(name)
 
 
 def save_profile(profile: Profile, out_dir: str | os.PathLike, raw: dict[str, np.ndarray] | None = None) -> Path:

@@ -13,10 +13,10 @@ import math
 
 import numpy as np
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.models.base import FrameLayout
 from spark3r.profiler.format import STATISTICS, MetricTable, Profile
-from spark3r.profiler.run import PHASES
+from spark3r.profiler.run import PHASES, ProfileOptions
 from spark3r.profiler.length_model import Cells, LengthModel, fit_length_model
 from spark3r.reduce import Reduction, kv_count
 
@@ -37,9 +37,9 @@ def kept_frames(layout: FrameLayout, reduction: Reduction) -> float:
 def length_entry(profile: Profile) -> dict:
     """One length's line of `by_length`: its clips, levels (with kept frames) and tables."""
     layout = profile.frame_layout
-    shared = {key: profile.options[key] for key in ("kv_method", "keep_reference_frame") if key in profile.options}
+    options = ProfileOptions.of_profile(profile)
     return {"frames": profile.frames, "clips": list(profile.clips), "kv_keep": list(profile.kv_keep),
-            "kv_frames": [kept_frames(layout, Reduction(kv_keep=keep, **shared)) for keep in profile.kv_keep],
+            "kv_frames": [kept_frames(layout, options.reduction(keep)) for keep in profile.kv_keep],
             "query_merge": list(profile.query_merge),
             "kv": {metric: table.to_dict() for metric, table in profile.kv.items()},
             "query": {metric: table.to_dict() for metric, table in profile.query.items()}}
@@ -65,7 +65,7 @@ def combine(profiles: list[Profile]) -> Profile:
     profiles = sorted(profiles, key=lambda profile: profile.frames)
     lengths = [profile.frames for profile in profiles]
     if len(set(lengths)) != len(lengths):
-        raise Spark3rError(f"--frames lists a length twice ({lengths}): give distinct clip lengths")
+        raise ParameterError(f"`frames` lists a length twice ({lengths}): give distinct clip lengths", "frames")
     longest = profiles[-1]
     by_length = [length_entry(profile) for profile in profiles]
     metrics = [metric for metric in longest.metrics if metric not in LOCAL

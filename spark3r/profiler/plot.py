@@ -1,13 +1,12 @@
 """The profile heatmap: global layers x levels, a row of panels per metric, K/V pruning left and query merging right."""
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 
-from spark3r.files import write_atomic
+from spark3r.files import write_png
 from spark3r.profiler.format import Profile
 
 
@@ -41,9 +40,6 @@ def save_heatmap(profile: Profile, path: str | os.PathLike) -> Path:
             figure.colorbar(image, ax=axis, fraction=0.05)
     figure.suptitle(f"{profile.model}: deviation from dense, {len(profile.clips)} clip(s) of {profile.frames} frames",
                     fontsize=10)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
+    path = write_png(path, figure)
     pyplot.close(figure)
-    path = Path(path)
-    write_atomic(path, buffer.getvalue())
     return path

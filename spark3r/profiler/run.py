@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError
 from spark3r.evaluate.deviation import output_deviation
 from spark3r.models.base import FrameLayout, ReconstructionModel, TrunkState
 from spark3r.models.blocks import compute_autocast
-from spark3r.reduce import Reduction, apply_reductions, kv_count, query_count
+from spark3r.profiler.format import Profile
+from spark3r.reduce import DEFAULT_KV_METHOD, Reduction, apply_reductions, kv_count, query_count
 
 LOCAL_METRICS = ("local_rel_l2", "local_cos")
 PHASES = ("dense", "cache", "local", "resume", "decode", "additivity")
@@ -45,7 +46,7 @@ class ProfileOptions:
 
     kv_keep: tuple[float, ...]
     query_merge: tuple[int, ...]
-    kv_method: str = "frame_stride"
+    kv_method: str = DEFAULT_KV_METHOD
     keep_reference_frame: bool = True
     group_frames: int = 20
     score_weights: dict = field(default_factory=dict)
@@ -53,7 +54,16 @@ class ProfileOptions:
     level_batch: int = 8
     seed: int = 0
 
+    @classmethod
+    def of_profile(cls, profile: Profile) -> "ProfileOptions":
+        """The options `profile` was measured with (those profile.json does not record take their defaults)."""
+        recorded = {name: profile.options[name] for name in ("kv_method", "keep_reference_frame", "group_frames",
+                                                             "score_weights", "additivity_schedules", "seed")
+                    if name in profile.options}
+        return cls(kv_keep=tuple(profile.kv_keep), query_merge=tuple(profile.query_merge), **recorded)
+
     def reduction(self, kv_keep: float = 1.0, query_merge: int = 1) -> Reduction:
+        """The Reduction of one level measured with these options."""
         return Reduction(kv_keep=kv_keep, kv_method=self.kv_method, keep_reference_frame=self.keep_reference_frame,
                          query_merge=query_merge, group_frames=self.group_frames)
 
@@ -69,8 +79,11 @@ def profile_levels(layout: FrameLayout, options: ProfileOptions) -> tuple[Profil
     """Drop levels that reduce exactly as much as a milder one at this layout (e.g. frame_stride keeps below 1/S).
 
     Returns the options with distinct levels (kv_keep descending from 1.0, query_merge ascending from 1) and one note
-    per dropped level.
+    per dropped level. A clip of one frame is refused: its global attention is frame attention, nothing to profile.
     """
+    if layout.frames < 2:
+        raise ParameterError(f"a clip of {layout.frames} frame is too short to profile: global attention needs at "
+                             "least 2 frames; give longer clips (or `frames` of 2 or more)", "frames")
     notes = []
 
     def distinct(levels, count, describe):
@@ -215,8 +228,8 @@ def stack_states(states: list[TrunkState]) -> TrunkState:
         elif all(isinstance(other, Tensor) for other in values):
             extras[key] = torch.cat(values)
         else:
-            raise Spark3rError(f"trunk extra {key!r} differs between states and is not a tensor: this model cannot "
-                               "batch levels, use --level-batch 1")
+            raise ParameterError(f"trunk extra {key!r} differs between states and is not a tensor: this model "
+                                 "cannot batch levels, use `level_batch` 1", "level_batch")
     taps = {key: torch.cat([state.taps[key] for state in states]) for key in first.taps}
     return TrunkState(tokens=torch.cat([state.tokens for state in states]), step=first.step, taps=taps, extras=extras)
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.files import write_atomic
 
 CLIPS_DIR = "clips"
@@ -71,12 +72,12 @@ def load_clip(out_dir: str | Path, sha256: str, options: dict) -> ClipResult | N
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             arrays = {key: data[key] for key in data.files if key != "meta"}
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         raise Spark3rError(f"the cached clip result {path} is unreadable: delete it and rerun the same command") \
             from None
     if meta.get("options") != normalize_options(options):
         changed = sorted(key for key in set(meta.get("options", {})) | set(options)
                          if meta.get("options", {}).get(key) != normalize_options(options).get(key))
-        raise Spark3rError(f"{Path(out_dir)} holds results measured with other options ({', '.join(changed)} differ): "
-                           "use a new --out or the options of the earlier run")
+        raise ParameterError(f"{Path(out_dir)} holds results measured with other options ({', '.join(changed)} "
+                             "differ): use a new `out_dir` or the options of the earlier run", "out_dir")
     return ClipResult(meta["name"], meta["sha256"], int(meta["frames"]), arrays, dict(meta.get("timings", {})))

@@ -1,5 +1,6 @@
-"""Runtime reduction of global attention: K/V pruning, query merging, the reduced attention, patching, FLOP model."""
-from spark3r.reduce.attention import is_dense, reduced_attention
+"""Runtime reduction of global attention, the mechanism: K/V pruning, query merging, the reduced attention, patching
+a model with any per-layer reduction, the FLOP model. Which reduction each layer gets is policy: spark3r.schedule."""
+from spark3r.reduce.attention import frame_attention, is_dense, reduced_attention
 from spark3r.reduce.flops import (
     FlopBreakdown,
     global_attention_fraction,
@@ -10,12 +11,13 @@ from spark3r.reduce.flops import (
 )
 from spark3r.reduce.kv import kv_count, kv_index, select_kv
 from spark3r.reduce.merge import merge_queries, merge_slots, query_count, unmerge
-from spark3r.reduce.patch import ReductionHandle, apply_reductions, apply_schedule, reduced
-from spark3r.reduce.reduction import KV_METHODS, SIMILARITIES, Reduction
+from spark3r.reduce.patch import AttentionPatch, ReductionHandle, apply_reductions, frame_only_patch, patch_attention
+from spark3r.reduce.reduction import DEFAULT_KV_METHOD, KV_METHODS, SIMILARITIES, LayerReductions, Reduction
 
 __all__ = [
-    "KV_METHODS", "SIMILARITIES", "FlopBreakdown", "Reduction", "ReductionHandle", "apply_reductions",
-    "apply_schedule", "global_attention_fraction", "is_dense", "kv_count", "kv_index", "layer_attention_flops",
-    "layer_overhead_flops", "merge_queries", "merge_slots", "model_flops", "model_fraction", "query_count",
-    "reduced", "reduced_attention", "select_kv", "unmerge",
+    "DEFAULT_KV_METHOD", "KV_METHODS", "SIMILARITIES", "AttentionPatch", "FlopBreakdown", "LayerReductions",
+    "Reduction", "ReductionHandle", "apply_reductions", "frame_attention", "frame_only_patch",
+    "global_attention_fraction", "is_dense", "kv_count", "kv_index", "layer_attention_flops", "layer_overhead_flops",
+    "merge_queries", "merge_slots", "model_flops", "model_fraction", "patch_attention", "query_count",
+    "reduced_attention", "select_kv", "unmerge",
 ]

@@ -1,4 +1,5 @@
-"""The reduced global attention: pruned keys/values, merged queries, one scaled_dot_product_attention."""
+"""The reduced global attention: pruned keys/values, merged queries, one scaled_dot_product_attention; and frame-only
+attention, the baseline without any cross-frame attention."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -36,3 +37,15 @@ def reduced_attention(q: Tensor, k: Tensor, v: Tensor, layout: FrameLayout, redu
         raise Spark3rError("similarity 'input' needs the attention input x: pass x or use similarity 'key'")
     slot = merge_slots(x if reduction.similarity == "input" else k.mean(dim=1), layout, reduction)
     return unmerge(F.scaled_dot_product_attention(merge_queries(q, slot, n_q), kept_k, kept_v), slot)
+
+
+def frame_attention(q: Tensor, k: Tensor, v: Tensor, layout: FrameLayout) -> Tensor:
+    """Every token attends to the tokens of its own frame only (block-diagonal attention over the
+    `layout.tokens_per_frame` tokens of each frame): q, k, v [B, h, N, D], N = S * P -> [B, h, N, D]."""
+    batch, heads, tokens, head_dim = q.shape
+    if tokens != layout.tokens:
+        raise Spark3rError(f"global attention got {tokens} tokens but the layout holds {layout.tokens}: "
+                           "give the layout of the clip being run")
+    per_frame = (batch, heads, layout.frames, layout.tokens_per_frame, head_dim)
+    out = F.scaled_dot_product_attention(q.reshape(per_frame), k.reshape(per_frame), v.reshape(per_frame))
+    return out.reshape(batch, heads, tokens, head_dim)

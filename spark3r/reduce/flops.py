@@ -1,4 +1,4 @@
-"""The FLOP model: dense and reduced FLOPs of one forward, per component (architectures.md section 5).
+"""The FLOP model: dense and reduced FLOPs of one forward, per component.
 
 Multiply-adds count 2; softmax, norms and biases are ignored. Per block: linear = (8 C^2 + 2 m C H) per token (qkv and
 proj, then m MLP matrices of width H: 24 C^2 for a 4x GELU MLP, SwiGLU differs); attention = 4 C L^2 per sequence of
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from spark3r.errors import Spark3rError
 from spark3r.models.base import BlockGroup, FlopConfig, FrameLayout
@@ -17,12 +17,9 @@ from spark3r.reduce.kv import kv_count
 from spark3r.reduce.merge import (
     group_destinations, group_spans, merge_cell, merged_per_group, query_count,
 )
-from spark3r.reduce.reduction import Reduction
+from spark3r.reduce.reduction import LayerReductions, Reduction
 
-if TYPE_CHECKING:  # spark3r.schedule imports spark3r.reduce: a runtime import here would be circular
-    from spark3r.schedule import Schedule
-
-KEY_METRIC_DIM = 64  # head dim of every supported model (architectures.md section 5): width of the key metric
+KEY_METRIC_DIM = 64  # head dim of every supported model: width of the key metric
 
 
 @dataclass(frozen=True)
@@ -115,7 +112,8 @@ def layer_overhead_flops(flop_config: FlopConfig, frames: int, reduction: Reduct
     return flops
 
 
-def _reductions(flop_config: FlopConfig, frames: int, schedule) -> list[Reduction | None]:
+def _reductions(flop_config: FlopConfig, frames: int,
+                schedule: LayerReductions | Sequence[Reduction | None] | None) -> list[Reduction | None]:
     layers = sum(group.count for group in flop_config.groups if group.sequence == "global")
     if schedule is None:
         return [None] * layers
@@ -127,9 +125,9 @@ def _reductions(flop_config: FlopConfig, frames: int, schedule) -> list[Reductio
 
 
 def model_flops(flop_config: FlopConfig, frames: int,
-                schedule: Schedule | Sequence[Reduction | None] | None = None) -> FlopBreakdown:
-    """FLOPs of one forward over `frames` frames, dense (schedule None) or with a schedule (a Schedule, or one
-    Reduction or None per global layer in order)."""
+                schedule: LayerReductions | Sequence[Reduction | None] | None = None) -> FlopBreakdown:
+    """FLOPs of one forward over `frames` frames, dense (schedule None) or with a schedule (anything with
+    `reductions(frames)`, such as a Schedule, or one Reduction or None per global layer in order)."""
     reductions = _reductions(flop_config, frames, schedule)
     totals = dict(linear=0.0, frame_attention=0.0, global_attention=0.0, other_attention=0.0, overhead=0.0)
     groups, global_layer = {}, 0
@@ -156,12 +154,13 @@ def model_flops(flop_config: FlopConfig, frames: int,
 
 
 def global_attention_fraction(flop_config: FlopConfig, frames: int,
-                              schedule: Schedule | Sequence[Reduction | None]) -> float:
+                              schedule: LayerReductions | Sequence[Reduction | None]) -> float:
     """Reduced / dense global-attention FLOPs (QK^T and AV of the global layers; overhead not included)."""
     return (model_flops(flop_config, frames, schedule).global_attention
             / model_flops(flop_config, frames).global_attention)
 
 
-def model_fraction(flop_config: FlopConfig, frames: int, schedule: Schedule | Sequence[Reduction | None]) -> float:
+def model_fraction(flop_config: FlopConfig, frames: int,
+                   schedule: LayerReductions | Sequence[Reduction | None]) -> float:
     """Reduced (overhead included) / dense FLOPs of the whole forward."""
     return model_flops(flop_config, frames, schedule).total / model_flops(flop_config, frames).total

@@ -1,6 +1,7 @@
-"""Patching a model's global attention with reductions, and restoring it bit for bit.
+"""Patching a model's global attention, and restoring it bit for bit: with reductions (`patch_attention`; the
+schedule's `apply_schedule` is one use of it) or with frame-only attention (`frame_only_patch`).
 
-Each patched attention module gets an instance-level `forward` (qkv_heads -> reduced_attention -> project_heads);
+Each patched attention module gets an instance-level `forward` (qkv_heads -> the layer's attention -> project_heads);
 `remove()` deletes it, so the class forward runs again. The frame layout of the clip comes from a forward pre-hook on
 the model root reading its images argument, or from `handle.set_layout(layout)` for callers that run trunk steps
 directly. A layer whose reduction keeps everything at the current layout runs the class forward unchanged. Under
@@ -8,61 +9,56 @@ autocast, q, k and v are cast to the autocast dtype before selection and merging
 """
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterable, Mapping
 
 from torch import Tensor, nn
 
 from spark3r.errors import Spark3rError
 from spark3r.models.base import Adapter, FrameLayout
 from spark3r.models.blocks import active_compute_dtype, project_heads, qkv_heads
-from spark3r.reduce.attention import is_dense, reduced_attention
+from spark3r.reduce.attention import frame_attention, is_dense, reduced_attention
 from spark3r.reduce.reduction import Reduction
-from spark3r import schedule as schedules  # module import: spark3r.schedule itself imports spark3r.reduce
 
 
-class ReductionHandle:
-    """A live patch of a model's global attention. Use `remove()` (or `with handle:`) to restore the dense model.
+Attend = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (q, k, v, x) -> attention output, shaped as q
 
-    resolve(layer, frames) -> the Reduction of global layer `layer` on a clip of `frames` frames.
+
+class AttentionPatch:
+    """A live patch of global attention layers `layers`. Use `remove()` (or `with patch:`) to restore the model.
+
+    attention_for(layer, layout) -> None (that layer runs its class forward on this layout) or the function that
+    computes its attention from q, k, v [B, heads, N, head_dim] (after qk-norm and RoPE, in the compute dtype) and the
+    attention input x [B, N, C].
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, resolve: Callable[[int, int], Reduction],
-                 layers: list[int]):
+    def __init__(self, model: nn.Module, adapter: Adapter, layers: Iterable[int],
+                 attention_for: Callable[[int, FrameLayout], Attend | None]):
         self.model = model
         self.adapter = adapter
         self.layout: FrameLayout | None = None
-        self._resolve = resolve
-        self._resolved: dict[tuple[int, int], Reduction] = {}
+        self._attention_for = attention_for
         modules = adapter.modules(model)
+        layers = sorted(layers)
         busy = [layer for layer in layers if "forward" in vars(modules[layer])]
         if busy:
             raise Spark3rError(f"global attention layer {busy[0]} is already patched: remove() the other handle first")
         self._patched = {layer: modules[layer] for layer in layers}
         for layer, attn in self._patched.items():
-            attn.forward = self._reduced_forward(layer, attn)
+            attn.forward = self._patched_forward(layer, attn)
         self._hook = model.register_forward_pre_hook(self._read_layout, with_kwargs=True)
 
     def set_layout(self, layout: FrameLayout) -> None:
         """Set the frame layout of the clip the global layers will see (the pre-hook overwrites it on model(images))."""
         self.layout = layout
 
-    def reduction(self, layer: int, frames: int) -> Reduction:
-        """The reduction global layer `layer` applies on a clip of `frames` frames."""
-        key = (layer, frames)
-        if key not in self._resolved:
-            self._resolved[key] = self._resolve(layer, frames)
-        return self._resolved[key]
-
     def remove(self) -> None:
-        """Restore the dense model (idempotent)."""
+        """Restore the class forwards (idempotent)."""
         for attn in self._patched.values():
             vars(attn).pop("forward", None)
         self._patched = {}
         self._hook.remove()
 
-    def __enter__(self) -> "ReductionHandle":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -73,7 +69,7 @@ class ReductionHandle:
         if isinstance(images, Tensor):
             self.layout = self.adapter.layout(images)
 
-    def _reduced_forward(self, layer: int, attn: nn.Module) -> Callable[..., Tensor]:
+    def _patched_forward(self, layer: int, attn: nn.Module) -> Callable[..., Tensor]:
         dense_forward = type(attn).forward
 
         def forward(x: Tensor, pos: Tensor | None = None) -> Tensor:
@@ -88,17 +84,50 @@ class ReductionHandle:
                     f"global layer {layer} got {x.shape[1]} tokens but the frame layout holds {layout.tokens}: call "
                     f"handle.set_layout with the layout of the clip being run"
                 )
-            reduction = self.reduction(layer, layout.frames)
-            if is_dense(layout, reduction):
+            attend = self._attention_for(layer, layout)
+            if attend is None:
                 return dense_forward(attn, x, pos=pos)
             dtype = active_compute_dtype(x.device.type, x.dtype)
             q, k, v = (t.to(dtype) for t in qkv_heads(attn, x, pos))
-            return project_heads(attn, reduced_attention(q, k, v, layout, reduction, x=x))
+            return project_heads(attn, attend(q, k, v, x))
 
         return forward
 
 
-def _adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:
+class ReductionHandle(AttentionPatch):
+    """A patch whose layers run `reduced_attention`: resolve(layer, frames) -> the Reduction of global layer `layer`
+    on a clip of `frames` frames. A layer whose reduction keeps everything at the current layout runs its class forward
+    unchanged."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, resolve: Callable[[int, int], Reduction],
+                 layers: Iterable[int]):
+        self._resolve = resolve
+        self._resolved: dict[tuple[int, int], Reduction] = {}
+        super().__init__(model, adapter, layers, self._reduced_attention_for)
+
+    def reduction(self, layer: int, frames: int) -> Reduction:
+        """The reduction global layer `layer` applies on a clip of `frames` frames."""
+        key = (layer, frames)
+        if key not in self._resolved:
+            self._resolved[key] = self._resolve(layer, frames)
+        return self._resolved[key]
+
+    def _reduced_attention_for(self, layer: int, layout: FrameLayout) -> Attend | None:
+        reduction = self.reduction(layer, layout.frames)
+        if is_dense(layout, reduction):
+            return None
+        return lambda q, k, v, x: reduced_attention(q, k, v, layout, reduction, x=x)
+
+
+def frame_only_patch(model: nn.Module, adapter: Adapter | None = None) -> AttentionPatch:
+    """Patch every global attention layer of `model` to attend within each frame only (`frame_attention`)."""
+    adapter = adapter_of(model, adapter)
+    return AttentionPatch(model, adapter, range(adapter.num_global_layers),
+                          lambda layer, layout: lambda q, k, v, x: frame_attention(q, k, v, layout))
+
+
+def adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:
+    """`adapter`, else `model.adapter`; one sentence if neither is a spark3r Adapter."""
     adapter = adapter if adapter is not None else getattr(model, "adapter", None)
     if not isinstance(adapter, Adapter):
         raise Spark3rError(
@@ -107,23 +136,17 @@ def _adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:
     return adapter
 
 
-def apply_schedule(model: nn.Module, schedule: schedules.Schedule | str | Path,
-                   adapter: Adapter | None = None) -> ReductionHandle:
-    """Patch every global attention layer of `model` with `schedule` (a Schedule or a YAML path).
-
-    adapter defaults to `model.adapter`. The schedule's model name and layer count must match the adapter's.
-    """
-    adapter = _adapter_of(model, adapter)
-    if not isinstance(schedule, schedules.Schedule):
-        schedule = schedules.load_schedule(schedule)
-    schedules.check_model(schedule, adapter.model_name, adapter.num_global_layers)
-    return ReductionHandle(model, adapter, schedule.resolve, list(range(adapter.num_global_layers)))
+def patch_attention(model: nn.Module, reduction_for: Callable[[int, int], Reduction], layers: Iterable[int],
+                    adapter: Adapter | None = None) -> ReductionHandle:
+    """Patch the global attention layers `layers` of `model` through its adapter (default `model.adapter`); layer l
+    runs `reduction_for(l, frames)` on a clip of `frames` frames."""
+    return ReductionHandle(model, adapter_of(model, adapter), reduction_for, sorted(layers))
 
 
 def apply_reductions(model: nn.Module, reductions: Mapping[int, Reduction],
                      adapter: Adapter | None = None) -> ReductionHandle:
     """Patch only the listed global layers, each with a fixed reduction whatever the clip length; others stay dense."""
-    adapter = _adapter_of(model, adapter)
+    adapter = adapter_of(model, adapter)
     for layer, reduction in reductions.items():
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < adapter.num_global_layers:
             raise Spark3rError(
@@ -135,15 +158,4 @@ def apply_reductions(model: nn.Module, reductions: Mapping[int, Reduction],
                 f"the reduction of layer {layer} must be a spark3r Reduction, got {type(reduction).__name__}"
             )
     fixed = dict(reductions)
-    return ReductionHandle(model, adapter, lambda layer, frames: fixed[layer], sorted(fixed))
-
-
-@contextlib.contextmanager
-def reduced(model: nn.Module, schedule: schedules.Schedule | str | Path,
-            adapter: Adapter | None = None) -> Iterator[ReductionHandle]:
-    """`with reduced(model, schedule):` runs `model` with the schedule applied and restores it on exit."""
-    handle = apply_schedule(model, schedule, adapter)
-    try:
-        yield handle
-    finally:
-        handle.remove()
+    return patch_attention(model, lambda layer, frames: fixed[layer], fixed, adapter)

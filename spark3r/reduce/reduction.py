@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Protocol
 
 from spark3r.errors import Spark3rError
 
 KV_METHODS = ("frame_stride", "grid", "random", "key_norm")
+DEFAULT_KV_METHOD = KV_METHODS[0]
 SIMILARITIES = ("key", "input")
 
 
@@ -25,7 +27,7 @@ class Reduction:
     """
 
     kv_keep: float = 1.0
-    kv_method: str = "frame_stride"
+    kv_method: str = DEFAULT_KV_METHOD
     keep_reference_frame: bool = True
     query_merge: int = 1
     group_frames: int = 20
@@ -53,3 +55,10 @@ class Reduction:
     def kv_factor(self) -> int:
         """The integer K/V reduction factor of the stride-like methods: round(1 / kv_keep)."""
         return max(1, round(1.0 / self.kv_keep))
+
+
+class LayerReductions(Protocol):
+    """Anything that gives the reduction of every global layer at a clip length (a schedule does)."""
+
+    def reductions(self, frames: int) -> list[Reduction]:
+        ...

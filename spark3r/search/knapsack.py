@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from spark3r.errors import Spark3rError
-from spark3r.search.objective import Candidate, SearchProblem
+from spark3r.errors import ParameterError
+from spark3r.search.problem import Candidate, SearchProblem
 
 RELATIVE_TOLERANCE = 1e-9
 SAFETY = 1e-12  # shrink the capacity of the feasible (rounded-up) pass by this fraction against float round-off
@@ -76,21 +76,31 @@ def _backtrack(choice: np.ndarray, weights: np.ndarray, capacity: int) -> list[i
     return picks[::-1]
 
 
+def least_value_levels(values: np.ndarray, weights: np.ndarray, capacity: int) -> list[int] | None:
+    """One option per layer (values and integer weights [L, c]) of least summed value with summed weight <=
+    `capacity`, or None if no choice fits."""
+    best, choice = _solve(values, weights, capacity)
+    if not np.isfinite(best[capacity]):
+        return None
+    return _backtrack(choice, weights, capacity)
+
+
 def _to_candidate(picks: list[int], index) -> Candidate:
     pairs = [index(option) for option in picks]
     return Candidate(tuple(int(kv) for kv, _ in pairs), tuple(int(query) for _, query in pairs))
 
 
-def solve_knapsack(problem: SearchProblem, budget: float, resolution: int = 2048,
+def solve_knapsack(problem: SearchProblem, resolution: int = 2048,
                    max_resolution: int = 2**17) -> KnapsackResult:
-    """The candidate of least predicted deviation whose FLOPs fraction is at most `budget`."""
+    """The candidate of least predicted deviation whose FLOPs fraction is at most the problem's budget."""
+    budget = problem.budget
     cheapest = problem.cheapest()
     cheapest_fraction = problem.flops_fraction(cheapest)
     if budget < cheapest_fraction:
-        raise Spark3rError(f"budget {budget:g} is below the cheapest schedule the profile's levels allow "
-                           f"({cheapest_fraction:.4g} of dense {problem.budget_of.replace('_', ' ')} FLOPs at "
-                           f"{problem.frames} frames): raise --budget or profile lower K/V keep and higher merge "
-                           "levels")
+        raise ParameterError(f"budget {budget:g} is below the cheapest schedule the profile's levels allow "
+                             f"({cheapest_fraction:.4g} of dense {problem.budget_of.replace('_', ' ')} FLOPs at "
+                             f"{problem.frames} frames): raise `budget` or profile lower K/V keep and higher merge "
+                             "levels", "budget")
     capacity = budget * problem.dense_flops - problem.fixed_flops
     while True:
         unit = capacity / resolution
@@ -104,7 +114,7 @@ def solve_knapsack(problem: SearchProblem, budget: float, resolution: int = 2048
                     lower_bound = min(lower_bound, totals[resolution])
                 if np.isfinite(totals[resolution]):
                     candidate = _to_candidate(_backtrack(choice, weights, resolution), index)
-                    feasible = problem.flops_fraction(candidate) <= budget
+                    feasible = problem.feasible(candidate)
                     if feasible and problem.deviation(candidate) < problem.deviation(best):
                         best = candidate
         result = KnapsackResult(best, problem.deviation(best), problem.flops_fraction(best), float(lower_bound),

@@ -19,30 +19,40 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.models.base import FlopConfig
 from spark3r.profiler.format import Profile
 from spark3r.profiler.length_model import LengthModel
 from spark3r.profiler.lengths import kept_frames, length_models
+from spark3r.profiler.run import ProfileOptions
 from spark3r.reduce.flops import frame_layout, layer_attention_flops, layer_overhead_flops, model_flops
 from spark3r.reduce.reduction import Reduction
 from spark3r.schedule import BUDGET_OF, Budget, KVSpec, LayerSpec, QuerySpec, Schedule, Stepped
-from spark3r.search.knapsack import SAFETY, _backtrack, _solve
+from spark3r.search.knapsack import SAFETY, least_value_levels
 
 DEFAULT_LENGTHS = (1000,)  # the deployment length when --frames is not given (the paper's headline length)
 REPORT_LENGTHS = (100, 300, 1000)  # the summary's lengths beside the profiled and deployment ones
 KV_FRAME_LEVELS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 RESOLUTION = 1024
 BISECTIONS = 12
-REDUCTION_OPTIONS = ("kv_method", "keep_reference_frame", "group_frames", "similarity")
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
     """"100,300,1000" -> (100, 300, 1000): distinct whole numbers >= 1, ascending."""
     items = [item.strip() for item in str(text).split(",")]
     if not all(item.isdigit() and int(item) >= 1 for item in items):
-        raise Spark3rError(f"--frames {text!r} must list whole numbers of frames >= 1, e.g. 1000 or 100,300,1000")
+        raise ParameterError(f"`frames` {text!r} must list whole numbers of frames >= 1, e.g. 1000 or 100,300,1000",
+                             "frames")
     return tuple(sorted({int(item) for item in items}))
+
+
+def deployment_lengths(frames: int | tuple[int, ...]) -> tuple[int, ...]:
+    """One length or several -> distinct lengths, ascending; each must be >= 1."""
+    lengths = (frames,) if isinstance(frames, int) else tuple(frames)
+    if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
+        raise ParameterError(f"`frames` is {frames}: give whole numbers of frames >= 1, e.g. 1000 or (100, 300, 1000)",
+                             "frames")
+    return tuple(sorted(set(lengths)))
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,7 @@ class LengthProblem:
     layer_flops: np.ndarray
     fixed_flops: np.ndarray
     dense_flops: np.ndarray
-    reduction: dict
+    options: ProfileOptions
 
     @property
     def global_layers(self) -> int:
@@ -99,16 +109,15 @@ class LengthProblem:
         """The schedule of `candidate`: the most common K/V level as the default, the other layers as overrides."""
         levels = [self.kv_frames[j] for j in candidate.kv]
         default = max(sorted(set(levels), key=lambda n: math.inf if n is None else n), key=levels.count)
-        shared = self.reduction
+        options = self.options
 
         def kv_spec(frames: int | None, **settings) -> KVSpec:
             return KVSpec(keep=1.0, **settings) if frames is None else KVSpec(frames=frames, **settings)
 
-        spec = LayerSpec(kv=kv_spec(default, method=shared.get("kv_method"),
-                                    keep_reference_frame=shared.get("keep_reference_frame")),
+        spec = LayerSpec(kv=kv_spec(default, method=options.kv_method,
+                                    keep_reference_frame=options.keep_reference_frame),
                          query=QuerySpec(merge=merge_steps(self.lengths, [self.query_merge[k] for k in candidate.merge]),
-                                         group_frames=shared.get("group_frames"),
-                                         similarity=shared.get("similarity")))
+                                         group_frames=options.group_frames))
         layers = {layer: LayerSpec(kv=kv_spec(frames)) for layer, frames in enumerate(levels) if frames != default}
         return Schedule(model=self.model, global_layers=self.global_layers, default=spec, layers=layers, **extra)
 
@@ -127,10 +136,6 @@ def kv_frame_levels(lengths: tuple[int, ...]) -> tuple[int | None, ...]:
     return (*(n for n in KV_FRAME_LEVELS if n < max(lengths)), None)
 
 
-def reduction_options(profile: Profile) -> dict:
-    return {name: profile.options[name] for name in REDUCTION_OPTIONS if name in profile.options}
-
-
 def kv_keep(frames: int, kept: int | None) -> float:
     """The keep of `kv: {frames: kept}` at `frames` frames (1 for all K/V)."""
     return 1.0 if kept is None else 1.0 / math.ceil(frames / kept)
@@ -142,7 +147,8 @@ def profile_length_model(profile: Profile, metric: str, source: str = "profile")
         raise Spark3rError(f"{source} was profiled at one clip length ({profile.frames} frames), so it cannot predict "
                            "other lengths: profile several, e.g. profile-layers --frames 16,32,64 --kv-frames 1,2,4,8")
     if metric not in models:
-        raise Spark3rError(f"{source} has no length model of {metric!r}: pick --metric from {', '.join(models)}")
+        raise ParameterError(f"{source} has no length model of {metric!r}: pick `metric` from {', '.join(models)}",
+                             "metric")
     return models[metric]
 
 
@@ -150,9 +156,9 @@ def build_length_problem(profile: Profile, flop_config: FlopConfig, lengths: tup
                          budget_of: str = "global_attention", metric: str = "score") -> LengthProblem:
     """The length-aware search problem of a profile of several lengths, at the deployment `lengths`."""
     if budget_of not in BUDGET_OF:
-        raise Spark3rError(f"--budget-of must be one of {', '.join(BUDGET_OF)}, got {budget_of!r}")
+        raise ParameterError(f"`budget_of` must be one of {', '.join(BUDGET_OF)}, got {budget_of!r}", "budget_of")
     model = profile_length_model(profile, metric)
-    shared = reduction_options(profile)
+    options = ProfileOptions.of_profile(profile)
     kv_levels, merges = kv_frame_levels(lengths), tuple(sorted(profile.query_merge))
     kv_deviation = np.empty((len(lengths), profile.global_layers, len(kv_levels)))
     query_deviation = np.empty((len(lengths), profile.global_layers, len(merges)))
@@ -160,12 +166,12 @@ def build_length_problem(profile: Profile, flop_config: FlopConfig, lengths: tup
     fixed, dense = np.empty(len(lengths)), np.empty(len(lengths))
     for s, frames in enumerate(lengths):
         layout = frame_layout(flop_config, frames)
-        kept = [kept_frames(layout, Reduction(kv_keep=kv_keep(frames, n), **shared)) for n in kv_levels]
+        kept = [kept_frames(layout, options.reduction(kv_keep(frames, n))) for n in kv_levels]
         kv_deviation[s] = model.kv_deviation(frames, kept)
         query_deviation[s] = model.query_deviation(frames, merges)
         for j, n in enumerate(kv_levels):
             for k, merge in enumerate(merges):
-                reduction = Reduction(kv_keep=kv_keep(frames, n), query_merge=merge, **shared)
+                reduction = options.reduction(kv_keep(frames, n), merge)
                 costs[s, j, k] = layer_attention_flops(flop_config, frames, reduction)
                 if budget_of == "model":
                     costs[s, j, k] += layer_overhead_flops(flop_config, frames, reduction)
@@ -174,7 +180,7 @@ def build_length_problem(profile: Profile, flop_config: FlopConfig, lengths: tup
             else profile.global_layers * dense_layer
         fixed[s] = dense[s] - profile.global_layers * dense_layer if budget_of == "model" else 0.0
     return LengthProblem(profile.model, tuple(lengths), budget_of, metric, kv_levels, merges, kv_deviation,
-                         query_deviation, costs, fixed, dense, shared)
+                         query_deviation, costs, fixed, dense, options)
 
 
 def merge_choices(problem: LengthProblem) -> list[tuple[int, ...]]:
@@ -189,10 +195,7 @@ def _least(values: np.ndarray, costs: np.ndarray, capacity: float) -> list[int] 
         return None
     weights = np.ceil(costs / (capacity / RESOLUTION * (1 - SAFETY))).astype(np.int64)
     weights = np.broadcast_to(weights, values.shape)
-    best, choice = _solve(values, weights, RESOLUTION)
-    if not np.isfinite(best[RESOLUTION]):
-        return None
-    return _backtrack(choice, weights, RESOLUTION)
+    return least_value_levels(values, weights, RESOLUTION)
 
 
 def search(problem: LengthProblem, budget: float) -> list[LengthCandidate]:

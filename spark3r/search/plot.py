@@ -1,7 +1,6 @@
 """The search plot: predicted deviation against FLOPs fraction, with the Pareto front and the schedules compared."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Sequence
 
@@ -10,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from spark3r.files import write_atomic  # noqa: E402
+from spark3r.files import write_png  # noqa: E402
 
 Point = tuple[float, float]  # (FLOPs fraction, predicted deviation)
 
@@ -40,9 +39,6 @@ def save_search_plot(path: str | Path, *, front: Sequence[Point], trials: Sequen
     axes.legend(fontsize=7, loc="upper right")
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
+    path = write_png(path, figure)
     plt.close(figure)
-    path = Path(path)
-    write_atomic(path, buffer.getvalue())
     return path

@@ -24,11 +24,12 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 from tqdm import tqdm
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError
 from spark3r.search.mutation import MutationSampler
-from spark3r.search.objective import Candidate, SearchProblem
+from spark3r.search.problem import Candidate, SearchProblem
 
 SAMPLERS = ("mutation", "tpe", "nsga2", "gp")
 CONSTRAINT = "flops"
@@ -36,21 +37,21 @@ WARM_START = "knapsack"
 FLUSH_EVERY = 50
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(sampler: str, seed: int) -> optuna.samplers.BaseSampler:
     """mutation: evolution around the best feasible trials (fast: thousands of trials in seconds); tpe: multivariate
     TPE (cost grows with the square of the trial count); nsga2: NSGA-II with constrained domination; gp: Gaussian
     process BO (cost grows with the cube of the trial count: a few hundred trials at most)."""
-    if name == "mutation":
+    if sampler == "mutation":
         return MutationSampler(seed=seed)
-    if name == "tpe":
+    if sampler == "tpe":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=20)
-    if name == "nsga2":
+    if sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "gp":
+    if sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed)
-    raise Spark3rError(f"--sampler {name!r} is unknown: use one of {', '.join(SAMPLERS)}")
+    raise ParameterError(f"`sampler` {sampler!r} is unknown: use one of {', '.join(SAMPLERS)}", "sampler")
 
 
 def open_storage(storage: str | Path) -> optuna.storages.BaseStorage | str:
@@ -63,17 +64,17 @@ def open_storage(storage: str | Path) -> optuna.storages.BaseStorage | str:
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def problem_key(problem: SearchProblem, budget: float, profile_sha256: str) -> dict:
+def problem_key(problem: SearchProblem, profile_sha256: str) -> dict:
     """What defines the search problem: trials of different problems never share a study."""
-    return {"profile_sha256": profile_sha256, "budget": budget, "budget_of": problem.budget_of,
+    return {"profile_sha256": profile_sha256, "budget": problem.budget, "budget_of": problem.budget_of,
             "frames": problem.frames, "metric": problem.metric, "per_layer_query": problem.per_layer_query,
             "kv_keep": list(problem.kv_keep), "query_merge": list(problem.query_merge)}
 
 
-def default_study_name(problem: SearchProblem, budget: float, profile_sha256: str, sampler: str) -> str:
+def default_study_name(problem: SearchProblem, profile_sha256: str, sampler: str) -> str:
     """`<model>-b<budget>-<sampler>-<digest of the problem>`."""
-    digest = hashlib.sha256(json.dumps(problem_key(problem, budget, profile_sha256), sort_keys=True).encode())
-    return f"{problem.model}-b{budget:g}-{sampler}-{digest.hexdigest()[:10]}"
+    digest = hashlib.sha256(json.dumps(problem_key(problem, profile_sha256), sort_keys=True).encode())
+    return f"{problem.model}-b{problem.budget:g}-{sampler}-{digest.hexdigest()[:10]}"
 
 
 def open_study(storage: str | Path, name: str, key: dict) -> optuna.Study:
@@ -82,19 +83,21 @@ def open_study(storage: str | Path, name: str, key: dict) -> optuna.Study:
     try:
         study = optuna.create_study(storage=open_storage(storage), study_name=name, direction="minimize",
                                     load_if_exists=True)
-    except (ValueError, ImportError, RuntimeError) as error:
-        raise Spark3rError(f"cannot open the study storage {storage} ({error}): pass a journal file path or a "
-                           "database URL to --storage") from None
+    except (ValueError, ImportError, RuntimeError, OSError, SQLAlchemyError) as error:
+        reason = str(error).splitlines()[0]
+        raise ParameterError(f"cannot open the study storage {storage} ({reason}): pass a journal file path in a "
+                             "writable folder or a database URL (e.g. postgresql://...) to `storage`", "storage") \
+            from None
     stored = study.user_attrs.get("problem")
     if stored is None:
         study.set_user_attr("problem", key)
     elif stored != json.loads(json.dumps(key)):
-        raise Spark3rError(f"study {name!r} in {storage} was made for another search problem: pass a new --study "
-                           "name or --storage file")
+        raise ParameterError(f"study {name!r} in {storage} was made for another search problem: pass a new `study` "
+                             "name or `storage` file", "study", "storage")
     return study
 
 
-def make_objective(problem: SearchProblem, budget: float) -> Callable[[optuna.Trial], float]:
+def make_objective(problem: SearchProblem) -> Callable[[optuna.Trial], float]:
     """The predicted deviation of the trial's levels, with the FLOP constraint set first."""
 
     def objective(trial: optuna.Trial) -> float:
@@ -104,7 +107,7 @@ def make_objective(problem: SearchProblem, budget: float) -> Callable[[optuna.Tr
                        else ["query_merge"])
         params.update({name: trial.suggest_categorical(name, problem.query_merge) for name in query_names})
         candidate = problem.candidate(params)
-        trial.set_constraint(CONSTRAINT, problem.flops_fraction(candidate) - budget)
+        trial.set_constraint(CONSTRAINT, problem.flops_fraction(candidate) - problem.budget)
         return problem.deviation(candidate)
 
     return objective
@@ -129,7 +132,7 @@ def join_study(study: optuna.Study, info: dict) -> tuple[str, int]:
     return worker, workers.index(f"worker.{worker}")
 
 
-def run_study(study: optuna.Study, problem: SearchProblem, budget: float, trials: int,
+def run_study(study: optuna.Study, problem: SearchProblem, trials: int,
               sampler: optuna.samplers.BaseSampler, worker: str, warm_start: Candidate | None = None,
               flush_every: int = FLUSH_EVERY, progress: bool = True) -> int:
     """Run trials until the shared `study` holds `trials` completed ones (with other workers); returns how many ran
@@ -142,7 +145,7 @@ def run_study(study: optuna.Study, problem: SearchProblem, budget: float, trials
     synced = {trial.number for trial in done}
     if warm_start is not None and not any(trial.user_attrs.get("source") == WARM_START for trial in done):
         local.enqueue_trial(problem.params(warm_start), user_attrs={"source": WARM_START})
-    objective = make_objective(problem, budget)
+    objective = make_objective(problem)
     pending: list[FrozenTrial] = []
     ran = 0
     bar = tqdm(total=trials, initial=len(done), desc="search", unit="trial", disable=not progress, leave=False)
@@ -177,7 +180,7 @@ def run_study(study: optuna.Study, problem: SearchProblem, budget: float, trials
     return ran
 
 
-def ranked_candidates(study: optuna.Study, problem: SearchProblem, budget: float,
+def ranked_candidates(study: optuna.Study, problem: SearchProblem,
                       exclude_source: str | None = None) -> list[tuple[Candidate, float, FrozenTrial]]:
     """Distinct feasible candidates of the study, least predicted deviation first (ties: lowest trial number).
 
@@ -188,7 +191,7 @@ def ranked_candidates(study: optuna.Study, problem: SearchProblem, budget: float
         if not is_feasible(trial) or (exclude_source and trial.user_attrs.get("source") == exclude_source):
             continue
         candidate = problem.candidate(trial.params)
-        if candidate in seen or problem.flops_fraction(candidate) > budget:
+        if candidate in seen or not problem.feasible(candidate):
             continue
         seen.add(candidate)
         ranked.append((candidate, float(trial.value), trial))

@@ -1,4 +1,4 @@
-"""--verify: run the best candidates for real on held-out clips and measure their deviation from the dense model."""
+"""Verification: run the best candidates for real on held-out clips and measure their deviation from the dense model."""
 from __future__ import annotations
 
 import sys
@@ -7,15 +7,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spark3r.data.clips import Clip, open_clips
-from spark3r.errors import Spark3rError
+from spark3r.data.clip import Clip
+from spark3r.data.clips import open_clips
+from spark3r.errors import ParameterError
 from spark3r.evaluate.deviation import output_deviation
 from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry
 from spark3r.profiler.format import Profile
-from spark3r.profiler.run import finite_outputs
-from spark3r.reduce.patch import reduced
-from spark3r.schedule import Schedule, check_model
+from spark3r.profiler.run import ProfileOptions, finite_outputs
+from spark3r.schedule import Schedule, check_model, reduced
 
 
 def held_out_clips(profile: Profile, calib: str, frames: int | None = None) -> list[Clip]:
@@ -26,17 +26,18 @@ def held_out_clips(profile: Profile, calib: str, frames: int | None = None) -> l
     clips = open_clips(calib, preprocess=f"{entry.preprocess}:{entry.image_width}", max_frames=frames, frames=frames)
     short = [clip for clip in clips if clip.frames < frames]
     if short:
-        raise Spark3rError(f"--calib clip {short[0].name} has {short[0].frames} frames, fewer than the {frames} to "
-                           "verify at: pass longer clips")
+        raise ParameterError(f"`calib` clip {short[0].name} has {short[0].frames} frames, fewer than the {frames} to "
+                             "verify at: pass longer clips", "calib")
     if not clips:
-        raise Spark3rError(f"--calib {calib} holds no clips: pass a folder of clips, one clip or synthetic:N[:SEED]")
+        raise ParameterError(f"`calib` {calib} holds no clips: pass a folder of clips, one clip or synthetic:N[:SEED]",
+                             "calib")
     profiled_clips = [*profile.clips, *(clip for entry in profile.by_length for clip in entry.get("clips", []))]
     profiled = {clip.get("sha256") for clip in profiled_clips}
     names = {clip.get("name") for clip in profiled_clips} if frames != profile.frames else set()
     reused = [clip.name for clip in clips if clip.fingerprint() in profiled or clip.name in names]
     if reused:
-        raise Spark3rError(f"--calib clip {reused[0]} was used to make the profile, so it is not held out: pass other "
-                           "clips (e.g. synthetic:N with another seed)")
+        raise ParameterError(f"`calib` clip {reused[0]} was used to make the profile, so it is not held out: pass "
+                             "other clips (e.g. synthetic:N with another seed)", "calib")
     return clips
 
 
@@ -50,7 +51,7 @@ def measure(profile: Profile, schedules: list[Schedule], clips: list[Clip], *, d
     adapter = model.adapter
     for schedule in schedules:
         check_model(schedule, adapter.model_name, adapter.num_global_layers)
-    score_weights = profile.options.get("score_weights")
+    score_weights = ProfileOptions.of_profile(profile).score_weights or None
     measured = np.empty((len(schedules), len(clips)))
     with tqdm(total=len(clips) * (len(schedules) + 1), desc="verify", unit="forward", file=sys.stderr,
               disable=not progress, leave=False) as bar:
@@ -63,8 +64,8 @@ def measure(profile: Profile, schedules: list[Schedule], clips: list[Clip], *, d
                     outputs = {key: value.float() for key, value in model(images).items() if key in dense}
                 deviation = output_deviation(dense, outputs, score_weights)
                 if metric not in deviation:
-                    raise Spark3rError(f"--verify measures end-to-end deviation, which has no {metric!r}: use --metric "
-                                       f"{' or '.join(sorted(deviation))}")
+                    raise ParameterError(f"verifying measures end-to-end deviation, which has no {metric!r}: use "
+                                         f"`metric` {' or '.join(sorted(deviation))}", "metric")
                 measured[row, column] = deviation[metric]
                 bar.update(1)
     return measured

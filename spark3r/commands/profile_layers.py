@@ -11,41 +11,23 @@ per-layer model of deviation against kept K/V frames, query merge and clip lengt
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import sys
-import time
+import math
 from pathlib import Path
 
-from tqdm import tqdm
-
-from spark3r.cli import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
-from spark3r.data.clips import open_clips
+from spark3r.commands.arguments import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
 from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
-from spark3r.models.base import ReconstructionModel
-from spark3r.models.loading import find_weights, find_weights_file, load_model
-from spark3r.models.registry import get_entry, resolve_model_name
-from spark3r.profiler.aggregate import build_profile
-from spark3r.profiler.distributed import (
-    barrier,
-    close_distributed,
-    init_distributed,
-    launch_ranks,
-    rank_device,
-    shard,
-)
-from spark3r.profiler.format import Profile, save_profile
-from spark3r.profiler.lengths import combine, levels_at
-from spark3r.profiler.plot import save_heatmap
-from spark3r.profiler.run import ProfileOptions, profile_clip, profile_levels, sample_schedules
-from spark3r.profiler.store import ClipResult, load_clip, save_clip
-from spark3r.reduce import KV_METHODS
+from spark3r.profiler.pipeline import ProfileRequest, profile_layers
+from spark3r.profiler.run import ProfileOptions
+from spark3r.reduce import DEFAULT_KV_METHOD, KV_METHODS
 
 DEFAULT_KV_KEEP = "0.5,0.25,0.125,0.0625,0.03125"
 DEFAULT_QUERY_MERGE = "1,2,3,4"
 CAMERA_TERMS = ("camera_center", "camera_rotation_deg", "focal")
+# library parameters whose flag is not --parameter-name
+FLAGS = {"additivity_schedules": "--additivity", "out_dir": "--out"}
 
 
 def parse_kv_keep(text: str) -> tuple[float, ...]:
@@ -132,7 +114,7 @@ def build_parser() -> ArgumentParser:
                         help="frames per clip (the first N; synthetic clips are generated at that length), or "
                              "several lengths, e.g. 16,32,64, each profiled; default: the shortest clip (8 for "
                              "synthetic clips)")
-    parser.add_argument("--kv-method", default="frame_stride", choices=KV_METHODS, help="K/V pruning method")
+    parser.add_argument("--kv-method", default=DEFAULT_KV_METHOD, choices=KV_METHODS, help="K/V pruning method")
     parser.add_argument("--no-reference-frame", dest="keep_reference_frame", action="store_false",
                         help="do not keep frame 0's K/V whole (grid, random and key_norm methods)")
     parser.add_argument("--group-frames", type=int, default=20, help="query merging group size in frames")
@@ -148,162 +130,28 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def check_counts(args) -> None:
-    for flag, value, least in (("--group-frames", args.group_frames, 1),
-                               ("--additivity", args.additivity, 0), ("--level-batch", args.level_batch, 1)):
-        if value is not None and value < least:
-            raise Spark3rError(f"{flag} is {value}: give a whole number >= {least}")
-
-
-def weights_identity(weights: str, entry) -> str:
-    """Which weights a run used: "none", or the resolved file with its size and modification time (so "auto" finding
-    a new file, or a file replaced in place, is a change of options and cached clips are not reused)."""
-    if weights == "none":
-        return "none"
-    path = (find_weights(entry) if weights == "auto" else find_weights_file(weights)).resolve()
-    stat = path.stat()
-    return f"{path} ({stat.st_size} bytes, mtime_ns {stat.st_mtime_ns})"
-
-
-def profiled_weights(identity: str) -> str:
-    """The weights a profile was made with, from its `weights_identity`: "none" or the file's path; one sentence if
-    the file has since gone or changed."""
-    if " (" not in identity:
-        return identity
-    path = identity.rsplit(" (", 1)[0]
-    if not Path(path).is_file() or weights_identity(path, None) != identity:
-        raise Spark3rError(f"the profile was made with weights {identity}, which is gone or has changed since: pass "
-                           "--weights for the weights to verify with, or profile again")
-    return path
-
-
-def load_calibration(spec: str, recipe: str, frames: int | None) -> tuple[list, int, list[str]]:
-    """The calibration clips cut to one frame count, that count, and notes for the user."""
-    clips = open_clips(spec, preprocess=recipe, max_frames=frames, frames=frames)
-    if not clips:
-        raise Spark3rError(f"--calib {spec} holds no clips: pass a folder of clips, one clip or synthetic:N")
-    notes = []
-    if frames is None:
-        frames = min(clip.frames for clip in clips)
-        if any(clip.frames != frames for clip in clips):
-            notes.append(f"clips have different lengths: every clip is cut to the shortest, {frames} frames")
-            clips = [clip.select(range(frames)) for clip in clips]
-    short = [clip for clip in clips if clip.frames < frames]
-    if short:
-        raise Spark3rError(f"clip {short[0].name} has only {short[0].frames} frames but --frames {frames} was asked: "
-                           "lower --frames or use longer clips")
-    sizes = {(clip.height, clip.width) for clip in clips}
-    if len(sizes) > 1:
-        listed = ", ".join(f"{height}x{width}" for height, width in sorted(sizes))
-        raise Spark3rError(f"the clips have different sizes after preprocessing ({listed}): "
-                           "profile clips of one aspect ratio")
-    unique, seen = [], {}
-    for clip in clips:
-        sha = clip.fingerprint()
-        if sha in seen:
-            notes.append(f"clip {clip.name} is a copy of {seen[sha]}: counted once")
-        else:
-            seen[sha] = clip.name
-            unique.append((clip, sha))
-    return unique, frames, notes
-
-
-@command
+@command(flags=FLAGS)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_counts(args)
-    lengths = (None,) if args.frames is None else parse_counts(args.frames, "--frames")
-    kv_frames = () if args.kv_frames is None else parse_counts(args.kv_frames, "--kv-frames")
-    base = ProfileOptions(
+    options = ProfileOptions(
         kv_keep=parse_kv_keep(args.kv_keep), query_merge=parse_query_merge(args.query_merge),
         kv_method=args.kv_method, keep_reference_frame=args.keep_reference_frame, group_frames=args.group_frames,
         score_weights=parse_score_weights(args.score_weights), additivity_schedules=args.additivity,
         level_batch=args.level_batch, seed=args.seed)
-    started = time.perf_counter()
-    ranks = launch_ranks()
-    device = rank_device(resolve_device(args.device), ranks)
-    name = resolve_model_name(args.model)
-    out = Path(args.out) if args.out else Path("profiles") / name
-    dtype = resolve_dtype(args.dtype, device)
-    model = load_model(name, weights=args.weights, device=device, dtype=dtype, seed=args.seed)
-    if not isinstance(model, ReconstructionModel):
-        raise Spark3rError(f"model {name} does not run as trunk steps, so it cannot be profiled: use one of "
-                           "spark3r's model classes")
-    init_distributed(ranks, device)
-    folders = [out / f"frames-{frames}" for frames in lengths] if len(lengths) > 1 else [out]
-    profiles = [profile_length(args, model, name, ranks, device, dtype, base, frames, kv_frames, folder)
-                for frames, folder in zip(lengths, folders)]
-    close_distributed(ranks)
-    if not ranks.is_main:
+    frames = None if args.frames is None else parse_counts(args.frames, "--frames")
+    kv_frames = () if args.kv_frames is None else parse_counts(args.kv_frames, "--kv-frames")
+    device = resolve_device(args.device)
+    outcome = profile_layers(ProfileRequest(model=args.model, calib=args.calib, options=options,
+                                            weights=args.weights, frames=frames, kv_frames=kv_frames, out=args.out,
+                                            device=device,
+                                            dtype=resolve_dtype(args.dtype, device)))
+    if outcome is None:  # a torchrun rank other than the main one
         return 0
-    if len(lengths) > 1:
-        for (profile, raw), folder in zip(profiles, folders):
-            save_length(profile, raw, folder, started)
-        profile, raw = combine([profile for profile, _ in profiles]), profiles[-1][1]
-    else:
-        profile, raw = profiles[0]
-    path = save_length(profile, raw, out, started)
-    absent = [term for term in DEFAULT_WEIGHTS if term not in profile.metrics]
-    if absent:
-        print(f"note: {', '.join(absent)} left out of the profile: the model does not output them or its dense "
-              "outputs for them are not finite (random weights give a zero field of view)", file=sys.stderr)
     if args.json:
-        print(json.dumps(summary(profile, path), indent=1))
+        print(json.dumps(summary(outcome.profile, outcome.path), indent=1))
     else:
-        print(table(profile, path))
+        print(table(outcome.profile, outcome.path))
     return 0
-
-
-def save_length(profile: Profile, raw: dict, out: Path, started: float) -> Path:
-    """Write a profile with its raw arrays and heat map into `out`; returns the path of profile.json."""
-    profile.timings["wall"] = time.perf_counter() - started
-    path = save_profile(profile, out, raw)
-    save_heatmap(profile, out / "heatmap.png")
-    return path
-
-
-def profile_length(args, model: ReconstructionModel, name: str, ranks, device, dtype, base: ProfileOptions,
-                   frames: int | None, kv_frames: tuple[int, ...], out: Path) -> tuple[Profile, dict] | None:
-    """Profile the calibration clips cut (or generated) at `frames` frames at `base`'s levels and the `kv_frames`
-    levels, keeping per-clip results in `out` (so a rerun resumes); the profile and its raw arrays (None on ranks
-    other than the main one)."""
-    entry = get_entry(name)
-    clips, frames, notes = load_calibration(args.calib, f"{entry.preprocess}:{entry.image_width}", frames)
-    images0 = clips[0][0].images
-    layout = model.adapter.layout(images0)
-    options, level_notes = profile_levels(
-        layout, dataclasses.replace(base, kv_keep=levels_at(frames, base.kv_keep, kv_frames)))
-    identity = {"model": name, "weights": weights_identity(args.weights, entry), "dtype": str(dtype).removeprefix("torch."),
-                "frames": frames, "image_hw": list(images0.shape[-2:]), **options.identity()}
-    if ranks.is_main:
-        for note in notes + level_notes:
-            print(f"note: {note}", file=sys.stderr)
-    done = {sha: load_clip(out, sha, identity) for _, sha in clips}
-    mine = [(clip, sha) for clip, sha in shard(clips, ranks) if done[sha] is None]
-    layers = model.adapter.num_global_layers
-    with tqdm(total=len(mine) * layers, desc=f"profiling {name} at {frames} frames", unit="layer", file=sys.stderr,
-              disable=not ranks.is_main or not mine) as bar:
-        for clip, sha in mine:
-            measured = profile_clip(model, clip.images.to(device), options, on_layer=bar.update)
-            save_clip(ClipResult(clip.name, sha, frames, measured.arrays, measured.timings), out, identity)
-    barrier(ranks)
-    if not ranks.is_main:
-        return None
-
-    results = [load_clip(out, sha, identity) for _, sha in clips]
-    missing = [clip.name for (clip, _), result in zip(clips, results) if result is None]
-    if missing:
-        raise RuntimeError(f"no result for clip {missing[0]} after all ranks finished")
-    kv_index, query_index = sample_schedules(options.additivity_schedules, layers, len(options.kv_keep),
-                                             len(options.query_merge), options.seed)
-    profile, raw = build_profile(
-        results, model=name, global_layers=layers, image_hw=tuple(images0.shape[-2:]), layout=layout,
-        kv_keep=list(options.kv_keep), query_merge=list(options.query_merge),
-        options={key: value for key, value in identity.items()
-                 if key not in ("model", "frames", "image_hw", "kv_keep", "query_merge")},
-        kv_index=kv_index, query_index=query_index)
-    profile.timings["ranks"] = ranks.world_size
-    return profile, raw
 
 
 def summary(profile, path: Path) -> dict:
@@ -366,6 +214,7 @@ def table(profile, path: Path) -> str:
                                                                       "additivity"))
     lines.append(f"time: {phases}; wall {timings['wall']:.1f}s on {timings['ranks']} rank(s)")
     return "\n".join(lines)
+
 
 
 if __name__ == "__main__":

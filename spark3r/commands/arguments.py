@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,15 +50,35 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
-    """Wrap a console-script entry point: Spark3rError -> one line on stderr and exit code 2."""
+def flag_of(parameter: str, flags: dict[str, str]) -> str:
+    """The command-line flag of a library parameter: flags[parameter], else --name-with-dashes."""
+    return flags.get(parameter, "--" + parameter.replace("_", "-"))
+
+
+def error_message(error: Spark3rError, flags: dict[str, str]) -> str:
+    """The sentence a command prints for `error`: a ParameterError names the command's flags."""
+    if isinstance(error, ParameterError):
+        return error.naming({parameter: flag_of(parameter, flags) for parameter in error.parameters})
+    return str(error)
+
+
+def command(main: Callable[[list[str] | None], int | None] | None = None, *,
+            flags: dict[str, str] | None = None):
+    """Wrap a console-script entry point: Spark3rError -> one line on stderr and exit code 2.
+
+    `flags` maps library parameters to this command's flags where the flag is not --parameter-with-dashes.
+    Use as `@command` or `@command(flags={...})`.
+    """
+    if main is None:
+        return functools.partial(command, flags=flags)
+    flags = flags or {}
 
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
         try:
             return main(argv) or 0
         except Spark3rError as error:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {error_message(error, flags)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted: rerun the same command to resume", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The search objective: a profile's predicted deviation and the FLOPs of every per-layer choice.
+"""The search problem: a profile's predicted deviation and the FLOPs of every per-layer choice (the Optuna objective
+that samples it is in spark3r.search.study).
 
 The predicted deviation of a schedule is the sum over global layers of `kv[metric](keep_l) + query[metric](merge_l)`,
 each read off the profile's per-layer table and interpolated linearly in log(level) between measured levels (clamped
@@ -6,20 +7,20 @@ to the end levels outside them). Costs come from `spark3r.reduce.flops` at the b
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 
-from spark3r.errors import Spark3rError
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.models.base import FlopConfig
 from spark3r.profiler.format import Profile
+from spark3r.profiler.run import ProfileOptions
 from spark3r.reduce.flops import layer_attention_flops, layer_overhead_flops, model_flops
 from spark3r.reduce.reduction import Reduction
 from spark3r.schedule import BUDGET_OF, Budget, KVSpec, LayerSpec, QuerySpec, Schedule
 
 STRIDE_METHODS = ("frame_stride", "grid")  # methods that use the integer factor round(1 / keep)
-REDUCTION_OPTIONS = ("kv_method", "keep_reference_frame", "group_frames", "similarity")
 
 
 def interpolate(table: np.ndarray, levels: Sequence[float], at: Sequence[float]) -> np.ndarray:
@@ -61,7 +62,8 @@ class SearchProblem:
     layer_flops [L, n_kv, n_q]: FLOPs of layer l at (keep j, merge k) that the budget counts.
     fixed_flops: budgeted FLOPs no choice changes; dense_flops: the dense total the budget is a fraction of.
     per_layer_query: every layer picks its own merge level (else one level for all layers).
-    reduction: the Reduction fields every layer shares (method, reference frame, group size, similarity).
+    budget: the largest allowed FLOPs fraction (`within` gives the same problem under another budget).
+    options: what the profile was measured with: every layer's Reduction is `options.reduction(keep, merge)`.
     """
 
     model: str
@@ -76,7 +78,8 @@ class SearchProblem:
     layer_flops: np.ndarray
     fixed_flops: float
     dense_flops: float
-    reduction: dict
+    options: ProfileOptions
+    budget: float = 1.0
 
     @property
     def global_layers(self) -> int:
@@ -91,6 +94,14 @@ class SearchProblem:
         layers = np.arange(self.global_layers)
         return float((self.fixed_flops + self.layer_flops[layers, candidate.kv, candidate.query].sum())
                      / self.dense_flops)
+
+    def feasible(self, candidate: Candidate) -> bool:
+        """The candidate's FLOPs fraction is within the budget."""
+        return self.flops_fraction(candidate) <= self.budget
+
+    def within(self, budget: float) -> "SearchProblem":
+        """This problem under another budget."""
+        return replace(self, budget=check_budget(budget))
 
     def cheapest(self) -> Candidate:
         """The candidate of least FLOPs."""
@@ -127,33 +138,38 @@ class SearchProblem:
 
     def reductions(self, candidate: Candidate) -> list[Reduction]:
         """The Reduction of every global layer."""
-        return [Reduction(kv_keep=self.kv_keep[kv], query_merge=self.query_merge[query], **self.reduction)
+        return [self.options.reduction(kv_keep=self.kv_keep[kv], query_merge=self.query_merge[query])
                 for kv, query in zip(candidate.kv, candidate.query)]
 
 
-def reduction_options(profile: Profile) -> dict:
-    """The Reduction fields the profile was measured with (method, reference frame, group size, similarity)."""
-    return {name: profile.options[name] for name in REDUCTION_OPTIONS if name in profile.options}
+def check_budget(budget: float) -> float:
+    if not 0 < budget <= 1:
+        raise ParameterError(f"`budget` {budget:g} is not a fraction of dense FLOPs: give a number in (0, 1], "
+                             "e.g. `budget` 0.1", "budget")
+    return budget
 
 
-def build_problem(profile: Profile, flop_config: FlopConfig, *, frames: int | None = None,
+def build_problem(profile: Profile, flop_config: FlopConfig, *, budget: float = 1.0, frames: int | None = None,
                   budget_of: str = "global_attention", metric: str = "score", per_layer_query: bool = False,
                   kv_extra_levels: int = 0) -> SearchProblem:
-    """The search problem of `profile` with FLOPs counted at `frames` frames (default: the profile's clip length)."""
+    """The search problem of `profile` under `budget` (a fraction of the dense `budget_of` FLOPs) with FLOPs counted
+    at `frames` frames (default: the profile's clip length)."""
+    check_budget(budget)
     frames = profile.frames if frames is None else frames
     if frames < 1:
-        raise Spark3rError(f"--frames must be a positive number of frames, got {frames}")
+        raise ParameterError(f"`frames` must be a positive number of frames, got {frames}", "frames")
     if budget_of not in BUDGET_OF:
-        raise Spark3rError(f"--budget-of must be one of {', '.join(BUDGET_OF)}, got {budget_of!r}")
+        raise ParameterError(f"`budget_of` must be one of {', '.join(BUDGET_OF)}, got {budget_of!r}", "budget_of")
     if metric not in profile.kv or metric not in profile.query:
-        raise Spark3rError(f"the profile has no {metric!r} tables: pick --metric from {', '.join(profile.metrics)}")
-    shared = reduction_options(profile)
-    keep_levels = kv_levels(profile.kv_keep, kv_extra_levels, shared.get("kv_method", "frame_stride"))
+        raise ParameterError(f"the profile has no {metric!r} tables: pick `metric` from {', '.join(profile.metrics)}",
+                             "metric")
+    options = ProfileOptions.of_profile(profile)
+    keep_levels = kv_levels(profile.kv_keep, kv_extra_levels, options.kv_method)
     merge_levels = tuple(sorted(profile.query_merge))
     costs = np.empty((len(keep_levels), len(merge_levels)))
     for j, keep in enumerate(keep_levels):
         for k, merge in enumerate(merge_levels):
-            reduction = Reduction(kv_keep=keep, query_merge=merge, **shared)
+            reduction = options.reduction(kv_keep=keep, query_merge=merge)
             costs[j, k] = layer_attention_flops(flop_config, frames, reduction)
             if budget_of == "model":
                 costs[j, k] += layer_overhead_flops(flop_config, frames, reduction)
@@ -170,7 +186,7 @@ def build_problem(profile: Profile, flop_config: FlopConfig, *, frames: int | No
         kv_deviation=interpolate(profile.kv[metric].mean, profile.kv_keep, keep_levels),
         query_deviation=interpolate(profile.query[metric].mean, profile.query_merge, merge_levels),
         layer_flops=np.broadcast_to(costs, (layers, *costs.shape)).copy(), fixed_flops=float(fixed),
-        dense_flops=float(dense), reduction=shared)
+        dense_flops=float(dense), options=options, budget=budget)
 
 
 def predicted_deviation(profile: Profile, schedule: Schedule, metric: str = "score",
@@ -194,12 +210,10 @@ def candidate_schedule(problem: SearchProblem, candidate: Candidate, budget: Bud
     merge = [problem.query_merge[index] for index in candidate.query]
     default_keep = max(sorted(set(kv), reverse=True), key=kv.count)
     default_merge = max(sorted(set(merge)), key=merge.count)
-    shared = problem.reduction
-    default = LayerSpec(
-        kv=KVSpec(keep=default_keep, method=shared.get("kv_method"),
-                  keep_reference_frame=shared.get("keep_reference_frame")),
-        query=QuerySpec(merge=default_merge, group_frames=shared.get("group_frames"),
-                        similarity=shared.get("similarity")))
+    options = problem.options
+    default = LayerSpec(kv=KVSpec(keep=default_keep, method=options.kv_method,
+                                  keep_reference_frame=options.keep_reference_frame),
+                        query=QuerySpec(merge=default_merge, group_frames=options.group_frames))
     layers = {}
     for layer, (keep, layer_merge) in enumerate(zip(kv, merge)):
         override = LayerSpec(kv=KVSpec(keep=keep if keep != default_keep else None),

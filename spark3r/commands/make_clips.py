@@ -10,8 +10,8 @@ import sys
 
 from tqdm import tqdm
 
-from spark3r.cli import ArgumentParser, command
-from spark3r.data.clips import FORMATS, GROUND_TRUTH_KEYS, iter_clips, write_clip
+from spark3r.commands.arguments import ArgumentParser, command
+from spark3r.data.clips import FORMATS, WrittenClip, iter_clips, write_clips
 from spark3r.data.preprocess import RECIPES
 from spark3r.data.synthetic import SceneConfig
 
@@ -34,23 +34,24 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-@command
+def table(written: list[WrittenClip]) -> str:
+    lines = [f"{'clip':<24} {'frames':>6} {'size':>9}  {'ground truth':<28} path"]
+    for clip in written:
+        size, truth = f"{clip.height}x{clip.width}", " ".join(clip.ground_truth) or "-"
+        lines.append(f"{clip.name:<24} {clip.frames:>6} {size:>9}  {truth:<28} {clip.path}")
+    return "\n".join(lines)
+
+
+@command(flags={"out_dir": "--out"})
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     clips = iter_clips(args.spec, preprocess=args.preprocess, max_frames=args.max_frames, stride=args.stride,
                        frames=args.frames, size=tuple(args.size) if args.size else None,
                        scene=SceneConfig(shuffle=args.unordered))
-    written = []
-    for clip in tqdm(clips, desc="make-clips", unit="clip", file=sys.stderr):
-        path = write_clip(clip, args.out, args.format)
-        truth = [key for key in GROUND_TRUTH_KEYS if getattr(clip, key) is not None]
-        written.append({"name": clip.name, "path": str(path), "frames": clip.frames, "height": clip.height,
-                        "width": clip.width, "ground_truth": truth, "sha256": clip.fingerprint()})
-    if args.json:
-        print(json.dumps(written, indent=2))
-    else:
-        print(f"{'clip':<24} {'frames':>6} {'size':>9}  {'ground truth':<28} path")
-        for row in written:
-            size, truth = f"{row['height']}x{row['width']}", " ".join(row["ground_truth"]) or "-"
-            print(f"{row['name']:<24} {row['frames']:>6} {size:>9}  {truth:<28} {row['path']}")
+    written = write_clips(tqdm(clips, desc="make-clips", unit="clip", file=sys.stderr), args.out, args.format)
+    print(json.dumps([clip.to_dict() for clip in written], indent=2) if args.json else table(written))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""What every benchmarks/results/*.json records about its run: the command, the commit and the device.
+
+`record(script, argv, device)` gives {"command", "commit", "device_name", "torch", "created"}; the commit says
+" + uncommitted changes" when tracked files differed from it, so a result of a clean tree is recognisable.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, with " + uncommitted changes" when tracked files differ from it; None outside git."""
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "HEAD") + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one) with the thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.machine() or "cpu"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        name = names[0] if names else name
+    return f"{name} ({torch.get_num_threads()} torch threads)"
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """`python <script relative to the repository> <arguments>`: the command that remakes the result."""
+    path = Path(script).resolve()
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    return shlex.join(["python", str(shown), *(sys.argv[1:] if argv is None else argv)])
+
+
+def record(script: str, argv: list[str] | None, device: torch.device | str) -> dict:
+    """The provenance fields of a result written by `script` run with `argv` (None: this process's arguments)."""
+    return {"command": command_line(script, argv), "commit": git_commit(), "device_name": device_name(device),
+            "torch": torch.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -1,0 +1,381 @@
+"""Rebuild the README's result sections from benchmarks/results/*.json.
+
+    python benchmarks/readme.py            # rewrite README.md from the result files
+    python benchmarks/readme.py --check    # exit 1, naming the sections, when README.md disagrees with the files
+
+README.md holds each generated section between `<!-- results:NAME -->` and `<!-- /results:NAME -->`. A section is one
+function of the results folder that returns its Markdown, registered with `@section("NAME")`: adding a section is that
+function plus the two markers in README.md. Every table row says how its numbers were obtained: measured (one run timed
+or evaluated whole) or assembled (summed from separately timed parts).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+RESULTS = REPO / "benchmarks" / "results"
+MARKERS = re.compile(r"(<!-- results:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+OPENING = re.compile(r"<!-- results:([a-z0-9-]+) -->")
+H100_USABLE_GIB = 79.6  # what an 80 GB H100 gives PyTorch
+PAPER_VGGT_SPEEDUP = "26-28x on an H20"  # the paper's end-to-end speed-up of VGGT-1B at about 1000 frames
+
+MODEL_NAMES = {"vggt-1b": "VGGT-1B", "pi3": "pi3", "da3-giant": "DA3-giant", "vggt-omega": "VGGT-Omega"}
+
+SECTIONS: dict[str, Callable[[Path], str]] = {}
+
+
+class ReadmeError(Exception):
+    """The README's markers do not fit the registered sections."""
+
+
+def section(name: str) -> Callable[[Callable[[Path], str]], Callable[[Path], str]]:
+    """Register `build(results folder) -> Markdown` as the generated text between the markers of `name`."""
+
+    def register(build: Callable[[Path], str]) -> Callable[[Path], str]:
+        SECTIONS[name] = build
+        return build
+
+    return register
+
+
+def load(results: Path, name: str) -> dict:
+    return json.loads((results / name).read_text())
+
+
+def gpu(record: dict) -> str:
+    """The short name of the device a result ran on: "NVIDIA H100 80GB HBM3" -> "H100"."""
+    return record["device_name"].removeprefix("NVIDIA ").split()[0]
+
+
+def prose(text: str, indent: str = "") -> str:
+    """A paragraph (or, with indent, a list item) wrapped at the README's 120 columns."""
+    return textwrap.fill(text, width=120, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+
+
+def rebuild(text: str, results: Path) -> str:
+    """`text` (a README) with every registered section regenerated from `results`."""
+    found = OPENING.findall(text)
+    unknown = sorted(set(found) - set(SECTIONS))
+    if unknown:
+        raise ReadmeError(f"README.md has markers for {', '.join(unknown)}, which no function in "
+                          "benchmarks/readme.py generates: add one with @section or remove the markers")
+    missing = [name for name in SECTIONS if name not in found]
+    if missing:
+        raise ReadmeError(f"README.md has no <!-- results:{missing[0]} --> ... <!-- /results:{missing[0]} --> "
+                          "markers: add them where the section belongs")
+
+    def fill(match: re.Match) -> str:
+        body = SECTIONS[match["name"]](results).strip("\n")
+        return f"{match[1]}{body}\n{match[4]}"
+
+    rebuilt, count = MARKERS.subn(fill, text)
+    if count != len(found):
+        raise ReadmeError("README.md has an opening results marker without its closing one: close every section "
+                          "with <!-- /results:NAME -->")
+    return rebuilt
+
+
+def stale_sections(text: str, rebuilt: str) -> list[str]:
+    """Names of the sections whose text differs between the README and its rebuild."""
+    current = {match["name"]: match["body"] for match in MARKERS.finditer(text)}
+    return [match["name"] for match in MARKERS.finditer(rebuilt) if current.get(match["name"]) != match["body"]]
+
+
+# ----------------------------------------------------------------------------------------------- speed and memory
+
+
+def _row(results: Path, name: str, frames: int, **match) -> dict:
+    rows = [row for row in load(results, name)["rows"] if row["frames"] == frames
+            and all(row.get(key) == value for key, value in match.items())]
+    if len(rows) != 1:
+        raise ReadmeError(f"{name} has {len(rows)} rows at {frames} frames matching {match}, not one")
+    return rows[0]
+
+
+@section("speed")
+def speed_section(results: Path) -> str:
+    speed = load(results, "speed-vggt-1b.json")
+    dense = _row(results, "speed-vggt-1b.json", 1000, schedule="dense")
+    paper = _row(results, "speed-vggt-1b.json", 1000, schedule="vggt-1b-paper")
+    models = ("pi3", "da3-giant", "vggt-omega")
+    families = [load(results, f"models-{model}.json") for model in models]
+    rows = [_row(results, f"models-{model}.json", 1000) for model in models]
+    whole = load(results, "whole-reduced-peaks-1000.json")
+    whole_rows = {row["model"]: row for row in whole["rows"] if row["frames"] == 1000}
+    peaks = {model: whole_rows[model]["peak_gib"] for model in ("vggt-1b", "pi3", "vggt-omega", "da3-giant")}
+    how_whole = (f"measured whole (`{whole['command']}`)" if whole["command"] else
+                 "measured whole, by a one-off script that is not in the repository (`benchmarks/whole_peaks.py` "
+                 "now does the same)")
+    largest = max(peaks, key=peaks.get)
+    profile = load(results, "profile-vggt-1b-1clip.json")
+    per_clip = sum(profile["seconds_per_clip"]) / len(profile["seconds_per_clip"])
+    clips_goal = 8
+    decode = profile["seconds"]["decode"] / profile["wall_seconds"]
+    levels = len(profile["kv_keep"]) + len(profile["query_merge"])
+    devices = {gpu(family) for family in families}
+    speedups = " / ".join(f"{row['speedup']:.1f}x" for row in rows)
+    flop_speedups = " / ".join(f"{row['flop_speedup']:.0f}x" for row in rows)
+    assert len(devices) == 1, devices
+    lines = [
+        "| what | result | how |",
+        "|---|---|---|",
+        f"| dense VGGT-1B, 1000 frames at {speed['size']} px ({gpu(speed)}) | {dense['end_to_end_s']:.0f} s end to "
+        "end, "
+        f"{dense['peak_gib']:.1f} GiB peak | assembled: one frame block and one global block timed, each counted "
+        "24 times, plus the encoder and heads; the peak is the largest of the parts' peaks (`speed-vggt-1b.json`) |",
+        f"| VGGT-1B + paper rule, 1000 frames ({gpu(speed)}) | {paper['end_to_end_s']:.1f} s end to end: "
+        f"**{paper['speedup_end_to_end']:.1f}x** over dense, aggregator {paper['speedup_aggregator']:.1f}x "
+        f"(FLOP model: {paper['flop_speedup']:.0f}x; paper: {PAPER_VGGT_SPEEDUP}); select+merge "
+        f"{paper['stages_s']['select+merge'] / paper['end_to_end_s']:.1%} of the time | the reduced run measured "
+        "whole; the dense side assembled as above (`speed-vggt-1b.json`) |",
+        f"| {' / '.join(MODEL_NAMES[m] for m in models)} + paper rule, 1000 frames ({devices.pop()}) | "
+        f"**{speedups}** over dense (paper {' / '.join(row['paper_speedup'] for row in rows)}; FLOP model "
+        f"{flop_speedups}) | assembled on both sides: the encoder, every "
+        "non-global step, one global step per distinct reduction and the heads (timed at 100 frames, scaled) "
+        "(`models-*.json`) |",
+        f"| peak memory, paper rule run whole at 1000 frames ({gpu(whole)}) | "
+        + ", ".join(f"{MODEL_NAMES[model]} {peak:.1f}{' GiB' if index == 0 else ''}"
+                    for index, (model, peak) in enumerate(peaks.items()))
+        + (f" (all under an 80 GB H100's {H100_USABLE_GIB} GiB, not yet run on one)"
+           if peaks[largest] < H100_USABLE_GIB else f" ({MODEL_NAMES[largest]} over an 80 GB H100's "
+                                                      f"{H100_USABLE_GIB} GiB)")
+        + f" | {how_whole} (`whole-reduced-peaks-1000.json`) |",
+        f"| profile-layers on VGGT-1B, {profile['global_layers']} layers x {levels} levels, {profile['frames']} frames "
+        f"({gpu(profile)}) | {per_clip:.0f} s per clip (goal: {clips_goal} clips in {profile['goal_seconds']:.0f} s, "
+        f"missed by {clips_goal * per_clip / profile['goal_seconds']:.1f}x; {decode:.0%} of it is fp32 head decoding) "
+        f"| measured, {profile['clips']} clip (`profile-vggt-1b-1clip.json`) |",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- the tiny model
+
+TINY_COLUMNS = (("abs_rel", "depth AbsRel", 3), ("delta_1.25", "delta<1.25", 3),
+                ("rotation_deg", "rotation err (deg)", 2),
+                ("translation", "translation err", 3), ("ate", "ATE", 3), ("auc30", "AUC@30", 3))
+TINY_ROWS = {"model": "vggt-tiny", "frame_only": "vggt-tiny, frame-only global attention",
+             "trivial": "constant depth / identity cameras"}
+
+
+@section("tiny-model")
+def tiny_model_section(results: Path) -> str:
+    evaluation = load(results, "eval-vggt-tiny.json")
+    frames = evaluation["frames"][0]
+    length = evaluation["lengths"][str(frames)]
+    scores = length["results"]
+    lines = [prose(f"Evaluated on {length['count']} held-out clips of {frames} frames at {length['size'][0]} px, "
+                   f"`{evaluation['clips']}` "
+                   f"(`{evaluation['command']}`, {evaluation['device_name']}; "
+                   "`benchmarks/results/eval-vggt-tiny.json`):"),
+             "",
+             "| | " + " | ".join(label for _, label, _ in TINY_COLUMNS) + " | how |",
+             "|---|" + "---:|" * len(TINY_COLUMNS) + "---|"]
+    for row, label in TINY_ROWS.items():
+        lines.append(f"| {label} | " + " | ".join(f"{scores[row][key]:.{digits}f}" for key, _, digits in TINY_COLUMNS)
+                     + " | measured |")
+    model, frame_only, trivial = scores["model"], scores["frame_only"], scores["trivial"]
+    depth, rotation = trivial["abs_rel"] / model["abs_rel"], trivial["rotation_deg"] / model["rotation_deg"]
+    versus_trivial = (f"It beats the trivial baselines (their depth error is {depth:.1f}x its own, their rotation "
+                      f"error {rotation:.1f}x)" if min(depth, rotation) > 1 else
+                      f"It does not beat the trivial baselines everywhere (their depth error is {depth:.1f}x its own, "
+                      f"their rotation error {rotation:.1f}x)")
+    pose = frame_only["rotation_deg"] / model["rotation_deg"]
+    carries = ("its global attention carries the pose" if pose > 1 else "its global attention does not carry the pose")
+    lines += ["", prose(
+        f"{versus_trivial}; {carries}: with every global layer reduced to frame-only attention the rotation error is "
+        f"{pose:.1f}x its own, translation {frame_only['translation'] / model['translation']:.1f}x, ATE "
+        f"{frame_only['ate'] / model['ate']:.1f}x.")]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- the search
+
+
+def _levels(schedule: dict) -> str:
+    return " ".join(str(factor) for factor in schedule["kv_factor"])
+
+
+def _over(schedule: dict, budget: float) -> str:
+    return ", over budget" if schedule["flops_fraction"] > budget else ""
+
+
+def _verdict(comparison: dict) -> str:
+    """A paired comparison as '**gain** (0.74x, 14/16 clips, p 0.002)'."""
+    text = f"{comparison['score_ratio']:.2f}x, {comparison['wins']}/{comparison['clips']} clips"
+    if comparison["verdict"] == "gain":
+        return f"**gain** ({text}, p {comparison['p_better']:.3f})"
+    if comparison["verdict"] == "loss":
+        return f"**loss** ({text}, p {comparison['p_worse']:.3f})"
+    return f"no significant difference ({text})"
+
+
+def _budgets_where(budgets: list[dict], comparison: str, verdict: str) -> list[str]:
+    return [f"{entry['budget']:g}" for entry in budgets if entry["versus"][comparison]["verdict"] == verdict]
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _search_summary(data: dict) -> list[str]:
+    budgets, probe = data["budgets"], data["probe"]
+    layers = len(probe["ratio"])
+    against_two_tier = _budgets_where(budgets, "searched vs two_tier", "gain")
+    if len(against_two_tier) == len(budgets):
+        two_tier = "the searched schedule beats the paper's two-tier rule at every budget"
+    else:
+        two_tier = f"the searched schedule beats the paper's two-tier rule at {_join(against_two_tier) or 'no budget'}"
+    merges_more = all(entry["schedules"]["searched"]["query_merge"] > entry["two_tier_query_merge"]
+                      for entry in budgets)
+    if merges_more:
+        two_tier += ("; it merges queries more than the two-tier rule at every budget (query merging costs less "
+                     "than K/V pruning by the same factor, and the search spends the budget on it)")
+    if len(probe["sensitive"]) == layers:
+        two_tier += (f", while the paper's probe marks all {layers} layers sensitive, so its schedule is one K/V "
+                     "factor on every layer with the mildest merging that meets the budget")
+    sentences = [two_tier + "."]
+    clauses = []
+    for verdict, phrase in (("gain", "per-layer K/V allocation pays off at"),
+                            ("no significant difference", "there is no significant difference at"),
+                            ("loss", "the uniform schedule deviates less at")):
+        where = _budgets_where(budgets, "searched vs uniform", verdict)
+        if where:
+            clauses.append(f"{phrase} {_join(where)}")
+    sentences.append("Against the uniform schedule with the same merging and the least FLOPs at or above the "
+                     f"searched ones, {'; '.join(clauses)}.")
+    for entry in budgets:
+        searched, uniform = entry["schedules"]["searched"], entry["schedules"]["uniform"]
+        if entry["versus"]["searched vs uniform"]["verdict"] == "loss":
+            sentences.append(
+                f"At {entry['budget']:g} that uniform schedule spends "
+                f"{uniform['flops_fraction'] / searched['flops_fraction'] - 1:.0%} more FLOPs than the searched one "
+                f"({uniform['flops_fraction']:.3f}{_over(uniform, entry['budget'])}), and the profile predicts it "
+                f"too deviates less ({uniform['predicted']:.3f} vs "
+                f"{searched['predicted']:.3f}).")
+    searches = [search for entry in budgets for search in entry["searches"].values()]
+    gaps = [search["optuna_best"]["deviation"] / search["knapsack"]["deviation"] - 1 for search in searches]
+    exact = sum(search["knapsack"]["exact"] for search in searches)
+    if max(gaps) <= 1e-12 and exact == len(searches):
+        sentences.append(f"Optuna's best equals the exact knapsack optimum of the predicted objective in all "
+                         f"{len(searches)} searches (gap 0.00%).")
+    else:
+        sentences.append(f"Optuna's best comes within {max(gaps):.2%} of the knapsack optimum of the predicted "
+                         f"objective in all {len(searches)} searches ({exact} of them proven exact).")
+    return sentences
+
+
+@section("search")
+def search_section(results: Path) -> str:
+    data = load(results, "tiny-schedules.json")
+    settings, seconds, budgets = data["settings"], data["seconds"], data["budgets"]
+    profiles = data["profiles"]
+    stability = data["stability"]["spearman"]
+    fixed = settings["fixed_keep"]
+    ratios = [ratio for profile in profiles.values() for ratio in
+              (m / p for m, p in zip(profile["additivity"]["measured"], profile["additivity"]["predicted_sum"]))]
+    asymmetry = {name: profile["asymmetry"] for name, profile in profiles.items()}
+    factors = asymmetry["A"]["factors"]
+    cached = data.get("work_folder_reused")
+    timing = (f"The recorded run ({data['created'][:10]}, git {data['commit'][:12]}"
+              f"{' + uncommitted changes' if 'uncommitted' in (data['commit'] or '') else ''}, torch {data['torch']}, "
+              f"{data['threads']} CPU threads) took {seconds['total']:.0f} s: profile A {seconds['profile A']:.0f} s "
+              f"and profile B {seconds['profile B']:.0f} s"
+              + (" (both read from the cache of an earlier run in its work folder; a first run profiles them too)"
+                 if cached else "")
+              + f", probe {seconds['probe']:.0f} s, search {seconds['search']:.0f} s, held-out "
+                f"{seconds['held-out']:.0f} s.")
+    dense = data["held_out_dense"]
+    lines = [
+        "```bash",
+        f"OMP_NUM_THREADS={data['threads']} {data['command']}    "
+        "# -> benchmarks/results/tiny-schedules.{md,json}",
+        "```", "", prose(timing), "",
+        prose(f"Generated clips with ground truth, {settings['frames']} frames at {data['image'].split('x')[0]} px: "
+        f"calibration profile A on `{settings['calib']}`, a second profile B on `{settings['replica']}` (disjoint), "
+        f"schedules measured on held-out `{settings['held_out']}`; K/V pruned by frame stride."), "",
+        prose(f"- **Profile stability** (A vs B): Spearman of the per-layer end-to-end score "
+        f"{stability[f'score.kv_keep_{fixed:g}']:.3f} at K/V keep 1/{round(1 / fixed)} and "
+        f"{stability['score.kv_mean']:.3f} averaged over K/V levels (bar 0.8). Additivity: rank correlation "
+        f"{profiles['A']['additivity']['spearman']:.3f} (A) / {profiles['B']['additivity']['spearman']:.3f} (B) "
+        "between measured multi-layer schedules and summed single-layer scores; the effects are sub-additive "
+        f"(measured {min(ratios):.2f}-{max(ratios):.2f} of the sum).", "  "),
+        prose(f"- **Asymmetry** (mean score over layers): merging queries {' / '.join(f'{f}x' for f in factors)} costs "
+        + " and ".join(f"{' / '.join(f'{r:.2f}' for r in asymmetry[name]['query_over_kv'])} ({name})"
+                       for name in asymmetry)
+        + " of pruning K/V by the same factor; queries are worse than K/V on "
+        + " and ".join(f"{' / '.join(str(n) for n in asymmetry[name]['layers_query_worse'])} ({name})"
+                       for name in asymmetry)
+        + f" of {len(data['probe']['ratio'])} layers.", "  "), "",
+        prose("Held-out deviation from dense (the score: relative depth + point + camera deviation; FLOPs as a "
+              f"fraction of dense global attention at {settings['frames']} frames). searched = `search-schedule` "
+              f"(knapsack warm start + {settings['trials']} Optuna trials, then `--verify {settings['verify']}` on "
+              "profile B's clips); uniform = "
+              "the searched r_Q with one K/V stride on every layer, the least FLOPs at or above / the most at or below "
+              "the searched FLOPs (stride levels are coarse); two-tier = the paper's probe and rule run on vggt-tiny. "
+              f"Every number is measured, on the {len(budgets[0]['schedules']['searched']['per_clip_score'])} held-out "
+              "clips:"),
+        "",
+        "| budget | searched (r_Q; K/V stride per layer; FLOPs) | uniform above / below | two-tier (paper) | "
+        "searched vs uniform above / below | searched vs two-tier | how |",
+        "|---:|---|---|---|---|---|---|",
+    ]
+    for entry in budgets:
+        budget, schedules, versus = entry["budget"], entry["schedules"], entry["versus"]
+        searched, above, below, two = (schedules[key] for key in ("searched", "uniform", "uniform_below", "two_tier"))
+        lines.append(
+            f"| {budget:.2f} | {searched['measured']['score']:.3f} ({searched['query_merge']}; {_levels(searched)}; "
+            f"{searched['flops_fraction']:.3f}{_over(searched, budget)}) | {above['measured']['score']:.3f} "
+            f"({above['flops_fraction']:.3f}{_over(above, budget)}) / {below['measured']['score']:.3f} "
+            f"({below['flops_fraction']:.3f}{_over(below, budget)}) | {two['measured']['score']:.3f} "
+            f"(r_Q {two['query_merge']}, r {two['kv_factor'][0]}; {two['flops_fraction']:.3f}{_over(two, budget)}) | "
+            f"{_verdict(versus['searched vs uniform'])} / {_verdict(versus['searched vs uniform_below'])} | "
+            f"{_verdict(versus['searched vs two_tier'])} | measured |")
+    rotation = "; ".join(
+        f"{entry['budget']:g}: " + " / ".join(f"{entry['schedules'][key]['measured']['rpe_rot']:.1f}"
+                                              for key in ("searched", "uniform", "uniform_below", "two_tier"))
+        for entry in budgets)
+    lines += ["", prose(f"Ground truth (dense: depth AbsRel {dense['abs_rel']:.3f}, rotation error "
+                        f"{dense['rpe_rot']:.1f} deg). Rotation error in degrees of searched / uniform above / uniform "
+                        f"below / two-tier: {rotation}."),
+              "", prose("What this shows: " + " ".join(_search_summary(data))
+                        + " Table and commands: `benchmarks/results/tiny-schedules.md`.")]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if README.md disagrees")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    text = args.readme.read_text()
+    try:
+        rebuilt = rebuild(text, args.results)
+    except (ReadmeError, OSError, KeyError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not args.check:
+        if rebuilt != text:
+            args.readme.write_text(rebuilt)
+        print(f"{args.readme}: {len(SECTIONS)} sections regenerated", file=sys.stderr)
+        return 0
+    stale = stale_sections(text, rebuilt)
+    if stale:
+        diff = difflib.unified_diff(text.splitlines(), rebuilt.splitlines(), "README.md", "generated", lineterm="")
+        print("\n".join(diff), file=sys.stderr)
+        print(f"error: README.md disagrees with benchmarks/results/ in {', '.join(stale)}: run "
+              "python benchmarks/readme.py", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The bundled vggt-tiny on held-out generated clips: the model, frame-only global attention, trivial baselines.
+
+    python benchmarks/tiny_eval.py        # -> benchmarks/results/eval-vggt-tiny.json (the README's tiny-model table)
+
+Runs `python -m spark3r.commands.train_tiny --evaluate WEIGHTS --clips CLIPS --frames FRAMES --json` in this process and
+writes what it prints (the metrics per clip length), with the command, commit and device.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+from spark3r.files import write_json
+from spark3r.commands import train_tiny
+
+_spec = importlib.util.spec_from_file_location("benchmarks_provenance",
+                                              Path(__file__).resolve().parent / "provenance.py")
+provenance = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(provenance)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", default="auto", help="weights to evaluate (default: the bundled ones)")
+    parser.add_argument("--clips", default="synthetic:64:1000",
+                        help="held-out clips (default %(default)s: orbit clips, like the bundled weights' training)")
+    parser.add_argument("--frames", default="8", help="frames per clip, or several lengths: 8,32,128")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eval-vggt-tiny.json"))
+    args = parser.parse_args(argv)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = train_tiny.main(["--evaluate", args.weights, "--clips", args.clips, "--frames", args.frames,
+                                "--device", args.device, "--json"])
+    if code != 0:
+        return code
+    write_json(args.out, {**provenance.record(__file__, argv, args.device), **json.loads(printed.getvalue())})
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
