@@ -18,4 +18,4 @@ def test_walkthrough_notebook_runs_end_to_end(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "work" / "profile" / "profile.json").is_file()
-    assert (tmp_path / "work" / "vggt-tiny-b0.1.yaml").is_file()
+    assert (tmp_path / "work" / "vggt-tiny-b0.05-f1000.yaml").is_file()

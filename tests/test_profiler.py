@@ -268,7 +268,7 @@ def bad_files(tmp_path_factory):
     ({"--query-merge": "0"}, "--query-merge level 0 is out of range"),
     ({"--score-weights": "depth:1"}, "--score-weights item 'depth:1' is malformed"),
     ({"--score-weights": "color=1"}, "unknown term 'color'"),
-    ({"--frames": "0"}, "--frames is 0"),
+    ({"--frames": "0"}, "--frames '0' must list whole numbers >= 1"),
     ({"--calib": "{tmp}/short"}, "has only 2 frames but --frames 4 was asked"),
 ])
 def test_bad_inputs_give_one_sentence(change, message, bad_files, capsys):
@@ -334,7 +334,7 @@ def test_the_profile_records_its_preprocessing_and_verify_clips_follow_it(full_r
     from spark3r.search.verify import held_out_clips
 
     assert load_profile(full_run).options["preprocess"] == "vggt:112"
-    profile = SimpleNamespace(model="vggt-tiny", options={"preprocess": "vggt:56"}, frames=3, clips=[])
+    profile = SimpleNamespace(model="vggt-tiny", options={"preprocess": "vggt:56"}, frames=3, clips=[], by_length=[])
     default = held_out_clips(profile, "synthetic:1:5")[0]
     assert default.images.shape == (3, 3, 56, 56)
     sampled = held_out_clips(profile, "synthetic:1:5", size=28, every=2)[0]

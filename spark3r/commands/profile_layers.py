@@ -1,10 +1,13 @@
 """`profile-layers`: how sensitive each global attention layer is to K/V pruning and query merging.
 
     profile-layers --model vggt-tiny --calib synthetic:8
+    profile-layers --model vggt-tiny --calib synthetic:8 --frames 8,16,32 --kv-frames 1,2,4,8
     torchrun --nproc-per-node 8 profile-layers --model vggt-1b --calib clips/ --weights model.safetensors
 
 Writes <out>/profile.json, profile.npz and heatmap.png (default out: profiles/<model>/), one result file per clip in
 <out>/clips/ so an interrupted run resumes with the same command, and a short table on stdout (--json: a JSON summary).
+With several --frames, each length is profiled into <out>/frames-<S>/ and <out>/profile.json combines them with a
+per-layer model of deviation against kept K/V frames, query merge and clip length (spark3r.profiler.lengths).
 """
 from __future__ import annotations
 
@@ -40,6 +43,14 @@ def parse_kv_keep(text: str) -> tuple[float, ...]:
             raise Spark3rError(f"--kv-keep level {item} is out of range: each keep must lie in (0, 1], e.g. 0.25")
         values.append(value)
     return tuple(sorted({1.0, *values}, reverse=True))
+
+
+def parse_counts(text: str, flag: str) -> tuple[int, ...]:
+    """"16,32,64" -> (16, 32, 64): distinct whole numbers >= 1, ascending."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.isdigit() and int(item) >= 1 for item in items):
+        raise Spark3rError(f"{flag} {text!r} must list whole numbers >= 1, e.g. 16,32,64")
+    return tuple(sorted({int(item) for item in items}))
 
 
 def parse_query_merge(text: str) -> tuple[int, ...]:
@@ -97,12 +108,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--query-merge", default=DEFAULT_QUERY_MERGE,
                         help="query merge factors to sweep, >= 1; 1 (dense) is always added (default: %(default)s)")
     sampling = parser.add_mutually_exclusive_group()
-    sampling.add_argument("--frames", type=int, default=None,
-                          help="frames per clip, spread over the whole clip (synthetic clips: rendered with N); "
-                               "default: all, cut to the shortest clip (8 for synthetic clips)")
+    sampling.add_argument("--frames", default=None,
+                          help="frames per clip, spread over the whole clip (synthetic clips: rendered with N), or "
+                               "several lengths, e.g. 16,32,64, each profiled; default: all, cut to the shortest clip "
+                               "(8 for synthetic clips)")
     sampling.add_argument("--every", type=int, default=None, metavar="N", help="every N-th frame of each clip")
     parser.add_argument("--size", type=int, default=None,
                         help="preprocessing size in pixels, the side of a square image (default: the model's)")
+    parser.add_argument("--kv-frames", default=None,
+                        help="K/V levels in kept frames, e.g. 1,2,4,8,16: at S frames, N means keep 1/ceil(S/N) "
+                             "(a schedule's kv: {frames: N}); profiled beside the --kv-keep fractions")
     parser.add_argument("--kv-method", default=DEFAULT_KV_METHOD, choices=KV_METHODS, help="K/V pruning method")
     parser.add_argument("--no-reference-frame", dest="keep_reference_frame", action="store_false",
                         help="do not keep frame 0's K/V whole (grid, random and key_norm methods)")
@@ -127,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         kv_method=args.kv_method, keep_reference_frame=args.keep_reference_frame, group_frames=args.group_frames,
         score_weights=parse_score_weights(args.score_weights), additivity_schedules=args.additivity,
         level_batch=args.level_batch, seed=args.seed)
+    frames = None if args.frames is None else parse_counts(args.frames, "--frames")
+    kv_frames = () if args.kv_frames is None else parse_counts(args.kv_frames, "--kv-frames")
     device = resolve_device(args.device)
     outcome = profile_layers(ProfileRequest(model=args.model, calib=args.calib, options=options,
-                                            weights=args.weights, frames=args.frames, every=args.every,
-                                            size=args.size, out=args.out, device=device,
+                                            weights=args.weights, frames=frames, kv_frames=kv_frames,
+                                            every=args.every, size=args.size, out=args.out, device=device,
                                             dtype=resolve_dtype(args.dtype, device)))
     if outcome is None:  # a torchrun rank other than the main one
         return 0
@@ -149,7 +166,30 @@ def summary(profile, path: Path) -> dict:
         "score": {"kv": profile.kv["score"].mean.tolist(), "query": profile.query["score"].mean.tolist()},
         "additivity": {key: profile.additivity.get(key) for key in ("measured", "predicted_sum", "spearman")},
         "asymmetry": profile.asymmetry, "timings": profile.timings,
+        "lengths": [entry["frames"] for entry in profile.by_length],
+        "length_model": {metric: {key: model[key] for key in ("form", "kv", "query", "held_out")}
+                         for metric, model in profile.length_model.items()},
     }
+
+
+def length_lines(profile) -> list[str]:
+    """The length model's fit error at the held-out length, per metric fitted (none for a one-length profile)."""
+    lines = []
+    for metric, model in profile.length_model.items():
+        held = model["held_out"]
+        errors = "; ".join(f"{kind} RMSE of log {_num(held[kind]['rmse_log'])}, median relative error "
+                           f"{_num(held[kind]['median_relative_error'])}, Spearman {_num(held[kind]['spearman'])}"
+                           for kind in ("kv", "query"))
+        lines.append(f"length model ({metric}), fitted on {held['fitted_on']} frames, predicting {held['frames']}: "
+                     f"{errors}")
+    if lines:
+        lines.insert(0, f"profiled at {[entry['frames'] for entry in profile.by_length]} frames; the tables above are "
+                        f"those at {profile.frames}. {profile.length_model[next(iter(profile.length_model))]['form']}")
+    return lines
+
+
+def _num(value) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
 
 
 def table(profile, path: Path) -> str:
@@ -172,6 +212,7 @@ def table(profile, path: Path) -> str:
         rho_text = "undefined" if rho is None else f"{rho:.3f}"
         lines.append(f"additivity: Spearman {rho_text} between measured and summed single-layer scores of "
                      f"{len(profile.additivity['measured'])} schedules")
+    lines += length_lines(profile)
     timings = profile.timings
     phases = ", ".join(f"{phase} {timings[phase]:.1f}s" for phase in ("dense", "cache", "local", "resume", "decode",
                                                                       "additivity"))

@@ -2,10 +2,12 @@
 
     search-schedule --budget 0.1                      # newest profiles/*/profile.json -> schedules/<model>-b0.1.yaml
     search-schedule --profile P --budget 0.1 --trials 4000 --verify 5 --calib synthetic:4:100
+    search-schedule --budget 0.01 --frames 100,300,1000   # a profile of several lengths: a length-aware schedule
 
 First the exact optimum of the predicted objective (multiple-choice knapsack), then an Optuna study warm-started with it
 (resumable: the same command continues it; several workers can share it), optionally the best candidates measured on
-held-out clips; the chosen schedule is written as YAML with a plot beside it.
+held-out clips; the chosen schedule is written as YAML with a plot beside it. On a profile of several clip lengths the
+search is length-aware and exact per deployment length (spark3r.search.deploy), with no study.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import torch
 
 from spark3r.commands.arguments import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
 from spark3r.schedule import BUDGET_OF
+from spark3r.search.lengths import parse_lengths
 from spark3r.search.pipeline import LONG_FRAMES, SearchRequest, search_schedule
 from spark3r.search.study import SAMPLERS
+
 FLAGS = {"path": "--profile"}  # library parameters whose flag is not --parameter-name
 
 
@@ -28,8 +32,10 @@ def build_parser() -> ArgumentParser:
                         help="profile.json (or its folder); default: the newest profiles/*/profile.json here")
     parser.add_argument("--budget", type=float, required=True,
                         help="largest allowed fraction of dense FLOPs, in (0, 1]")
-    parser.add_argument("--frames", type=int, default=None,
-                        help="frames at which the budget is counted (default: the profile's clip length)")
+    parser.add_argument("--frames", default=None,
+                        help="deployment length(s) at which the budget is counted, e.g. 1000 or 100,300,1000 "
+                             "(several need a profile of several lengths); default: 1000 for a profile of several "
+                             "lengths, else the profile's clip length")
     parser.add_argument("--budget-of", default="global_attention", choices=BUDGET_OF,
                         help="what the budget is a fraction of: global attention (QK^T and AV) or the whole model")
     parser.add_argument("--sampler", default="mutation", choices=SAMPLERS,
@@ -41,7 +47,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--kv-extra-levels", type=int, default=0,
                         help="K/V keep levels offered between each pair of measured ones (interpolated)")
     parser.add_argument("--verify", type=int, default=0, metavar="K",
-                        help="measure the K best candidates on the --calib clips and export the best measured one")
+                        help="measure the K best candidates on the --calib clips (cut to the longest --frames for a "
+                             "profile of several lengths) and export the best measured one")
     parser.add_argument("--calib", default=None,
                         help="held-out clips for --verify (folder, clip or synthetic:N[:SEED])")
     parser.add_argument("--size", type=int, default=None,
@@ -66,7 +73,9 @@ def table(result: dict) -> str:
     """The short human summary."""
     n = result["frames"]
     lines = [f"search-schedule: {result['model']}, budget {result['budget']:g} of dense "
-             f"{result['budget_of'].replace('_', ' ')} FLOPs at {n} frames; profile {result['profile']}",
+             f"{result['budget_of'].replace('_', ' ')} FLOPs at {n} frames"
+             f"{'' if result['frames_stated'] else ' (the profile clip length, the default: pass --frames)'}; "
+             f"profile {result['profile']}",
              f"{'':34} {'deviation':>10} {f'FLOPs@{n}':>10} {f'FLOPs@{LONG_FRAMES}':>11} {'measured':>9}"]
     paper = result["paper_rule"]
     rows = [("knapsack optimum" + (" (exact)" if result["knapsack"]["exact"] else " (not proven)"), result["knapsack"]),
@@ -96,15 +105,54 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def length_table(result: dict) -> str:
+    """The human summary of a length-aware search: FLOPs fraction and predicted deviation at the profiled, report and deployment lengths."""
+    lengths = result["frames"]
+    held = result["length_model"]["held_out"]["all"]
+    lines = [f"search-schedule: {result['model']}, budget {result['budget']:g} of dense "
+             f"{result['budget_of'].replace('_', ' ')} FLOPs at each deployment length: {', '.join(map(str, lengths))}"
+             f" frames" + ("" if result["frames_stated"] else " (the default; pass --frames to choose)"),
+             f"profile {result['profile']} at {result['profiled_frames']} frames; length model held out at "
+             f"{result['length_model']['held_out']['frames']} frames: RMSE of log {_num(held['rmse_log'])}, median "
+             f"relative error {_num(held['median_relative_error'])}, Spearman {_num(held['spearman'])}"]
+    shown = list(result["chosen"]["flops_fraction"])
+    lines.append(f"{'FLOPs fraction / predicted ' + result['metric'] + ' at S frames':42} "
+                 + " ".join(f"{'S=' + s + ('*' if int(s) in lengths else ''):>15}" for s in shown))
+    for name, key in (("chosen", "chosen"), ("best uniform (one K/V level)", "uniform_best"),
+                      ("paper's rule", "paper_rule")):
+        row = result.get(key)
+        if row is None:
+            continue
+        lines.append(f"{name:42} " + " ".join(f"{row['flops_fraction'][s]:7.4f}/{row['deviation'][s]:<7.4f}"
+                                               for s in shown))
+    chosen = result["chosen"]
+    lines.append("* deployment lengths; predictions beyond " + str(max(result["profiled_frames"])) +
+                 " frames are the length model's extrapolation")
+    lines.append("K/V frames per layer: " + " ".join("all" if n is None else str(n) for n in chosen["kv_frames"]))
+    lines.append("query merge per band (up to S frames): " +
+                 ", ".join(f"{s}: {m}" for s, m in chosen["query_merge"].items()))
+    if "measured_deviation" in chosen:
+        lines.append(f"measured {result['metric']} at {max(lengths)} frames on the --verify clips: "
+                     f"{chosen['measured_deviation']:.5f} (best of {len(result['verified'])} candidates)")
+    lines.append(f"wrote {result['schedule']}")
+    return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
+
+
 @command(flags=FLAGS)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fields = {field.name for field in dataclasses.fields(SearchRequest)} - {"device", "dtype"}
     device = resolve_device(args.device) if args.verify else torch.device("cpu")  # only --verify runs the model
-    request = SearchRequest(**{name: getattr(args, name) for name in fields}, device=device,
-                            dtype=resolve_dtype(args.dtype, device))
+    frames = None if args.frames is None else parse_lengths(args.frames)
+    request = SearchRequest(**{name: getattr(args, name) for name in fields - {"frames"}}, frames=frames,
+                            device=device, dtype=resolve_dtype(args.dtype, device))
     result = search_schedule(request)
-    print(json.dumps(result, indent=1) if args.json else table(result))
+    summary = length_table if result.get("length_aware") else table
+    print(json.dumps(result, indent=1) if args.json else summary(result))
     return 0
 
 

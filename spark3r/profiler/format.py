@@ -46,6 +46,8 @@ class Profile:
     """A layer-sensitivity profile: how far each global layer alone, reduced at each level, moves the outputs.
 
     kv[metric]: statistics at the K/V keep levels `kv_keep`; query[metric]: at the query merge levels `query_merge`.
+    by_length, length_model: a profile of several clip lengths (spark3r.profiler.lengths): every length's tables and
+    the fitted per-layer length model of each metric; empty for one length (then not written).
     `sha256` is the digest of the profile.json a profile was loaded from ("" for one built in memory).
     """
 
@@ -64,6 +66,8 @@ class Profile:
     additivity: dict = field(default_factory=dict)
     asymmetry: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    by_length: list[dict] = field(default_factory=list)
+    length_model: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     created: str = ""
     sha256: str = ""
@@ -82,7 +86,7 @@ class Profile:
 
     def to_dict(self) -> dict:
         """The JSON document of this profile (format version 1)."""
-        return {
+        doc = {
             "spark3r_profile": PROFILE_VERSION,
             "model": self.model,
             "global_layers": self.global_layers,
@@ -101,6 +105,9 @@ class Profile:
             "versions": self.versions,
             "created": self.created,
         }
+        if self.by_length:
+            doc.update(by_length=list(self.by_length), length_model=dict(self.length_model))
+        return doc
 
     @classmethod
     def from_dict(cls, doc: dict, source: str = "profile") -> "Profile":
@@ -135,6 +142,8 @@ class Profile:
                 additivity=dict(doc.get("additivity") or {}),
                 asymmetry=dict(doc.get("asymmetry") or {}),
                 timings=dict(doc.get("timings") or {}),
+                by_length=list(doc.get("by_length") or []),
+                length_model=dict(doc.get("length_model") or {}),
                 versions=dict(doc.get("versions") or {}),
                 created=str(doc.get("created") or ""),
             )

@@ -2,6 +2,7 @@
 ranks, resumable through the per-clip files), merge them into a profile and write it with its heatmap."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from spark3r.profiler.distributed import (
     shard,
 )
 from spark3r.profiler.format import Profile, save_profile
+from spark3r.profiler.lengths import combine, levels_at
 from spark3r.profiler.plot import save_heatmap
 from spark3r.profiler.run import ProfileOptions, profile_clip, profile_levels, sample_schedules
 from spark3r.profiler.store import ClipResult, load_clip, save_clip
@@ -36,15 +38,17 @@ from spark3r.profiler.store import ClipResult, load_clip, save_clip
 @dataclass(frozen=True)
 class ProfileRequest:
     """What to profile: `model` (registry name or alias) on the clip spec `calib`, `frames` frames spread over each
-    clip (synthetic clips: rendered with that many; default: all, cut to the shortest clip) or every `every`-th,
-    preprocessed at `size` (the side of a square image; default: the model's), at the levels and settings of
-    `options`; written to `out` (default profiles/<model>/)."""
+    clip (synthetic clips: rendered with that many; default: all, cut to the shortest clip; several lengths: each is
+    profiled) or every `every`-th, preprocessed at `size` (the side of a square image; default: the model's), at the
+    levels and settings of `options` and, at each length, the K/V keep of each count in `kv_frames` of kept frames;
+    written to `out` (default profiles/<model>/)."""
 
     model: str
     calib: str
     options: ProfileOptions
     weights: str = "auto"
-    frames: int | None = None
+    frames: int | tuple[int, ...] | None = None
+    kv_frames: tuple[int, ...] = ()
     every: int | None = None
     size: int | None = None
     out: str | None = None
@@ -62,7 +66,11 @@ class ProfileOutcome:
 
 def check_request(request: ProfileRequest) -> None:
     options = request.options
-    for parameter, value, least in (("frames", request.frames, 1), ("group_frames", options.group_frames, 1),
+    lengths = [] if request.frames is None else [request.frames] if isinstance(request.frames, int) else request.frames
+    for parameter, values in (("frames", lengths), ("kv_frames", request.kv_frames)):
+        if any(value < 1 for value in values):
+            raise ParameterError(f"`{parameter}` is {values}: give whole numbers >= 1", parameter)
+    for parameter, value, least in (("group_frames", options.group_frames, 1),
                                     ("additivity_schedules", options.additivity_schedules, 0),
                                     ("level_batch", options.level_batch, 1)):
         if value is not None and value < least:
@@ -100,7 +108,9 @@ def load_calibration(spec: str, recipe: str, frames: int | None,
 
 def profile_layers(request: ProfileRequest) -> ProfileOutcome | None:
     """Profile, write <out>/profile.json, profile.npz and heatmap.png, and return them; None on the ranks other than
-    the main one of a torchrun launch. Notes go to stderr (on the main rank), with a progress bar."""
+    the main one of a torchrun launch. With several `frames`, each length is profiled into <out>/frames-<S>/ and
+    <out>/profile.json combines them with their length model (spark3r.profiler.lengths). Notes go to stderr (on the
+    main rank), with a progress bar."""
     check_request(request)
     started = time.perf_counter()
     ranks = launch_ranks()
@@ -109,33 +119,76 @@ def profile_layers(request: ProfileRequest) -> ProfileOutcome | None:
     entry = get_entry(name)
     out = check_output_folder(request.out if request.out else Path("profiles") / name, "out")
     recipe = entry.recipe(request.size)
-    clips, frames, notes = load_calibration(request.calib, recipe, request.frames, request.every)
+    calibrations = [load_calibration(request.calib, recipe, frames, request.every) for frames in lengths_of(request)]
     model = load_model(name, weights=request.weights, device=device, dtype=request.dtype, seed=request.options.seed)
     if not isinstance(model, ReconstructionModel):
         raise Spark3rError(f"model {name} does not run as trunk steps, so it cannot be profiled: use one of "
                            "spark3r's model classes")
+    init_distributed(ranks, device)
+    folders = [out / f"frames-{frames}" for _, frames, _ in calibrations] if len(calibrations) > 1 else [out]
+    profiles = [profile_length(request, model, name, ranks, device, calibration, recipe, folder)
+                for calibration, folder in zip(calibrations, folders)]
+    close_distributed(ranks)
+    if not ranks.is_main:
+        return None
+    if len(profiles) > 1:
+        for (profile, raw), folder in zip(profiles, folders):
+            save_length(profile, raw, folder, started)
+        profile, raw = combine([profile for profile, _ in profiles]), profiles[-1][1]
+    else:
+        profile, raw = profiles[0]
+    absent = [term for term in DEFAULT_WEIGHTS if term not in profile.metrics]
+    if absent:
+        print(f"note: {', '.join(absent)} left out of the profile: the model does not output them or its dense "
+              "outputs for them are not finite (random weights give a zero field of view)", file=sys.stderr)
+    return ProfileOutcome(profile, save_length(profile, raw, out, started))
+
+
+def lengths_of(request: ProfileRequest) -> tuple[int | None, ...]:
+    """The clip lengths to profile, ascending: (None,) for the shortest clip's."""
+    if request.frames is None:
+        return (None,)
+    if isinstance(request.frames, int):
+        return (request.frames,)
+    return tuple(sorted(set(request.frames)))
+
+
+def save_length(profile: Profile, raw: dict, out: Path, started: float) -> Path:
+    """Write a profile with its raw arrays and heat map into `out`; returns the path of profile.json."""
+    profile.timings["wall"] = time.perf_counter() - started
+    path = save_profile(profile, out, raw)
+    save_heatmap(profile, out / "heatmap.png")
+    return path
+
+
+def profile_length(request: ProfileRequest, model: ReconstructionModel, name: str, ranks, device: torch.device,
+                   calibration: tuple[list[tuple[Clip, str]], int, list[str]], recipe: str,
+                   out: Path) -> tuple[Profile, dict] | None:
+    """Profile one length's calibration clips at the request's levels and its `kv_frames` levels there, keeping
+    per-clip results in `out` (so a rerun resumes); the profile and its raw arrays (None on ranks other than the main
+    one)."""
+    clips, frames, notes = calibration
     images0 = clips[0][0].images
     layout = model.adapter.layout(images0)
-    options, level_notes = profile_levels(layout, request.options)
-    identity = {"model": name, "weights": weights_identity(request.weights, entry),
+    base = request.options
+    options, level_notes = profile_levels(
+        layout, dataclasses.replace(base, kv_keep=levels_at(frames, base.kv_keep, request.kv_frames)))
+    identity = {"model": name, "weights": weights_identity(request.weights, get_entry(name)),
                 "dtype": str(request.dtype).removeprefix("torch."), "frames": frames, "preprocess": recipe,
                 "image_hw": list(images0.shape[-2:]), **options.identity()}
     if ranks.is_main:
         for note in notes + level_notes:
             print(f"note: {note}", file=sys.stderr)
     done = {sha: load_clip(out, sha, identity) for _, sha in clips}
-
-    init_distributed(ranks, device)
     mine = [(clip, sha) for clip, sha in shard(clips, ranks) if done[sha] is None]
     layers = model.adapter.num_global_layers
-    with tqdm(total=len(mine) * layers, desc=f"profiling {name}", unit="layer", file=sys.stderr,
+    with tqdm(total=len(mine) * layers, desc=f"profiling {name} at {frames} frames", unit="layer", file=sys.stderr,
               disable=not ranks.is_main or not mine) as bar:
         for clip, sha in mine:
             measured = profile_clip(model, clip.images.to(device), options, on_layer=bar.update)
             save_clip(ClipResult(clip.name, sha, frames, measured.arrays, measured.timings), out, identity)
     barrier(ranks)
     if not ranks.is_main:
-        close_distributed(ranks)
         return None
 
     results = [load_clip(out, sha, identity) for _, sha in clips]
@@ -150,13 +203,5 @@ def profile_layers(request: ProfileRequest) -> ProfileOutcome | None:
         options={key: value for key, value in identity.items()
                  if key not in ("model", "frames", "image_hw", "kv_keep", "query_merge")},
         kv_index=kv_index, query_index=query_index)
-    absent = [term for term in DEFAULT_WEIGHTS if term not in profile.metrics]
-    if absent:
-        print(f"note: {', '.join(absent)} left out of the profile: the model does not output them or its dense "
-              "outputs for them are not finite (random weights give a zero field of view)", file=sys.stderr)
-    profile.timings["wall"] = time.perf_counter() - started
     profile.timings["ranks"] = ranks.world_size
-    path = save_profile(profile, out, raw)
-    save_heatmap(profile, out / "heatmap.png")
-    close_distributed(ranks)
-    return ProfileOutcome(profile, path)
+    return profile, raw

@@ -76,6 +76,15 @@ def _backtrack(choice: np.ndarray, weights: np.ndarray, capacity: int) -> list[i
     return picks[::-1]
 
 
+def least_value_levels(values: np.ndarray, weights: np.ndarray, capacity: int) -> list[int] | None:
+    """One option per layer (values and integer weights [L, c]) of least summed value with summed weight <=
+    `capacity`, or None if no choice fits."""
+    best, choice = _solve(values, weights, capacity)
+    if not np.isfinite(best[capacity]):
+        return None
+    return _backtrack(choice, weights, capacity)
+
+
 def _to_candidate(picks: list[int], index) -> Candidate:
     pairs = [index(option) for option in picks]
     return Candidate(tuple(int(kv) for kv, _ in pairs), tuple(int(query) for _, query in pairs))

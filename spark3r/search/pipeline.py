@@ -24,10 +24,13 @@ from spark3r.models.registry import build_model, resolve_model_name
 from spark3r.profiler.format import PROFILE_JSON, Profile, load_profile
 from spark3r.reduce.flops import global_attention_fraction, model_fraction
 from spark3r.schedule import PAPER_KV_METHOD, Budget, Schedule, load_schedule, save_schedule, shipped_schedule
+from spark3r.profiler.run import ProfileOptions
+from spark3r.search.deploy import search_lengths
 from spark3r.search.knapsack import KnapsackResult, pareto_front, solve_knapsack
 from spark3r.search.problem import (
     Candidate, SearchProblem, build_problem, candidate_schedule, check_budget, predicted_deviation,
 )
+from spark3r.search.lengths import deployment_lengths
 from spark3r.search.study import (
     WARM_START, completed, default_study_name, is_feasible, join_study, make_sampler, open_study, problem_key,
     ranked_candidates, run_study,
@@ -41,7 +44,9 @@ SCHEDULES_DIR = Path("schedules")
 @dataclass(frozen=True)
 class SearchRequest:
     """What to search: the least predicted `metric` deviation within `budget` (a fraction of dense `budget_of` FLOPs
-    at `frames` frames, default the profile's clip length), from `profile` (default: the newest profiles/*/).
+    at `frames` frames, default the profile's clip length), from `profile` (default: the newest profiles/*/). On a
+profile of several clip lengths `frames` may name several deployment lengths (default DEFAULT_LENGTHS) and the search
+is length-aware (spark3r.search.deploy).
 
     sampler / trials / seed: the Optuna study, kept in `storage` (default <out>.journal) under `study` (default
     <model>-b<budget>-<digest>). verify: measure this many best candidates on the held-out clips `calib` with
@@ -52,7 +57,7 @@ class SearchRequest:
 
     budget: float
     profile: str | None = None
-    frames: int | None = None
+    frames: int | tuple[int, ...] | None = None
     budget_of: str = "global_attention"
     sampler: str = "mutation"
     trials: int = 2000
@@ -97,8 +102,8 @@ def check_request(request: SearchRequest) -> None:
                                     ("kv_extra_levels", request.kv_extra_levels, 0)):
         if value < least:
             raise ParameterError(f"`{parameter}` is {value}: give a whole number >= {least}", parameter)
-    if request.frames is not None and request.frames < 1:
-        raise ParameterError(f"`frames` is {request.frames}: give a positive number of frames", "frames")
+    if request.frames is not None:
+        deployment_lengths(request.frames)
     if request.verify and not request.calib:
         raise ParameterError("`verify` needs held-out clips: add `calib` DIR (or synthetic:N[:SEED])", "verify",
                              "calib")
@@ -164,7 +169,7 @@ def remade_command(request: SearchRequest, profile_path: Path, out: Path, storag
              request.metric, "--seed", str(request.seed), "--storage", storage, "--study", study_name, "--out",
              str(out)]
     if request.frames is not None:
-        parts += ["--frames", str(request.frames)]
+        parts += ["--frames", ",".join(map(str, deployment_lengths(request.frames)))]
     if request.per_layer_query:
         parts.append("--per-layer-query")
     if request.kv_extra_levels:
@@ -203,7 +208,15 @@ def search_schedule(request: SearchRequest) -> dict:
         raise ParameterError(f"profile {profile_path} was made for {profile.model}, not {wanted}: pass a profile of "
                              f"that model or `model` {profile.model}", "model")
     flop_config = build_model(profile.model, device="meta").flop_config(*profile.image_hw)
-    options = dict(budget=request.budget, frames=request.frames, budget_of=request.budget_of, metric=request.metric,
+    if profile.by_length:
+        paper_rule = (find_paper_rule(profile.model)
+                      if ProfileOptions.of_profile(profile).kv_method == PAPER_KV_METHOD else None)
+        return search_lengths(request, profile, profile_path, flop_config, paper_rule)
+    lengths = None if request.frames is None else deployment_lengths(request.frames)
+    if lengths is not None and len(lengths) > 1:
+        raise ParameterError(f"`frames` {list(lengths)} names several lengths, but profile {profile_path} was measured "
+                             "at one: profile several (profile-layers --frames 16,32,64 --kv-frames 1,2,4,8)", "frames")
+    options = dict(budget=request.budget, frames=None if lengths is None else lengths[0], budget_of=request.budget_of, metric=request.metric,
                    per_layer_query=request.per_layer_query, kv_extra_levels=request.kv_extra_levels)
     problem = build_problem(profile, flop_config, **options)
     long = build_problem(profile, flop_config, **{**options, "frames": LONG_FRAMES})
@@ -285,7 +298,8 @@ def summarize(run: SearchRun, chosen: Candidate, measured: dict[Candidate, float
     trials = completed(study)
     return {
         "profile": str(run.profile_path), "model": run.profile.model, "budget": request.budget,
-        "budget_of": request.budget_of, "frames": problem.frames, "metric": request.metric,
+        "budget_of": request.budget_of, "frames": problem.frames, "frames_stated": request.frames is not None,
+        "metric": request.metric,
         "knapsack": {**describe(run, run.knapsack.candidate, measured), "exact": run.knapsack.exact,
                      "lower_bound": run.knapsack.lower_bound},
         "optuna_best": describe(run, sampled[0][0], measured) if sampled else None,

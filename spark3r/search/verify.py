@@ -19,21 +19,27 @@ from spark3r.schedule import Schedule, check_model, reduced
 
 
 def held_out_clips(profile: Profile, calib: str, size: int | None = None, every: int | None = None,
-                   max_frames: int | None = None) -> list[Clip]:
-    """The clips of `calib`, preprocessed as the profile's were (or at `size`, the side of a square image), with
-    `max_frames` frames spread over each (default: the profile's frame count) or every `every`-th; calibration clips
-    of the profile are refused."""
+                   max_frames: int | None = None, frames: int | None = None) -> list[Clip]:
+    """The clips of `calib`, preprocessed as the profile's were (or at `size`, the side of a square image), at
+    `frames` frames (default: the profile's; spread over each clip, `max_frames` of them, or every `every`-th);
+    calibration clips of the profile, at any profiled length, are refused."""
     entry = get_entry(profile.model)
     recipe = entry.recipe(size) if size is not None else profile.options.get("preprocess", entry.recipe())
+    frames = profile.frames if frames is None else frames
     if every is None and max_frames is None:
-        max_frames = profile.frames
-    clips = fit_clips(open_clips(calib, preprocess=recipe, max_frames=max_frames, every=every,
-                                 frames=profile.frames))
+        max_frames = frames
+    clips = fit_clips(open_clips(calib, preprocess=recipe, max_frames=max_frames, every=every, frames=frames))
+    short = [clip for clip in clips if every is None and clip.frames < max_frames]
+    if short:
+        raise ParameterError(f"`calib` clip {short[0].name} has {short[0].frames} frames, fewer than the {max_frames} "
+                             "to verify at: pass longer clips", "calib")
     if not clips:
         raise ParameterError(f"`calib` {calib} holds no clips: pass a folder of clips, one clip or synthetic:N[:SEED]",
                              "calib")
-    profiled = {clip.get("sha256") for clip in profile.clips}
-    reused = [clip.name for clip in clips if clip.fingerprint() in profiled]
+    profiled_clips = [*profile.clips, *(clip for entry in profile.by_length for clip in entry.get("clips", []))]
+    profiled = {clip.get("sha256") for clip in profiled_clips}
+    names = {clip.get("name") for clip in profiled_clips} if frames != profile.frames else set()
+    reused = [clip.name for clip in clips if clip.fingerprint() in profiled or clip.name in names]
     if reused:
         raise ParameterError(f"`calib` clip {reused[0]} was used to make the profile, so it is not held out: pass "
                              "other clips (e.g. synthetic:N with another seed)", "calib")

@@ -1,0 +1,63 @@
+"""benchmarks/length_schedules.py: the baselines at equal FLOPs, the paper's rule for other layer counts, the paired
+test."""
+import argparse
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from spark3r.models.registry import build_model
+from spark3r.reduce import global_attention_fraction
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "length_schedules.py"
+sys.path.insert(0, str(PATH.parent))
+SPEC = importlib.util.spec_from_file_location("length_schedules", PATH)
+bench = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(bench)
+
+TINY = build_model("vggt-tiny", device="meta").flop_config(112, 112)  # 5 special + 64 patches per frame
+
+
+def test_paper_rule_for_another_layer_count_scales_the_sensitive_tier():
+    assert bench.paper_rule("vggt-tiny", 6).layers.keys() == {3, 4}  # 11-16 of 24 -> 2.75-4 -> 3-4
+    twelve = bench.paper_rule("vggt-tiny", 12)  # the shipped one: 11-16 of 24 -> 5.5-8 -> 6-8
+    assert twelve.global_layers == 12 and sorted(twelve.layers) == [6, 7, 8]
+    # at 256 frames: r = ceil(256 / 40) = 7 on 6-8 (37 frames kept), 21 elsewhere (13 kept); merge 2
+    assert [r.kv_factor for r in twelve.reductions(256)] == [21] * 6 + [7] * 3 + [21] * 3
+
+
+def test_uniform_and_rescaled_paper_have_flops_within_five_percent():
+    args = argparse.Namespace(frames=256, model="vggt-tiny")
+    rule = bench.paper_rule("vggt-tiny", 12)
+    target = 0.5 * global_attention_fraction(TINY, 256, rule)
+    options = bench.uniform_options(args, 12, [1, 2, 3, 4], {}, target, TINY)
+    assert options and all(abs(global_attention_fraction(TINY, 256, s) / target - 1) <= 0.05 for s in options)
+    assert all(len({r for r in s.reductions(256)}) == 1 for s in options)  # one level on every layer
+    # by hand: keeping n frames by stride on every layer, merge 4 -> (256 * 5 + n * 64) / (256 * 69) / ~4
+    assert any(s.provenance["merge"] == 4 for s in options)
+    rescaled = bench.rescaled_paper(rule, 256, [1, 2, 3, 4], target, TINY)
+    assert abs(global_attention_fraction(TINY, 256, rescaled) / target - 1) <= 0.05
+    assert sorted(rescaled.layers) == [6, 7, 8]  # the rule's structure: sensitive layers 3x the K/V of the others
+
+
+def test_random_schedules_span_mild_to_heavy():
+    args = argparse.Namespace(frames=256, model="vggt-tiny", seed=0)
+    schedules = bench.random_schedules(args, 6, [1, 2, 4], {}, 20)
+    reduced = [sum(r.kv_keep < 1 for r in s.reductions(256)) for s in schedules]
+    assert len(schedules) == 20 and reduced[0] <= 3 and reduced[-1] == 6
+
+
+def test_paired_is_a_two_sided_wilcoxon_signed_rank_test():
+    first, second = [1.0, 2.0, 3.0, 4.0, 5.0, 6.5], [1.5, 2.5, 3.6, 4.9, 6.1, 7.0]
+    result = bench.paired(first, second, lower_is_better=True)
+    assert result["p"] == pytest.approx(stats.wilcoxon(first, second).pvalue)
+    assert result["p"] == pytest.approx(2 / 2**6)  # all 6 differences one sign: exact two-sided p = 2 / 64
+    assert (result["better"], result["verdict"]) == (6, "gain")
+    assert result["ratio"] == pytest.approx(np.mean(first) / np.mean(second))
+    assert bench.paired(first, second, lower_is_better=False)["verdict"] == "loss"  # AUC: higher is better
+    assert bench.paired(first, first, True)["verdict"] == "same"
+    assert not math.isnan(bench.paired([1, 2, 1, 2], [2, 1, 2, 1], True)["p"])
