@@ -11,7 +11,7 @@ its summary, the command line, the commit and the device are written to benchmar
 from __future__ import annotations
 
 import argparse
-import subprocess
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -26,6 +26,9 @@ from spark3r.files import write_atomic, write_json
 from spark3r.reconstruct import reconstruct
 
 HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("benchmarks_provenance", HERE / "provenance.py")
+provenance = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(provenance)
 
 
 def make_video(folder: Path, frames: int, size: int, device: torch.device, seed: int) -> Path:
@@ -35,24 +38,16 @@ def make_video(folder: Path, frames: int, size: int, device: torch.device, seed:
     return write_clip(Clip(clip.name, clip.images.cpu()), folder, "mp4")
 
 
-def commit() -> str:
-    """The checked-out commit, with "+dirty" when tracked files differ from it."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
-
-    head = git("rev-parse", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def markdown(record: dict) -> str:
     summary = record["summary"]
     peaks = summary["peak_memory_bytes"]
     lines = [f"# reconstruct: {summary['model']}, {summary['frames']} frames at {summary['image_size'][1]}x"
              f"{summary['image_size'][0]}, schedule {summary['schedule']}", "",
              f"Command: `{record['command']}`  ", f"Commit: `{record['commit']}`  ",
-             f"Device: {summary['device']}, {summary['dtype']}, torch {record['torch']}  ",
+             f"Device: {record['device_name']}, {summary['dtype']}, torch {record['torch']}  ",
              f"Input: {summary['input']}" + (f" (generated in {record['video_seconds']:.1f} s)"
                                              if record["video_seconds"] is not None else ""), "",
+             *([record["note"], ""] if record.get("note") else []),
              "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in summary["seconds"].items()]
     lines += [f"| **total** | **{summary['seconds_total']:.2f}** |", "",
@@ -80,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/spark3r-reconstruct"),
                         help="folder for the generated video and the reconstruction")
-    parser.add_argument("--commit", help="the commit to record (default: git rev-parse HEAD of this checkout, for "
-                                         "a copy without .git)")
+    parser.add_argument("--commit", help="the commit to record (default: this checkout's; give it for a copy "
+                                         "without .git)")
+    parser.add_argument("--note", help="what else ran on the machine during the measurement, recorded with it")
     parser.add_argument("--results", type=Path, help="output prefix (default: benchmarks/results/"
                                                      "reconstruct-<model>-<frames>)")
     args = parser.parse_args(argv)
@@ -96,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                          every=args.every, max_frames=args.max_frames, out=args.work / "reconstruction",
                          device=device, dtype=resolve_dtype(args.dtype, device), seed=args.seed)
     summary = {key: value for key, value in result.summary.items() if key != "frame_names"}
-    record = {"command": " ".join(["python", "benchmarks/reconstruct.py", *(argv if argv is not None else sys.argv[1:])]),
-              "commit": args.commit or commit(), "torch": torch.__version__, "video_seconds": video_seconds, "summary": summary}
+    record = provenance.record(__file__, argv, device)
+    record.update(commit=args.commit or record["commit"], note=args.note, video_seconds=video_seconds, summary=summary)
     prefix = args.results or HERE / "results" / f"reconstruct-{result.model}-{summary['frames']}"
     write_json(prefix.with_suffix(".json"), record)
     text = markdown(record)
