@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import shlex
@@ -176,8 +177,8 @@ def paired(first: list[float], second: list[float], lower_is_better: bool) -> di
             "verdict": verdict}
 
 
-def mean_score(model, clips, schedules: dict, score_weights) -> dict[str, float]:
-    rows = tiny.measure(model, clips, schedules, score_weights, ground_truth=False, desc="replica")
+def mean_score(model, clips, schedules: dict, score_weights, cache: Path) -> dict[str, float]:
+    rows = tiny.measure(model, clips, schedules, score_weights, ground_truth=False, desc="replica", cache=cache)
     return {name: float(np.mean([row["score"] for row in rows[name]])) for name in schedules}
 
 
@@ -217,6 +218,10 @@ def main(argv=None) -> dict:
     merges = [m for m in profile.query_merge]
     replica = load_clips(args.replica, args, device) if args.verify else []
     held_out = load_clips(args.held_out, args, device)
+    # measured rows, per clip, of these weights in this dtype on this device: a rerun resumes from them
+    _, weights_sha = tiny.weights_digest(args.model, args.weights)
+    measured = work / "measured" / hashlib.sha256(json.dumps([weights_sha, args.dtype, device.type]).encode()
+                                                  ).hexdigest()[:12]
 
     plans = []
     for scale in (float(s) for s in args.budget_scales.split(",")):
@@ -250,7 +255,8 @@ def main(argv=None) -> dict:
     everything = {f"{plan['scale']:g} {name}": schedule for plan in plans
                   for name, schedule in plan["schedules"].items()}
     everything.update({f"random {i}": schedule for i, schedule in enumerate(randoms)})
-    rows = tiny.measure(model, held_out, everything, score_weights, ground_truth=True, desc="held-out")
+    rows = tiny.measure(model, held_out, everything, score_weights, ground_truth=True, desc="held-out",
+                        cache=measured)
     clock("held-out")
 
     def entry(name, schedule):

@@ -62,7 +62,7 @@ from spark3r.models.base import FlopConfig
 from spark3r.models.loading import find_weights, find_weights_file, load_model
 from spark3r.models.registry import get_entry, resolve_model_name
 from spark3r.profiler.aggregate import spearman
-from spark3r.files import write_atomic
+from spark3r.files import write_atomic, write_json
 from spark3r.profiler.format import STATISTICS, MetricTable, Profile, load_profile, save_profile
 from spark3r.profiler.run import ProfileOptions, finite_outputs
 from spark3r.reduce import global_attention_fraction
@@ -313,31 +313,46 @@ def schedule_key(schedule: Schedule, frames: int) -> tuple:
 
 @torch.inference_mode()
 def measure(model, clips: list[Clip], schedules: dict[str, Schedule], score_weights: dict, ground_truth: bool,
-            desc: str) -> dict[str, list[dict]]:
+            desc: str, cache: Path | None = None) -> dict[str, list[dict]]:
     """Per schedule, per clip: `output_deviation` from the dense run plus "cameras" (the weighted camera terms) and,
     with `ground_truth`, the errors against the clip's truth; "dense" holds the dense run's errors. Schedules that
-    reduce alike run once. Outputs that are not finite in the dense run are not compared."""
+    reduce alike run once. Outputs that are not finite in the dense run are not compared.
+
+    With `cache` (a folder for one model's weights, dtype and device), each clip's rows are written there as it is
+    measured and read back on the next run, so an interrupted benchmark resumes at the clip it stopped on."""
     frames = clips[0].frames
     distinct = {}
     for name, schedule in schedules.items():
         distinct.setdefault(schedule_key(schedule, frames), (name, schedule))
-    runs = {name: [] for name in ("dense", *(name for name, _ in distinct.values()))}
+    keys = {key: repr(key) for key in distinct}
+    per_clip = []
     for clip in tqdm(clips, desc=desc, unit="clip", file=sys.stderr, leave=False):
+        stored = None
+        if cache is not None:
+            identity = json.dumps([clip.fingerprint(), sorted(keys.values()), ground_truth, score_weights])
+            stored = Path(cache) / f"{hashlib.sha256(identity.encode()).hexdigest()[:20]}.json"
+        if stored is not None and stored.is_file():
+            per_clip.append(json.loads(stored.read_text()))
+            continue
         images = clip.images[None]
         dense = finite_outputs(model(images))
-        runs["dense"].append(ground_truth_errors(dense, clip) if ground_truth else {})
-        for name, schedule in distinct.values():
+        rows = {"dense": ground_truth_errors(dense, clip) if ground_truth else {}}
+        for key, (_, schedule) in distinct.items():
             with reduced(model, schedule):
-                outputs = {key: value for key, value in model(images).items() if key in dense}
+                outputs = {name: value for name, value in model(images).items() if name in dense}
             row = output_deviation(dense, outputs, score_weights)
             row["cameras"] = sum(score_weights.get(term, DEFAULT_WEIGHTS[term]) * row[term]
                                  for term in CAMERA_TERMS if term in row)
             if ground_truth:
                 row.update(ground_truth_errors(outputs, clip))
-            runs[name].append(row)
-    rows = {"dense": runs["dense"]}
-    rows.update({name: runs[distinct[schedule_key(schedule, frames)][0]] for name, schedule in schedules.items()})
-    return rows
+            rows[keys[key]] = row
+        if stored is not None:
+            write_json(stored, rows)
+        per_clip.append(rows)
+    measured = {"dense": [rows["dense"] for rows in per_clip]}
+    measured.update({name: [rows[repr(schedule_key(schedule, frames))] for rows in per_clip]
+                     for name, schedule in schedules.items()})
+    return measured
 
 
 def ground_truth_errors(outputs: dict[str, torch.Tensor], clip: Clip) -> dict[str, float]:
@@ -523,7 +538,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise Spark3rError(f"--held-out {args.held_out} shares clips with the profiles: use another seed")
     everything = {f"{budget:g} {name}": schedule for budget, (plan, _) in plans.items()
                   for name, schedule in plan["schedules"].items()}
-    measured = measure(model, held_out, everything, score_weights, ground_truth=True, desc="held-out")
+    measured = measure(model, held_out, everything, score_weights, ground_truth=True, desc="held-out",
+                       cache=runner.work / "measured")
     runner.clock("held-out")
 
     budgets = [budget_result(budget, plan, searches, {name: measured[f"{budget:g} {name}"] for name in ROWS},
