@@ -152,7 +152,9 @@ def test_batched_end_to_end_matches_full_reduced_forwards(tiny, images):
         expected = output_deviation(dense, reduced)
         assert expected["score"] > 0
         for term, value in expected.items():
-            assert measured[term] == pytest.approx(value, rel=1e-4, abs=1e-9), term
+            # abs: float32 rounding of a relative deviation, which moves with the batch shape and the CPU (~2e-7 seen);
+            # the K/V levels' terms (~1e-2 to 1e-1) are held to rel 1e-4, the merge level's (~1e-5) to ~10%
+            assert measured[term] == pytest.approx(value, rel=1e-4, abs=2e-6), term
     reduced, _ = reference_outputs(model, images, {1: reductions[0], 4: reductions[2]})
     assert multi["score"] == pytest.approx(output_deviation(dense, reduced)["score"], rel=1e-4)
 
