@@ -152,3 +152,29 @@ def test_smoke_run_profiles_are_disjoint_and_ground_truth_is_sane(smoke):
     dense = result["held_out_dense"]
     assert 0 < dense["abs_rel"] < 1 and dense["rpe_rot"] >= 0
     assert result["probe"]["base_score"] > 0 and len(result["probe"]["ratio"]) == 12
+
+
+def test_measure_resumes_from_its_per_clip_cache(tmp_path):
+    """A second measure over the same clips and schedules reads every row back and runs no forward."""
+    import torch
+
+    from spark3r.models.loading import load_model
+
+    model = load_model("vggt-tiny", weights="none", seed=0)
+    clips = tiny.load_clips("synthetic:2:5", "vggt-tiny", 4)
+    schedules = {"r2": tiny.stride_schedule("vggt-tiny", [2] * 12, 1, {}, "uniform"),
+                 "r4": tiny.stride_schedule("vggt-tiny", [4] * 12, 1, {}, "uniform"),
+                 "r4 again": tiny.stride_schedule("vggt-tiny", [4] * 12, 1, {}, "uniform")}
+    first = tiny.measure(model, clips, schedules, {}, ground_truth=True, desc="t", cache=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 2  # one file per clip
+    assert first["r2"][0]["score"] != first["r4"][0]["score"] and first["r4"] == first["r4 again"]
+
+    class NoForward(torch.nn.Module):
+        def forward(self, images):
+            raise AssertionError("measured again instead of read back")
+
+    model.forward = NoForward().forward
+    assert tiny.measure(model, clips, schedules, {}, ground_truth=True, desc="t", cache=tmp_path) == first
+    with pytest.raises(AssertionError, match="measured again"):  # other schedules are not in the cache
+        tiny.measure(model, clips, {"r3": tiny.stride_schedule("vggt-tiny", [3] * 12, 1, {}, "uniform")}, {},
+                     ground_truth=True, desc="t", cache=tmp_path)
