@@ -157,3 +157,24 @@ def test_a_300_frame_video_through_max_frames_64_stays_under_2_gb(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["frames"] == 64 and summary["frame_names"][:2] == ["frame000000", "frame000005"]  # 299 / 63
     assert summary["frame_names"][-1] == "frame000299" and summary["image_size"] == [84, 112]
+
+
+def test_frame_files_do_not_depend_on_the_writer_threads(tmp_path):
+    from spark3r.export.frames import write_frames
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 14, 21, 3), dtype=np.uint8)
+    depth = rng.uniform(0.5, 4.0, (5, 14, 21)).astype(np.float32)
+    depth[0, 0, 0], depth[1, 2, 3] = np.nan, -1.0
+    confidence = rng.uniform(1.0, 3.0, (5, 14, 21)).astype(np.float32)
+    names = [f"frame{i:03d}" for i in range(5)]
+    calls = []
+    scales = [write_frames(tmp_path / str(workers), names, images, depth, confidence, on_frame=lambda: calls.append(1),
+                           workers=workers) for workers in (1, 4)]
+    assert scales[0] == scales[1] == pytest.approx(float(np.nanmax(depth)) / 65535) and len(calls) == 10
+    one = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*") if p.is_file())
+    assert len(one) == 15 and one == sorted(p.relative_to(tmp_path / "4") for p in (tmp_path / "4").rglob("*")
+                                           if p.is_file())
+    assert all((tmp_path / "1" / p).read_bytes() == (tmp_path / "4" / p).read_bytes() for p in one)
+    back = cv2.imread(str(tmp_path / "4" / "images" / "frame002.png"), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    assert np.array_equal(back, images[2])
