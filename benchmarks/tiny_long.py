@@ -73,6 +73,15 @@ def asymmetry(profile: dict) -> list[str]:
     for factor, q, kv, ratio, worse in zip(summary["factors"], summary["query_mean"], summary["kv_mean"],
                                            summary["query_over_kv"], summary["layers_query_worse"]):
         lines.append(f"| {factor}x | {q:.4f} | {kv:.4f} | {ratio:.2f} | {worse} of {profile['global_layers']} |")
+    shows = all(ratio > 1 for ratio in summary["query_over_kv"])
+    lines += ["", (f"The paper's asymmetry holds here: at every factor, merging queries costs more than pruning K/V "
+                   "by the same factor (mean over layers)." if shows else
+                   "The paper's asymmetry does not hold here: merging queries by a factor costs "
+                   + ", ".join(f"{ratio:.2f}x" for ratio in summary["query_over_kv"])
+                   + f" of what pruning K/V by the same factor ({', '.join(f'{f}x' for f in summary['factors'])}) "
+                   "costs, mean over layers; it costs more in only "
+                   + ", ".join(str(w) for w in summary["layers_query_worse"])
+                   + f" of {profile['global_layers']} layers.")]
     return lines
 
 
@@ -117,8 +126,10 @@ def stages_table(first: dict, second: dict) -> list[str]:
 def sensitivity(name: str) -> list[str]:
     path = RESULTS / name
     if not path.is_file():
-        return [f"Not measured yet (`{name}`: `profile-layers --model vggt-tiny --weights auto --calib "
-                "synthetic:2:2000:walk --frames 32,256 --additivity 0`)."]
+        frames = re.search(r"-(\d+)\.json$", name).group(1)
+        return [f"Not measured yet (`{name}`, on a GPU: `profile-layers --model vggt-tiny --weights auto --calib "
+                f"synthetic:4:2000:walk --frames {frames} --additivity 0 --device cuda`; on 2 CPU cores one clip "
+                "takes about half an hour at 256 frames)."]
     profile = json.loads(path.read_text())
     return [f"`{name}` (`{profile['command']}`, {profile['device_name']}).", "", *asymmetry(profile)]
 
