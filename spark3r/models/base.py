@@ -185,7 +185,11 @@ class ReconstructionModel(nn.Module):
     def run_steps(self, state: TrunkState, stop: int | None = None) -> TrunkState:
         raise NotImplementedError
 
-    def decode(self, state: TrunkState, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def decode(self, state: TrunkState, images: torch.Tensor,
+               head_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The heads over a finished trunk. head_dtype: fp32 (upstream: autocast off) or the dtype the heads' layers
+        run under autocast to (`blocks.head_autocast`); outputs are fp32 either way, and the cameras and points are
+        assembled from them in fp32."""
         raise NotImplementedError
 
     @property
