@@ -181,10 +181,8 @@ class CameraHead(nn.Module):
         for block in self.res_conv:
             tokens = block(tokens)
         feat = self.more_mlps(tokens.mean(dim=1))
-        rotation = self.fc_rot(feat)
-        pose = torch.zeros(feat.shape[0], 4, 4, device=feat.device, dtype=torch.float32)  # under any head dtype
-        with no_autocast(feat.device.type):  # the SVD and determinant have no low-precision kernels
-            pose[:, :3, :3] = svd_orthogonalize(rotation.float())
+        pose = torch.zeros(feat.shape[0], 4, 4, device=feat.device, dtype=feat.dtype)
+        pose[:, :3, :3] = svd_orthogonalize(self.fc_rot(feat))
         pose[:, :3, 3] = self.fc_t(feat)
         pose[:, 3, 3] = 1.0
         return pose
@@ -197,8 +195,8 @@ class Pi3(ReconstructionModel):
     scene). lean (default True): the one tap [frame 34 | global 35] is stored in the compute dtype, which loses
     nothing, since its only readers are the head decoders' input projections running under the same autocast; lean
     False keeps it fp32. compute_dtype: the encoder, trunk and head transformers run under autocast to this dtype
-    (fp32: no autocast of their own); the pixel heads and the camera head run fp32 with autocast off unless `decode`
-    is given another head dtype.
+    (fp32: no autocast of their own); the pixel heads run fp32 with autocast off unless `decode` is given another
+    head dtype; the camera head always runs fp32 with autocast off.
     """
 
     def __init__(self, config: Pi3Config, lean: bool = True, compute_dtype: torch.dtype = torch.float32):
@@ -294,7 +292,7 @@ class Pi3(ReconstructionModel):
     def decode_frames(self, hidden: Tensor, pos: Tensor, grid: tuple[int, int],
                       head_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """Heads on the tap of N frames [N, P, 2C] -> local points [N, H, W, 3], conf logits [N, H, W], c2w [N, 4, 4],
-        fp32; the pixel and camera heads run under `head_autocast(head_dtype)`."""
+        fp32; the pixel heads run under `head_autocast(head_dtype)`, the camera head in fp32."""
         start = self.config.num_register_tokens
         with compute_autocast(hidden.device.type, self.compute_dtype):
             point_hidden = self.point_decoder(hidden, pos)
@@ -303,16 +301,15 @@ class Pi3(ReconstructionModel):
         with head_autocast(hidden.device.type, head_dtype):
             xy, z = self.point_head(point_hidden[:, start:].float(), *grid).split([2, 1], dim=-1)
             z = torch.exp(z)
-            out = {
-                "local_points": torch.cat([xy * z, z], dim=-1),
-                "conf": self.conf_head(conf_hidden[:, start:].float(), *grid)[..., 0],
-                "camera_poses": self.camera_head(camera_hidden[:, start:].float()),
-            }
-        return {key: value.float() for key, value in out.items()}
+            local_points = torch.cat([xy * z, z], dim=-1).float()
+            conf = self.conf_head(conf_hidden[:, start:].float(), *grid)[..., 0].float()
+        with no_autocast(hidden.device.type):
+            return {"local_points": local_points, "conf": conf,
+                    "camera_poses": self.camera_head(camera_hidden[:, start:].float())}
 
     def decode(self, state: TrunkState, images: Tensor, head_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """The heads over chunks of frames of the last tap [B, S, P, 2C] -> the output dict (module docstring); the
-        pixel and camera heads in `head_dtype` (`decode_frames`), the points and cameras assembled in fp32."""
+        pixel heads in `head_dtype` (`decode_frames`), the points and cameras assembled in fp32."""
         self.check_finished(state)
         hidden = state.taps[self.num_steps - 1]
         batch, frames = hidden.shape[:2]
