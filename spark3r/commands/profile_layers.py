@@ -129,9 +129,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--level-batch", type=int, default=8,
                         help="levels of one layer run as one batched forward (lower it if memory runs out)")
     parser.add_argument("--head-dtype", default="fp32", choices=HEAD_DTYPES,
-                        help="dtype the heads decode in, for the dense reference and every level alike: fp32 (as "
-                             "upstream) or compute (the --dtype the trunk runs in; faster, measured by "
-                             "benchmarks/profile_head_dtype.py) (default: %(default)s)")
+                        help="dtype the dense heads decode in, for the dense reference and every level alike: fp32 "
+                             "(as upstream) or compute (the --dtype the trunk runs in: faster; its effect on the "
+                             "profile is measured by benchmarks/profile_head_dtype.py; camera heads stay fp32) "
+                             "(default: %(default)s)")
     parser.add_argument("--out", default=None, help="output folder (default: profiles/<model>/)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of the table")
     add_runtime_args(parser)
