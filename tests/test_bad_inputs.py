@@ -119,6 +119,8 @@ CLI_CASES = [
     ("profile-layers", ["--model", "vggt-tiny", "--calib", "missing-clips/"], [], 2, "missing-clips"),
     ("profile-layers", ["--model", "vggt-tiny", "--calib", "synthetic:1", "--device", "banana"], [], 2,
      "is not a device"),
+    ("profile-layers", ["--model", "vggt-tiny", "--calib", "synthetic:1", "--head-dtype", "bf16"], [], 2,
+     "argument --head-dtype: invalid choice: 'bf16'"),
     ("make-clips", ["synthetic:0"], [], 2, "bad clip spec"),
     # output locations, checked before any model is built or clip is made
     ("profile-layers", ["--model", "vggt-tiny", "--calib", "synthetic:1:5", "--frames", "2", "--out", "taken"],

@@ -20,7 +20,7 @@ from spark3r.commands.arguments import ArgumentParser, add_runtime_args, command
 from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
 from spark3r.profiler.pipeline import ProfileRequest, profile_layers
-from spark3r.profiler.run import ProfileOptions
+from spark3r.profiler.run import HEAD_DTYPES, ProfileOptions
 from spark3r.reduce import DEFAULT_KV_METHOD, KV_METHODS
 
 DEFAULT_KV_KEEP = "0.5,0.25,0.125,0.0625,0.03125"
@@ -128,6 +128,11 @@ def build_parser() -> ArgumentParser:
                         help="random multi-layer schedules measured per clip for the additivity check")
     parser.add_argument("--level-batch", type=int, default=8,
                         help="levels of one layer run as one batched forward (lower it if memory runs out)")
+    parser.add_argument("--head-dtype", default="fp32", choices=HEAD_DTYPES,
+                        help="dtype the dense heads decode in, for the dense reference and every level alike: fp32 "
+                             "(as upstream) or compute (the --dtype the trunk runs in: faster; its effect on the "
+                             "profile is measured by benchmarks/profile_head_dtype.py; camera heads stay fp32) "
+                             "(default: %(default)s)")
     parser.add_argument("--out", default=None, help="output folder (default: profiles/<model>/)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of the table")
     add_runtime_args(parser)
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_keep=parse_kv_keep(args.kv_keep), query_merge=parse_query_merge(args.query_merge),
         kv_method=args.kv_method, keep_reference_frame=args.keep_reference_frame, group_frames=args.group_frames,
         score_weights=parse_score_weights(args.score_weights), additivity_schedules=args.additivity,
-        level_batch=args.level_batch, seed=args.seed)
+        level_batch=args.level_batch, seed=args.seed, head_dtype=args.head_dtype)
     frames = None if args.frames is None else parse_counts(args.frames, "--frames")
     kv_frames = () if args.kv_frames is None else parse_counts(args.kv_frames, "--kv-frames")
     device = resolve_device(args.device)

@@ -374,6 +374,14 @@ def no_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
+def head_autocast(device_type: str, dtype: torch.dtype):
+    """The heads' context: autocast off for fp32 (upstream's heads), else autocast to `dtype` as the trunk runs
+    (profile-layers --head-dtype compute); a no-op on the meta device."""
+    if dtype == torch.float32:
+        return no_autocast(device_type)
+    return compute_autocast(device_type, dtype)
+
+
 def active_compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
     """The autocast dtype in force on `device_type`, else `default`."""
     if device_type != "meta" and torch.is_autocast_enabled(device_type):

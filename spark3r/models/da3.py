@@ -50,6 +50,7 @@ from spark3r.models.blocks import (
     RotaryPositionEmbedding2D,
     active_compute_dtype,
     compute_autocast,
+    head_autocast,
     no_autocast,
     patch_positions,
     swiglu_hidden,
@@ -386,7 +387,8 @@ class DA3(ReconstructionModel):
     dtype if lean (default True; 1000 frames of giant taps are 32 GB in bf16) or fp32 if not (then bit-exact with
     upstream's fp32 taps); the last tap's raw camera token stays fp32 in extras["camera_token"].
     ref_view_strategy: "saddle_balanced" (upstream's default) or "first" (keep frame 0 as the reference).
-    compute_dtype: the backbone runs under autocast to this dtype (fp32: none of its own); heads run fp32, autocast off.
+    compute_dtype: the backbone runs under autocast to this dtype (fp32: none of its own); heads run fp32, autocast off
+    (the DualDPT in `decode`'s head dtype if given another).
     """
 
     def __init__(self, config: DA3Config, ref_view_strategy: str = "saddle_balanced", lean: bool = True,
@@ -488,14 +490,16 @@ class DA3(ReconstructionModel):
         state.tokens, state.step = x, stop
         return state
 
-    def decode(self, state: TrunkState, images: Tensor) -> dict[str, Tensor]:
-        """Taps -> DualDPT depth and cam_dec cameras, fp32 with autocast off as upstream (see the module docstring)."""
+    def decode(self, state: TrunkState, images: Tensor, head_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Taps -> DualDPT depth and cam_dec cameras, fp32 with autocast off as upstream (see the module docstring);
+        the DualDPT under autocast to `head_dtype` if it is not fp32 (outputs cast to fp32)."""
         self.check_finished(state)
         grid_h, grid_w = state.extras["grid"]
         image_size = (grid_h * self.config.patch_size, grid_w * self.config.patch_size)
         taps = [state.taps[layer] for layer in self.config.out_layers]
+        with head_autocast(taps[0].device.type, head_dtype):
+            out = {key: value.float() for key, value in self.model.head(taps, image_size).items()}
         with no_autocast(taps[0].device.type):
-            out = self.model.head(taps, image_size)
             pose_enc = self.model.cam_dec(state.extras["camera_token"])
             cam_to_world, intrinsics = pose_encoding_to_camera(pose_enc, image_size, min_tan=1e-6)
             out.update(

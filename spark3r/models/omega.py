@@ -47,6 +47,7 @@ from spark3r.models.blocks import (
     active_compute_dtype,
     compute_autocast,
     expand_special,
+    head_autocast,
     no_autocast,
     rotate_half,
 )
@@ -303,7 +304,8 @@ class VGGTOmega(ReconstructionModel):
 
     lean (default True): the four DPT taps are stored in the compute dtype (the camera head's 17 special tokens of the
     last layer stay fp32); lean False keeps them fp32 as upstream. compute_dtype: the aggregator runs under autocast to
-    this dtype (fp32: no autocast of its own); heads always run fp32 with autocast off.
+    this dtype (fp32: no autocast of its own); heads run fp32 with autocast off (the dense head in `decode`'s
+    head dtype if given another).
     """
 
     def __init__(self, config: OmegaConfig, lean: bool = True, compute_dtype: torch.dtype = torch.float32):
@@ -385,9 +387,9 @@ class VGGTOmega(ReconstructionModel):
         state.tokens, state.step = tokens, stop
         return state
 
-    def decode(self, state: TrunkState, images: Tensor) -> dict[str, Tensor]:
+    def decode(self, state: TrunkState, images: Tensor, head_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
         """Heads over a finished trunk, fp32 with autocast off; the dense head runs over chunks of 8 frames, each cast
-        to fp32 on its own."""
+        to fp32 on its own, under autocast to `head_dtype` if it is not fp32 (outputs cast to fp32)."""
         config = self.config
         self.check_finished(state)
         grid_h, grid_w = state.extras["grid"]
@@ -397,12 +399,14 @@ class VGGTOmega(ReconstructionModel):
         depths, confs = [], []
         with no_autocast(state.tokens.device.type):
             pose_enc = self.camera_head(state.extras["camera_tokens"])
+        with head_autocast(state.tokens.device.type, head_dtype):
             for start in range(0, frames, HEAD_CHUNK_FRAMES):
                 chunk = [t[:, start : start + HEAD_CHUNK_FRAMES, config.n_special :] for t in taps]
                 depth, conf = self.dense_head([c.flatten(0, 1).float() for c in chunk], image_size)
                 depths.append(depth.unflatten(0, chunk[0].shape[:2]))
                 confs.append(conf.unflatten(0, chunk[0].shape[:2]))
-            depth, depth_conf = torch.cat(depths, dim=1), torch.cat(confs, dim=1)
+        depth, depth_conf = torch.cat(depths, dim=1).float(), torch.cat(confs, dim=1).float()
+        with no_autocast(state.tokens.device.type):
             extrinsics, intrinsics = pose_encoding_to_extrinsics_intrinsics(pose_enc, image_size)
             points = unproject_pixel_indices(depth, intrinsics, se3_inverse(extrinsics))
         return {

@@ -40,6 +40,7 @@ from spark3r.models.blocks import (
     RotaryPositionEmbedding2D,
     active_compute_dtype,
     compute_autocast,
+    head_autocast,
     no_autocast,
     patch_positions,
 )
@@ -194,7 +195,8 @@ class Pi3(ReconstructionModel):
     scene). lean (default True): the one tap [frame 34 | global 35] is stored in the compute dtype, which loses
     nothing, since its only readers are the head decoders' input projections running under the same autocast; lean
     False keeps it fp32. compute_dtype: the encoder, trunk and head transformers run under autocast to this dtype
-    (fp32: no autocast of their own); the pixel heads and the camera head always run fp32 with autocast off.
+    (fp32: no autocast of their own); the pixel heads run fp32 with autocast off unless `decode` is given another
+    head dtype; the camera head always runs fp32 with autocast off.
     """
 
     def __init__(self, config: Pi3Config, lean: bool = True, compute_dtype: torch.dtype = torch.float32):
@@ -287,30 +289,33 @@ class Pi3(ReconstructionModel):
         state.tokens, state.step = tokens, stop
         return state
 
-    def decode_frames(self, hidden: Tensor, pos: Tensor, grid: tuple[int, int]) -> dict[str, Tensor]:
-        """Heads on the tap of N frames [N, P, 2C] -> local points [N, H, W, 3], conf logits [N, H, W], c2w [N, 4, 4]."""
+    def decode_frames(self, hidden: Tensor, pos: Tensor, grid: tuple[int, int],
+                      head_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Heads on the tap of N frames [N, P, 2C] -> local points [N, H, W, 3], conf logits [N, H, W], c2w [N, 4, 4],
+        fp32; the pixel heads run under `head_autocast(head_dtype)`, the camera head in fp32."""
         start = self.config.num_register_tokens
         with compute_autocast(hidden.device.type, self.compute_dtype):
             point_hidden = self.point_decoder(hidden, pos)
             conf_hidden = self.conf_decoder(hidden, pos)
             camera_hidden = self.camera_decoder(hidden, pos)
-        with no_autocast(hidden.device.type):
+        with head_autocast(hidden.device.type, head_dtype):
             xy, z = self.point_head(point_hidden[:, start:].float(), *grid).split([2, 1], dim=-1)
             z = torch.exp(z)
-            return {
-                "local_points": torch.cat([xy * z, z], dim=-1),
-                "conf": self.conf_head(conf_hidden[:, start:].float(), *grid)[..., 0],
-                "camera_poses": self.camera_head(camera_hidden[:, start:].float()),
-            }
+            local_points = torch.cat([xy * z, z], dim=-1).float()
+            conf = self.conf_head(conf_hidden[:, start:].float(), *grid)[..., 0].float()
+        with no_autocast(hidden.device.type):
+            return {"local_points": local_points, "conf": conf,
+                    "camera_poses": self.camera_head(camera_hidden[:, start:].float())}
 
-    def decode(self, state: TrunkState, images: Tensor) -> dict[str, Tensor]:
-        """The heads over chunks of frames of the last tap [B, S, P, 2C] -> the output dict (module docstring)."""
+    def decode(self, state: TrunkState, images: Tensor, head_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """The heads over chunks of frames of the last tap [B, S, P, 2C] -> the output dict (module docstring); the
+        pixel heads in `head_dtype` (`decode_frames`), the points and cameras assembled in fp32."""
         self.check_finished(state)
         hidden = state.taps[self.num_steps - 1]
         batch, frames = hidden.shape[:2]
         pos = state.extras["pos"][None]
         flat = hidden.flatten(0, 1)
-        chunks = [self.decode_frames(flat[i : i + HEAD_CHUNK_FRAMES], pos, state.extras["grid"])
+        chunks = [self.decode_frames(flat[i : i + HEAD_CHUNK_FRAMES], pos, state.extras["grid"], head_dtype)
                   for i in range(0, batch * frames, HEAD_CHUNK_FRAMES)]
         out = {key: torch.cat([c[key] for c in chunks]).unflatten(0, (batch, frames)) for key in chunks[0]}
         local_points, camera_poses = out["local_points"], out["camera_poses"]

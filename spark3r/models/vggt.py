@@ -29,6 +29,7 @@ from spark3r.models.blocks import (
     active_compute_dtype,
     compute_autocast,
     expand_special,
+    head_autocast,
     no_autocast,
     patch_positions,
 )
@@ -194,7 +195,8 @@ class VGGT(ReconstructionModel):
 
     lean (default True): keep only the tapped layers, stored in the compute dtype (the camera token of the last layer
     stays fp32), so 1000 frames at 518 px fit on one 80 GB GPU; lean False keeps all `depth` taps in fp32 as upstream.
-    compute_dtype: the trunk runs under autocast to this dtype (fp32: no autocast of its own); heads always run fp32.
+    compute_dtype: the trunk runs under autocast to this dtype (fp32: no autocast of its own); heads run fp32 (the DPT
+    heads in `decode`'s head dtype if given another).
     """
 
     def __init__(self, config: VGGTConfig = VGGT_1B, lean: bool = True, compute_dtype: torch.dtype = torch.float32):
@@ -268,8 +270,9 @@ class VGGT(ReconstructionModel):
         state.tokens, state.step = tokens, stop
         return state
 
-    def decode(self, state: TrunkState, images: Tensor) -> dict[str, Tensor]:
-        """Heads over a finished trunk, in fp32 with autocast off; DPT heads run over chunks of frames."""
+    def decode(self, state: TrunkState, images: Tensor, head_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Heads over a finished trunk, in fp32 with autocast off; the DPT heads run over chunks of frames, under
+        autocast to `head_dtype` if it is not fp32 (outputs cast to fp32)."""
         self.check_finished(state)
         images = check_images(images, self.config.patch_size)
         image_size = tuple(images.shape[-2:])
@@ -277,8 +280,10 @@ class VGGT(ReconstructionModel):
         chunk = self.config.head_chunk_frames
         with no_autocast(images.device.type):
             pose_enc = self.camera_head(state.extras["camera_token"])
+        with head_autocast(images.device.type, head_dtype):
             depth, depth_conf = self.depth_head(taps, image_size, self.config.n_special, chunk)
             points, points_conf = self.point_head(taps, image_size, self.config.n_special, chunk)
+        depth, depth_conf, points, points_conf = (tensor.float() for tensor in (depth, depth_conf, points, points_conf))
         extrinsics, intrinsics = pose_encoding_to_extrinsics_intrinsics(pose_enc, image_size)
         return {
             "depth": depth[..., 0], "depth_conf": depth_conf, "points": points, "points_conf": points_conf,

@@ -31,7 +31,7 @@ from spark3r.profiler.distributed import (
 from spark3r.profiler.format import Profile, save_profile
 from spark3r.profiler.lengths import combine, levels_at
 from spark3r.profiler.plot import save_heatmap
-from spark3r.profiler.run import ProfileOptions, profile_clip, profile_levels, sample_schedules
+from spark3r.profiler.run import HEAD_DTYPES, ProfileOptions, profile_clip, profile_levels, sample_schedules
 from spark3r.profiler.store import ClipResult, load_clip, save_clip
 
 
@@ -75,6 +75,9 @@ def check_request(request: ProfileRequest) -> None:
                                     ("level_batch", options.level_batch, 1)):
         if value is not None and value < least:
             raise ParameterError(f"`{parameter}` is {value}: give a whole number >= {least}", parameter)
+    if options.head_dtype not in HEAD_DTYPES:
+        raise ParameterError(f"`head_dtype` is {options.head_dtype!r}: use one of {', '.join(HEAD_DTYPES)}",
+                             "head_dtype")
 
 
 def load_calibration(spec: str, recipe: str, frames: int | None,

@@ -10,6 +10,13 @@ a forward hook, that layer's attention input and output. Then, for every global 
 
 K/V levels keep queries dense and query levels keep K/V dense. The dense level (keep 1, merge 1) is measured locally
 (it must be exactly 0) and is 0 end to end by definition.
+
+The heads decode in fp32 as upstream, or with the dense heads in the trunk's compute dtype (`ProfileOptions.head_dtype`;
+`ReconstructionModel.decode`). The dense reference outputs are decoded in the same head dtype as the levels, so a
+deviation compares like with like: against fp32 reference outputs, every level's deviation would also hold the heads'
+own bf16 rounding, a floor under the mildest levels (random vggt-tiny, bf16, 4 frames, K/V 1/2, 1/4 and merge 2: the
+scores' median relative difference from fp32 heads was 0.4%, 0.1% and 6% with the reference in the levels' head dtype,
+2.7%, 1.2% and 25% with an fp32 reference).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from spark3r.profiler.format import Profile
 from spark3r.reduce import DEFAULT_KV_METHOD, Reduction, apply_reductions, kv_count, query_count
 
 LOCAL_METRICS = ("local_rel_l2", "local_cos")
+HEAD_DTYPES = ("fp32", "compute")
 PHASES = ("dense", "cache", "local", "resume", "decode", "additivity")
 
 
@@ -42,6 +50,8 @@ class ProfileOptions:
     additivity_schedules: random multi-layer schedules measured per clip for the additivity check.
     level_batch: at most this many levels of one layer share one batched forward (memory vs speed; no effect on
     the numbers beyond rounding).
+    head_dtype: "fp32" (the heads decode as upstream) or "compute" (the dense heads under autocast to the model's
+    compute dtype, as the trunk runs), for the dense reference and every level alike.
     """
 
     kv_keep: tuple[float, ...]
@@ -53,12 +63,14 @@ class ProfileOptions:
     additivity_schedules: int = 6
     level_batch: int = 8
     seed: int = 0
+    head_dtype: str = "fp32"
 
     @classmethod
     def of_profile(cls, profile: Profile) -> "ProfileOptions":
         """The options `profile` was measured with (those profile.json does not record take their defaults)."""
         recorded = {name: profile.options[name] for name in ("kv_method", "keep_reference_frame", "group_frames",
-                                                             "score_weights", "additivity_schedules", "seed")
+                                                             "score_weights", "additivity_schedules", "seed",
+                                                             "head_dtype")
                     if name in profile.options}
         return cls(kv_keep=tuple(profile.kv_keep), query_merge=tuple(profile.query_merge), **recorded)
 
@@ -67,12 +79,16 @@ class ProfileOptions:
         return Reduction(kv_keep=kv_keep, kv_method=self.kv_method, keep_reference_frame=self.keep_reference_frame,
                          query_merge=query_merge, group_frames=self.group_frames)
 
+    def decode_dtype(self, model: ReconstructionModel) -> torch.dtype:
+        """The dtype the dense heads decode in: fp32, or the model's compute dtype for head_dtype "compute"."""
+        return {"fp32": torch.float32, "compute": model.compute_dtype}[self.head_dtype]
+
     def identity(self) -> dict:
         """The options that change the numbers (what a resumed run must match); level_batch does not."""
         return {"kv_keep": list(self.kv_keep), "query_merge": list(self.query_merge), "kv_method": self.kv_method,
                 "keep_reference_frame": self.keep_reference_frame, "group_frames": self.group_frames,
                 "score_weights": dict(self.score_weights), "additivity_schedules": self.additivity_schedules,
-                "seed": self.seed}
+                "seed": self.seed, "head_dtype": self.head_dtype}
 
 
 def profile_levels(layout: FrameLayout, options: ProfileOptions) -> tuple[ProfileOptions, list[str]]:
@@ -141,17 +157,21 @@ class AttentionCapture:
 
 @dataclass
 class DenseRun:
-    """The dense forward of one clip: states entering each global layer's block, attention captures, outputs."""
+    """The dense forward of one clip: states entering each global layer's block, attention captures, outputs decoded
+    in `head_dtype` (every level of the clip is decoded in it too)."""
 
     images: Tensor
     layout: FrameLayout
     states: dict[int, TrunkState]
     captures: dict[int, AttentionCapture]
     outputs: dict[str, Tensor]
+    head_dtype: torch.dtype = torch.float32
 
 
-def dense_run(model: ReconstructionModel, images: Tensor, timer: PhaseTimer) -> DenseRun:
-    """images [1, S, 3, H, W] -> the dense forward with every global layer's entering state and attention cached."""
+def dense_run(model: ReconstructionModel, images: Tensor, timer: PhaseTimer,
+              head_dtype: torch.dtype = torch.float32) -> DenseRun:
+    """images [1, S, 3, H, W] -> the dense forward with every global layer's entering state and attention cached, its
+    outputs decoded with the heads in `head_dtype`."""
     layout = model.adapter.layout(images)
     captures: dict[int, AttentionCapture] = {}
     hooks = [attn.register_forward_hook(_capture_hook(layer, captures, timer), with_kwargs=True)
@@ -163,12 +183,12 @@ def dense_run(model: ReconstructionModel, images: Tensor, timer: PhaseTimer) -> 
             for layer, step in enumerate(model.global_layer_steps):
                 state = model.run_steps(state, stop=step)
                 states[layer] = state
-            outputs = finite_outputs(model.decode(model.run_steps(state), images))
+            outputs = finite_outputs(model.decode(model.run_steps(state), images, head_dtype))
     finally:
         for hook in hooks:
             hook.remove()
     timer.seconds["dense"] -= timer.seconds["cache"]
-    return DenseRun(images, layout, states, captures, outputs)
+    return DenseRun(images, layout, states, captures, outputs, head_dtype)
 
 
 def finite_outputs(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -244,7 +264,8 @@ def end_to_end(model: ReconstructionModel, run: DenseRun, start_layer: int, redu
     """Deviation of the outputs for each reduction map (layer -> Reduction), resuming at `start_layer`'s block.
 
     Every map must leave layers before `start_layer` dense. The first block is run per map (B = 1) with the map's layers
-    patched; if a map reduces only `start_layer`, the rest of the trunk and the heads run batched over the maps.
+    patched; if a map reduces only `start_layer`, the rest of the trunk and the heads run batched over the maps. The
+    heads decode in the dense run's head dtype.
     """
     stop = model.global_layer_steps[start_layer] + 1
     states = []
@@ -258,7 +279,7 @@ def end_to_end(model: ReconstructionModel, run: DenseRun, start_layer: int, redu
         final = model.run_steps(stack_states(states)) if single else stack_states(states)
     decode_phase = "decode" if phase == "resume" else phase
     with timer(decode_phase):
-        outputs = model.decode(final, run.images.expand(len(states), *run.images.shape[1:]))
+        outputs = model.decode(final, run.images.expand(len(states), *run.images.shape[1:]), run.head_dtype)
         return [output_deviation(run.outputs, split_outputs(outputs, index), weights) for index in range(len(states))]
 
 
@@ -296,7 +317,7 @@ def profile_clip(model: ReconstructionModel, images: Tensor, options: ProfileOpt
     """
     timer = PhaseTimer(images.device)
     with torch.inference_mode():
-        run = dense_run(model, images[None], timer)
+        run = dense_run(model, images[None], timer, options.decode_dtype(model))
         metrics = [*LOCAL_METRICS, *output_deviation(run.outputs, run.outputs, options.score_weights)]
         layers = model.adapter.num_global_layers
         kv_levels, query_levels = len(options.kv_keep), len(options.query_merge)
