@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from spark3r.models.registry import build_model
 from spark3r.reduce import model_flops
@@ -100,6 +101,18 @@ def test_every_row_measured_once_then_resumed(speed_all, tmp_path, monkeypatch, 
         monkeypatch.setattr(speed_all, name, refuse)
     assert speed_all.main(tiny_argv(out)) == 0
     assert out.read_text() == before
+
+
+def test_a_row_out_of_memory_is_kept_as_such(speed_all, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(speed_all.speed, "run_model", out_of_memory)
+    out = tmp_path / "speed-all.json"
+    assert speed_all.main(tiny_argv(out) + ["--only", "vggt-tiny/2/paper", "--profile-clips", "0"]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["out_of_memory"] and "stages_s" not in row and positive(row["total_tflop"])
+    assert "| vggt-tiny | 2 | paper | measured whole | n/a |" in out.with_suffix(".md").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
