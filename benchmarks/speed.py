@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from spark3r.commands.arguments import DTYPES, resolve_device
+from spark3r.errors import Spark3rError
 from spark3r.files import write_json
 from spark3r.models.registry import build_model
 from spark3r.reduce import (
@@ -45,6 +46,7 @@ from spark3r.reduce import (
     unmerge,
 )
 from spark3r.reduce.attention import is_dense
+from spark3r.reduce.flops import linear_flops_per_token
 from spark3r.schedule import apply_schedule, load_schedule
 
 _spec = importlib.util.spec_from_file_location("benchmarks_foundation", HERE / "foundation.py")
@@ -56,7 +58,16 @@ _spec.loader.exec_module(provenance)
 measure, run_trunk = foundation.measure, foundation.run_trunk
 
 SCHEDULES = HERE.parent / "schedules"
+# The FLOP model's block lists (other than the global ones) by the stage that runs them. DA3's local blocks run in
+# both: those before the first local + global pair in prepare ("encoder"), the others as trunk steps.
+GROUP_STAGES = {
+    "aggregator.patch_embed.blocks": "encoder", "encoder.blocks": "encoder",
+    "aggregator.frame_blocks": "frame blocks", "decoder (frame)": "frame blocks",
+    "aggregator.inter_frame_blocks (register)": "frame blocks", "blocks (local)": "encoder + frame blocks",
+    "camera_head.trunk": "heads", "point/conf/camera_decoder.blocks": "heads",
+}
 STAGES = ("encoder", "frame blocks", "global blocks", "global attention modules", "select+merge", "heads")
+END_TO_END = ("encoder", "frame blocks", "global blocks", "heads")  # the stages that add up to end to end
 TERA = 1e12
 
 
@@ -119,16 +130,15 @@ class ModuleTimer:
 
 def timed_run(model, images, device, assembled: bool, attention: ModuleTimer | None) -> dict:
     """One run of encoder, trunk (step by step, or assembled) and heads: seconds per stage and peak GiB."""
-    depth = model.config.depth
     state, encoder_s, encoder_peak = measure(device, lambda: model.prepare(images))
     seconds = {"encoder": encoder_s, "frame blocks": 0.0, "global blocks": 0.0}
     if attention is not None:
         attention.take()
     if assembled:
         finished, rows = run_trunk(model, state, False, device)
-        seconds["frame blocks"], seconds["global blocks"] = depth * rows[0]["seconds"], depth * rows[1]["seconds"]
+        scale = model.config.depth
+        seconds["frame blocks"], seconds["global blocks"] = scale * rows[0]["seconds"], scale * rows[1]["seconds"]
         peaks = [rows[-1]["peak_gib"]]
-        scale = depth
     else:
         finished, peaks, scale = state, [], 1
         for step in range(model.num_steps):
@@ -143,14 +153,17 @@ def timed_run(model, images, device, assembled: bool, attention: ModuleTimer | N
     return {"seconds": seconds, "peak_gib": max(peaks) if peaks else None}
 
 
-def run_model(model, images, repeats, device, handle=None, assembled=False, time_attention=True) -> dict:
-    """Encoder + trunk ("aggregator") and heads of one clip, fastest of `repeats` runs: seconds, per-stage seconds
-    of that run, and the largest peak GiB of all runs."""
+def run_model(model, images, repeats, device, handle=None, assembled=False, time_attention=True,
+              enough_s=float("inf")) -> dict:
+    """Encoder + trunk ("aggregator") and heads of one clip, fastest of `repeats` runs (no more once a run takes
+    `enough_s` seconds end to end): seconds, per-stage seconds of that run, and the largest peak GiB of all runs."""
     if handle is not None:
         handle.set_layout(model.adapter.layout(images))
     attention = ModuleTimer(model.adapter.modules(model), device) if time_attention else None
+    runs = []
     try:
-        runs = [timed_run(model, images, device, assembled, attention) for _ in range(repeats)]
+        while len(runs) < max(1, repeats) and (not runs or sum(runs[-1]["seconds"][s] for s in END_TO_END) < enough_s):
+            runs.append(timed_run(model, images, device, assembled, attention))
     finally:
         if attention is not None:
             attention.remove()
@@ -202,21 +215,52 @@ def select_merge_costs(model, layout, schedule, repeats, device, dtype) -> list[
             for reduction, indices in layers.items()]
 
 
-def stage_tflop(model, flop_config, frames, schedule=None) -> dict:
-    """The FLOP model's TFLOP per stage (STAGES): block lists by name, heads = camera trunk + everything else."""
+def stage_flops(model, flop_config, frames, schedule=None) -> dict[str, tuple[float, float]]:
+    """The FLOP model's (matrix-product, attention) TFLOP per stage (STAGES), for any model family.
+
+    Attention is QK^T and AV; matrix products are the rest: the blocks' linear layers, K/V selection + query merging,
+    and the work outside blocks (patch embedding, head convolutions and MLPs), which is counted in "heads". "frame
+    blocks" are the trunk's steps that are not global layers; block lists are assigned by GROUP_STAGES.
+    """
     flops = model_flops(flop_config, frames, schedule)
-    groups = {group.name: group for group in flop_config.groups}
-    global_group = next(group for group in flop_config.groups if group.sequence == "global")
-    module_linear = global_group.count * frames * global_group.tokens_per_frame * 8.0 * global_group.width**2
-    return {
-        "encoder": flops.groups.get("aggregator.patch_embed.blocks", 0.0) / TERA,
-        "frame blocks": flops.groups["aggregator.frame_blocks"] / TERA,
-        "global blocks": (flops.groups[global_group.name] + flops.overhead) / TERA,
-        "global attention modules": (module_linear + flops.global_attention + flops.overhead) / TERA,
-        "select+merge": flops.overhead / TERA,
-        "heads": (flops.other + sum(value for name, value in flops.groups.items()
-                                    if name in groups and groups[name].sequence == "camera")) / TERA,
-    }
+    stages = {stage: [0.0, 0.0] for stage in STAGES}
+    trunk_steps = model.num_steps - len(model.global_layer_steps)
+    for group in flop_config.groups:
+        linear = group.count * frames * group.tokens_per_frame * linear_flops_per_token(group)
+        attention = flops.groups[group.name] - linear
+        if group.sequence == "global":
+            shares = {"global blocks": 1.0}
+            module_linear = group.count * frames * group.tokens_per_frame * 8.0 * group.width**2  # qkv + proj
+            stages["global attention modules"][0] += module_linear
+            stages["global attention modules"][1] += attention
+        elif GROUP_STAGES.get(group.name) == "encoder + frame blocks":
+            shares = {"frame blocks": trunk_steps / group.count, "encoder": 1.0 - trunk_steps / group.count}
+        elif group.name in GROUP_STAGES:
+            shares = {GROUP_STAGES[group.name]: 1.0}
+        else:
+            raise Spark3rError(f"the FLOP model's block list {group.name!r} has no stage: add it to "
+                               "benchmarks/speed.py's GROUP_STAGES")
+        for stage, share in shares.items():
+            stages[stage][0] += share * linear
+            stages[stage][1] += share * attention
+    for stage in ("global blocks", "global attention modules", "select+merge"):
+        stages[stage][0] += flops.overhead
+    stages["heads"][0] += flops.other
+    return {stage: (linear / TERA, attention / TERA) for stage, (linear, attention) in stages.items()}
+
+
+def stage_tflop(model, flop_config, frames, schedule=None) -> dict[str, float]:
+    """The FLOP model's TFLOP per stage (STAGES): `stage_flops`' two parts added."""
+    return {stage: sum(parts) for stage, parts in stage_flops(model, flop_config, frames, schedule).items()}
+
+
+def select_merge_total(costs: list[dict]) -> tuple[float | None, float | None]:
+    """(seconds of selection + merging summed over the layers of `costs` (select_merge_costs), its ratio to the
+    reduced attention's seconds over the same layers); (None, None) without costs."""
+    if not costs:
+        return None, None
+    select_merge = sum(len(cost["layers"]) * cost["select_merge_s"] for cost in costs)
+    return select_merge, select_merge / sum(len(cost["layers"]) * cost["attention_s"] for cost in costs)
 
 
 def benchmark(model, frames, size, schedules, repeats, dense_max_frames, device, dtype,
@@ -236,13 +280,9 @@ def benchmark(model, frames, size, schedules, repeats, dense_max_frames, device,
         with apply_schedule(model, schedule) as handle:
             timing = run_model(model, images, repeats, device, handle, time_attention=time_attention)
         costs = select_merge_costs(model, layout, schedule, repeats, device, dtype)
-        if costs:
-            count = {id(cost): len(cost["layers"]) for cost in costs}
-            select_merge = sum(count[id(c)] * c["select_merge_s"] for c in costs)
+        select_merge, ratio = select_merge_total(costs)
+        if select_merge is not None:
             timing["stages_s"]["select+merge"] = select_merge
-            ratio = select_merge / sum(count[id(c)] * c["attention_s"] for c in costs)
-        else:
-            ratio = None
         reduced_flops = model_flops(flop_config, frames, schedule)
         rows.append({
             "frames": frames, "schedule": name, **timing,
@@ -286,7 +326,7 @@ def breakdown_markdown(rows: list[dict]) -> str:
     ]
     labels = {"global attention modules": "  of which attention modules", "select+merge": "    of which select+merge"}
     for row in rows:
-        total_flop = sum(row["stages_tflop"][stage] for stage in ("encoder", "frame blocks", "global blocks", "heads"))
+        total_flop = sum(row["stages_tflop"][stage] for stage in END_TO_END)
         for stage in STAGES:
             seconds, tflop = row["stages_s"].get(stage), row["stages_tflop"][stage]
             rate = tflop / seconds if seconds else None

@@ -1,0 +1,509 @@
+"""Every family's speed in one run on one GPU: the device's ceilings, dense and paper-rule seconds per stage at each
+length beside the FLOP model's TFLOP and prediction, peak memory, and the profile-layers time.
+
+    python benchmarks/speed_all.py --out benchmarks/results/speed-all.json
+    python benchmarks/speed_all.py --only vggt-1b/1000/dense --out benchmarks/results/speed-all.json   # one row
+
+Random weights, --dtype autocast, each model at its default size (--size: square frames of that side). In order:
+
+1. Ceilings, measured first: an [N, N] x [N, N] matrix product (N = --ceiling-matmul) in the compute dtype and in
+   fp32 (the heads run fp32; torch's float32 matmul precision is recorded), and F.scaled_dot_product_attention on q, k,
+   v [1, 16, --ceiling-tokens, 64] under each SDPA backend (flash, cuDNN, memory-efficient) and under torch's own
+   choice; a backend that raises is recorded as unavailable, with its error. Medians of CEILING_REPEATS calls after a
+   warm-up (CUDA events).
+2. For each of --models at each of --frames, the dense model and the shipped paper schedule (`models.paper_rule`,
+   spark3r/schedules/). "measured whole": encoder, every trunk step and the heads of one forward, each synchronised
+   (speed.py's `run_model`: fastest of --repeats runs; a run of ENOUGH_S or more is not repeated), the global attention
+   modules timed inside it by CUDA events and, under the schedule, selection + merging timed alone per distinct
+   reduction (speed.py's `select_merge_costs`). "assembled": a dense clip longer than --dense-whole allows, from
+   models.py's `benchmark` (encoder, every non-global step and one global step measured, the global step counted once
+   per global layer; the heads timed on --head-frames frames and scaled; the peak is the largest measured part's, a
+   lower bound). Beside every stage: the FLOP model's TFLOP (speed.py's `stage_flops`; "frame blocks" are every trunk
+   step that is not a global layer) and the achieved TFLOP/s.
+3. profile-layers per family (profile_layers.py's engine): --profile-clips clips of --profile-frames frames, timed;
+   the goal's workload of 8 clips is extrapolated from the mean clip time where fewer were run, and says so.
+
+Predictions, recomputed whenever the file is written: "at ceiling" = a stage's matrix-product TFLOP at the measured
+matrix-product ceiling (compute dtype) plus its attention TFLOP at the fastest attention backend's ceiling; "% of
+ceiling" = that time over the measured time; "at dense rates" (paper rows) = each stage's TFLOP at the TFLOP/s the same
+stage reached in the dense row of the same model and length.
+
+Resumable: the ceilings and every finished row are written to --out (and the table to --out with suffix .md) as soon
+as they are measured, atomically; a rerun skips what the file holds. --only MODEL, MODEL/FRAMES, MODEL/FRAMES/dense,
+MODEL/FRAMES/paper or MODEL/profile picks rows, to split the work over several calls; a row that ran out of memory is
+kept as such. The settings that change what a row measures (device, dtype, size, repeats, head frames, ceiling and
+profile workloads, seed) must match the file's. Each row names the call that measured it ("measured_by": command,
+commit, time); the file's own command and commit are the latest call's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from spark3r.commands.arguments import DTYPES, ArgumentParser, command, resolve_device
+from spark3r.errors import ParameterError
+from spark3r.files import check_output_file, write_atomic, write_json
+from spark3r.models.registry import build_model, get_entry
+from spark3r.reduce import model_flops
+from spark3r.schedule import apply_schedule
+
+HERE = Path(__file__).resolve().parent
+
+
+def sibling(name: str):
+    """The module benchmarks/<name>.py."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+models, profile_layers, provenance, speed, whole_peaks = (
+    sibling(name) for name in ("models", "profile_layers", "provenance", "speed", "whole_peaks"))
+
+FAMILIES = ["vggt-1b", "pi3", "da3-giant", "vggt-omega"]
+SCHEDULES = ("dense", "paper")
+BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")  # SDPBackend names; "default": torch's pick
+ATTENTION_HEADS, HEAD_DIM = 16, 64
+CEILING_REPEATS = 20
+ENOUGH_S = 10.0  # a whole run this long is timed once: its noise is well under 1%
+TERA = 1e12
+STAGE_LABELS = {"frame blocks": "frame / non-global blocks", "global attention modules": "  of which attention modules",
+                "select+merge": "    of which select+merge"}
+
+
+# ---------------------------------------------------------------------------------------------------- ceilings
+
+def matmul_ceiling(side: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """TFLOP/s of one [side, side] x [side, side] matrix product in `dtype` (median seconds)."""
+    generator = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(side, side, device=device, dtype=dtype, generator=generator) for _ in range(2))
+    seconds = speed.median_seconds(device, lambda: a @ b, CEILING_REPEATS)
+    return {"shape": [side, side, side], "seconds": seconds, "tflops": 2.0 * side**3 / seconds / TERA}
+
+
+def attention_ceiling(tokens: int, dtype: torch.dtype, device: torch.device, backend: str) -> dict:
+    """TFLOP/s of F.scaled_dot_product_attention on q, k, v [1, 16, tokens, 64] under SDPA backend `backend`
+    ("default": no choice made); {"available": False, "error": ...} where the backend is missing or raises."""
+    if backend != "default" and not hasattr(SDPBackend, backend):
+        return {"available": False, "error": f"torch {torch.__version__} has no SDPBackend.{backend}"}
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (1, ATTENTION_HEADS, tokens, HEAD_DIM)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(3))
+    choice = contextlib.nullcontext() if backend == "default" else sdpa_kernel(getattr(SDPBackend, backend))
+    try:
+        with choice:
+            seconds = speed.median_seconds(device, lambda: F.scaled_dot_product_attention(q, k, v), CEILING_REPEATS)
+    except RuntimeError as error:
+        return {"available": False, "error": str(error).strip().splitlines()[0]}
+    flop = 4.0 * ATTENTION_HEADS * tokens**2 * HEAD_DIM  # QK^T and AV
+    return {"available": True, "shape": list(shape), "seconds": seconds, "tflops": flop / seconds / TERA}
+
+
+def measure_ceilings(settings: dict, device: torch.device) -> dict:
+    """The matrix-product ceilings (compute dtype and fp32) and the attention ceiling of every SDPA backend."""
+    dtypes = dict.fromkeys([settings["dtype"], "fp32"])
+    with torch.inference_mode():
+        return {
+            "matmul": {name: matmul_ceiling(settings["ceiling_matmul"], DTYPES[name], device) for name in dtypes},
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "attention": {backend: attention_ceiling(settings["ceiling_tokens"], DTYPES[settings["dtype"]], device,
+                                                     backend) for backend in (*BACKENDS, "default")},
+        }
+
+
+def backend_label(backend: str) -> str:
+    return "torch's choice" if backend == "default" else backend
+
+
+def fastest_attention(ceilings: dict) -> tuple[str, dict] | None:
+    """(backend, its entry) of the fastest available attention ceiling; None when no backend ran."""
+    available = [item for item in ceilings["attention"].items() if item[1]["available"]]
+    return max(available, key=lambda item: item[1]["tflops"]) if available else None
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+
+def speed_row(model, name: str, frames: int, schedule: str, size: tuple[int, int], whole: bool, settings: dict,
+              device: torch.device) -> dict:
+    """One row: `model` dense or under its paper rule on `frames` random frames [1, S, 3, H, W] of `size`, measured
+    whole or (dense) assembled: seconds and the FLOP model's (total, attention) TFLOP per stage, peak GiB."""
+    paper = models.paper_rule(model) if schedule == "paper" else None
+    row = {"kind": "speed", "model": name, "frames": frames, "schedule": schedule, "size": list(size),
+           "how": "measured whole" if whole else "assembled"}
+    try:
+        if whole:
+            images = torch.rand(1, frames, 3, *size, device=device)
+            with (apply_schedule(model, paper) if paper else contextlib.nullcontext()) as handle:
+                timing = speed.run_model(model, images, settings["repeats"], device, handle, enough_s=ENOUGH_S)
+            row.update(timing, note="encoder, each trunk step and the heads synchronised")
+            if paper:
+                costs = speed.select_merge_costs(model, model.adapter.layout(images), paper, settings["repeats"],
+                                                 device, DTYPES[settings["dtype"]])
+                select_merge, ratio = speed.select_merge_total(costs)
+                if select_merge is not None:
+                    row["stages_s"]["select+merge"] = select_merge
+                row.update(select_merge_layers=costs, select_merge_over_attention=ratio)
+        else:
+            parts = models.benchmark(model, frames, size, settings["head_frames"], device, settings["repeats"])
+            stages = {"encoder": parts["encoder_s"], "frame blocks": parts["other_steps_s"],
+                      "global blocks": parts["dense_global_s"], "heads": parts["heads_s"]}
+            peaks = [p for p in (parts["encoder_peak_gib"], parts["dense_global_step_peak_gib"]) if p is not None]
+            row.update(stages_s=stages, aggregator_s=parts["dense_s"] - parts["heads_s"], end_to_end_s=parts["dense_s"],
+                       peak_gib=max(peaks) if peaks else None,
+                       note=f"{parts['note']} (benchmarks/models.py); peak: the largest measured part's")
+    except torch.cuda.OutOfMemoryError:
+        row.update(out_of_memory=True, note="out of memory")
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    flop_config = model.flop_config(*size)
+    flops = speed.stage_flops(model, flop_config, frames, paper)
+    row.update(stages_tflop={stage: sum(parts) for stage, parts in flops.items()},
+               stages_attention_tflop={stage: parts[1] for stage, parts in flops.items()},
+               total_tflop=model_flops(flop_config, frames, paper).total / TERA)
+    return row
+
+
+def profile_row(name: str, side: int, settings: dict, device: torch.device) -> dict:
+    """profile-layers' time on `name` (profile_layers.py, random weights): --profile-clips clips of --profile-frames
+    frames at side x side; the goal's clip count extrapolated from the mean clip where fewer ran."""
+    clips = settings["profile_clips"]
+    result = profile_layers.main([
+        "--model", name, "--clips", str(clips), "--frames", str(settings["profile_frames"]), "--size", str(side),
+        "--device", str(device), "--dtype", settings["dtype"], "--seed", str(settings["seed"]),
+        *shlex.split(settings["profile_options"])])
+    goal = profile_layers.GOAL_WORKLOAD["clips"]
+    per_clip = statistics.mean(result["seconds_per_clip"])
+    return {
+        "kind": "profile", "model": name, "frames": settings["profile_frames"], "size": side, "clips": clips,
+        "global_layers": result["global_layers"], "kv_levels": len(result["kv_keep"]),
+        "query_levels": len(result["query_merge"]), "additivity": result["additivity"],
+        "level_batch": result["level_batch"], "seconds": result["wall_seconds"], "seconds_per_clip": per_clip,
+        "phases_s": result["seconds"], "peak_gib": result["peak_gib"], "goal_clips": goal,
+        "goal_clips_s": result["wall_seconds"] if clips == goal else per_clip * goal,
+        "how": "measured" if clips == goal else f"{clips} clip(s) measured, {goal} extrapolated from the mean clip",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- predictions
+
+def stage_predictions(row: dict, ceilings: dict | None, dense: dict | None, dtype: str) -> dict:
+    """Per stage and end to end: seconds at the ceilings (and the measured share of them) and, given the dense row of
+    the same model and length, at the dense row's per-stage TFLOP/s (a stage the FLOP model counts no work in, in
+    either row, at its dense time); None where an input is missing."""
+    seconds, tflop, attention = row.get("stages_s") or {}, row["stages_tflop"], row["stages_attention_tflop"]
+    fastest = fastest_attention(ceilings) if ceilings else None
+    at_ceiling = fraction = None
+    if fastest is not None:
+        matmul_rate, attention_rate = ceilings["matmul"][dtype]["tflops"], fastest[1]["tflops"]
+        at_ceiling = {stage: (tflop[stage] - attention[stage]) / matmul_rate + attention[stage] / attention_rate
+                      for stage in tflop}
+        fraction = {stage: at_ceiling[stage] / seconds[stage] for stage in at_ceiling if seconds.get(stage)}
+    at_dense = None
+    if dense is not None and dense.get("stages_s") and row is not dense:
+        dense_s, dense_tflop = dense["stages_s"], dense["stages_tflop"]
+        at_dense = {stage: dense_s[stage] * (tflop[stage] / dense_tflop[stage] if dense_tflop[stage] else 1.0)
+                    for stage in tflop if stage in dense_s and (dense_tflop[stage] or not tflop[stage])}
+
+    def end_to_end(times):
+        return sum(times[stage] for stage in speed.END_TO_END) if times and all(
+            stage in times for stage in speed.END_TO_END) else None
+
+    return {"ceiling_s": at_ceiling, "ceiling_fraction": fraction, "dense_rate_s": at_dense,
+            "ceiling_end_to_end_s": end_to_end(at_ceiling), "dense_rate_end_to_end_s": end_to_end(at_dense)}
+
+
+def with_predictions(results: dict) -> dict:
+    """`results` with every speed row's "predicted" (stage_predictions), speed-up and FLOP-model speed-up over the
+    dense row of its model and length."""
+    dense = {(row["model"], row["frames"]): row for row in results["rows"]
+             if row["kind"] == "speed" and row["schedule"] == "dense"}
+    for row in results["rows"]:
+        if row["kind"] != "speed":
+            continue
+        base = dense.get((row["model"], row["frames"]))
+        row["predicted"] = stage_predictions(row, results["ceilings"], base, results["settings"]["dtype"])
+        measured = base is not None and base.get("end_to_end_s") and row.get("end_to_end_s")
+        row["speedup"] = base["end_to_end_s"] / row["end_to_end_s"] if measured else None
+        row["flop_speedup"] = base["total_tflop"] / row["total_tflop"] if base is not None else None
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- the report
+
+def cell(value, digits: int = 2, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def percent(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def markdown(results: dict) -> str:
+    """The tables: ceilings, end to end, per stage, profile-layers."""
+    settings, ceilings = results["settings"], results["ceilings"]
+    commands = sorted({row["measured_by"]["command"] for row in results["rows"]})
+    commits = sorted({str(row["measured_by"]["commit"]) for row in results["rows"]})
+    lines = [
+        f"# Dense and paper-rule speed of every family on one {settings['device_name']}",
+        "",
+        f"Random weights, {settings['dtype']} autocast, torch {results['torch']}, last written {results['created']}. "
+        f"Rows measured by {len(commands)} call(s) at commit(s) {', '.join(commits) or 'n/a'}:",
+        "",
+        *(f"    {line}" for line in commands),
+        "",
+        "## Ceilings",
+        "",
+        "| what | shape | TFLOP/s | note |",
+        "|---|---|---:|---|",
+    ]
+    fastest = fastest_attention(ceilings) if ceilings else None
+    if ceilings:
+        for name, entry in ceilings["matmul"].items():
+            note = f"float32 matmul precision {ceilings['float32_matmul_precision']}" if name == "fp32" else ""
+            lines.append(f"| matrix product, {name} | {'x'.join(map(str, entry['shape']))} | "
+                         f"{entry['tflops']:.1f} | {note} |")
+        for backend, entry in ceilings["attention"].items():
+            label = backend_label(backend)
+            if entry["available"]:
+                lines.append(f"| attention, {label} | {entry['shape']} | {entry['tflops']:.1f} | |")
+            else:
+                lines.append(f"| attention, {label} | | n/a | unavailable: {entry['error']} |")
+        lines += ["", f"Fastest attention backend here: {backend_label(fastest[0]) if fastest else 'none ran'}. "
+                      f"\"at ceiling\" = matrix-product TFLOP at the {settings['dtype']} matrix-product ceiling + "
+                      "attention TFLOP at the fastest backend's (the heads run in fp32, so their ceiling time is the "
+                      "time they would take in the compute dtype); \"at dense rates\" = each stage's TFLOP at the "
+                      "TFLOP/s that stage reached in the dense row of the same model and length."]
+    speed_rows = [row for row in results["rows"] if row["kind"] == "speed"]
+    lines += [
+        "", "## End to end", "",
+        "| model | frames | schedule | how | end to end (s) | at ceiling (s) | % of ceiling | at dense rates (s) | "
+        "measured / at dense rates | speed-up | FLOP-model speed-up | peak (GiB) | select+merge / attention | note |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in speed_rows:
+        predicted, measured = row["predicted"], row.get("end_to_end_s")
+        ceiling, at_dense = predicted["ceiling_end_to_end_s"], predicted["dense_rate_end_to_end_s"]
+        lines.append(
+            f"| {row['model']} | {row['frames']} | {row['schedule']} | {row['how']} | {cell(measured)} | "
+            f"{cell(ceiling)} | {percent(ceiling / measured if ceiling and measured else None)} | {cell(at_dense)} | "
+            f"{cell(measured / at_dense if measured and at_dense else None)} | {cell(row['speedup'], 1, 'x')} | "
+            f"{cell(row['flop_speedup'], 1, 'x')} | {cell(row.get('peak_gib'), 1)} | "
+            f"{cell(row.get('select_merge_over_attention'), 3)} | {row['note']} |")
+    lines += [
+        "", "## Per stage", "",
+        "Indented stages are part of the stage above them.", "",
+        "| model | frames | schedule | stage | time (s) | FLOP model (TFLOP) | of which attention | TFLOP/s | "
+        "at ceiling (s) | % of ceiling | at dense rate (s) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in speed_rows:
+        seconds, predicted = row.get("stages_s") or {}, row["predicted"]
+        for stage in speed.STAGES:
+            if stage not in seconds and stage in ("global attention modules", "select+merge"):
+                continue
+            tflop, time = row["stages_tflop"][stage], seconds.get(stage)
+            lines.append(
+                f"| {row['model']} | {row['frames']} | {row['schedule']} | {STAGE_LABELS.get(stage, stage)} | "
+                f"{cell(time, 3)} | {tflop:.4g} | {row['stages_attention_tflop'][stage]:.4g} | "
+                f"{cell(tflop / time if time else None, 1)} | "
+                f"{cell((predicted['ceiling_s'] or {}).get(stage), 3)} | "
+                f"{percent((predicted['ceiling_fraction'] or {}).get(stage))} | "
+                f"{cell((predicted['dense_rate_s'] or {}).get(stage), 3)} |")
+    lines += [
+        "", "## profile-layers", "",
+        "| model | clips x frames | size | layers x levels | measured (s) | per clip (s) | goal clips | for them (s) | "
+        "peak (GiB) | how |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in results["rows"]:
+        if row["kind"] == "profile":
+            lines.append(
+                f"| {row['model']} | {row['clips']} x {row['frames']} | {row['size']} | {row['global_layers']} x "
+                f"({row['kv_levels']} K/V + {row['query_levels']} query) | {row['seconds']:.1f} | "
+                f"{row['seconds_per_clip']:.1f} | {row['goal_clips']} | {row['goal_clips_s']:.1f} | "
+                f"{cell(row['peak_gib'], 1)} | {row['how']} |")
+    return "\n".join(lines) + "\n"
+
+
+def save(path: Path, results: dict) -> None:
+    """--out (JSON, predictions recomputed) and its .md table, each written atomically."""
+    write_json(path, with_predictions(results))
+    write_atomic(path.with_suffix(".md"), markdown(results).encode())
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+def load_results(path: Path, settings: dict) -> dict:
+    """The results file at `path`, or a new one; a sentence if it is not one of this benchmark's or was measured
+    with other settings."""
+    if not path.exists():
+        return {"settings": settings, "ceilings": None, "rows": []}
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = None
+    if not isinstance(results, dict) or not {"settings", "ceilings", "rows"} <= results.keys():
+        raise ParameterError(f"`out` {path} is not a results file of benchmarks/speed_all.py: give another path",
+                             "out")
+    stored = results["settings"]
+    differing = [f"{key} {stored.get(key)!r} there, {value!r} here" for key, value in settings.items()
+                 if stored.get(key) != value]
+    if differing:
+        raise ParameterError(f"`out` {path} holds rows measured with other settings ({'; '.join(differing)}): run "
+                             "with its settings to resume it, or give another path", "out")
+    return results
+
+
+def dense_whole_limits(entries: list[str], names: list[str]) -> dict[str, int]:
+    """--dense-whole entries MAX (every model) and MODEL:MAX -> per model, the longest clip whose dense model runs
+    whole (longer ones are assembled)."""
+    default, limits = 0, {}
+    for entry in entries:
+        name, _, value = entry.rpartition(":")
+        if not value.isdigit():
+            raise ParameterError(f"`dense_whole` entry {entry!r} is neither MAX nor MODEL:MAX: give clip lengths such "
+                                 "as 300 or vggt-1b:1000", "dense_whole")
+        if name:
+            limits[get_entry(name).name] = int(value)
+        else:
+            default = int(value)
+    return {name: limits.get(name, default) for name in names}
+
+
+def row_key(kind: str, model: str, frames: int, schedule: str | None) -> tuple:
+    return kind, model, frames, schedule
+
+
+def check_only(patterns: list[str], names: list[str], frames: list[int], profile: bool) -> None:
+    """A sentence unless every --only pattern is MODEL[/FRAMES[/dense|paper]] or MODEL/profile of this run."""
+    for pattern in patterns:
+        model, *rest = pattern.split("/")
+        valid = model in names and (
+            not rest
+            or (rest == ["profile"] and profile)
+            or (len(rest) <= 2 and rest[0] in map(str, frames) and (len(rest) == 1 or rest[1] in SCHEDULES)))
+        if not valid:
+            raise ParameterError(
+                f"`only` pattern {pattern!r} names no row of this run: use MODEL, MODEL/FRAMES, MODEL/FRAMES/dense, "
+                f"MODEL/FRAMES/paper or MODEL/profile with a model of {', '.join(names)} and a length of "
+                f"{', '.join(map(str, frames))}{'' if profile else ' (profiles are off: --profile-clips 0)'}", "only")
+
+
+def selected(key: tuple, patterns: list[str]) -> bool:
+    """Whether --only `patterns` (none: everything) pick the row `key`."""
+    kind, model, frames, schedule = key
+    names = [model, f"{model}/profile"] if kind == "profile" else [
+        model, f"{model}/{frames}", f"{model}/{frames}/{schedule}"]
+    return not patterns or any(pattern in names for pattern in patterns)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="benchmarks/speed_all.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=FAMILIES)
+    parser.add_argument("--frames", type=int, nargs="+", default=[100, 300, 1000])
+    parser.add_argument("--dense-whole", nargs="+", default=["300", "vggt-1b:1000"],
+                        help="MAX or MODEL:MAX: the dense model runs whole up to MAX frames (a MODEL:MAX entry for "
+                             "that model), longer clips are assembled")
+    parser.add_argument("--only", nargs="+", default=[],
+                        help="MODEL, MODEL/FRAMES, MODEL/FRAMES/dense|paper or MODEL/profile: measure only these rows")
+    parser.add_argument("--size", type=int, default=None, help="square frame side (default: each model's size)")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="trunk autocast dtype")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=2, help="whole runs per row, the fastest kept")
+    parser.add_argument("--head-frames", type=int, default=100, help="frames the heads of an assembled row run on")
+    parser.add_argument("--ceiling-matmul", type=int, default=8192, help="side N of the N^3 matrix-product ceiling")
+    parser.add_argument("--ceiling-tokens", type=int, default=32768, help="sequence length of the attention ceiling")
+    parser.add_argument("--profile-clips", type=int, default=1, help="clips per profile (0: no profiles)")
+    parser.add_argument("--profile-frames", type=int, default=profile_layers.GOAL_WORKLOAD["frames"])
+    parser.add_argument("--profile-options", default="",
+                        help="further benchmarks/profile_layers.py flags, e.g. \"--kv-keep 0.5 --additivity 1\"")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed-all.json"))
+    return parser.parse_args(argv)
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = check_output_file(args.out, "out")
+    names = [get_entry(name).name for name in args.models]
+    limits = dense_whole_limits(args.dense_whole, names)
+    check_only(args.only, names, args.frames, args.profile_clips > 0)
+    device = resolve_device(args.device)
+    record = provenance.record(__file__, argv, device)
+    settings = {
+        "device_name": record["device_name"], "dtype": args.dtype, "size": args.size, "repeats": args.repeats,
+        "head_frames": args.head_frames, "ceiling_matmul": args.ceiling_matmul, "ceiling_tokens": args.ceiling_tokens,
+        "profile_clips": args.profile_clips, "profile_frames": args.profile_frames,
+        "profile_options": args.profile_options, "seed": args.seed,
+    }
+    results = load_results(out, settings)
+    sizes = {name: (args.size,) * 2 if args.size else whole_peaks.default_size(build_model(name, "meta"), name)
+             for name in names}
+    if args.profile_clips > 0:
+        for name, (height, width) in sizes.items():
+            if height != width and selected(row_key("profile", name, args.profile_frames, None), args.only):
+                raise ParameterError(f"profile-layers takes square frames, and {name} runs at {height}x{width}: "
+                                     "pass --size", "size")
+    measured_by = {key: record[key] for key in ("command", "commit")}
+
+    def add(row: dict) -> None:
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        results["rows"].append({**row, "measured_by": {**measured_by, "created": created}})
+        order = {name: index for index, name in enumerate(names)}
+        results["rows"].sort(key=lambda r: (order.get(r["model"], len(order)), r["model"], r["kind"] == "profile",
+                                            r["frames"], SCHEDULES.index(r["schedule"]) if r["kind"] == "speed" else 0))
+        results.update(record)
+        save(out, results)
+
+    if results["ceilings"] is None:
+        results["ceilings"] = measure_ceilings(settings, device)
+        results.update(record)
+        save(out, results)
+        print(f"done: ceilings ({record['device_name']})", file=sys.stderr)
+    done = {row_key(row["kind"], row["model"], row["frames"], row.get("schedule")) for row in results["rows"]}
+    for name in names:
+        plan = [row_key("speed", name, frames, schedule) for frames in args.frames for schedule in SCHEDULES]
+        plan += [row_key("profile", name, args.profile_frames, None)] if args.profile_clips > 0 else []
+        todo = [key for key in plan if key not in done and selected(key, args.only)]
+        if not todo:
+            continue
+        size = sizes[name]
+        whole = {key: key[3] == "paper" or key[2] <= limits[name] for key in todo if key[0] == "speed"}
+        if whole:
+            torch.manual_seed(args.seed)
+            model = build_model(name, device).eval().requires_grad_(False)
+            model.compute_dtype = DTYPES[args.dtype]
+            with torch.inference_mode():
+                for schedule, runs_whole in sorted({(key[3], whole[key]) for key in whole}):  # warm-up at 2 frames
+                    speed_row(model, name, 2, schedule, size, runs_whole, settings, device)
+                for key, runs_whole in whole.items():
+                    row = speed_row(model, name, key[2], key[3], size, runs_whole, settings, device)
+                    add(row)
+                    print(f"done: {name} {key[2]} frames {key[3]} ({row['how']}): {cell(row.get('end_to_end_s'))} s "
+                          "end to end", file=sys.stderr)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if todo[-1][0] == "profile":
+            add(profile_row(name, size[0], settings, device))
+            print(f"done: {name} profile-layers", file=sys.stderr)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""benchmarks/speed_all.py end to end on vggt-tiny (CPU, random weights): every row and stage, the ceilings (an
+unavailable SDPA backend included), resuming without re-measuring, bad input; and its per-stage FLOPs for every
+family."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from spark3r.models.registry import build_model
+from spark3r.reduce import model_flops
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def speed_all():
+    return load("speed_all")
+
+
+def tiny_argv(out):
+    return ["--models", "vggt-tiny", "--frames", "2", "3", "--dense-whole", "2", "--device", "cpu", "--dtype", "fp32",
+            "--repeats", "1", "--head-frames", "2", "--ceiling-matmul", "64", "--ceiling-tokens", "128",
+            "--profile-frames", "2", "--profile-options", "--kv-keep 0.5 --query-merge 2 --additivity 1",
+            "--out", str(out)]
+
+
+def positive(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_every_row_measured_once_then_resumed(speed_all, tmp_path, monkeypatch, one_thread):
+    out = tmp_path / "speed-all.json"
+    assert speed_all.main(tiny_argv(out) + ["--only", "vggt-tiny/2", "vggt-tiny/3/dense"]) == 0
+    first = json.loads(out.read_text())
+    assert [(row["frames"], row["schedule"]) for row in first["rows"]] == [(2, "dense"), (2, "paper"), (3, "dense")]
+
+    ceilings = first["ceilings"]
+    assert positive(ceilings["matmul"]["fp32"]["tflops"])
+    assert ceilings["attention"]["CUDNN_ATTENTION"]["available"] is False  # cuDNN attention never runs on a CPU
+    assert ceilings["attention"]["CUDNN_ATTENTION"]["error"]
+    for entry in ceilings["attention"].values():
+        assert positive(entry["tflops"]) if entry["available"] else entry["error"]
+
+    measured = []
+    real_speed_row = speed_all.speed_row
+
+    def speed_row(model, name, frames, schedule, *args):
+        if frames != 2:  # 2 frames is the warm-up
+            measured.append((frames, schedule))
+        return real_speed_row(model, name, frames, schedule, *args)
+
+    def refuse(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(speed_all, "speed_row", speed_row)
+    monkeypatch.setattr(speed_all, "measure_ceilings", refuse)
+    assert speed_all.main(tiny_argv(out)) == 0
+    assert measured == [(3, "paper")]
+    results = json.loads(out.read_text())
+    assert results["ceilings"] == ceilings and results["command"].startswith("python benchmarks/speed_all.py")
+    speed_rows = [row for row in results["rows"] if row["kind"] == "speed"]
+    assert [(row["frames"], row["schedule"], row["how"]) for row in speed_rows] == [
+        (2, "dense", "measured whole"), (2, "paper", "measured whole"), (3, "dense", "assembled"),
+        (3, "paper", "measured whole")]
+    assert [row["measured_by"]["command"] for row in results["rows"]][2:4] == [
+        first["command"], results["command"]]
+    for row in speed_rows:
+        stages = row["stages_s"]
+        assert all(positive(stages[stage]) for stage in ("encoder", "frame blocks", "global blocks", "heads"))
+        assert all(positive(value) for value in stages.values())
+        assert positive(row["end_to_end_s"]) and positive(row["total_tflop"])
+        assert set(row["stages_tflop"]) == set(row["stages_attention_tflop"]) == set(speed_all.speed.STAGES)
+        assert all(0 <= row["stages_attention_tflop"][s] <= row["stages_tflop"][s] for s in speed_all.speed.STAGES)
+        assert positive(row["predicted"]["ceiling_end_to_end_s"])
+        assert all(math.isfinite(value) for value in row["predicted"]["ceiling_s"].values())
+        if row["schedule"] == "paper":
+            assert positive(row["predicted"]["dense_rate_end_to_end_s"]) and row["flop_speedup"] >= 1
+            assert positive(row["speedup"])
+    assert "global attention modules" in speed_rows[0]["stages_s"]  # timed inside whole runs only
+    assert "global attention modules" not in speed_rows[2]["stages_s"]
+    profile = results["rows"][-1]
+    assert profile["kind"] == "profile" and profile["global_layers"] == 12 and positive(profile["seconds"])
+    assert profile["goal_clips_s"] == pytest.approx(8 * profile["seconds_per_clip"])
+    assert "extrapolated" in profile["how"]
+    table = out.with_suffix(".md").read_text()
+    assert "| vggt-tiny | 3 | dense | assembled |" in table and "unavailable: " in table
+    assert "| vggt-tiny | 1 x 2 | 112 | 12 x (2 K/V + 2 query) |" in table
+
+    before = out.read_text()
+    for name in ("speed_row", "profile_row", "measure_ceilings"):
+        monkeypatch.setattr(speed_all, name, refuse)
+    assert speed_all.main(tiny_argv(out)) == 0
+    assert out.read_text() == before
+
+
+def test_a_row_out_of_memory_is_kept_as_such(speed_all, tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(speed_all.speed, "run_model", out_of_memory)
+    out = tmp_path / "speed-all.json"
+    assert speed_all.main(tiny_argv(out) + ["--only", "vggt-tiny/2/paper", "--profile-clips", "0"]) == 0
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["out_of_memory"] and "stages_s" not in row and positive(row["total_tflop"])
+    assert "| vggt-tiny | 2 | paper | measured whole | n/a |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--only", "vggt-tiny/5"], "--only pattern 'vggt-tiny/5' names no row of this run"),
+    (["--only", "vggt-tiny/profile", "--profile-clips", "0"], "profiles are off"),
+    (["--dense-whole", "vggt-tiny:many"], "--dense-whole entry 'vggt-tiny:many' is neither MAX nor MODEL:MAX"),
+    (["--models", "vggt-2b"], "unknown model 'vggt-2b'"),
+])
+def test_bad_arguments_cost_a_sentence(speed_all, tmp_path, capsys, extra, message):
+    assert speed_all.main(tiny_argv(tmp_path / "out.json") + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_a_file_of_other_settings_or_another_kind_is_left_alone(speed_all, tmp_path, capsys):
+    out = tmp_path / "speed-all.json"
+    out.write_text(json.dumps({"settings": {"dtype": "bf16"}, "ceilings": None, "rows": []}))
+    assert speed_all.main(tiny_argv(out)) == 2
+    assert "holds rows measured with other settings (device_name None there" in capsys.readouterr().err
+    out.write_text("[]")
+    assert speed_all.main(tiny_argv(out)) == 2
+    assert "is not a results file of benchmarks/speed_all.py" in capsys.readouterr().err
+    assert out.read_text() == "[]"
+
+
+@pytest.mark.parametrize("name, size", [("vggt-1b", 518), ("pi3", 504), ("da3-giant", 504), ("vggt-omega", 512)])
+def test_stage_flops_of_every_family_add_up(name, size):
+    """encoder + frame blocks + global blocks + heads = the FLOP model's total, dense and under the paper rule; DA3's
+    local blocks split between prepare (12 before the first pair) and the trunk (14)."""
+    speed, models = load("speed"), load("models")
+    model = build_model(name, "meta")
+    flop_config = model.flop_config(size, size)
+    for schedule in (None, models.paper_rule(model)):
+        flops = speed.stage_flops(model, flop_config, 1000, schedule)
+        total = model_flops(flop_config, 1000, schedule).total / 1e12
+        assert sum(sum(flops[stage]) for stage in speed.END_TO_END) == pytest.approx(total, rel=1e-12)
+        assert all(min(parts) >= 0 for parts in flops.values()) and min(flops["encoder"]) > 0
+    if name == "da3-giant":
+        assert sum(flops["encoder"]) / sum(flops["frame blocks"]) == pytest.approx(12 / 14)
