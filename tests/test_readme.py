@@ -90,3 +90,19 @@ def test_every_result_file_records_command_commit_and_device(name):
     assert {"command", "commit", "device_name"} <= set(data), name
     if data["command"] is None:
         assert data["command_note"], name  # says why there is none
+
+
+def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path):
+    small = json.loads((REPO / "benchmarks" / "results" / "length-schedules-cpu-small.json").read_text())
+    assert "small CPU run" in readme.length_section(REPO / "benchmarks" / "results")
+    for budget in small["budgets"]:
+        for comparison in budget["versus"].values():
+            comparison["score"]["ratio"] = 0.5
+    (tmp_path / "length-schedules.json").write_text(json.dumps(small))
+    text = " ".join(readme.length_section(tmp_path).split())
+    assert "0.50x the paper rule's and 0.50x the best uniform" in text and "is met here." in text
+    assert "small CPU run" not in text and "`benchmarks/results/length-schedules.json`" in text
+    small["budgets"][0]["versus"]["searched vs paper"]["ate"]["verdict"] = "loss"
+    (tmp_path / "length-schedules.json").write_text(json.dumps(small))
+    text = " ".join(readme.length_section(tmp_path).split())
+    assert "significantly worse (Wilcoxon, p < 0.05) in 1x paper ate" in text and "is not met here." in text
