@@ -178,3 +178,42 @@ def test_frame_files_do_not_depend_on_the_writer_threads(tmp_path):
     assert all((tmp_path / "1" / p).read_bytes() == (tmp_path / "4" / p).read_bytes() for p in one)
     back = cv2.imread(str(tmp_path / "4" / "images" / "frame002.png"), cv2.IMREAD_UNCHANGED)[..., ::-1]
     assert np.array_equal(back, images[2])
+
+
+def test_point_cloud_filters_samples_and_unprojects_like_a_pixel_loop():
+    from spark3r.reconstruct import point_cloud
+
+    rng = np.random.default_rng(3)
+    S, H, W = 3, 7, 9
+    depth = rng.uniform(0.5, 3.0, (S, H, W)).astype(np.float32)
+    depth[0, 1, 2], depth[2, 6, 8] = np.nan, -1.0
+    confidence = rng.uniform(1.0, 2.0, (S, H, W)).astype(np.float32)
+    images = rng.integers(0, 256, (S, H, W, 3), dtype=np.uint8)
+    K = np.array([[[8.0 + s, 0, 4.5], [0, 7.0, 3.5], [0, 0, 1]] for s in range(S)])
+    angles = rng.uniform(-0.5, 0.5, (S, 3))
+    E = []
+    for a, b, c in angles:
+        Rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+        Rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+        E.append(np.hstack([Rz @ Rx, rng.normal(size=(3, 1))]))
+    E = np.array(E)
+    valid = np.isfinite(depth) & (depth > 0)
+    threshold = np.percentile(confidence[valid], 30)
+    expected_points, expected_colors = [], []
+    for s in range(S):  # brute force, pixel by pixel
+        for i in range(H):
+            for j in range(W):
+                if valid[s, i, j] and confidence[s, i, j] >= threshold:
+                    ray = np.linalg.solve(K[s], [j + 0.5, i + 0.5, 1.0])
+                    expected_points.append(E[s, :, :3].T @ (depth[s, i, j] * ray - E[s, :, 3]))
+                    expected_colors.append(images[s, i, j])
+    points, colors, found = point_cloud(depth, confidence, K, E, images, confidence_percentile=30)
+    assert found == pytest.approx(threshold) and points.dtype == np.float32 and colors.dtype == np.uint8
+    assert np.allclose(points, expected_points, atol=1e-5) and np.array_equal(colors, expected_colors)
+
+    few, few_colors, _ = point_cloud(depth, confidence, K, E, images, confidence_percentile=30, max_points=40, seed=1)
+    again, _, _ = point_cloud(depth, confidence, K, E, images, confidence_percentile=30, max_points=40, seed=1)
+    assert np.array_equal(few, again) and 15 <= len(few) <= 70  # each kept with probability 40 / ~120, seeded
+    distance = np.linalg.norm(few[:, None].astype(np.float64) - np.asarray(expected_points)[None], axis=-1)
+    nearest = distance.argmin(axis=1)  # every sampled point is one of the kept pixels, with its colour
+    assert distance.min(axis=1).max() < 1e-5 and np.array_equal(few_colors, np.asarray(expected_colors)[nearest])
