@@ -110,6 +110,19 @@ def ratio(report: dict, frames: int, base: int, metric: str) -> float:
     return model[frames][metric] / model[base][metric]
 
 
+def breaks(report: dict, middle: dict) -> str:
+    """The longest clip length at which the pose bars that fail at the longest length still hold."""
+    model = {**model_rows(report), **model_rows(middle)}
+    frame_only = {int(f): e["results"]["frame_only"] for r in (report, middle) for f, e in r["lengths"].items()}
+    short = min(model)
+    holds = [f for f in sorted(model) if model[f]["auc30"] >= 0.4 and frame_only[f]["ate"] >= 3 * model[f]["ate"]]
+    within = [f for f in sorted(model) if model[f]["ate"] <= 2 * model[short]["ate"]]
+    return (f"AUC@30 >= 0.4 with frame-only global attention at least 3x worse in ATE holds up to "
+            f"{max(holds) if holds else 'no'} frames (lengths measured: {', '.join(map(str, sorted(model)))}); ATE "
+            f"within 2x of its {short}-frame value up to {max(within)} frames. Long-clip schedules can be judged on this "
+            f"model up to about {max(holds) if holds else short} frames.")
+
+
 def stages_table(first: dict, second: dict) -> list[str]:
     """The dense model of both stages side by side, per clip length."""
     lines = ["| frames | ATE stage 1 | ATE stage 2 | rot err stage 1 | rot err stage 2 | AUC@30 stage 1 | "
@@ -140,6 +153,7 @@ def main() -> None:
     arcs_first = json.loads((RESULTS / "eval-vggt-tiny-long-48-arc8.json").read_text())
     arcs_second = json.loads((RESULTS / "eval-vggt-tiny-long-arc8.json").read_text())
     profile_first = json.loads((RESULTS / "profile-vggt-tiny-long-48-32.json").read_text())
+    middle = json.loads((RESULTS / "eval-vggt-tiny-long-mid.json").read_text())
     evals = held_out_auc(RESULTS / "train-vggt-tiny-long-256.log")
     long = max(model_rows(second))
     one, two = model_rows(first)[long], model_rows(second)[long]
@@ -162,6 +176,8 @@ def main() -> None:
         f"## Held-out walks ({second['clips']}, never trained on), dense, shipped weights (stage 2)", "",
         *evaluation_table(second), "",
         "## The issue's bars (stage 2)", "", *bars(second), "",
+        f"## Between 32 and 128 frames (stage 2, {middle['clips']}, {middle['device_name']})", "",
+        *evaluation_table(middle), "", breaks(second, middle), "",
         "## Stage 1 against stage 2 (held-out walks, dense)", "", *stages_table(first, second), "",
         f"Stage 2 takes the {long}-frame ATE from {one['ate']:.3f} to {two['ate']:.3f} and AUC@30 from "
         f"{one['auc30']:.2f} to {two['auc30']:.2f} (the bars above compare it with its 8-frame quality). "
