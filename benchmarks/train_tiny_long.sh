@@ -7,7 +7,8 @@
 #   RUN=/root/tiny-long MINUTES=13 INIT=old-6-layer.safetensors bash benchmarks/train_tiny_long.sh
 # Stage 2: from stage 1's weights (the shipped ones), clips of 2-256 frames, 1024 frames per step:
 #   RUN=/root/tiny-long-256 MINUTES=11 INIT=spark3r/weights/vggt-tiny.safetensors MAX_FRAMES=256 \
-#       FRAMES_PER_STEP=1024 LR=2e-4 WARMUP=100 bash benchmarks/train_tiny_long.sh
+#       FRAMES_PER_STEP=1024 LR=2e-4 WARMUP=100 SEED=2 bash benchmarks/train_tiny_long.sh
+# ARC_SHARE=0.25 makes a quarter of the steps short arcs (stage 2 had arcs in 3% of its steps and lost them).
 set -euo pipefail
 RUN=${RUN:-runs/tiny-long}
 mkdir -p "$RUN"
@@ -16,5 +17,5 @@ setsid python3 -m spark3r.commands.train_tiny --init "${INIT:?give INIT=the weig
     --frames 2 --max-frames "${MAX_FRAMES:-48}" --frames-per-step "${FRAMES_PER_STEP:-384}" --path mixed \
     --held-out synthetic:16:999:walk --lr "${LR:-3e-4}" --warmup "${WARMUP:-200}" --steps 100000 \
     --minutes "${MINUTES:-13}" --eval-every 500 --checkpoint-every 250 --log-every 100 --seed "${SEED:-1}" \
-    --out "$RUN/vggt-tiny.safetensors" >>"$RUN/train.log" 2>&1 < /dev/null &
+    ${ARC_SHARE:+--arc-share "$ARC_SHARE"} --out "$RUN/vggt-tiny.safetensors" >>"$RUN/train.log" 2>&1 < /dev/null &
 echo "training in the background: $RUN/train.log"

@@ -208,6 +208,8 @@ def test_time_limit_stops_cleanly_and_still_writes_weights(tmp_path, capsys):
     (["--out", "tiny.pt"], "must name a .safetensors file"),
     (["--size", "30"], "not a multiple of the patch size"),
     (["--held-out", f"synthetic:2:{10**9 + 1}"], "uses a training seed"),
+    (["--arc-share", "0.25"], "--arc-share 0.25 needs --path mixed"),
+    (["--path", "mixed", "--arc-share", "1.5"], "a share between 0 and 1"),
 ])
 def test_bad_training_settings_exit_2_with_one_sentence(tmp_path, capsys, bad, message):
     args = ["--out", str(tmp_path / "w.safetensors"), "--steps", "1", "--batch", "1", "--frames", "2", "--size", "28",
@@ -265,6 +267,13 @@ def test_variable_length_steps_stay_in_range_fill_the_frame_budget_and_repeat():
     short_paths = [path for frames, _, path in drawn if frames <= 16]
     assert 0.3 < short_paths.count("arc") / len(short_paths) < 0.7
     assert StepShape((8, 8), clips=6).at(123) == (8, 6, "arc")
+    shared = StepShape((2, 256), clips=1, frames_per_step=1024, path="mixed", arc_share=0.25)
+    drawn = [shared.at(train_spec_seed(0, step)) for step in range(800)]
+    arcs = [frames for frames, _, path in drawn if path == "arc"]
+    walks = [frames for frames, _, path in drawn if path == "walk"]
+    assert 0.2 < len(arcs) / len(drawn) < 0.3 and max(arcs) <= 16 and max(walks) > 200 and min(walks) <= 16
+    assert all(clips == 1024 // frames for frames, clips, _ in drawn)
+    assert StepShape((2, 48), 48, 384, "mixed").at(train_spec_seed(0, 5)) == shape.at(train_spec_seed(0, 5))
     arrays = StepScenes(0, StepShape((2, 5), 1, frames_per_step=10, path="walk"), (28, 28), SceneConfig())[7]
     frames, clips, _ = StepShape((2, 5), 1, frames_per_step=10, path="walk").at(train_spec_seed(0, 7))
     assert arrays["extrinsics"].shape == (clips, frames, 3, 4)

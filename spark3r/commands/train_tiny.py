@@ -11,7 +11,7 @@ DataLoader workers on the CPU, the ray cast runs on the device): `--batch` clips
 `--max-frames`, clips of a length drawn per step from `--frames`..`--max-frames`, as many as fit `--frames-per-step`
 frames (VGGT trains on a varying number of frames so that it generalises in length). `--path` picks the camera path:
 arc (short arcs), walk (hand-held walks through the scene) or mixed (walks, and arcs for half of the steps of at most
-16 frames). It trains the vggt-tiny architecture, the same code as vggt-1b, from random weights or from `--init`
+16 frames; with `--arc-share P`, instead a share P of the steps are arcs of at most 16 frames). It trains the vggt-tiny architecture, the same code as vggt-1b, from random weights or from `--init`
 weights (a shallower trunk is grown by `grow_depth`) with VGGT's losses:
 - targets as VGGT normalises them: cameras relative to frame 0, points in frame 0's camera coordinates, and depth,
   points and translations divided by the mean distance of the clip's points from camera 0;
@@ -81,6 +81,8 @@ def build_parser() -> ArgumentParser:
                         help="with --max-frames: frames per step (clips = this // length; default batch x frames)")
     parser.add_argument("--path", choices=SCENE_PATHS, default=TrainConfig.path,
                         help="camera path of the training clips (default %(default)s)")
+    parser.add_argument("--arc-share", type=float,
+                        help="with --path mixed: this share of the steps are short arcs (<= 16 frames), the rest walks")
     parser.add_argument("--init", help="start from these vggt-tiny weights (safetensors; a shallower trunk is grown)")
     parser.add_argument("--size", type=int, default=TrainConfig.size, help="square image size (default %(default)s)")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate (default %(default)s)")
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     train(TrainConfig(
         out=args.out, steps=args.steps, batch=args.batch, frames=counts[0], max_frames=args.max_frames,
-        frames_per_step=args.frames_per_step, path=args.path, init=args.init, size=args.size, seed=args.seed,
+        frames_per_step=args.frames_per_step, path=args.path, arc_share=args.arc_share, init=args.init,
+        size=args.size, seed=args.seed,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         camera_weight=args.camera_weight, minutes=args.minutes, log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, workers=args.workers, compile=args.compile, held_out=args.held_out),

@@ -30,13 +30,16 @@ class StepShape:
 
     frames: (low, high) frame counts, drawn per step (low == high: fixed); frames_per_step: frames of a step when the
     length varies (clips = frames_per_step // length, at least 1), else `clips` clips per step; path: arc, walk or
-    mixed (walks, and arcs for half of the steps of at most MIXED_ARC_FRAMES frames).
+    mixed (walks, and arcs for half of the steps of at most MIXED_ARC_FRAMES frames); arc_share (mixed only): instead,
+    this share of the steps are arcs of low..min(high, MIXED_ARC_FRAMES) frames and the rest walks of low..high, so
+    that training on long walks keeps seeing short arcs.
     """
 
     frames: tuple[int, int]
     clips: int
     frames_per_step: int | None = None
     path: str = "arc"
+    arc_share: float | None = None
 
     def at(self, spec_seed: int) -> tuple[int, int, str]:
         """(frames, clips, path) of the step whose spec seed is `spec_seed`."""
@@ -44,6 +47,12 @@ class StepShape:
         if low == high and self.path != "mixed":
             return low, self.clips, self.path
         draw = torch.Generator().manual_seed(spec_seed)
+        if self.path == "mixed" and self.arc_share is not None:
+            arc = torch.rand((), generator=draw).item() < self.arc_share
+            longest = min(high, MIXED_ARC_FRAMES) if arc else high
+            frames = int(torch.randint(low, max(low, longest) + 1, (), generator=draw))
+            clips = self.clips if low == high else max(1, self.frames_per_step // frames)
+            return frames, clips, "arc" if arc else "walk"
         frames = int(torch.randint(low, high + 1, (), generator=draw))
         arc = torch.rand((), generator=draw).item() < 0.5
         path = self.path if self.path != "mixed" else ("arc" if arc and frames <= MIXED_ARC_FRAMES else "walk")

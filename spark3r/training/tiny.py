@@ -104,6 +104,7 @@ class TrainConfig:
     max_frames: int | None = None
     frames_per_step: int | None = None
     path: str = "arc"
+    arc_share: float | None = None
     init: str | None = None
     size: int = 112
     seed: int = 0
@@ -120,7 +121,7 @@ class TrainConfig:
     compile: bool = False
     held_out: str = HELD_OUT_SPEC
 
-    RESUME_KEYS = ("batch", "frames", "max_frames", "frames_per_step", "path", "size", "seed")
+    RESUME_KEYS = ("batch", "frames", "max_frames", "frames_per_step", "path", "arc_share", "size", "seed")
 
     def check(self) -> None:
         for name in ("steps", "batch", "frames", "size", "log_every", "eval_every", "checkpoint_every"):
@@ -136,6 +137,9 @@ class TrainConfig:
                                  f"give at least {self.longest}", "frames_per_step")
         if self.path not in SCENE_PATHS:
             raise ParameterError(f"`path` {self.path} is not one of {', '.join(SCENE_PATHS)}", "path")
+        if self.arc_share is not None and (self.path != "mixed" or not 0 < self.arc_share < 1):
+            raise ParameterError(f"`arc_share` {self.arc_share} needs `path` mixed and a share between 0 and 1 "
+                                 "(e.g. 0.25)", "arc_share", "path")
         if self.size % 14:
             raise ParameterError(f"`size` {self.size} is not a multiple of the patch size 14: use e.g. 112", "size")
         if self.minutes is not None and not self.minutes > 0:
@@ -153,7 +157,7 @@ class TrainConfig:
     @property
     def step_shape(self) -> StepShape:
         frames_per_step = self.frames_per_step or self.batch * self.frames
-        return StepShape((self.frames, self.longest), self.batch, frames_per_step, self.path)
+        return StepShape((self.frames, self.longest), self.batch, frames_per_step, self.path, self.arc_share)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -185,8 +189,8 @@ def load_checkpoint(config: TrainConfig, model: nn.Module, optimizer: torch.opti
         return 0, 0.0
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     for key in TrainConfig.RESUME_KEYS:
-        if checkpoint["settings"][key] != getattr(config, key):
-            raise ParameterError(f"checkpoint {path} was made with `{key}` {checkpoint['settings'][key]}, not "
+        if checkpoint["settings"].get(key) != getattr(config, key):  # .get: checkpoints older than arc_share
+            raise ParameterError(f"checkpoint {path} was made with `{key}` {checkpoint['settings'].get(key)}, not "
                                  f"{getattr(config, key)}: pass the same settings to resume, or delete it to start "
                                  "over", key)
     model.load_state_dict(checkpoint["model"])
