@@ -34,9 +34,7 @@ def evaluation_table(report: dict) -> list[str]:
 
 def bars(report: dict) -> list[str]:
     """The issue's acceptance bars, each with its numbers and whether it holds."""
-    lengths = report["lengths"]
-    model = {int(frames): entry["results"]["model"] for frames, entry in lengths.items()}
-    frame_only = {int(frames): entry["results"]["frame_only"] for frames, entry in lengths.items()}
+    model, frame_only = by_length(report), by_length(report, "frame_only")
     short, long = min(model), max(model)
     checks = [
         (f"ATE at {long} within 2x of {short} frames", model[long]["ate"] / model[short]["ate"], "<= 2"),
@@ -101,19 +99,15 @@ def arc_share(low: int, high: int) -> float:
     return 0.5 * max(0, min(high, MIXED_ARC_FRAMES) - low + 1) / (high - low + 1)
 
 
-def model_rows(report: dict) -> dict[int, dict]:
-    return {int(frames): entry["results"]["model"] for frames, entry in report["lengths"].items()}
-
-
-def ratio(report: dict, frames: int, base: int, metric: str) -> float:
-    model = model_rows(report)
-    return model[frames][metric] / model[base][metric]
+def by_length(report: dict, row: str = "model") -> dict[int, dict]:
+    """One row's metrics ("model", "frame_only" or "trivial") per clip length of an evaluation report."""
+    return {int(frames): entry["results"][row] for frames, entry in report["lengths"].items()}
 
 
 def breaks(report: dict, middle: dict) -> str:
     """The longest clip length at which the pose bars that fail at the longest length still hold."""
-    model = {**model_rows(report), **model_rows(middle)}
-    frame_only = {int(f): e["results"]["frame_only"] for r in (report, middle) for f, e in r["lengths"].items()}
+    model = {**by_length(report), **by_length(middle)}
+    frame_only = {**by_length(report, "frame_only"), **by_length(middle, "frame_only")}
     short = min(model)
     holds = [f for f in sorted(model) if model[f]["auc30"] >= 0.4 and frame_only[f]["ate"] >= 3 * model[f]["ate"]]
     within = [f for f in sorted(model) if model[f]["ate"] <= 2 * model[short]["ate"]]
@@ -127,9 +121,9 @@ def stages_table(first: dict, second: dict) -> list[str]:
     """The dense model of both stages side by side, per clip length."""
     lines = ["| frames | ATE stage 1 | ATE stage 2 | rot err stage 1 | rot err stage 2 | AUC@30 stage 1 | "
              "AUC@30 stage 2 | frame-only / model ATE, stage 2 |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    one, two = model_rows(first), model_rows(second)
+    one, two, frame_only_two = by_length(first), by_length(second), by_length(second, "frame_only")
     for frames in sorted(two):
-        frame_only = second["lengths"][str(frames)]["results"]["frame_only"]["ate"]
+        frame_only = frame_only_two[frames]["ate"]
         lines.append(f"| {frames} | {one[frames]['ate']:.3f} | {two[frames]['ate']:.3f} | "
                      f"{one[frames]['rotation_deg']:.2f} | {two[frames]['rotation_deg']:.2f} | "
                      f"{one[frames]['auc30']:.3f} | {two[frames]['auc30']:.3f} | {frame_only / two[frames]['ate']:.2f} |")
@@ -155,8 +149,8 @@ def main() -> None:
     profile_first = json.loads((RESULTS / "profile-vggt-tiny-long-48-32.json").read_text())
     middle = json.loads((RESULTS / "eval-vggt-tiny-long-mid.json").read_text())
     evals = held_out_auc(RESULTS / "train-vggt-tiny-long-256.log")
-    long = max(model_rows(second))
-    one, two = model_rows(first)[long], model_rows(second)[long]
+    long = max(by_length(second))
+    one, two = by_length(first)[long], by_length(second)[long]
     text = [
         "# vggt-tiny for long clips (12 + 12 blocks): stage 1 on clips of 2-48 frames, stage 2 on 2-256", "",
         "Device: one NVIDIA H200 (torch 2.11), bf16 trunk. Commands (background, resumable; "
@@ -189,7 +183,7 @@ def main() -> None:
         f"## Held-out arcs ({arcs_second['clips']}, 8 frames, the 6 + 6 model's benchmark)", "",
         "Stage 1:", "", *evaluation_table(arcs_first), "", "Stage 2 (shipped):", "", *evaluation_table(arcs_second), "",
         f"Stage 2 trained on arcs in {100 * arc_share(2, 256):.0f}% of its steps: on 8-frame arcs its AUC@30 is "
-        f"{model_rows(arcs_second)[8]['auc30']:.3f} against stage 1's {model_rows(arcs_first)[8]['auc30']:.3f}.", "",
+        f"{by_length(arcs_second)[8]['auc30']:.3f} against stage 1's {by_length(arcs_first)[8]['auc30']:.3f}.", "",
         "## Sensitivity of the shipped model at 32 and 256 frames (profile-layers)", "",
         "### 32 frames", "", *sensitivity("profile-vggt-tiny-long-32.json"), "",
         "### 256 frames", "", *sensitivity("profile-vggt-tiny-long-256.json"), "",

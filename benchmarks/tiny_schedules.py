@@ -311,6 +311,12 @@ def schedule_key(schedule: Schedule, frames: int) -> tuple:
     return tuple(schedule.reductions(frames))
 
 
+def cached_rows_name(clip: Clip, schedule_keys, ground_truth: bool, score_weights: dict) -> str:
+    """File name of one clip's measured rows: a digest of its pixels and of what was measured on it."""
+    identity = json.dumps([clip.fingerprint(), sorted(schedule_keys), ground_truth, score_weights])
+    return f"{hashlib.sha256(identity.encode()).hexdigest()[:20]}.json"
+
+
 @torch.inference_mode()
 def measure(model, clips: list[Clip], schedules: dict[str, Schedule], score_weights: dict, ground_truth: bool,
             desc: str, cache: Path | None = None) -> dict[str, list[dict]]:
@@ -327,10 +333,8 @@ def measure(model, clips: list[Clip], schedules: dict[str, Schedule], score_weig
     keys = {key: repr(key) for key in distinct}
     per_clip = []
     for clip in tqdm(clips, desc=desc, unit="clip", file=sys.stderr, leave=False):
-        stored = None
-        if cache is not None:
-            identity = json.dumps([clip.fingerprint(), sorted(keys.values()), ground_truth, score_weights])
-            stored = Path(cache) / f"{hashlib.sha256(identity.encode()).hexdigest()[:20]}.json"
+        stored = None if cache is None else Path(cache) / cached_rows_name(clip, keys.values(), ground_truth,
+                                                                           score_weights)
         if stored is not None and stored.is_file():
             per_clip.append(json.loads(stored.read_text()))
             continue
@@ -350,7 +354,7 @@ def measure(model, clips: list[Clip], schedules: dict[str, Schedule], score_weig
             write_json(stored, rows)
         per_clip.append(rows)
     measured = {"dense": [rows["dense"] for rows in per_clip]}
-    measured.update({name: [rows[repr(schedule_key(schedule, frames))] for rows in per_clip]
+    measured.update({name: [rows[keys[schedule_key(schedule, frames)]] for rows in per_clip]
                      for name, schedule in schedules.items()})
     return measured
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from spark3r.data.clip import Clip
+from spark3r.data.clip import Clip, unproject_pixels
 from spark3r.data.clips import read_clip
 from spark3r.errors import ParameterError, Spark3rError
 from spark3r.export.colmap import write_colmap_text
@@ -97,7 +97,7 @@ def point_cloud(depth: np.ndarray, confidence: np.ndarray, intrinsics: np.ndarra
     depth, confidence [S, H, W]; intrinsics [S, 3, 3]; extrinsics [S, 3, 4]; images uint8 [S, H, W, 3]. A pixel is kept
     when its depth is finite and positive and its confidence is at or above the `confidence_percentile`-th
     percentile of the valid pixels' confidences; beyond `max_points` kept pixels, each is kept with probability
-    max_points / kept (seeded). Only the kept pixels are unprojected, one frame at a time.
+    max_points / kept (seeded). Only the kept pixels are unprojected (float64), one frame at a time.
     """
     if not 0 <= confidence_percentile <= 100:
         raise ParameterError(f"`confidence_percentile` {confidence_percentile} is outside [0, 100]: give a percentile",
@@ -117,20 +117,13 @@ def point_cloud(depth: np.ndarray, confidence: np.ndarray, intrinsics: np.ndarra
         if probability < 1:
             chosen = generator.random(len(rows)) < probability
             rows, cols = rows[chosen], cols[chosen]
-        points.append(unproject_pixels(depth[index, rows, cols], rows, cols, intrinsics[index], extrinsics[index]))
+        world = unproject_pixels(torch.from_numpy(depth[index, rows, cols].astype(np.float64))[None],
+                                 torch.from_numpy(rows), torch.from_numpy(cols),
+                                 torch.from_numpy(intrinsics[index:index + 1]),
+                                 torch.from_numpy(extrinsics[index:index + 1]))[0]
+        points.append(world.numpy().astype(np.float32))
         colors.append(images[index, rows, cols])
     return np.concatenate(points), np.concatenate(colors), threshold
-
-
-def unproject_pixels(z: np.ndarray, rows: np.ndarray, cols: np.ndarray, intrinsics: np.ndarray,
-                     extrinsics: np.ndarray) -> np.ndarray:
-    """World points [n, 3] float32 of n pixels (rows, cols [n]) at z-depth z [n] of one camera (K [3, 3], world-to-camera
-    [R | t] [3, 4]): x_world = R^T (z K^-1 [j + 0.5, i + 0.5, 1] - t), in float64 (spark3r.data.clip.unproject_depth,
-    for the pixels that are kept only)."""
-    pixels = np.stack([cols + 0.5, rows + 0.5, np.ones(len(rows))], axis=-1)
-    rays = pixels @ np.linalg.inv(np.asarray(intrinsics, np.float64)).T
-    camera = z.astype(np.float64)[:, None] * rays - extrinsics[:, 3]
-    return (camera @ np.asarray(extrinsics, np.float64)[:, :3]).astype(np.float32)
 
 
 def reconstruct(input: str | os.PathLike, model: str, *, weights: str | os.PathLike | None = "auto",

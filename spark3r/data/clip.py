@@ -96,17 +96,24 @@ def unproject_depth(depth: torch.Tensor, intrinsics: torch.Tensor, extrinsics: t
     Pixels without a measurement (depth <= 0 or non-finite) get NaN.
     """
     frames, height, width = depth.shape
-    dtype = torch.promote_types(depth.dtype, torch.float32)
-    rows = torch.arange(height, device=depth.device, dtype=dtype) + 0.5
-    cols = torch.arange(width, device=depth.device, dtype=dtype) + 0.5
-    pixels = torch.stack([cols.expand(height, width), rows[:, None].expand(height, width),
-                          torch.ones(height, width, device=depth.device, dtype=dtype)], dim=-1)
-    rays = pixels.reshape(1, -1, 3) @ torch.linalg.inv(intrinsics.to(dtype)).transpose(-1, -2)  # [S, HW, 3]
+    rows, cols = torch.meshgrid(torch.arange(height, device=depth.device), torch.arange(width, device=depth.device),
+                                indexing="ij")
     valid = torch.isfinite(depth) & (depth > 0)
-    z = torch.where(valid, depth.to(dtype), torch.nan).reshape(frames, -1, 1)
+    z = torch.where(valid, depth, torch.nan).reshape(frames, -1)
+    return unproject_pixels(z, rows.flatten(), cols.flatten(), intrinsics, extrinsics).reshape(frames, height, width, 3)
+
+
+def unproject_pixels(z: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, intrinsics: torch.Tensor,
+                     extrinsics: torch.Tensor) -> torch.Tensor:
+    """World points [S, n, 3] of n pixels (row, column indices rows, cols [n]) at z-depth z [S, n], intrinsics
+    [S, 3, 3], world-to-camera extrinsics [S, 3, 4]: x_world = R^T (z K^-1 [j + 0.5, i + 0.5, 1] - t), in z's dtype
+    (at least float32)."""
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    pixels = torch.stack([cols.to(dtype) + 0.5, rows.to(dtype) + 0.5, torch.ones(len(rows), dtype=dtype,
+                                                                                  device=z.device)], dim=-1)
+    rays = pixels[None] @ torch.linalg.inv(intrinsics.to(dtype)).transpose(-1, -2)  # [S, n, 3]
     rotation, translation = extrinsics[..., :3].to(dtype), extrinsics[..., 3].to(dtype)
-    points = (z * rays - translation[:, None]) @ rotation
-    return points.reshape(frames, height, width, 3)
+    return (z.to(dtype)[..., None] * rays - translation[:, None]) @ rotation
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
