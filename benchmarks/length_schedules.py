@@ -241,7 +241,7 @@ def main(argv=None) -> dict:
         predicted = sorted(options, key=lambda s: schedule_deviation(length_model, s, flop_config, args.frames))
         if args.verify:
             scores = mean_score(model, replica, {str(i): s for i, s in enumerate(predicted[: args.verify])},
-                                score_weights)
+                                score_weights, measured)
             uniform = predicted[int(min(scores, key=scores.get))]
         else:
             uniform = predicted[0]
