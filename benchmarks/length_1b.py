@@ -20,6 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import provenance  # noqa: E402
 import tiny_schedules as tiny  # noqa: E402
 
 from spark3r.files import write_atomic  # noqa: E402
@@ -81,10 +82,10 @@ def main(argv=None) -> dict:
     rows = {row["schedule"]: row for row in json.loads(speed_json.read_text())["rows"]}
     paper_row, searched_row = rows[paper_path.stem], rows[searched_path.stem]
     result = {
-        "model": args.model, "commands": commands, "git_commit": tiny.git_commit(), "budget": budget,
+        **provenance.record(__file__, argv, args.device), "model": args.model, "commands": commands, "budget": budget,
         "frames": args.frames, "dense_note": rows["dense"]["note"],
         "profile_length_model": profile.get("length_model", {}).get("score", {}).get("held_out"),
-        "searched": {"schedule": str(searched_path), "kv_frames": search["chosen"]["kv_frames"],
+        "searched": {"schedule": load_schedule(searched_path).to_dict(), "kv_frames": search["chosen"]["kv_frames"],
                      "query_merge": search["chosen"]["query_merge"],
                      "flops_fraction": global_attention_fraction(flop_config, args.frames, load_schedule(searched_path)),
                      "end_to_end_s": searched_row["end_to_end_s"], "aggregator_s": searched_row["aggregator_s"],
@@ -107,7 +108,8 @@ def report(result: dict) -> str:
     return "\n".join([
         f"# {result['model']} at {result['frames']} frames (random weights): searched length-aware schedule vs the "
         "paper's rule", "",
-        f"Made with git {result['git_commit']}:", "", *[f"    {c}" for c in result["commands"]], "",
+        f"Made by `{result['command']}` (git {result['commit']}, {result['device_name']}, torch {result['torch']}, "
+        f"{result['created']}); it ran:", "", *[f"    {c}" for c in result["commands"]], "",
         f"Length model held out at {held.get('frames')} frames: RMSE of log "
         f"{(held.get('all') or {}).get('rmse_log', float('nan')):.3f}.", "",
         "| schedule | global-attention FLOPs fraction | end-to-end s | aggregator s | peak GiB |",

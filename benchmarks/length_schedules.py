@@ -21,7 +21,6 @@ the best uniform schedule, on held-out clips with ground truth.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import math
@@ -36,7 +35,8 @@ import torch
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tiny_schedules as tiny  # noqa: E402  (measuring, ground-truth errors, git commit: shared with that benchmark)
+import provenance  # noqa: E402
+import tiny_schedules as tiny  # noqa: E402  (measuring and ground-truth errors: shared with that benchmark)
 
 from spark3r.commands.arguments import command, resolve_device, resolve_dtype  # noqa: E402
 from spark3r.errors import Spark3rError  # noqa: E402
@@ -91,6 +91,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_json(entry, argv: list[str], commands: list[str], name: str) -> dict:
     commands.append(shlex.join([name, *argv]))
     return tiny.run_json(name, entry, argv)
+
+
+def search_once(argv: list[str], out: Path, commands: list[str]) -> None:
+    """`search-schedule argv` writing `out`, unless an earlier run of the same argv wrote it (its summary beside it)."""
+    summary = out.with_suffix(".search.json")
+    if out.is_file() and summary.is_file() and json.loads(summary.read_text())["argv"] == argv:
+        commands.append(shlex.join(["search-schedule", *argv]))
+        return
+    result = run_json(search_cli.main, argv, commands, "search-schedule")
+    write_atomic(summary, (json.dumps({"argv": argv, "summary": result}, indent=1, default=str) + "\n").encode())
 
 
 def runtime(args) -> list[str]:
@@ -196,6 +206,7 @@ def main(argv=None) -> dict:
         now = time.perf_counter()
         seconds[stage] = seconds.get(stage, 0.0) + now - mark[0]
         mark[0] = now
+        print(f"length_schedules: {stage} {now - started:.0f} s from the start", file=sys.stderr)
 
     work = Path(args.work)
     profile_argv = ["--model", args.model, "--calib", args.calib, "--frames", args.profile_frames, "--kv-frames",
@@ -218,6 +229,7 @@ def main(argv=None) -> dict:
     merges = [m for m in profile.query_merge]
     replica = load_clips(args.replica, args, device) if args.verify else []
     held_out = load_clips(args.held_out, args, device)
+    clock("clips")
     # measured rows, per clip, of these weights in this dtype on this device: a rerun resumes from them
     _, weights_sha = tiny.weights_digest(args.model, args.weights)
     measured = work / "measured" / hashlib.sha256(json.dumps([weights_sha, args.dtype, device.type]).encode()
@@ -231,7 +243,7 @@ def main(argv=None) -> dict:
                        "--out", str(out), *runtime(args)]
         if args.verify:
             search_argv += ["--verify", str(args.verify), "--calib", args.replica]
-        run_json(search_cli.main, search_argv, commands, "search-schedule")
+        search_once(search_argv, out, commands)
         searched = load_schedule(out)
         target = global_attention_fraction(flop_config, args.frames, searched)
         clock("search")
@@ -280,10 +292,7 @@ def main(argv=None) -> dict:
                   "schedules": [{key: r[key] for key in ("flops_fraction", "predicted")}
                                 | {"measured": r["measured"]["score"]} for r in random_rows]}
     result = {
-        "command": shlex.join(["python", "benchmarks/length_schedules.py", *(sys.argv[1:] if argv is None else argv)]),
-        "commands": commands, "git_commit": tiny.git_commit(), "torch": torch.__version__,
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance.record(__file__, argv, device), "commands": commands,
         "settings": {key: getattr(args, key) for key in ("model", "weights", "profile_frames", "kv_frames", "kv_keep",
                                                           "query_merge", "calib", "replica", "held_out", "frames",
                                                           "budget_scales", "verify", "random", "seed", "dtype")},
@@ -308,8 +317,8 @@ def report(result: dict) -> str:
     settings, held = result["settings"], result["length_model"]["held_out"]
     lines = [f"# {settings['model']}: profiled at {settings['profile_frames']} frames, searched and checked at "
              f"{settings['frames']} frames", "",
-             f"Made by `{result['command']}` ({result['created']}, git {result['git_commit']}, torch {result['torch']}, "
-             f"{result['device']}; weights {settings['weights']}, {result['global_layers']} global layers). It ran:", "",
+             f"Made by `{result['command']}` ({result['created']}, git {result['commit']}, torch {result['torch']}, "
+             f"{result['device_name']}; weights {settings['weights']}, {result['global_layers']} global layers). It ran:", "",
              *[f"    {c}" for c in result["commands"]], "",
              f"Clips: calibration `{settings['calib']}` (cut/generated at each profiled length), --verify and uniform "
              f"pick `{settings['replica']}`, held-out `{settings['held_out']}`, all at {settings['frames']} frames "

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import shlex
 import subprocess
@@ -18,7 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def git_commit() -> str | None:
-    """The checkout's commit, with " + uncommitted changes" when tracked files differ from it; None outside git."""
+    """The checkout's commit, with " + uncommitted changes" when tracked files differ from it; None outside git.
+
+    $SPARK3R_COMMIT, when set, is taken as it is: for a copy of the tree whose .git is not that tree's (the lent GPU
+    machine keeps the .git of its first call)."""
+    if os.environ.get("SPARK3R_COMMIT"):
+        return os.environ["SPARK3R_COMMIT"]
     def git(*command: str) -> str:
         return subprocess.run(["git", *command], capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
 

@@ -61,3 +61,29 @@ def test_paired_is_a_two_sided_wilcoxon_signed_rank_test():
     assert bench.paired(first, second, lower_is_better=False)["verdict"] == "loss"  # AUC: higher is better
     assert bench.paired(first, first, True)["verdict"] == "same"
     assert not math.isnan(bench.paired([1, 2, 1, 2], [2, 1, 2, 1], True)["p"])
+
+
+SMALL = ["--weights", "none", "--profile-frames", "4,8", "--frames", "12", "--kv-frames", "1,2", "--kv-keep", "0.5",
+         "--query-merge", "1,2", "--calib", "synthetic:1:100:walk", "--replica", "synthetic:1:200:walk",
+         "--held-out", "synthetic:2:300:walk", "--random", "3", "--verify", "1", "--budget-scales", "1"]
+
+
+def test_whole_run_with_verify_records_provenance_and_a_rerun_searches_and_measures_nothing(tmp_path, monkeypatch):
+    argv = [*SMALL, "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out" / "small")]
+    monkeypatch.setenv("SPARK3R_COMMIT", "0123abc")
+    first = bench.main(argv)
+    assert first["commit"] == "0123abc" and first["device_name"] and first["command"].startswith(
+        "python benchmarks/length_schedules.py")
+    (budget,) = first["budgets"]
+    assert set(budget["schedules"]) == {"searched", "uniform", "paper"}
+    assert all(len(entry["per_clip"]["score"]) == 2 for entry in budget["schedules"].values())
+    assert len(first["prediction"]["schedules"]) == 3
+    assert "git 0123abc" in (tmp_path / "out" / "small.md").read_text()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the rerun ran a search or a forward")
+
+    monkeypatch.setattr(bench.search_cli, "main", refuse)
+    monkeypatch.setattr(bench.tiny, "finite_outputs", refuse)  # every measured clip starts with the dense forward
+    second = bench.main(argv)
+    assert second["budgets"][0]["schedules"]["searched"]["measured"] == budget["schedules"]["searched"]["measured"]

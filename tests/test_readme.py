@@ -106,3 +106,15 @@ def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path):
     (tmp_path / "length-schedules.json").write_text(json.dumps(small))
     text = " ".join(readme.length_section(tmp_path).split())
     assert "significantly worse (Wilcoxon, p < 0.05) in 1x paper ate" in text and "is not met here." in text
+
+
+def test_length_section_states_the_1b_timing_ratio_from_its_file(tmp_path):
+    small = (REPO / "benchmarks" / "results" / "length-schedules-cpu-small.json").read_text()
+    (tmp_path / "length-schedules-cpu-small.json").write_text(small)
+    assert "vggt-1b" not in readme.length_section(tmp_path)  # no timing file, no sentence
+    timing = json.loads((REPO / "benchmarks" / "results" / "length-1b-speed.json").read_text())
+    for row in timing["rows"]:
+        row["end_to_end_s"] = {"vggt-1b-paper": 20.0, "vggt-1b-searched-f1000": 23.0}.get(row["schedule"], 400.0)
+    (tmp_path / "length-1b-speed.json").write_text(json.dumps(timing))
+    text = " ".join(readme.length_section(tmp_path).split())
+    assert "in 23.00 s against 20.00 s (1.150x, measured whole" in text and "is not met." in text
