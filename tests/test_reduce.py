@@ -45,7 +45,7 @@ def test_keep_one_and_merge_one_are_dense_exactly(method):
     dense = F.scaled_dot_product_attention(q, k, v)
     for reduction in (Reduction(kv_keep=1.0, kv_method=method), Reduction(kv_keep=1.0, kv_method=method,
                                                                           query_merge=1, keep_reference_frame=False)):
-        assert torch.equal(reduced_attention(q, k, v, LAYOUT, reduction), dense)
+        assert torch.equal(reduced_attention([q, k, v], LAYOUT, reduction), dense)
     assert kv_count(LAYOUT, Reduction(kv_keep=0.7)) == LAYOUT.tokens  # frame stride round(1 / 0.7) = 1: dense
 
 
@@ -161,7 +161,7 @@ def test_special_and_reference_tokens_survive(method, keep_reference_frame):
 def test_pruned_attention_equals_attention_over_the_reference_subset(method):
     q, k, v = qkv(LAYOUT)
     reduction = Reduction(kv_keep=1 / 3, kv_method=method, seed=1)
-    out = reduced_attention(q, k, v, LAYOUT, reduction)
+    out = reduced_attention([q, k, v], LAYOUT, reduction)
     index = kv_index(k, LAYOUT, reduction)
     for b in range(q.shape[0]):
         for h in range(q.shape[1]):
@@ -225,7 +225,7 @@ def reference_merged_attention(q, k, v, layout, merge, group_frames, metric, kv_
 def test_merge_and_unmerge_equal_reference_loop(merge, group_frames):
     q, k, v = qkv(LAYOUT)
     reduction = Reduction(query_merge=merge, group_frames=group_frames)
-    out = reduced_attention(q, k, v, LAYOUT, reduction)
+    out = reduced_attention([q, k, v], LAYOUT, reduction)
     expected = reference_merged_attention(q, k, v, LAYOUT, merge, group_frames, k.mean(dim=1))
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert query_count(LAYOUT, reduction) < LAYOUT.tokens
@@ -235,12 +235,12 @@ def test_merge_with_input_similarity_and_pruned_kv_equals_reference():
     q, k, v = qkv(LAYOUT)
     x = torch.randn(2, LAYOUT.tokens, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     reduction = Reduction(kv_keep=0.5, query_merge=2, group_frames=3, similarity="input")
-    out = reduced_attention(q, k, v, LAYOUT, reduction, x=x)
+    out = reduced_attention([q, k, v], LAYOUT, reduction, x=x)
     kept = sorted(kv_index(k, LAYOUT, reduction).tolist())
     expected = reference_merged_attention(q, k, v, LAYOUT, 2, 3, x, kv_tokens=kept)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(Spark3rError, match="needs the attention input"):
-        reduced_attention(q, k, v, LAYOUT, reduction)
+        reduced_attention([q, k, v], LAYOUT, reduction)
 
 
 def test_merge_reaches_about_n_over_r_and_keeps_special_tokens():
@@ -260,16 +260,16 @@ def test_merge_reaches_about_n_over_r_and_keeps_special_tokens():
 def test_similarity_chunking_does_not_change_the_result(monkeypatch):
     q, k, v = qkv(LAYOUT)
     reduction = Reduction(query_merge=2, group_frames=4)
-    whole = reduced_attention(q, k, v, LAYOUT, reduction)
+    whole = reduced_attention([q, k, v], LAYOUT, reduction)
     monkeypatch.setattr(merge_module, "SIMILARITY_CHUNK_ELEMENTS", 7)
     monkeypatch.setattr(merge_module, "ACCUMULATOR_ELEMENTS", 5)
-    assert torch.equal(reduced_attention(q, k, v, LAYOUT, reduction), whole)
+    assert torch.equal(reduced_attention([q, k, v], LAYOUT, reduction), whole)
 
 
 def test_wrong_token_count_is_a_clear_error():
     q, k, v = qkv(LAYOUT)
     with pytest.raises(Spark3rError, match="set the layout"):
-        reduced_attention(q, k, v, FrameLayout(6, 2, 4, 6), Reduction(kv_keep=0.5))
+        reduced_attention([q, k, v], FrameLayout(6, 2, 4, 6), Reduction(kv_keep=0.5))
 
 
 # ---------------------------------------------------------------------------------------------------- patching
@@ -331,7 +331,7 @@ def test_one_layer_reduction_matches_manual_layer(tiny, images, method):
     layout = model.adapter.layout(images)
     with torch.no_grad():
         q, k, v = qkv_heads(attn, captured["x"], captured["pos"])
-        expected = attn.proj(merge_heads(reduced_attention(q, k, v, layout, reduction)))
+        expected = attn.proj(merge_heads(reduced_attention([q, k, v], layout, reduction)))
     assert torch.equal(captured["out"], expected)
 
 
@@ -366,9 +366,9 @@ def test_reduced_layers_run_in_the_autocast_dtype(tiny, images, monkeypatch):
     model = tiny
     seen = []
 
-    def recording(q, k, v, *args, **kwargs):
-        seen.append((q.dtype, k.dtype, v.dtype))
-        return reduced_attention(q, k, v, *args, **kwargs)
+    def recording(qkv, *args, **kwargs):
+        seen.append(tuple(t.dtype for t in qkv))
+        return reduced_attention(qkv, *args, **kwargs)
 
     def fp32_qk(attn, x, pos):  # as qk-norm leaves q and k under CUDA autocast
         q, k, v = qkv_heads(attn, x, pos)
@@ -438,9 +438,9 @@ def test_reduced_attention_captures_as_one_graph():
     """No graph breaks (hence no host syncs or data-dependent shapes) under torch.compile(fullgraph=True)."""
     q, k, v = (t.float() for t in qkv(LAYOUT, batch=1))
     reduction = Reduction(kv_keep=0.25, kv_method="key_norm", query_merge=2, group_frames=3)
-    compiled = torch.compile(lambda q, k, v: reduced_attention(q, k, v, LAYOUT, reduction), backend="eager",
+    compiled = torch.compile(lambda q, k, v: reduced_attention([q, k, v], LAYOUT, reduction), backend="eager",
                              fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), reduced_attention(q, k, v, LAYOUT, reduction))
+    torch.testing.assert_close(compiled(q, k, v), reduced_attention([q, k, v], LAYOUT, reduction))
 
 
 def test_reduction_validates_and_normalises_its_fields():
@@ -467,7 +467,7 @@ def test_merging_identical_frames_changes_nothing():
     q, k, v = frame.repeat(1, 1, 1, layout.frames, 1).unbind(0)
     reduction = Reduction(query_merge=2, group_frames=4)
     assert query_count(layout, reduction) == math.ceil(layout.tokens / 2)
-    torch.testing.assert_close(reduced_attention(q, k, v, layout, reduction), attention(q, k, v))
+    torch.testing.assert_close(reduced_attention([q, k, v], layout, reduction), attention(q, k, v))
 
 
 # ---------------------------------------------------------------------------------------------------- boundaries
@@ -540,3 +540,59 @@ def test_whole_peaks_benchmark_smoke_on_tiny_models(tmp_path):
     assert all(row["seconds"] > 0 and row["peak_gib"] is None for row in result["rows"])  # no CUDA peak on the CPU
     with pytest.raises(Spark3rError, match="is a folder"):
         whole_peaks.main(["--models", "vggt-tiny", "--frames", "2", "--device", "cpu", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("query_merge", [1, 2])
+def test_reduced_attention_drops_the_full_tensors_before_attending(query_merge, monkeypatch):
+    """The attention runs on the kept keys/values (and merged queries) with the full q, k, v already freed: what keeps
+    the reduced layer's peak below the dense one's."""
+    import weakref
+
+    q, k, v = qkv(LAYOUT)
+    expected = reduced_attention([q.clone(), k.clone(), v.clone()], LAYOUT,
+                                 Reduction(kv_keep=1 / 3, query_merge=query_merge, group_frames=3))
+    full = {"q": weakref.ref(q), "k": weakref.ref(k), "v": weakref.ref(v)}
+    alive_at_attention = []
+    sdpa = F.scaled_dot_product_attention
+
+    def attend(*args, **kwargs):
+        alive_at_attention.append(sorted(name for name, ref in full.items() if ref() is not None))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attend)
+    tensors = [q, k, v]
+    del q, k, v
+    out = reduced_attention(tensors, LAYOUT, Reduction(kv_keep=1 / 3, query_merge=query_merge, group_frames=3))
+    assert tensors == []
+    assert alive_at_attention == [[] if query_merge > 1 else ["q"]]  # q itself is the query when nothing merges
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_a_patched_layer_keeps_no_reference_to_the_full_tensors(tiny, images, monkeypatch):
+    import weakref
+
+    import spark3r.reduce.patch as patch_module
+    from spark3r.models.blocks import qkv_heads
+
+    made, alive_at_attention = [], []
+
+    def recorded_qkv(attn, x, pos):
+        q, k, v = qkv_heads(attn, x, pos)
+        made[:] = [weakref.ref(t) for t in (q, k, v)]
+        return q, k, v
+
+    sdpa = F.scaled_dot_product_attention
+
+    def attend(query, *args, **kwargs):
+        if made:  # the first attention after the patched layer's qkv: its own, on merged queries
+            alive_at_attention.append((query.shape[2], sum(ref() is not None for ref in made)))
+            made.clear()
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(patch_module, "qkv_heads", recorded_qkv)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", attend)
+    with apply_reductions(tiny, {0: Reduction(kv_keep=0.5, query_merge=2, group_frames=3)}), torch.no_grad():
+        tiny(images)
+    frames = images.shape[1]  # 8 x 8 patches and 5 special tokens per frame
+    assert alive_at_attention == [(query_count(FrameLayout(frames, 5, 8, 8), Reduction(query_merge=2, group_frames=3)),
+                                   0)]

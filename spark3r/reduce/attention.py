@@ -17,26 +17,37 @@ def is_dense(layout: FrameLayout, reduction: Reduction) -> bool:
     return kv_count(layout, reduction) == layout.tokens and query_count(layout, reduction) == layout.tokens
 
 
-def reduced_attention(q: Tensor, k: Tensor, v: Tensor, layout: FrameLayout, reduction: Reduction,
+def reduced_attention(qkv: list[Tensor], layout: FrameLayout, reduction: Reduction,
                       x: Tensor | None = None) -> Tensor:
-    """Global attention with `reduction`: q, k, v [B, h, N, D] (after qk-norm and RoPE), N = S * P -> [B, h, N, D].
+    """Global attention with `reduction`: qkv = [q, k, v], each [B, h, N, D] (after qk-norm and RoPE), N = S * P
+    -> [B, h, N, D].
 
-    x [B, N, C] is the attention input, needed only when `reduction.similarity` is "input". Keep 1 and merge 1 run the
-    plain dense attention, so they equal it exactly.
+    The list is emptied and each full tensor is dropped as soon as it is used (k and v once selected, q once merged),
+    so a caller holding nothing else lets the reduced layer peak below the dense one. x [B, N, C] is the attention
+    input, needed only when `reduction.similarity` is "input". Keep 1 and merge 1 run the plain dense attention, so
+    they equal it exactly.
     """
+    q, k, v = qkv
+    qkv.clear()
     if q.shape[2] != layout.tokens:
         raise Spark3rError(
             f"the global attention got {q.shape[2]} tokens but the frame layout says {layout.frames} frames x "
             f"{layout.tokens_per_frame} tokens = {layout.tokens}: set the layout of the clip being run"
         )
-    kept_k, kept_v = select_kv(k, v, layout, reduction) if kv_count(layout, reduction) < layout.tokens else (k, v)
     n_q = query_count(layout, reduction)
-    if n_q == layout.tokens:
-        return F.scaled_dot_product_attention(q, kept_k, kept_v)
-    if reduction.similarity == "input" and x is None:
-        raise Spark3rError("similarity 'input' needs the attention input x: pass x or use similarity 'key'")
-    slot = merge_slots(x if reduction.similarity == "input" else k.mean(dim=1), layout, reduction)
-    return unmerge(F.scaled_dot_product_attention(merge_queries(q, slot, n_q), kept_k, kept_v), slot)
+    slot = None
+    if n_q < layout.tokens:
+        if reduction.similarity == "input" and x is None:
+            raise Spark3rError("similarity 'input' needs the attention input x: pass x or use similarity 'key'")
+        slot = merge_slots(x if reduction.similarity == "input" else k.mean(dim=1), layout, reduction)
+    if kv_count(layout, reduction) < layout.tokens:
+        k, v = select_kv(k, v, layout, reduction)
+    if slot is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    q = merge_queries(q, slot, n_q)
+    out = F.scaled_dot_product_attention(q, k, v)
+    del q, k, v
+    return unmerge(out, slot)
 
 
 def frame_attention(q: Tensor, k: Tensor, v: Tensor, layout: FrameLayout) -> Tensor:

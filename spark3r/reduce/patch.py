@@ -20,15 +20,16 @@ from spark3r.reduce.attention import frame_attention, is_dense, reduced_attentio
 from spark3r.reduce.reduction import Reduction
 
 
-Attend = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (q, k, v, x) -> attention output, shaped as q
+Attend = Callable[[list[Tensor], Tensor], Tensor]  # ([q, k, v], x) -> attention output shaped as q; may empty the list
 
 
 class AttentionPatch:
     """A live patch of global attention layers `layers`. Use `remove()` (or `with patch:`) to restore the model.
 
     attention_for(layer, layout) -> None (that layer runs its class forward on this layout) or the function that
-    computes its attention from q, k, v [B, heads, N, head_dim] (after qk-norm and RoPE, in the compute dtype) and the
-    attention input x [B, N, C].
+    computes its attention from [q, k, v], each [B, heads, N, head_dim] (after qk-norm and RoPE, in the compute dtype),
+    and the attention input x [B, N, C]. The patched forward keeps no other reference to q, k and v, so a function
+    that empties the list can free each as soon as it has used it (`reduced_attention` does).
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, layers: Iterable[int],
@@ -88,8 +89,7 @@ class AttentionPatch:
             if attend is None:
                 return dense_forward(attn, x, pos=pos)
             dtype = active_compute_dtype(x.device.type, x.dtype)
-            q, k, v = (t.to(dtype) for t in qkv_heads(attn, x, pos))
-            return project_heads(attn, attend(q, k, v, x))
+            return project_heads(attn, attend([t.to(dtype) for t in qkv_heads(attn, x, pos)], x))
 
         return forward
 
@@ -116,14 +116,14 @@ class ReductionHandle(AttentionPatch):
         reduction = self.reduction(layer, layout.frames)
         if is_dense(layout, reduction):
             return None
-        return lambda q, k, v, x: reduced_attention(q, k, v, layout, reduction, x=x)
+        return lambda qkv, x: reduced_attention(qkv, layout, reduction, x=x)
 
 
 def frame_only_patch(model: nn.Module, adapter: Adapter | None = None) -> AttentionPatch:
     """Patch every global attention layer of `model` to attend within each frame only (`frame_attention`)."""
     adapter = adapter_of(model, adapter)
     return AttentionPatch(model, adapter, range(adapter.num_global_layers),
-                          lambda layer, layout: lambda q, k, v, x: frame_attention(q, k, v, layout))
+                          lambda layer, layout: lambda qkv, x: frame_attention(*qkv, layout))
 
 
 def adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:
