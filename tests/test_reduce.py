@@ -262,7 +262,6 @@ def test_similarity_chunking_does_not_change_the_result(monkeypatch):
     reduction = Reduction(query_merge=2, group_frames=4)
     whole = reduced_attention([q, k, v], LAYOUT, reduction)
     monkeypatch.setattr(merge_module, "SIMILARITY_CHUNK_ELEMENTS", 7)
-    monkeypatch.setattr(merge_module, "ACCUMULATOR_ELEMENTS", 5)
     assert torch.equal(reduced_attention([q, k, v], LAYOUT, reduction), whole)
 
 
@@ -596,3 +595,25 @@ def test_a_patched_layer_keeps_no_reference_to_the_full_tensors(tiny, images, mo
     frames = images.shape[1]  # 8 x 8 patches and 5 special tokens per frame
     assert alive_at_attention == [(query_count(FrameLayout(frames, 5, 8, 8), Reduction(query_merge=2, group_frames=3)),
                                    0)]
+
+
+@pytest.mark.parametrize("reduction", [Reduction(kv_keep=0.25, query_merge=2, group_frames=3),
+                                       Reduction(kv_keep=1 / 3), Reduction(query_merge=3, group_frames=3)],
+                         ids=["kv-and-queries", "kv", "queries"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_reduced_attention_peaks_below_dense_attention(reduction, dtype):
+    from support import PeakBytes
+
+    base = [t.to(dtype) for t in qkv(LAYOUT, batch=1, heads=16, dim=8)]  # 16 heads, as the models have
+
+    def peak(attend) -> int:
+        with PeakBytes() as memory:
+            tensors = [t.clone() for t in base]  # made inside the counter, as a layer's qkv projection makes them
+            attend(tensors)
+        return memory.peak
+
+    dense = peak(lambda tensors: F.scaled_dot_product_attention(*tensors))
+    one = base[0].numel() * base[0].element_size()
+    log_sum_exp = base[0][..., 0].numel() * torch.promote_types(dtype, torch.float32).itemsize
+    assert 4 * one <= dense <= 4 * one + log_sum_exp  # q, k, v, the output and the attention's log-sum-exp
+    assert peak(lambda tensors: reduced_attention(tensors, LAYOUT, reduction)) <= dense

@@ -24,7 +24,6 @@ from spark3r.models.base import FrameLayout
 from spark3r.reduce.reduction import Reduction
 
 SIMILARITY_CHUNK_ELEMENTS = 2**26  # entries of one chunk of the source x destination similarity matrix
-ACCUMULATOR_ELEMENTS = 2**28  # entries of one fp32 chunk when averaging queries
 
 
 def group_spans(frames: int, group_frames: int) -> list[tuple[int, int]]:
@@ -140,19 +139,18 @@ def merge_slots(metric: Tensor, layout: FrameLayout, reduction: Reduction) -> Te
 
 
 def merge_queries(q: Tensor, slot: Tensor, n_q: int) -> Tensor:
-    """Mean of the queries of each slot: q [B, h, N, D], slot [B, N] -> [B, h, n_q, D] (accumulated in >= fp32)."""
+    """Mean of the queries of each slot: q [B, h, N, D], slot [B, N] -> [B, h, n_q, D], accumulated in >= fp32 one head
+    at a time (so the accumulator is one head's [B, n_q, D], not the whole merged tensor)."""
     batch, heads, tokens, head_dim = q.shape
     accumulate = torch.promote_types(q.dtype, torch.float32)
     ones = torch.ones(slot.shape, dtype=accumulate, device=q.device)
     counts = torch.zeros(batch, n_q, dtype=accumulate, device=q.device).scatter_add_(1, slot, ones)
-    scale = counts.reciprocal()[:, None, :, None]
+    scale = counts.reciprocal_()[:, :, None]
+    index = slot[:, :, None].expand(batch, tokens, head_dim)
     merged = q.new_empty(batch, heads, n_q, head_dim)
-    step = max(1, ACCUMULATOR_ELEMENTS // (batch * tokens * head_dim))
-    for first in range(0, heads, step):
-        part = q[:, first: first + step].to(accumulate)
-        index = slot[:, None, :, None].expand(part.shape)
-        sums = torch.zeros(batch, part.shape[1], n_q, head_dim, dtype=accumulate, device=q.device)
-        merged[:, first: first + step] = sums.scatter_add_(2, index, part) * scale
+    for head in range(heads):
+        sums = torch.zeros(batch, n_q, head_dim, dtype=accumulate, device=q.device)
+        merged[:, head] = sums.scatter_add_(1, index, q[:, head].to(accumulate)).mul_(scale)
     return merged
 
 
