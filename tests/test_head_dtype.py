@@ -164,4 +164,32 @@ def test_benchmark_smoke_run(tmp_path):
     assert {head_dtype: saved["profiles"][head_dtype]["decode_dtype"] for head_dtype in ("fp32", "compute")} == \
         {"fp32": "float32", "compute": "bfloat16"}
     assert all(profile["wall_seconds"] > 0 for profile in saved["profiles"].values())
-    assert "Decision rule (on VGGT-1B)" in out.with_suffix(".md").read_text()
+    assert "Default head dtype: **" in out.with_suffix(".md").read_text()
+    out.with_suffix(".md").unlink()
+    benchmark.main(["--render", str(out)])
+    assert "Default head dtype: **" in out.with_suffix(".md").read_text()
+
+
+def _result(spearman: float, change: float, decode_fp32: float, decode_compute: float) -> dict:
+    rows = [{"level": "K/V keep 0.5", "spearman": spearman, "max_relative_difference": 0.01},
+            {"level": "query merge 2", "spearman": 1.0, "max_relative_difference": change}]
+    return {"comparison": {"per_level": rows, "passes_rule": spearman >= 0.99},
+            "profiles": {"fp32": {"seconds": {"decode": decode_fp32}},
+                         "compute": {"seconds": {"decode": decode_compute}}}}
+
+
+@pytest.mark.parametrize("case, default, reasons", [
+    (_result(1.0, 0.05, 60.0, 30.0), "compute", []),
+    (_result(0.98, 0.05, 60.0, 30.0), "fp32", ["the layer ranking changes"]),
+    (_result(1.0, 9.56, 62.4, 64.7), "fp32", ["level scores move by more than the tolerance",
+                                              "it saves too little decode time"]),  # the VGGT-1B run of 2026-12-02
+    (_result(1.0, 0.05, 60.0, 55.0), "fp32", ["it saves too little decode time"]),  # 8% saved, 10% needed
+])
+def test_the_compute_head_dtype_becomes_the_default_only_if_it_ranks_alike_scores_alike_and_is_faster(
+        case, default, reasons):
+    path = REPO / "benchmarks" / "profile_head_dtype.py"
+    spec = importlib.util.spec_from_file_location("profile_head_dtype_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    decision = benchmark.decide(case)
+    assert (decision["default"], decision["reasons"]) == (default, reasons)
