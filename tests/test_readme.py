@@ -94,7 +94,11 @@ def test_every_result_file_records_command_commit_and_device(name):
 
 def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path):
     small = json.loads((REPO / "benchmarks" / "results" / "length-schedules-cpu-small.json").read_text())
-    assert "small CPU run" in readme.length_section(REPO / "benchmarks" / "results")
+    (tmp_path / "length-schedules-cpu-small.json").write_text(json.dumps(small))
+    assert "small CPU run" in readme.length_section(tmp_path)
+    (tmp_path / "length-schedules-96.json").write_text(json.dumps(small))
+    text = " ".join(readme.length_section(tmp_path).split())
+    assert "at 96 frames, where the shipped model's own pose still holds" in text and "small CPU run" not in text
     for budget in small["budgets"]:
         for comparison in budget["versus"].values():
             comparison["score"]["ratio"] = 0.5
