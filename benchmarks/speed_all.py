@@ -251,8 +251,55 @@ def percent(value) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
+GOAL_FRAMES = 1000
+GOAL_SECONDS = {"vggt-1b": 12.0}  # end to end under the paper's rule at GOAL_FRAMES
+GOAL_SPEEDUP = {"vggt-1b": 40.0}  # over dense at GOAL_FRAMES; GOAL_SPEEDUP_OTHERS for the other families
+GOAL_SPEEDUP_OTHERS = 30.0
+GOAL_SELECT_MERGE = 0.05  # selection + merging over the reduced attention
+GOAL_PROFILE_S = {"vggt-1b": 300.0}  # profile-layers on the goal workload
+
+
+def goal_rows(results: dict) -> list[tuple[str, str, str]]:
+    """(goal, what the file holds, met / not met / not measured) for each of the issue's goals the rows bear on."""
+    rows = [row for row in with_predictions(results)["rows"] if not row.get("out_of_memory")]
+    speed_rows = {(row["model"], row["frames"], row["schedule"]): row for row in rows if row["kind"] == "speed"}
+    verdict = {True: "met", False: "not met", None: "not measured"}
+    goals = []
+    for model in sorted({row["model"] for row in rows}):
+        paper, dense = speed_rows.get((model, GOAL_FRAMES, "paper")), speed_rows.get((model, GOAL_FRAMES, "dense"))
+        if model in GOAL_SECONDS:
+            seconds = paper and paper.get("end_to_end_s")
+            goals.append((f"{model}, paper rule, {GOAL_FRAMES} frames: at most {GOAL_SECONDS[model]:g} s end to end",
+                          cell(seconds, 2, " s"), verdict[None if seconds is None else seconds <= GOAL_SECONDS[model]]))
+        want = GOAL_SPEEDUP.get(model, GOAL_SPEEDUP_OTHERS)
+        speedup = paper and paper.get("speedup")
+        goals.append((f"{model}, paper rule, {GOAL_FRAMES} frames: at least {want:g}x over dense",
+                      cell(speedup, 1, "x") + (f" (dense {dense['how']})" if speedup else ""),
+                      verdict[None if speedup is None else speedup >= want]))
+        shares = [row["select_merge_over_attention"] for key, row in speed_rows.items()
+                  if key[0] == model and row.get("select_merge_over_attention") is not None]
+        goals.append((f"{model}: selection + merging at most {GOAL_SELECT_MERGE:.0%} of the reduced attention",
+                      f"largest {max(shares):.3f}" if shares else "n/a",
+                      verdict[None if not shares else max(shares) <= GOAL_SELECT_MERGE]))
+        pairs = [(frames, row["peak_gib"], speed_rows[(model, frames, "dense")]["peak_gib"])
+                 for (name, frames, schedule), row in speed_rows.items()
+                 if name == model and schedule == "paper" and (model, frames, "dense") in speed_rows
+                 and row.get("peak_gib") is not None
+                 and speed_rows[(model, frames, "dense")].get("peak_gib") is not None]
+        goals.append((f"{model}: paper rule's peak memory at or below dense at every length",
+                      ", ".join(f"{frames}: {reduced:.1f} vs {base:.1f} GiB" for frames, reduced, base in pairs)
+                      or "n/a", verdict[None if not pairs else all(reduced <= base for _, reduced, base in pairs)]))
+        profile = next((row for row in rows if row["kind"] == "profile" and row["model"] == model), None)
+        if model in GOAL_PROFILE_S:
+            goals.append((f"{model}: profile-layers on {profile_layers.GOAL_WORKLOAD['clips']} clips in at most "
+                          f"{GOAL_PROFILE_S[model]:g} s", f"{profile['goal_clips_s']:.0f} s ({profile['how']})"
+                          if profile else "n/a",
+                          verdict[None if profile is None else profile["goal_clips_s"] <= GOAL_PROFILE_S[model]]))
+    return goals
+
+
 def markdown(results: dict) -> str:
-    """The tables: ceilings, end to end, per stage, profile-layers."""
+    """The tables: ceilings, end to end, per stage, profile-layers, the issue's goals."""
     settings, ceilings = results["settings"], results["ceilings"]
     commands = sorted({row["measured_by"]["command"] for row in results["rows"]})
     commits = sorted({str(row["measured_by"]["commit"]) for row in results["rows"]})
@@ -335,6 +382,8 @@ def markdown(results: dict) -> str:
                 f"({row['kv_levels']} K/V + {row['query_levels']} query) | {row['seconds']:.1f} | "
                 f"{row['seconds_per_clip']:.1f} | {row['goal_clips']} | {row['goal_clips_s']:.1f} | "
                 f"{cell(row['peak_gib'], 1)} | {row['how']} |")
+    lines += ["", "## Against the issue's goals", "", "| goal | this file | verdict |", "|---|---|---|"]
+    lines += [f"| {goal} | {held} | {verdict} |" for goal, held, verdict in goal_rows(results)]
     return "\n".join(lines) + "\n"
 
 
