@@ -12,10 +12,10 @@ paper-rule and uniform schedules) run encoder, trunk step by step and heads, eac
 
 Where the time goes (second table): encoder, frame blocks, global blocks, of which the global attention modules (qkv,
 qk-norm, RoPE, reduction, attention, proj; CUDA events around each module), heads; each next to the FLOP model's
-TFLOP for that stage and the achieved TFLOP/s. Select+merge: for each distinct reduction of the schedule, K/V selection
-+ query merging + un-merging alone, and the attention on the reduced tensors alone, are timed on random q, k, v of the
-layer's shape (median of --repeats after a warm-up, CUDA events); "select+merge / attention" is the ratio of their sums
-over the layers. --compile compiles every block with torch.compile (static shapes) to measure what fusion buys.
+TFLOP for that stage and the achieved TFLOP/s. Select+merge: for each distinct reduction of the schedule, each step of
+K/V selection, query merging and un-merging alone, and the attention on the reduced tensors alone, are timed on random
+q, k, v of the layer's shape (median of --repeats after a warm-up, CUDA events); "select+merge / attention" is the
+ratio of their sums over the layers (benchmarks/select_merge.py reports the steps). --compile compiles every block with torch.compile (static shapes) to measure what fusion buys.
 Markdown tables on stdout, JSON in --out.
 """
 from __future__ import annotations
@@ -175,42 +175,48 @@ def run_model(model, images, repeats, device, handle=None, assembled=False, time
             "peak_gib": max(peaks) if peaks else None, "stages_s": stages}
 
 
+SELECT_MERGE_STEPS = ("select K/V", "metric", "slots", "merge queries", "attention", "unmerge")
+
+
 def select_merge_timing(attn, layout, reduction, repeats, device, dtype) -> dict:
-    """One reduced global layer on random q, k, v [1, h, S*P, D]: seconds of K/V selection + query merging +
-    un-merging alone, and of the attention on the reduced tensors alone (medians, CUDA events)."""
+    """One reduced global layer on random q, k, v [1, h, S*P, D]: median seconds of each of SELECT_MERGE_STEPS the
+    reduction runs, each timed alone (CUDA events), and of the dense attention; "select_merge_s" sums every step but
+    the attention, "attention_s" is the attention on the reduced tensors."""
     generator = torch.Generator(device).manual_seed(0)
     shape = (1, attn.num_heads, layout.tokens, attn.head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(3))
     x = torch.randn(1, layout.tokens, attn.num_heads * attn.head_dim, device=device, dtype=dtype,
                     generator=generator) if reduction.similarity == "input" else None
     n_q, prune = query_count(layout, reduction), kv_count(layout, reduction) < layout.tokens
-
-    def select_merge():
-        kept = select_kv(k, v, layout, reduction) if prune else (k, v)
-        if n_q == layout.tokens:
-            return q, *kept
-        slot = merge_slots(x if x is not None else k.mean(dim=1), layout, reduction)
-        merged = merge_queries(q, slot, n_q)
-        unmerge(merged, slot)  # the attention output has the merged queries' shape
-        return merged, *kept
-
-    reduced_q, kept_k, kept_v = select_merge()
-    return {
-        "select_merge_s": median_seconds(device, select_merge, repeats),
-        "attention_s": median_seconds(device, lambda: F.scaled_dot_product_attention(reduced_q, kept_k, kept_v),
-                                      repeats),
-        "queries": n_q, "keys": kept_k.shape[2],
-    }
+    kept_k, kept_v = select_kv(k, v, layout, reduction) if prune else (k, v)
+    merging = n_q < layout.tokens
+    metric = (x if x is not None else k.mean(dim=1)) if merging else None
+    slot = merge_slots(metric, layout, reduction) if merging else None
+    merged = merge_queries(q, slot, n_q) if merging else q
+    out = F.scaled_dot_product_attention(merged, kept_k, kept_v)
+    steps = {"select K/V": (lambda: select_kv(k, v, layout, reduction)) if prune else None,
+             "metric": (lambda: k.mean(dim=1)) if merging and x is None else None,
+             "slots": (lambda: merge_slots(metric, layout, reduction)) if merging else None,
+             "merge queries": (lambda: merge_queries(q, slot, n_q)) if merging else None,
+             "attention": lambda: F.scaled_dot_product_attention(merged, kept_k, kept_v),
+             "unmerge": (lambda: unmerge(out, slot)) if merging else None}
+    seconds = {name: median_seconds(device, fn, repeats) for name, fn in steps.items() if fn is not None}
+    return {"steps_s": seconds, "select_merge_s": sum(value for name, value in seconds.items() if name != "attention"),
+            "attention_s": seconds["attention"],
+            "dense_attention_s": median_seconds(device, lambda: F.scaled_dot_product_attention(q, k, v), repeats),
+            "queries": n_q, "keys": kept_k.shape[2]}
 
 
 def select_merge_costs(model, layout, schedule, repeats, device, dtype) -> list[dict]:
-    """select_merge_timing for each distinct non-dense reduction of `schedule`, with the layers that use it."""
+    """select_merge_timing for each distinct non-dense reduction of `schedule` (its repr and a short label), with the
+    layers that use it."""
     attn = model.adapter.modules(model)[0]
     layers = defaultdict(list)
     for layer, reduction in enumerate(schedule.reductions(layout.frames)):
         if not is_dense(layout, reduction):
             layers[reduction].append(layer)
     return [{"layers": indices, "reduction": repr(reduction),
+             "label": f"K/V keep {reduction.kv_keep:.3g}, query merge {reduction.query_merge}",
              **select_merge_timing(attn, layout, reduction, repeats, device, dtype)}
             for reduction, indices in layers.items()]
 
