@@ -110,6 +110,12 @@ def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path):
     (tmp_path / "length-schedules.json").write_text(json.dumps(small))
     text = " ".join(readme.length_section(tmp_path).split())
     assert "significantly worse (Wilcoxon, p < 0.05) in 1x paper ate" in text and "is not met here." in text
+    assert "whole dense attention" not in text
+    small["budgets"][0]["budget"] = 1.0  # 2x a rule that spends over half of dense: capped at dense
+    (tmp_path / "length-schedules.json").write_text(json.dumps(small))
+    text = " ".join(readme.length_section(tmp_path).split())
+    assert "(at 1x the budget is the whole dense attention, so the uniform schedule there is the dense model itself)" \
+        in text
 
 
 def test_length_section_states_the_1b_timing_ratio_from_its_file(tmp_path):
