@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import json
 import re
 import sys
@@ -163,6 +164,33 @@ TINY_COLUMNS = (("abs_rel", "depth AbsRel", 3), ("delta_1.25", "delta<1.25", 3),
                 ("translation", "translation err", 3), ("ate", "ATE", 3), ("auc30", "AUC@30", 3))
 TINY_ROWS = {"model": "vggt-tiny", "frame_only": "vggt-tiny, frame-only global attention",
              "trivial": "constant depth / identity cameras"}
+
+
+@section("head-dtype")
+def head_dtype_section(results: Path) -> str:
+    data = load(results, "profile-head-dtype-vggt-1b.json")
+    decision, comparison = _head_dtype_decision(data), data["comparison"]
+    compute = data["profiles"]["compute"]["decode_dtype"]
+    how = "measured, one profile each" + (f" ({data['note']})" if data.get("note") else "")
+    lines = [prose(f"On {data['model']} (random weights, {data['device_name']}; "
+                   "`benchmarks/results/profile-head-dtype-vggt-1b.md`):"), "",
+             f"| | fp32 heads | {compute} heads | how |", "|---|---:|---:|---|",
+             f"| decode (s) | {decision['decode_s']['fp32']:.1f} | {decision['decode_s']['compute']:.1f} | {how} |",
+             f"| smallest Spearman of a level's layer ranking against fp32 | 1 | {comparison['min_spearman']:.3f} | "
+             "measured |",
+             f"| largest relative change of a level's score | 0 | {decision['largest_score_change']:.3g} "
+             f"({decision['largest_at']}) | measured |", "",
+             f"The default is therefore **{decision['default']}**"
+             + ("." if decision["default"] == "compute" else f": {_join(decision['reasons'])}.")]
+    return "\n".join(lines)
+
+
+def _head_dtype_decision(data: dict) -> dict:
+    """profile_head_dtype.decide on a result (loaded from the benchmark, the one place the rule is written)."""
+    spec = importlib.util.spec_from_file_location("profile_head_dtype", Path(__file__).parent / "profile_head_dtype.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.decide(data)
 
 
 @section("tiny-model")

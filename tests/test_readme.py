@@ -128,3 +128,15 @@ def test_length_section_states_the_1b_timing_ratio_from_its_file(tmp_path):
     (tmp_path / "length-1b-speed.json").write_text(json.dumps(timing))
     text = " ".join(readme.length_section(tmp_path).split())
     assert "in 23.00 s against 20.00 s (1.150x, measured whole" in text and "is not met." in text
+
+
+def test_head_dtype_section_follows_the_benchmark_decision(tmp_path):
+    data = json.loads((REPO / "benchmarks" / "results" / "profile-head-dtype-vggt-1b.json").read_text())
+    assert "The default is therefore **fp32**: level scores move by more than the tolerance" in \
+        readme.head_dtype_section(REPO / "benchmarks" / "results")
+    for row in data["comparison"]["per_level"]:
+        row["max_relative_difference"] = 0.02
+    data["profiles"]["compute"]["seconds"]["decode"] = 30.0
+    (tmp_path / "profile-head-dtype-vggt-1b.json").write_text(json.dumps(data))
+    text = readme.head_dtype_section(tmp_path)
+    assert "The default is therefore **compute**." in text and "| decode (s) | 62.4 | 30.0 |" in text
