@@ -81,13 +81,14 @@ def main(argv=None) -> dict:
     seconds["speed"] = time.perf_counter() - started - seconds["profile"] - seconds["search"]
     rows = {row["schedule"]: row for row in json.loads(speed_json.read_text())["rows"]}
     paper_row, searched_row = rows[paper_path.stem], rows[searched_path.stem]
+    searched = load_schedule(searched_path)
     result = {
         **provenance.record(__file__, argv, args.device), "model": args.model, "commands": commands, "budget": budget,
         "frames": args.frames, "dense_note": rows["dense"]["note"],
         "profile_length_model": profile.get("length_model", {}).get("score", {}).get("held_out"),
-        "searched": {"schedule": load_schedule(searched_path).to_dict(), "kv_frames": search["chosen"]["kv_frames"],
+        "searched": {"schedule": searched.to_dict(), "kv_frames": search["chosen"]["kv_frames"],
                      "query_merge": search["chosen"]["query_merge"],
-                     "flops_fraction": global_attention_fraction(flop_config, args.frames, load_schedule(searched_path)),
+                     "flops_fraction": global_attention_fraction(flop_config, args.frames, searched),
                      "end_to_end_s": searched_row["end_to_end_s"], "aggregator_s": searched_row["aggregator_s"],
                      "peak_gib": searched_row["peak_gib"]},
         "paper": {"schedule": str(paper_path), "flops_fraction": budget, "end_to_end_s": paper_row["end_to_end_s"],

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib.util
 import json
 import re
 import sys
 import textwrap
 from pathlib import Path
 from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import profile_head_dtype  # noqa: E402  (its `decide` is the one place the head-dtype rule is written)
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -169,7 +171,7 @@ TINY_ROWS = {"model": "vggt-tiny", "frame_only": "vggt-tiny, frame-only global a
 @section("head-dtype")
 def head_dtype_section(results: Path) -> str:
     data = load(results, "profile-head-dtype-vggt-1b.json")
-    decision, comparison = _head_dtype_decision(data), data["comparison"]
+    decision, comparison = profile_head_dtype.decide(data), data["comparison"]
     compute = data["profiles"]["compute"]["decode_dtype"]
     how = "measured, one profile each" + (f" ({data['note']})" if data.get("note") else "")
     lines = [prose(f"On {data['model']} (random weights, {data['device_name']}; "
@@ -183,14 +185,6 @@ def head_dtype_section(results: Path) -> str:
              f"The default is therefore **{decision['default']}**"
              + ("." if decision["default"] == "compute" else f": {_join(decision['reasons'])}.")]
     return "\n".join(lines)
-
-
-def _head_dtype_decision(data: dict) -> dict:
-    """profile_head_dtype.decide on a result (loaded from the benchmark, the one place the rule is written)."""
-    spec = importlib.util.spec_from_file_location("profile_head_dtype", Path(__file__).parent / "profile_head_dtype.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.decide(data)
 
 
 @section("tiny-model")

@@ -289,8 +289,8 @@ def goal_rows(results: dict) -> list[tuple[str, str, str]]:
         goals.append((f"{model}: paper rule's peak memory at or below dense at every length",
                       ", ".join(f"{frames}: {reduced:.1f} vs {base:.1f} GiB" for frames, reduced, base in pairs)
                       or "n/a", verdict[None if not pairs else all(reduced <= base for _, reduced, base in pairs)]))
-        profile = next((row for row in rows if row["kind"] == "profile" and row["model"] == model), None)
         if model in GOAL_PROFILE_S:
+            profile = next((row for row in rows if row["kind"] == "profile" and row["model"] == model), None)
             goals.append((f"{model}: profile-layers on {profile_layers.GOAL_WORKLOAD['clips']} clips in at most "
                           f"{GOAL_PROFILE_S[model]:g} s", f"{profile['goal_clips_s']:.0f} s ({profile['how']})"
                           if profile else "n/a",
