@@ -98,14 +98,16 @@ def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path):
     assert "small CPU run" in readme.length_section(tmp_path)
     (tmp_path / "length-schedules-96.json").write_text(json.dumps(small))
     text = " ".join(readme.length_section(tmp_path).split())
-    assert "at 96 frames, where the shipped model's own pose still holds" in text and "small CPU run" not in text
+    assert "at 96 frames, where the shipped model's own pose is better than at 256" in text and "small CPU run" not in text
     for budget in small["budgets"]:
         for comparison in budget["versus"].values():
             comparison["score"]["ratio"] = 0.5
     (tmp_path / "length-schedules.json").write_text(json.dumps(small))
     text = " ".join(readme.length_section(tmp_path).split())
-    assert "0.50x the paper rule's and 0.50x the best uniform" in text and "is met here." in text
+    assert "0.500x the paper rule's and 0.500x the best uniform" in text and "is met here." in text
     assert "small CPU run" not in text and "`benchmarks/results/length-schedules.json`" in text
+    assert "The dense model's own pose at 128 frames is weak (ATE 0.89, AUC@30 0.03;" in text  # the small run's dense
+    assert "At 128 frames, where the shipped model's own pose is better" in text  # the 96-frame file's line, beside it
     small["budgets"][0]["versus"]["searched vs paper"]["ate"]["verdict"] = "loss"
     (tmp_path / "length-schedules.json").write_text(json.dumps(small))
     text = " ".join(readme.length_section(tmp_path).split())
@@ -116,6 +118,14 @@ def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path):
     text = " ".join(readme.length_section(tmp_path).split())
     assert "(at 1x the budget is the whole dense attention, so the uniform schedule there is the dense model itself)" \
         in text
+
+
+def test_length_section_says_nothing_of_dense_pose_where_it_holds(tmp_path):
+    small = json.loads((REPO / "benchmarks" / "results" / "length-schedules-cpu-small.json").read_text())
+    small["dense"]["auc30"] = 0.4
+    (tmp_path / "length-schedules.json").write_text(json.dumps(small))
+    text = " ".join(readme.length_section(tmp_path).split())
+    assert "own pose" not in text and "At 128 frames" not in text  # no 96-frame file here either
 
 
 def test_length_section_states_the_1b_timing_ratio_from_its_file(tmp_path):
