@@ -1,12 +1,13 @@
 """Where the reduced attention's own work goes: K/V selection, the merge metric, the slots, query merging, the attention
 on the reduced tensors and un-merging, each timed alone on one global layer's random q, k, v, beside the dense
-attention of the same layer.
+attention of the same layer (timed once per run: at 1000 VGGT-1B frames one call takes about 17 s).
 
     python benchmarks/select_merge.py --model vggt-1b --frames 1000      # -> benchmarks/results/select-merge-vggt-1b-1000.{json,md}
     python benchmarks/select_merge.py --model vggt-tiny --frames 8 --device cpu --out /tmp/select-merge.json
 
 For each distinct non-dense reduction of the schedule (default: the model's shipped paper rule) at --frames frames:
-median seconds of --repeats calls after a warm-up (CUDA events on a GPU), in the compute dtype. The issue's goal is
+median seconds of --repeats calls after a warm-up (CUDA events on a GPU; the dense attention --dense-repeats calls), in
+the compute dtype. The issue's goal is
 selection + merging (everything but the attention) at most 5% of the reduced attention.
 """
 from __future__ import annotations
@@ -40,10 +41,11 @@ def markdown(result: dict) -> str:
              "| reduction | layers | queries | keys | " + " | ".join(f"{step} (ms)" for step in STEPS)
              + " | dense attention (ms) | select+merge / attention |",
              "|---|---|---:|---:|" + "---:|" * (len(STEPS) + 2)]
+    dense = result["dense_attention_s"]
     for row in result["rows"]:
         cells = [f"{1e3 * row['steps_s'][step]:.2f}" if step in row["steps_s"] else "-" for step in STEPS]
         lines.append(f"| {row['label']} | {', '.join(map(str, row['layers']))} | {row['queries']} | {row['keys']} | "
-                     + " | ".join(cells) + f" | {1e3 * row['dense_attention_s']:.2f} | "
+                     + " | ".join(cells) + f" | {1e3 * dense:.2f} | "
                      f"{row['select_merge_s'] / row['attention_s']:.3f} |")
     total_own, share = speed.select_merge_total(result["rows"])
     lines += ["", f"Over the layers: selection + merging {total_own:.3f} s, {share:.3f} of the reduced attention's time "
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=None, help="square input size (default: the model's)")
     parser.add_argument("--schedule", default=None, help="schedule YAML (default: the model's shipped paper rule)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dense-repeats", type=int, default=1, help="timed calls of the dense attention (after one "
+                                                                     "warm-up)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--out", default=None, help="JSON path, markdown beside it "
@@ -70,9 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = load_schedule(args.schedule or shipped_schedule(args.model, "paper"))
     rows = speed.select_merge_costs(model, layout, schedule, args.repeats, device, DTYPES[args.dtype])
     attn = model.adapter.modules(model)[0]
+    dense = speed.dense_attention_seconds(attn, layout, args.dense_repeats, device, DTYPES[args.dtype])
     result = {**provenance.record(__file__, argv, device), "model": args.model, "frames": args.frames,
-              "size": list(size), "dtype": args.dtype, "repeats": args.repeats, "heads": attn.num_heads,
-              "tokens": layout.tokens, "head_dim": attn.head_dim, "rows": rows}
+              "size": list(size), "dtype": args.dtype, "repeats": args.repeats, "dense_repeats": args.dense_repeats, "heads": attn.num_heads,
+              "tokens": layout.tokens, "head_dim": attn.head_dim, "dense_attention_s": dense, "rows": rows}
     out = Path(args.out) if args.out else HERE / "results" / f"select-merge-{args.model}-{args.frames}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)

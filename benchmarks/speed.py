@@ -32,6 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.errors import Spark3rError
@@ -181,8 +182,9 @@ SELECT_MERGE_STEPS = ("select K/V", "metric", "slots", "merge queries", "attenti
 
 def select_merge_timing(attn, layout, reduction, repeats, device, dtype) -> dict:
     """One reduced global layer on random q, k, v [1, h, S*P, D]: median seconds of each of SELECT_MERGE_STEPS the
-    reduction runs, each timed alone (CUDA events), and of the dense attention; "select_merge_s" sums every step but
-    the attention, "attention_s" is the attention on the reduced tensors."""
+    reduction runs, each timed alone (CUDA events); "select_merge_s" sums every step but the attention, "attention_s"
+    is the attention on the reduced tensors. The dense attention is `dense_attention_seconds`' (once per layout: at 1000
+    VGGT-1B frames one call takes about 17 s)."""
     generator = torch.Generator(device).manual_seed(0)
     shape = (1, attn.num_heads, layout.tokens, attn.head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(3))
@@ -203,9 +205,15 @@ def select_merge_timing(attn, layout, reduction, repeats, device, dtype) -> dict
              "unmerge": (lambda: unmerge(out, slot)) if merging else None}
     seconds = {name: median_seconds(device, fn, repeats) for name, fn in steps.items() if fn is not None}
     return {"steps_s": seconds, "select_merge_s": sum(value for name, value in seconds.items() if name != "attention"),
-            "attention_s": seconds["attention"],
-            "dense_attention_s": median_seconds(device, lambda: F.scaled_dot_product_attention(q, k, v), repeats),
-            "queries": n_q, "keys": kept_k.shape[2]}
+            "attention_s": seconds["attention"], "queries": n_q, "keys": kept_k.shape[2]}
+
+
+def dense_attention_seconds(attn, layout, repeats, device, dtype) -> float:
+    """Median seconds of the dense attention of one global layer on random q, k, v [1, h, S*P, D]."""
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (1, attn.num_heads, layout.tokens, attn.head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(3))
+    return median_seconds(device, lambda: F.scaled_dot_product_attention(q, k, v), repeats)
 
 
 def select_merge_costs(model, layout, schedule, repeats, device, dtype) -> list[dict]:
@@ -219,7 +227,7 @@ def select_merge_costs(model, layout, schedule, repeats, device, dtype) -> list[
     return [{"layers": indices, "reduction": repr(reduction),
              "label": f"K/V keep {reduction.kv_keep:.3g}, query merge {reduction.query_merge}",
              **select_merge_timing(attn, layout, reduction, repeats, device, dtype)}
-            for reduction, indices in layers.items()]
+            for reduction, indices in tqdm(layers.items(), desc="select+merge", unit="reduction", leave=False)]
 
 
 def stage_flops(model, flop_config, frames, schedule=None) -> dict[str, tuple[float, float]]:
