@@ -265,6 +265,16 @@ def test_similarity_chunking_does_not_change_the_result(monkeypatch):
     assert torch.equal(reduced_attention([q, k, v], LAYOUT, reduction), whole)
 
 
+def test_best_destinations_is_the_brute_force_max_at_any_chunk():
+    generator = torch.Generator().manual_seed(3)
+    sources, destinations = torch.randn(2, 9, 4, generator=generator), torch.randn(2, 5, 4, generator=generator)
+    similarity = torch.einsum("gsd,gtd->gst", sources.double(), destinations.double())
+    for chunk in (1, 10, 2**26):  # one row per chunk, a few rows, everything in one chunk
+        values, indices = merge_module.best_destinations(sources, destinations, chunk)
+        torch.testing.assert_close(values.double(), similarity.max(dim=-1).values)
+        assert torch.equal(indices, similarity.argmax(dim=-1))
+
+
 def test_wrong_token_count_is_a_clear_error():
     q, k, v = qkv(LAYOUT)
     with pytest.raises(Spark3rError, match="set the layout"):

@@ -88,12 +88,12 @@ def group_positions(layout: FrameLayout, group: int, cell: int, device: torch.de
     return destinations, (others + other_patches + n_special).flatten()
 
 
-def best_destinations(sources: Tensor, destinations: Tensor) -> tuple[Tensor, Tensor]:
+def best_destinations(sources: Tensor, destinations: Tensor, chunk_elements: int | None = None) -> tuple[Tensor, Tensor]:
     """Most similar destination of each source: [..., n_src, d] x [..., n_dst, d] -> (similarity, index) [..., n_src].
 
-    Chunked over sources so that no similarity chunk exceeds SIMILARITY_CHUNK_ELEMENTS entries.
+    Chunked over sources so that no similarity chunk exceeds `chunk_elements` entries (SIMILARITY_CHUNK_ELEMENTS).
     """
-    rows = max(1, SIMILARITY_CHUNK_ELEMENTS // max(1, destinations[..., 0].numel()))
+    rows = max(1, (chunk_elements or SIMILARITY_CHUNK_ELEMENTS) // max(1, destinations[..., 0].numel()))
     best = [
         (chunk @ destinations.transpose(-1, -2)).max(dim=-1)
         for chunk in sources.split(rows, dim=-2)

@@ -1,0 +1,53 @@
+"""benchmarks/merge_kernels.py on CPU: every merging candidate is the per-slot mean (float64 brute force), every
+similarity chunk gives the shipped max, and the script writes its rows."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_kernels.py"
+SPEC = importlib.util.spec_from_file_location("merge_kernels_benchmark", PATH)
+bench = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(bench)
+
+SCHEDULE = """spark3r_schedule: 1
+model: vggt-tiny
+global_layers: 12
+default:
+  query: {merge: 3, group_frames: 4}
+  kv: {keep: 0.25, method: frame_stride, keep_reference_frame: true}
+"""
+
+
+@pytest.mark.parametrize("name", list(bench.MERGES))
+def test_every_merge_candidate_is_the_mean_of_each_slot(name):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 11, 4, dtype=torch.float64, generator=generator)
+    slot = torch.tensor([[0, 1, 0, 2, 3, 3, 3, 1, 4, 0, 2], [4, 3, 2, 1, 0, 0, 1, 2, 3, 4, 4]])
+    expected = torch.zeros(2, 3, 5, 4, dtype=torch.float64)
+    for b in range(2):
+        for s in range(5):
+            expected[b, :, s] = sum(q[b, :, t] for t in range(11) if slot[b, t] == s) / (slot[b] == s).sum()
+    torch.testing.assert_close(bench.MERGES[name](q, slot, 5), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_script_times_each_candidate_and_records_it(tmp_path):
+    (tmp_path / "s.yaml").write_text(SCHEDULE)
+    out = tmp_path / "mk.json"
+    result = bench.main(["--model", "vggt-tiny", "--frames", "8", "--device", "cpu", "--repeats", "1", "--dtype",
+                         "fp32", "--schedule", str(tmp_path / "s.yaml"), "--out", str(out)])
+    assert [row["chunk_elements"] for row in result["similarity"]] == list(bench.CHUNKS)
+    assert all(row["max_abs_diff"] == 0 and row["same_index"] == 1 for row in result["similarity"])
+    assert [row["merge"] for row in result["merge"]] == list(bench.MERGES)
+    assert all(row["seconds"] > 0 and row["max_abs_diff"] < 1e-5 for row in result["merge"])
+    assert result["queries"] < result["tokens"] == 8 * 69
+    assert {"command", "commit", "device_name"} <= set(json.loads(out.read_text()))
+    assert "| index_add over all heads |" in out.with_suffix(".md").read_text()
+
+
+def test_a_schedule_that_merges_nothing_is_refused_with_exit_2(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--model", "vggt-tiny", "--frames", "8", "--device", "cpu", "--out", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2
