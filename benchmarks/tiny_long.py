@@ -72,7 +72,7 @@ def asymmetry(profile: dict) -> list[str]:
                                            summary["query_over_kv"], summary["layers_query_worse"]):
         lines.append(f"| {factor}x | {q:.4f} | {kv:.4f} | {ratio:.2f} | {worse} of {profile['global_layers']} |")
     shows = all(ratio > 1 for ratio in summary["query_over_kv"])
-    lines += ["", (f"The paper's asymmetry holds here: at every factor, merging queries costs more than pruning K/V "
+    lines += ["", ("The paper's asymmetry holds here: at every factor, merging queries costs more than pruning K/V "
                    "by the same factor (mean over layers)." if shows else
                    "The paper's asymmetry does not hold here: merging queries by a factor costs "
                    + ", ".join(f"{ratio:.2f}x" for ratio in summary["query_over_kv"])

@@ -1,5 +1,7 @@
-"""Helpers the model tests share: the vendored state_dict manifests, the patch/restore check and a peak-memory
-counter."""
+"""Helpers the tests share: the vendored state_dict manifests, the patch/restore check, a peak-memory counter and the
+loader of benchmarks/ scripts."""
+import importlib.util
+import sys
 import weakref
 from pathlib import Path
 
@@ -8,6 +10,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 MANIFESTS = Path(__file__).parent / "manifests"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a fresh module (benchmarks/ is not a package; its scripts import their siblings from
+    it, so it goes on sys.path)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_manifest(name: str) -> list[tuple[str, list[int]]]:

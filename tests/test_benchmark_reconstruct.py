@@ -1,12 +1,8 @@
 """benchmarks/reconstruct.py on CPU with vggt-tiny: it generates the video, reconstructs it and writes the results."""
-import importlib.util
 import json
-from pathlib import Path
+from support import load_benchmark
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reconstruct.py"
-SPEC = importlib.util.spec_from_file_location("benchmark_reconstruct", PATH)
-benchmark = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(benchmark)
+benchmark = load_benchmark("reconstruct")
 
 
 def test_generates_a_walk_video_and_records_every_stage(tmp_path, capsys):

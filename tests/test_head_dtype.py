@@ -4,7 +4,6 @@ the profile and kept apart on resume; benchmarks/profile_head_dtype.py runs end 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from spark3r.profiler.pipeline import ProfileRequest, check_request
 from spark3r.profiler import run
 from spark3r.profiler.run import PhaseTimer, ProfileOptions, dense_run, end_to_end, profile_clip
 from spark3r.reduce import Reduction
+from support import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = 4
@@ -148,10 +148,7 @@ def test_an_unknown_head_dtype_is_one_sentence():
 
 
 def test_benchmark_smoke_run(tmp_path):
-    path = REPO / "benchmarks" / "profile_head_dtype.py"
-    spec = importlib.util.spec_from_file_location("profile_head_dtype_benchmark", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("profile_head_dtype")
     out = tmp_path / "head-dtype.json"
     result = benchmark.main(["--model", "vggt-tiny", "--device", "cpu", "--frames", "3", "--size", "56",
                              "--kv-keep", "0.5", "--query-merge", "2", "--additivity", "0", "--out", str(out)])
@@ -187,9 +184,6 @@ def _result(spearman: float, change: float, decode_fp32: float, decode_compute: 
 ])
 def test_the_compute_head_dtype_becomes_the_default_only_if_it_ranks_alike_scores_alike_and_is_faster(
         case, default, reasons):
-    path = REPO / "benchmarks" / "profile_head_dtype.py"
-    spec = importlib.util.spec_from_file_location("profile_head_dtype_benchmark", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("profile_head_dtype")
     decision = benchmark.decide(case)
     assert (decision["default"], decision["reasons"]) == (default, reasons)

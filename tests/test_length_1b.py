@@ -1,16 +1,10 @@
 """benchmarks/length_1b.py end to end on CPU, on vggt-tiny with random weights: profile, length-aware search, timing."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 from spark3r.schedule import load_schedule
+from support import load_benchmark
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "length_1b.py"
-sys.path.insert(0, str(PATH.parent))
-SPEC = importlib.util.spec_from_file_location("length_1b", PATH)
-bench = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench)
+bench = load_benchmark("length_1b")
 
 
 def test_whole_run_writes_the_searched_schedule_its_timing_and_provenance(tmp_path, monkeypatch):

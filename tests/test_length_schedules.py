@@ -1,10 +1,7 @@
 """benchmarks/length_schedules.py: the baselines at equal FLOPs, the paper's rule for other layer counts, the paired
 test."""
 import argparse
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +9,9 @@ from scipy import stats
 
 from spark3r.models.registry import build_model
 from spark3r.reduce import global_attention_fraction
+from support import load_benchmark
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "length_schedules.py"
-sys.path.insert(0, str(PATH.parent))
-SPEC = importlib.util.spec_from_file_location("length_schedules", PATH)
-bench = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench)
+bench = load_benchmark("length_schedules")
 
 TINY = build_model("vggt-tiny", device="meta").flop_config(112, 112)  # 5 special + 64 patches per frame
 

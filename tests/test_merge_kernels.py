@@ -1,16 +1,12 @@
 """benchmarks/merge_kernels.py on CPU: every merging candidate is the per-slot mean (float64 brute force), every
 similarity chunk gives the shipped max, and the script writes its rows."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from support import load_benchmark
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_kernels.py"
-SPEC = importlib.util.spec_from_file_location("merge_kernels_benchmark", PATH)
-bench = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench)
+bench = load_benchmark("merge_kernels")
 
 SCHEDULE = """spark3r_schedule: 1
 model: vggt-tiny

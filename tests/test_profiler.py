@@ -12,6 +12,7 @@ from spark3r.errors import Spark3rError
 from spark3r.profiler.aggregate import asymmetry_summary, predicted_sum, spearman, summarize
 from spark3r.profiler.distributed import Ranks, shard
 from spark3r.profiler.store import ClipResult, load_clip, save_clip
+from support import load_benchmark
 
 
 def test_summarize_matches_textbook_formulas():
@@ -283,13 +284,8 @@ def test_bad_inputs_give_one_sentence(change, message, bad_files, capsys):
 
 
 def test_benchmark_smoke_run(tmp_path):
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_layers.py"
-    spec = importlib.util.spec_from_file_location("profile_benchmark", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("profile_layers")
     out = tmp_path / "bench.json"
     result = benchmark.main(["--model", "vggt-tiny", "--clips", "1", "--frames", "4", "--size", "112", "--device",
                              "cpu", "--dtype", "fp32", "--kv-keep", "0.5", "--query-merge", "2", "--additivity", "1",

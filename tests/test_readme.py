@@ -1,17 +1,15 @@
 """benchmarks/readme.py: the README's result sections are generated from benchmarks/results/*.json and agree with
 them."""
-import importlib.util
 import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+from support import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("readme_generator", REPO / "benchmarks" / "readme.py")
-readme = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(readme)
+readme = load_benchmark("readme")
 
 
 def sections(text: str) -> dict[str, str]:

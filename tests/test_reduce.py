@@ -14,6 +14,7 @@ from spark3r.reduce import (
 from spark3r.reduce import merge as merge_module
 from spark3r.reduce.kv import grid_steps
 from spark3r.schedule import apply_schedule, load_schedule, reduced
+from support import load_benchmark
 
 SCHEDULES = Path(__file__).resolve().parent.parent / "schedules"
 
@@ -393,13 +394,9 @@ def test_reduced_layers_run_in_the_autocast_dtype(tiny, images, monkeypatch):
 
 
 def test_speed_benchmark_smoke_on_vggt_tiny(tmp_path, capsys):
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = load_benchmark("speed")
     out = tmp_path / "speed.json"
     assert speed.main(["--model", "vggt-tiny", "--frames", "2", "4", "--size", "112", "--repeats", "1",
                        "--dense-max-frames", "2", "--dtype", "fp32", "--device", "cpu", "--out", str(out)]) == 0
@@ -423,15 +420,11 @@ def test_speed_benchmark_smoke_on_vggt_tiny(tmp_path, capsys):
 
 def test_speed_benchmark_stage_flops_add_up():
     """Per-stage TFLOP of the breakdown: encoder + frame + global blocks + heads = the FLOP model's total."""
-    import importlib.util
 
     from spark3r.models.registry import build_model
     from spark3r.reduce import model_flops
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = load_benchmark("speed")
     model = build_model("vggt-1b", "meta")
     flop_config = model.flop_config(518, 518)
     schedule = load_schedule(SCHEDULES / "vggt-1b-paper.yaml")
@@ -532,13 +525,9 @@ def test_bf16_queries_are_averaged_in_fp32():
 
 
 def test_whole_peaks_benchmark_smoke_on_tiny_models(tmp_path):
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "whole_peaks.py"
-    spec = importlib.util.spec_from_file_location("whole_peaks_benchmark", path)
-    whole_peaks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(whole_peaks)
+    whole_peaks = load_benchmark("whole_peaks")
     out = tmp_path / "peaks.json"
     assert whole_peaks.main(["--models", "vggt-tiny", "pi3-tiny", "--frames", "3", "--dtype", "fp32", "--device",
                              "cpu", "--out", str(out)]) == 0

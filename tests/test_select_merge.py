@@ -1,12 +1,8 @@
 """benchmarks/select_merge.py on CPU: each step of the reduced attention timed, the rows and the share it reports."""
-import importlib.util
 import json
-from pathlib import Path
+from support import load_benchmark
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "select_merge.py"
-SPEC = importlib.util.spec_from_file_location("select_merge_benchmark", PATH)
-bench = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench)
+bench = load_benchmark("select_merge")
 
 SCHEDULE = """spark3r_schedule: 1
 model: vggt-tiny

@@ -1,7 +1,6 @@
 """benchmarks/speed_all.py end to end on vggt-tiny (CPU, random weights): every row and stage, the ceilings (an
 unavailable SDPA backend included), resuming without re-measuring, bad input; and its per-stage FLOPs for every
 family."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,20 +10,16 @@ import torch
 
 from spark3r.models.registry import build_model
 from spark3r.reduce import model_flops
+from support import load_benchmark
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def speed_all():
-    return load("speed_all")
+    return load_benchmark("speed_all")
 
 
 def tiny_argv(out):
@@ -143,7 +138,7 @@ def test_a_file_of_other_settings_or_another_kind_is_left_alone(speed_all, tmp_p
 def test_stage_flops_of_every_family_add_up(name, size):
     """encoder + frame blocks + global blocks + heads = the FLOP model's total, dense and under the paper rule; DA3's
     local blocks split between prepare (12 before the first pair) and the trunk (14)."""
-    speed, models = load("speed"), load("models")
+    speed, models = load_benchmark("speed"), load_benchmark("models")
     model = build_model(name, "meta")
     flop_config = model.flop_config(size, size)
     for schedule in (None, models.paper_rule(model)):

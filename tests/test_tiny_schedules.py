@@ -1,6 +1,5 @@
 """benchmarks/tiny_schedules.py: baseline FLOP matching, the paired verdict, stability statistics, and one smoke run
 of the whole driver (4-frame clips, one clip per set) with its result files."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,11 +10,9 @@ import pytest
 from spark3r.errors import Spark3rError
 from spark3r.models.registry import build_model
 from spark3r.profiler.format import MetricTable, Profile, load_profile
+from support import load_benchmark
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny_schedules.py"
-SPEC = importlib.util.spec_from_file_location("tiny_schedules", PATH)
-tiny = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(tiny)
+tiny = load_benchmark("tiny_schedules")
 
 FLOP_CONFIG = build_model("vggt-tiny", device="meta").flop_config(112, 112)  # 5 special + 8 x 8 patches per frame
 

@@ -26,8 +26,7 @@ from spark3r.profiler.length_model import LengthModel
 from spark3r.profiler.lengths import kept_frames, length_models
 from spark3r.profiler.run import ProfileOptions
 from spark3r.reduce.flops import frame_layout, layer_attention_flops, layer_overhead_flops, model_flops
-from spark3r.reduce.reduction import Reduction
-from spark3r.schedule import BUDGET_OF, Budget, KVSpec, LayerSpec, QuerySpec, Schedule, Stepped
+from spark3r.schedule import BUDGET_OF, KVSpec, LayerSpec, QuerySpec, Schedule, Stepped
 from spark3r.search.knapsack import SAFETY, least_value_levels
 
 DEFAULT_LENGTHS = (1000,)  # the deployment length when --frames is not given (the paper's headline length)
