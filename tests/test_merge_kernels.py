@@ -43,6 +43,20 @@ def test_the_script_times_each_candidate_and_records_it(tmp_path):
     assert "| index_add over all heads |" in out.with_suffix(".md").read_text()
 
 
+def test_a_candidate_that_fails_is_recorded_not_raised(tmp_path, monkeypatch):
+    def unavailable(q, slot, n_q):
+        raise RuntimeError("segment_reduce: not implemented for this backend\nsecond line")
+
+    monkeypatch.setitem(bench.MERGES, "segment mean over sorted tokens", unavailable)
+    (tmp_path / "s.yaml").write_text(SCHEDULE)
+    result = bench.main(["--model", "vggt-tiny", "--frames", "8", "--device", "cpu", "--repeats", "1", "--schedule",
+                         str(tmp_path / "s.yaml"), "--out", str(tmp_path / "mk.json")])
+    assert result["merge"][-1] == {"merge": "segment mean over sorted tokens",
+                                   "error": "segment_reduce: not implemented for this backend"}
+    assert "| segment mean over sorted tokens | failed: segment_reduce: not implemented" in \
+        (tmp_path / "mk.md").read_text()
+
+
 def test_a_schedule_that_merges_nothing_is_refused_with_exit_2(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--model", "vggt-tiny", "--frames", "8", "--device", "cpu", "--out", str(tmp_path / "x.json")])
