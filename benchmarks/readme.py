@@ -156,7 +156,29 @@ def speed_section(results: Path) -> str:
         f"missed by {clips_goal * per_clip / profile['goal_seconds']:.1f}x; {decode:.0%} of it is fp32 head decoding) "
         f"| measured, {profile['clips']} clip (`profile-vggt-1b-1clip.json`) |",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + speed_all_lines(results, peaks))
+
+
+def speed_all_lines(results: Path, earlier_peaks: dict[str, float]) -> list[str]:
+    """Table rows for the 1000-frame rows of the one-GPU benchmark (speed-all.json), each beside the earlier whole
+    run's peak of the same model."""
+    if not (results / "speed-all.json").is_file():
+        return []
+    data = load(results, "speed-all.json")
+    lines = []
+    for row in data["rows"]:
+        if row.get("kind") != "speed" or row["frames"] != 1000:
+            continue
+        earlier = earlier_peaks.get(row["model"])
+        lines.append(
+            f"| {MODEL_NAMES[row['model']]} {'+ paper rule' if row['schedule'] == 'paper' else row['schedule']}, "
+            f"1000 frames ({data['device_name']}, "
+            f"`benchmarks/speed_all.py`) | {row['end_to_end_s']:.1f} s end to end, {row['peak_gib']:.1f} GiB peak"
+            + (f" (the earlier whole run above: {earlier:.1f} GiB)" if earlier is not None and row["schedule"] != "dense"
+               else "")
+            + f" | {row['how']} at {row['measured_by']['commit'][:7]} (`speed-all.json`; stages and goals in "
+            "`speed-all.md`) |")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------- the tiny model

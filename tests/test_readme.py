@@ -148,3 +148,21 @@ def test_head_dtype_section_follows_the_benchmark_decision(tmp_path):
     (tmp_path / "profile-head-dtype-vggt-1b.json").write_text(json.dumps(data))
     text = readme.head_dtype_section(tmp_path)
     assert "The default is therefore **compute**." in text and "| decode (s) | 62.4 | 30.0 |" in text
+
+
+def test_speed_rows_of_the_one_gpu_benchmark_at_1000_frames_only(tmp_path):
+    assert readme.speed_all_lines(tmp_path, {}) == []  # no file, no row
+    rows = [{"kind": "speed", "model": model, "frames": frames, "schedule": schedule, "end_to_end_s": seconds,
+             "peak_gib": peak, "how": "measured whole", "measured_by": {"commit": "0123456789abcdef"}}
+            for model, frames, schedule, seconds, peak in (("vggt-1b", 1000, "paper", 11.96, 40.04),
+                                                           ("vggt-1b", 1000, "dense", 480.0, 47.9),
+                                                           ("pi3", 100, "paper", 1.0, 5.0))]
+    (tmp_path / "speed-all.json").write_text(json.dumps({"device_name": "NVIDIA H200", "rows": rows + [
+        {"kind": "profile", "model": "vggt-1b"}]}))
+    lines = readme.speed_all_lines(tmp_path, {"vggt-1b": 49.8})
+    assert lines == [
+        "| VGGT-1B + paper rule, 1000 frames (NVIDIA H200, `benchmarks/speed_all.py`) | 12.0 s end to end, 40.0 GiB "
+        "peak (the earlier whole run above: 49.8 GiB) | measured whole at 0123456 (`speed-all.json`; stages and goals "
+        "in `speed-all.md`) |",
+        "| VGGT-1B dense, 1000 frames (NVIDIA H200, `benchmarks/speed_all.py`) | 480.0 s end to end, 47.9 GiB peak | "
+        "measured whole at 0123456 (`speed-all.json`; stages and goals in `speed-all.md`) |"]
