@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from spark3r.commands.arguments import DTYPES, resolve_device
-from spark3r.files import write_atomic, write_json
 from spark3r.models.registry import build_model
 from spark3r.reduce import merge
 from spark3r.schedule import load_schedule, shipped_schedule
@@ -82,9 +81,7 @@ def layer_inputs(model, layout, reduction, device, dtype) -> dict:
     """One global layer's random q [1, h, N, D], its unit metric (keys averaged over heads), the slots and the first
     full group's sources and destinations [1, G, n, d] as `merge.group_slots` takes them."""
     attn = model.adapter.modules(model)[0]
-    generator = torch.Generator(device).manual_seed(0)
-    shape = (1, attn.num_heads, layout.tokens, attn.head_dim)
-    q, k = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(2))
+    q, k = speed.random_heads(attn, layout, 2, device, dtype, torch.Generator(device).manual_seed(0))
     metric = k.mean(dim=1)
     del k
     slot = merge.merge_slots(metric, layout, reduction)
@@ -179,10 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
               "similarity": similarity_rows(inputs, device, args.repeats), "merge": merge_rows(inputs, device,
                                                                                                 args.repeats)}
     out = Path(args.out) if args.out else HERE / "results" / f"merge-kernels-{args.model}-{args.frames}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
-    write_atomic(out.with_suffix(".md"), markdown(result).encode())
-    print(markdown(result))
+    text = markdown(result)
+    provenance.write_result(out, result, text)
+    print(text)
     return result
 
 

@@ -2,6 +2,7 @@
 
 `record(script, argv, device)` gives {"command", "commit", "device_name", "torch", "created"}; the commit says
 " + uncommitted changes" when tracked files differed from it, so a result of a clean tree is recognisable.
+`write_result(out, result, text)` writes a result's JSON and its markdown beside it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from spark3r.files import write_atomic, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,3 +64,10 @@ def record(script: str, argv: list[str] | None, device: torch.device | str) -> d
     return {"command": command_line(script, argv), "commit": git_commit(), "device_name": device_name(device),
             "torch": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_result(out: Path, result: dict, text: str) -> None:
+    """`result` as JSON at `out` and `text` at `out` with suffix .md, each atomically (parent folders made)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    write_atomic(out.with_suffix(".md"), text.encode())

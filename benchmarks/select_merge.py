@@ -25,7 +25,6 @@ import speed  # noqa: E402
 import whole_peaks  # noqa: E402
 
 from spark3r.commands.arguments import DTYPES, resolve_device  # noqa: E402
-from spark3r.files import write_atomic, write_json  # noqa: E402
 from spark3r.models.registry import build_model  # noqa: E402
 from spark3r.schedule import load_schedule, shipped_schedule  # noqa: E402
 
@@ -76,13 +75,12 @@ def main(argv: list[str] | None = None) -> dict:
     attn = model.adapter.modules(model)[0]
     dense = speed.dense_attention_seconds(attn, layout, args.dense_repeats, device, DTYPES[args.dtype])
     result = {**provenance.record(__file__, argv, device), "model": args.model, "frames": args.frames,
-              "size": list(size), "dtype": args.dtype, "repeats": args.repeats, "dense_repeats": args.dense_repeats, "heads": attn.num_heads,
-              "tokens": layout.tokens, "head_dim": attn.head_dim, "dense_attention_s": dense, "rows": rows}
+              "size": list(size), "dtype": args.dtype, "repeats": args.repeats, "dense_repeats": args.dense_repeats,
+              "heads": attn.num_heads, "tokens": layout.tokens, "head_dim": attn.head_dim, "dense_attention_s": dense, "rows": rows}
     out = Path(args.out) if args.out else HERE / "results" / f"select-merge-{args.model}-{args.frames}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
-    write_atomic(out.with_suffix(".md"), markdown(result).encode())
-    print(markdown(result))
+    text = markdown(result)
+    provenance.write_result(out, result, text)
+    print(text)
     return result
 
 

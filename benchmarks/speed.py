@@ -177,6 +177,12 @@ def run_model(model, images, repeats, device, handle=None, assembled=False, time
             "peak_gib": max(peaks) if peaks else None, "stages_s": stages}
 
 
+def random_heads(attn, layout, count, device, dtype, generator) -> list[torch.Tensor]:
+    """`count` random tensors [1, h, S*P, D] shaped like one global layer's q, k, v, drawn in order from `generator`."""
+    shape = (1, attn.num_heads, layout.tokens, attn.head_dim)
+    return [torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(count)]
+
+
 SELECT_MERGE_STEPS = ("select K/V", "metric", "slots", "merge queries", "attention", "unmerge")
 
 
@@ -186,8 +192,7 @@ def select_merge_timing(attn, layout, reduction, repeats, device, dtype) -> dict
     is the attention on the reduced tensors. The dense attention is `dense_attention_seconds`' (once per layout: at 1000
     VGGT-1B frames one call takes about 17 s)."""
     generator = torch.Generator(device).manual_seed(0)
-    shape = (1, attn.num_heads, layout.tokens, attn.head_dim)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(3))
+    q, k, v = random_heads(attn, layout, 3, device, dtype, generator)
     x = torch.randn(1, layout.tokens, attn.num_heads * attn.head_dim, device=device, dtype=dtype,
                     generator=generator) if reduction.similarity == "input" else None
     n_q, prune = query_count(layout, reduction), kv_count(layout, reduction) < layout.tokens
@@ -210,9 +215,7 @@ def select_merge_timing(attn, layout, reduction, repeats, device, dtype) -> dict
 
 def dense_attention_seconds(attn, layout, repeats, device, dtype) -> float:
     """Median seconds of the dense attention of one global layer on random q, k, v [1, h, S*P, D]."""
-    generator = torch.Generator(device).manual_seed(0)
-    shape = (1, attn.num_heads, layout.tokens, attn.head_dim)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=generator) for _ in range(3))
+    q, k, v = random_heads(attn, layout, 3, device, dtype, torch.Generator(device).manual_seed(0))
     return median_seconds(device, lambda: F.scaled_dot_product_attention(q, k, v), repeats)
 
 

@@ -53,7 +53,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from spark3r.commands.arguments import DTYPES, ArgumentParser, command, resolve_device
 from spark3r.errors import ParameterError
-from spark3r.files import check_output_file, write_atomic, write_json
+from spark3r.files import check_output_file
 from spark3r.models.registry import build_model, get_entry
 from spark3r.reduce import model_flops
 from spark3r.schedule import apply_schedule
@@ -389,8 +389,7 @@ def markdown(results: dict) -> str:
 
 def save(path: Path, results: dict) -> None:
     """--out (JSON, predictions recomputed) and its .md table, each written atomically."""
-    write_json(path, with_predictions(results))
-    write_atomic(path.with_suffix(".md"), markdown(results).encode())
+    provenance.write_result(path, with_predictions(results), markdown(results))
 
 
 # ---------------------------------------------------------------------------------------------------- the run
