@@ -1,0 +1,197 @@
+"""Where one block's time goes: the kernels of one frame block, one reduced global block and the heads of VGGT-1B at
+--frames frames (torch.profiler, CUDA time per kernel name), beside variants timed whole on the same inputs: the
+block compiled (torch.compile, static shapes, per chunk of frames), each SDPA backend forced, the DPT heads in
+channels-last. And the bf16 path's own noise, which decides what may become a default: bf16 against fp32 outputs of
+random VGGT-1B and of the shipped vggt-tiny, and compiled blocks against eager ones in bf16.
+
+    python benchmarks/block_profile.py --frames 1000 --out $OUT/block-profile-vggt-1b-1000.json
+
+Random weights (vggt-tiny: the shipped ones); random tokens of the block's input shape (random images for the heads
+and the noise runs). Times: medians of --repeats calls after a warm-up (CUDA events). The profiler tables go to the
+markdown beside --out.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+from spark3r.commands.arguments import resolve_device
+from spark3r.models.blocks import compute_autocast
+from spark3r.models.loading import load_model
+from spark3r.models.registry import build_model
+from spark3r.models.vggt import run_per_frame
+from spark3r.schedule import apply_schedule
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import models  # noqa: E402
+import provenance  # noqa: E402
+import speed  # noqa: E402
+
+BACKENDS = {"cuDNN": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+OUTPUTS = ("depth", "points", "pose_enc")
+
+
+def kernel_table(device, fn, rows: int = 25) -> tuple[str, list[dict]]:
+    """One profiled fn() call: the profiler's table of the `rows` kernels / ops with the most self time on the device
+    (CUDA time; CPU time off CUDA), and those rows."""
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        synchronize(device)
+    self_us = (lambda event: event.self_device_time_total) if cuda else (lambda event: event.self_cpu_time_total)
+    averages = sorted(prof.key_averages(), key=lambda event: -self_us(event))
+    total = sum(self_us(event) for event in averages)
+    top = [{"name": event.key[:90], "calls": event.count, "ms": self_us(event) / 1e3,
+            "share": self_us(event) / total if total else None} for event in averages[:rows]]
+    lines = ["| kernel / op (self device time) | calls | ms | share |", "|---|---:|---:|---:|"]
+    lines += [f"| `{row['name']}` | {row['calls']} | {row['ms']:.1f} | {row['share']:.3f} |" for row in top]
+    return "\n".join(lines), top
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device, fn, repeats):
+    """Median seconds, or the error's first line when fn cannot run."""
+    try:
+        return speed.median_seconds(device, fn, repeats)
+    except RuntimeError as error:
+        return str(error).splitlines()[0][:160]
+
+
+def with_backend(backend, fn):
+    def run():
+        with sdpa_kernel([backend]):
+            return fn()
+    return run
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def noise(name: str, frames: int, device, compiled: bool) -> dict:
+    """Relative L2 differences of the outputs: bf16 vs fp32 (and compiled bf16 vs eager bf16)."""
+    model = load_model(name, "auto" if name == "vggt-tiny" else None, device).requires_grad_(False)
+    size = model.config.img_size
+    images = torch.rand(1, frames, 3, size, size, device=device, generator=torch.Generator(device).manual_seed(1))
+    outputs = {}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model.compute_dtype = dtype
+        with torch.inference_mode():
+            outputs[label] = model(images)
+    row = {f"bf16 vs fp32 {key}": relative(outputs["bf16"][key], outputs["fp32"][key]) for key in OUTPUTS}
+    if compiled:
+        speed.compile_blocks(model)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            outputs["compiled"] = model(images)
+        row["compile + first call s"] = time.perf_counter() - start
+        row.update({f"compiled vs eager bf16 {key}": relative(outputs["compiled"][key], outputs["bf16"][key])
+                    for key in OUTPUTS})
+    return {"model": name, "frames": frames, **row}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--head-frames", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="vggt-1b", help="a VGGT-family model (vggt-tiny for a CPU smoke run)")
+    parser.add_argument("--noise-frames", type=int, default=16)
+    parser.add_argument("--skip-noise", action="store_true")
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "block-profile-vggt-1b.json")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.model, device).eval().requires_grad_(False)
+    model.compute_dtype = torch.bfloat16
+    config = model.config
+    grid = config.img_size // config.patch_size
+    per_frame = config.n_special + grid * grid
+    generator = torch.Generator(device).manual_seed(0)
+    tokens = torch.randn(args.frames, per_frame, config.embed_dim, device=device, generator=generator)
+    pos = model.prepare(torch.rand(1, 2, 3, config.img_size, config.img_size, device=device)).extras["pos"]
+    frame_block, global_block = model.aggregator.frame_blocks[0], model.aggregator.global_blocks[0]
+    result = {**provenance.record(__file__, argv, device), "frames": args.frames, "repeats": args.repeats,
+              "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+              "times_s": {}, "kernels": {}}
+    times, tables = result["times_s"], {}
+
+    def frame_run(block=frame_block):
+        with compute_autocast(device.type, torch.bfloat16):
+            return run_per_frame(block, tokens, pos, config.frame_chunk_frames)
+
+    with torch.inference_mode():
+        tables["frame block"], result["kernels"]["frame block"] = kernel_table(device, frame_run)
+        times["frame block, shipped"] = timed(device, frame_run, args.repeats)
+        for label, backend in BACKENDS.items():
+            times[f"frame block, SDPA {label}"] = timed(device, with_backend(backend, frame_run), args.repeats)
+
+        schedule = models.paper_rule(model)
+        layout = model.adapter.layout(torch.empty(1, args.frames, 3, config.img_size, config.img_size, device="meta"))
+        reductions = schedule.reductions(args.frames)
+        layer = max(range(len(reductions)), key=lambda index: reductions[index].kv_factor)
+        global_block = model.aggregator.global_blocks[layer]
+        result["global layer"], result["global reduction"] = layer, repr(reductions[layer])
+        sequence = tokens.reshape(1, -1, config.embed_dim)
+        with apply_schedule(model, schedule) as handle:
+            handle.set_layout(layout)
+
+            def global_run():
+                with compute_autocast(device.type, torch.bfloat16):
+                    return global_block(sequence, pos=pos)
+
+            tables["global block (paper rule)"], result["kernels"]["global block"] = kernel_table(device, global_run)
+            times["global block, shipped"] = timed(device, global_run, args.repeats)
+            for label, backend in BACKENDS.items():
+                times[f"global block, SDPA {label}"] = timed(device, with_backend(backend, global_run), args.repeats)
+
+        images = torch.rand(1, args.head_frames, 3, config.img_size, config.img_size, device=device)
+        state = model.run_steps(model.prepare(images))
+        decode = lambda: model.decode(state, images)  # noqa: E731
+        tables[f"heads ({args.head_frames} frames, fp32)"], result["kernels"]["heads"] = kernel_table(device, decode)
+        times["heads, shipped"] = timed(device, decode, args.repeats)
+        model.depth_head.to(memory_format=torch.channels_last)
+        model.point_head.to(memory_format=torch.channels_last)
+        times["heads, channels-last weights"] = timed(device, decode, args.repeats)
+
+        if not args.skip_compile:
+            compiled = torch.compile(frame_block, dynamic=False)
+            start = time.perf_counter()
+            frame_run(compiled)
+            synchronize(device)
+            times["frame block, compile + first call"] = time.perf_counter() - start
+            times["frame block, compiled"] = timed(device, lambda: frame_run(compiled), args.repeats)
+    print("\n".join(f"{key}: {value}" for key, value in times.items()), flush=True)
+    if not args.skip_noise:
+        result["noise"] = [noise("vggt-tiny", 32, device, compiled=False),
+                           noise(args.model, args.noise_frames, device, compiled=not args.skip_compile)]
+    text = [f"# Block profile: {args.model}, {args.frames} frames", "", f"`{result['command']}` (git {result['commit']}, "
+            f"{result['device_name']}, torch {result['torch']})", "", "| variant | seconds |", "|---|---:|"]
+    text += [f"| {key} | {value if isinstance(value, str) else f'{value:.4f}'} |" for key, value in times.items()]
+    for title, table in tables.items():
+        text += ["", f"## {title}", "", table]
+    for row in result.get("noise", []):
+        text += ["", f"noise {row}"]
+    provenance.write_result(args.out, result, "\n".join(text + [""]))
+    print("\n".join(text))
+    return result
+
+
+if __name__ == "__main__":
+    main()
