@@ -1,8 +1,8 @@
 """Where one block's time goes: the kernels of one frame block, one reduced global block and the heads of VGGT-1B at
---frames frames (torch.profiler, CUDA time per kernel name), beside variants timed whole on the same inputs: the
-block compiled (torch.compile, static shapes, per chunk of frames), each SDPA backend forced, the DPT heads in
-channels-last. And the bf16 path's own noise, which decides what may become a default: bf16 against fp32 outputs of
-random VGGT-1B and of the shipped vggt-tiny, and compiled blocks against eager ones in bf16.
+--frames frames (torch.profiler, CUDA time per kernel name), beside variants timed whole on the same inputs: each
+SDPA backend forced, and the model compiled (`blocks.compile_model`: the first, compiling call and the compiled
+time). And the bf16 path's own noise, which decides what may become a default: bf16 against fp32 outputs of random
+VGGT-1B and of the shipped vggt-tiny, and compiled against eager in bf16.
 
     python benchmarks/block_profile.py --frames 1000 --out $OUT/block-profile-vggt-1b-1000.json
 
@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from spark3r.commands.arguments import resolve_device
-from spark3r.models.blocks import compute_autocast
+from spark3r.models.blocks import compile_model, compute_autocast
 from spark3r.models.loading import load_model
 from spark3r.models.registry import build_model
 from spark3r.models.vggt import run_per_frame
@@ -61,6 +61,14 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def first_call(device, fn) -> float:
+    """Seconds of fn()'s first call (compiling), by the host clock."""
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def timed(device, fn, repeats):
     """Median seconds, or the error's first line when fn cannot run."""
     try:
@@ -94,7 +102,7 @@ def noise(name: str, frames: int, device, compiled: bool) -> dict:
             outputs[label] = model(images)
     row = {f"bf16 vs fp32 {key}": relative(outputs["bf16"][key], outputs["fp32"][key]) for key in OUTPUTS}
     if compiled:
-        speed.compile_blocks(model)
+        compile_model(model)
         start = time.perf_counter()
         with torch.inference_mode():
             outputs["compiled"] = model(images)
@@ -149,34 +157,37 @@ def main(argv: list[str] | None = None) -> dict:
         global_block = model.aggregator.global_blocks[layer]
         result["global layer"], result["global reduction"] = layer, repr(reductions[layer])
         sequence = tokens.reshape(1, -1, config.embed_dim)
-        with apply_schedule(model, schedule) as handle:
-            handle.set_layout(layout)
+        handle = apply_schedule(model, schedule)
+        handle.set_layout(layout)
 
-            def global_run():
-                with compute_autocast(device.type, torch.bfloat16):
-                    return global_block(sequence, pos=pos)
+        def global_run():
+            with compute_autocast(device.type, torch.bfloat16):
+                return global_block(sequence, pos=pos)
 
-            tables["global block (paper rule)"], result["kernels"]["global block"] = kernel_table(device, global_run)
-            times["global block, shipped"] = timed(device, global_run, args.repeats)
-            for label, backend in BACKENDS.items():
-                times[f"global block, SDPA {label}"] = timed(device, with_backend(backend, global_run), args.repeats)
+        tables["global block (paper rule)"], result["kernels"]["global block"] = kernel_table(device, global_run)
+        times["global block, shipped"] = timed(device, global_run, args.repeats)
+        for label, backend in BACKENDS.items():
+            times[f"global block, SDPA {label}"] = timed(device, with_backend(backend, global_run), args.repeats)
 
         images = torch.rand(1, args.head_frames, 3, config.img_size, config.img_size, device=device)
+        handle.remove()
         state = model.run_steps(model.prepare(images))
         decode = lambda: model.decode(state, images)  # noqa: E731
         tables[f"heads ({args.head_frames} frames, fp32)"], result["kernels"]["heads"] = kernel_table(device, decode)
         times["heads, shipped"] = timed(device, decode, args.repeats)
-        model.depth_head.to(memory_format=torch.channels_last)
-        model.point_head.to(memory_format=torch.channels_last)
-        times["heads, channels-last weights"] = timed(device, decode, args.repeats)
 
         if not args.skip_compile:
-            compiled = torch.compile(frame_block, dynamic=False)
-            start = time.perf_counter()
-            frame_run(compiled)
-            synchronize(device)
-            times["frame block, compile + first call"] = time.perf_counter() - start
-            times["frame block, compiled"] = timed(device, lambda: frame_run(compiled), args.repeats)
+            compile_model(model)
+            handle = apply_schedule(model, schedule)
+            handle.set_layout(layout)
+            for label, fn in (("frame block", frame_run), ("global block", global_run), ("heads", decode)):
+                times[f"{label}, compiled: first call"] = first_call(device, fn)
+                times[f"{label}, compiled"] = timed(device, fn, args.repeats)
+            tables["frame block, compiled"], result["kernels"]["frame block, compiled"] = kernel_table(
+                device, frame_run)
+            tables["global block, compiled"], result["kernels"]["global block, compiled"] = kernel_table(
+                device, global_run)
+            handle.remove()
     print("\n".join(f"{key}: {value}" for key, value in times.items()), flush=True)
     if not args.skip_noise:
         result["noise"] = [noise("vggt-tiny", 32, device, compiled=False),

@@ -15,8 +15,8 @@ qk-norm, RoPE, reduction, attention, proj; CUDA events around each module), head
 TFLOP for that stage and the achieved TFLOP/s. Select+merge: for each distinct reduction of the schedule, each step of
 K/V selection, query merging and un-merging alone, and the attention on the reduced tensors alone, are timed on random
 q, k, v of the layer's shape (median of --repeats after a warm-up, CUDA events); "select+merge / attention" is the
-ratio of their sums over the layers (benchmarks/select_merge.py reports the steps). --compile compiles every block
-with torch.compile (static shapes) to measure what fusion buys.
+ratio of their sums over the layers (benchmarks/select_merge.py reports the steps). --compile runs the blocks' token-wise
+parts and the DPT heads compiled (spark3r.models.blocks.compile_model).
 Markdown tables on stdout, JSON in --out.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from tqdm import tqdm
 from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.errors import Spark3rError
 from spark3r.files import write_json
+from spark3r.models.blocks import compile_model
 from spark3r.models.registry import build_model
 from spark3r.reduce import (
     kv_count,
@@ -356,16 +357,6 @@ def breakdown_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compile_blocks(model) -> None:
-    """torch.compile every transformer block in place (static shapes); dynamo's cache is raised to hold them all."""
-    blocks = [module for module in model.modules() if type(module).__name__ == "Block"]
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
-    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit,
-                                                            16 * len(blocks))
-    for block in blocks:
-        block.compile(dynamic=False)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vggt-1b")
@@ -380,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="trunk autocast dtype")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile every block (static shapes); attention modules are then not timed apart")
+                        help="run the blocks' token-wise parts and the DPT heads compiled (blocks.compile_model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
     args = parser.parse_args(argv)
@@ -392,9 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.model, device).eval().requires_grad_(False)
     model.compute_dtype = DTYPES[args.dtype]
     if args.compile:
-        compile_blocks(model)
+        compile_model(model)
     options = dict(size=args.size, schedules=schedules, dense_max_frames=args.dense_max_frames, device=device,
-                   dtype=DTYPES[args.dtype], time_attention=not args.compile)
+                   dtype=DTYPES[args.dtype])
     rows = []
     with torch.inference_mode():
         benchmark(model, 2, repeats=1, **options)  # warm-up

@@ -4,7 +4,10 @@ length beside the FLOP model's TFLOP and prediction, peak memory, and the profil
     python benchmarks/speed_all.py --out benchmarks/results/speed-all.json
     python benchmarks/speed_all.py --only vggt-1b/1000/dense --out benchmarks/results/speed-all.json   # one row
 
-Random weights, --dtype autocast, each model at its default size (--size: square frames of that side). In order:
+Random weights, --dtype autocast, each model at its default size (--size: square frames of that side), --blocks
+compiled (default: the blocks' token-wise parts and the DPT heads through torch.compile, `compile_model`; each length
+gets one untimed paper-rule forward first, which compiles its shapes, and its time is kept as "warm_up_s") or eager.
+In order:
 
 1. Ceilings, measured first: an [N, N] x [N, N] matrix product (N = --ceiling-matmul) in the compute dtype and in
    fp32 (the heads run fp32; torch's float32 matmul precision is recorded), and F.scaled_dot_product_attention on q, k,
@@ -45,6 +48,7 @@ import json
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +58,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from spark3r.commands.arguments import DTYPES, ArgumentParser, command, resolve_device
 from spark3r.errors import ParameterError
 from spark3r.files import check_output_file
+from spark3r.models.blocks import compile_model
 from spark3r.models.registry import build_model, get_entry
 from spark3r.reduce import model_flops
 from spark3r.schedule import apply_schedule
@@ -74,6 +79,7 @@ models, profile_layers, provenance, speed, whole_peaks = (
 
 FAMILIES = ["vggt-1b", "pi3", "da3-giant", "vggt-omega"]
 SCHEDULES = ("dense", "paper")
+BLOCK_MODES = ("compiled", "eager")
 BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")  # SDPBackend names; "default": torch's pick
 ATTENTION_HEADS, HEAD_DIM = 16, 64
 CEILING_REPEATS = 20
@@ -174,6 +180,18 @@ def speed_row(model, name: str, frames: int, schedule: str, size: tuple[int, int
                stages_attention_tflop={stage: parts[1] for stage, parts in flops.items()},
                total_tflop=model_flops(flop_config, frames, paper).total / TERA)
     return row
+
+
+def warm_up(model, frames: int, size: tuple[int, int], device: torch.device) -> float:
+    """Seconds of one untimed paper-rule forward on `frames` random frames, which compiles the graphs of that length's
+    shapes (the compiled parts see the same shapes dense, and the paper rule's attention is fast)."""
+    images = torch.rand(1, frames, 3, *size, device=device)
+    start = time.perf_counter()
+    with apply_schedule(model, models.paper_rule(model)):
+        model(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def profile_row(name: str, side: int, settings: dict, device: torch.device) -> dict:
@@ -298,6 +316,11 @@ def goal_rows(results: dict) -> list[tuple[str, str, str]]:
     return goals
 
 
+def warm_up_note(row: dict) -> str:
+    """The compiling first forward at the row's length, where one ran before it."""
+    return f"; first forward at this length (compiling) {row['warm_up_s']:.1f} s" if "warm_up_s" in row else ""
+
+
 def markdown(results: dict) -> str:
     """The tables: ceilings, end to end, per stage, profile-layers, the issue's goals."""
     settings, ceilings = results["settings"], results["ceilings"]
@@ -306,7 +329,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Dense and paper-rule speed of every family on one {settings['device_name']}",
         "",
-        f"Random weights, {settings['dtype']} autocast, torch {results['torch']}, last written {results['created']}. "
+        f"Random weights, {settings['dtype']} autocast, {settings.get('blocks', 'eager')} blocks, torch "
+        f"{results['torch']}, last written {results['created']}. "
         f"Rows measured by {len(commands)} call(s) at commit(s) {', '.join(commits) or 'n/a'}:",
         "",
         *(f"    {line}" for line in commands),
@@ -348,7 +372,7 @@ def markdown(results: dict) -> str:
             f"{cell(ceiling)} | {percent(ceiling / measured if ceiling and measured else None)} | {cell(at_dense)} | "
             f"{cell(measured / at_dense if measured and at_dense else None)} | {cell(row['speedup'], 1, 'x')} | "
             f"{cell(row['flop_speedup'], 1, 'x')} | {cell(row.get('peak_gib'), 1)} | "
-            f"{cell(row.get('select_merge_over_attention'), 3)} | {row['note']} |")
+            f"{cell(row.get('select_merge_over_attention'), 3)} | {row['note']}{warm_up_note(row)} |")
     lines += [
         "", "## Per stage", "",
         "Indented stages are part of the stage above them.", "",
@@ -469,6 +493,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="MODEL, MODEL/FRAMES, MODEL/FRAMES/dense|paper or MODEL/profile: measure only these rows")
     parser.add_argument("--size", type=int, default=None, help="square frame side (default: each model's size)")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="trunk autocast dtype")
+    parser.add_argument("--blocks", default="compiled", choices=BLOCK_MODES,
+                        help="compiled: the blocks' token-wise parts and the DPT heads run through torch.compile "
+                             "(spark3r.models.blocks.compile_model), warmed up at each length first; eager: as "
+                             "without it")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=2, help="whole runs per row, the fastest kept")
     parser.add_argument("--head-frames", type=int, default=100, help="frames the heads of an assembled row run on")
@@ -493,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     record = provenance.record(__file__, argv, device)
     settings = {
-        "device_name": record["device_name"], "dtype": args.dtype, "size": args.size, "repeats": args.repeats,
+        "device_name": record["device_name"], "dtype": args.dtype, "blocks": args.blocks, "size": args.size,
+        "repeats": args.repeats,
         "head_frames": args.head_frames, "ceiling_matmul": args.ceiling_matmul, "ceiling_tokens": args.ceiling_tokens,
         "profile_clips": args.profile_clips, "profile_frames": args.profile_frames,
         "profile_options": args.profile_options, "seed": args.seed,
@@ -535,11 +564,18 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(args.seed)
             model = build_model(name, device).eval().requires_grad_(False)
             model.compute_dtype = DTYPES[args.dtype]
+            if args.blocks == "compiled":
+                compile_model(model)
+            warm_up_s = {}
             with torch.inference_mode():
                 for schedule, runs_whole in sorted({(key[3], whole[key]) for key in whole}):  # warm-up at 2 frames
                     speed_row(model, name, 2, schedule, size, runs_whole, settings, device)
                 for key, runs_whole in whole.items():
+                    if args.blocks == "compiled" and runs_whole and key[2] not in warm_up_s:
+                        warm_up_s[key[2]] = warm_up(model, key[2], size, device)
                     row = speed_row(model, name, key[2], key[3], size, runs_whole, settings, device)
+                    if key[2] in warm_up_s:
+                        row["warm_up_s"] = warm_up_s[key[2]]
                     add(row)
                     print(f"done: {name} {key[2]} frames {key[3]} ({row['how']}): {cell(row.get('end_to_end_s'))} s "
                           "end to end", file=sys.stderr)

@@ -7,6 +7,7 @@ Every attention module here exposes `qkv`, `q_norm`, `k_norm`, `rope`, `proj`, `
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,39 @@ def chunked_map(fn, length: int, chunk: int, dim: int = 1, dtype: torch.dtype | 
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
+COMPILE_CACHE_SIZE = 64
+"""Graphs dynamo may keep per compiled part: one per input shape and block kind (frame rows, global chunks, their
+remainders, encoder and head blocks), not one per layer."""
+
+
+@functools.cache
+def compiled(fn, backend: str):
+    """torch.compile(fn, backend=backend), made once per function and backend. Every module that runs `fn` shares its
+    graphs (dynamo takes the module argument's parameters as inputs), so 24 layers of one shape compile once."""
+    config = torch._dynamo.config
+    config.cache_size_limit = max(config.cache_size_limit, COMPILE_CACHE_SIZE)
+    return torch.compile(fn, backend=backend)
+
+
+def compiled_for(module: nn.Module, fn):
+    """fn, or its `compiled` form where `module.compile_backend` names a torch.compile backend (`compile_model`)."""
+    backend = getattr(module, "compile_backend", None)
+    return fn if backend is None else compiled(fn, backend)
+
+
+def compile_model(model: nn.Module, backend: str | None = "inductor") -> nn.Module:
+    """Run the compilable parts of `model` through torch.compile with `backend` (None: eagerly again): in every Block,
+    qkv + qk-norm + RoPE (`token_qkv_heads`), the output projection (`project_tokens`) and the residuals + MLP
+    (`residual_mlp`); in a DPT head, each chunk of frames. The attention itself stays F.scaled_dot_product_attention
+    (or a reduction's) and convolutions stay cuDNN's. Each part compiles one graph per input shape, shared by all
+    layers. Outputs differ from eager ones by rounding only. Sets `compile_backend` on every module whose class
+    declares it."""
+    for module in model.modules():
+        if hasattr(type(module), "compile_backend"):
+            module.compile_backend = backend
+    return model
+
+
 def qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The pre-attention math of `attn`: x [B, N, C] -> q, k, v each [B, h, N, D], after qk-norm and RoPE.
 
@@ -144,9 +178,10 @@ def qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Te
     rope = getattr(attn, "rope", None)
     period = 1 if pos is None else pos.shape[-2]
     chunk = inference_chunk(x, period) if rope is None or isinstance(rope, RotaryPositionEmbedding2D) else None
+    heads = compiled_for(attn, token_qkv_heads)
     if chunk is None or x.shape[1] % period:
-        return token_qkv_heads(attn, x, pos)
-    return chunked_map(lambda index: token_qkv_heads(attn, x[:, index], pos), x.shape[1], chunk, dim=2)
+        return heads(attn, x, pos)
+    return chunked_map(lambda index: heads(attn, x[:, index], pos), x.shape[1], chunk, dim=2)
 
 
 def token_qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -173,22 +208,30 @@ def merge_heads(out: Tensor) -> Tensor:
     return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
+def project_tokens(attn: nn.Module, out: Tensor) -> Tensor:
+    """attn.proj(merge_heads(out)): [B, h, n, D] -> [B, n, C]."""
+    return attn.proj(merge_heads(out))
+
+
 def project_heads(attn: nn.Module, out: Tensor) -> Tensor:
     """The post-attention math of `attn`: attention output [B, h, N, D] -> attn.proj(merge_heads(out)) [B, N, C].
 
     Long sequences without autograd merge and project `inference_chunk` tokens at a time into one output, so no merged
     copy of the whole output is made."""
     chunk = inference_chunk(out.transpose(1, 2))
+    project = compiled_for(attn, project_tokens)
     if chunk is None:
-        return attn.proj(merge_heads(out))
-    return chunked_map(lambda index: attn.proj(merge_heads(out[:, :, index])), out.shape[2], chunk)
+        return project(attn, out)
+    return chunked_map(lambda index: project(attn, out[:, :, index]), out.shape[2], chunk)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with fused qkv, optional per-head qk-norm and optional 2D RoPE.
 
-    x [B, N, C], pos [B, N, 2] or None -> [B, N, C].
+    x [B, N, C], pos [B, N, 2] or None -> [B, N, C]. `compile_backend`: see compile_model.
     """
+
+    compile_backend: str | None = None
 
     def __init__(
         self,
@@ -270,21 +313,25 @@ class LayerScale(nn.Module):
 FFN_LAYERS = {"mlp": Mlp, "swiglu": SwiGLUFFN}
 
 
-def scaled_residual(x: Tensor, scale: nn.Module, branch: Tensor) -> Tensor:
-    """x + scale(branch) in one op (addcmul with LayerScale's gamma; plain add for Identity): no scaled copy of the
-    branch, which for a 1000-frame global layer in fp32 is as large as x itself."""
-    return torch.addcmul(x, branch, scale.gamma) if isinstance(scale, LayerScale) else x + branch
+def residual_mlp(block: nn.Module, x: Tensor, branch: Tensor) -> Tensor:
+    """The rest of `block` once its attention branch is known: y = x + ls1(branch), then y + ls2(mlp(norm2(y))).
+    x, branch [B, n, C] -> [B, n, C]."""
+    x = x + block.ls1(branch)
+    return x + block.ls2(block.mlp(block.norm2(x)))
 
 
 class Block(nn.Module):
     """Pre-norm ViT block: x + ls1(attn(norm1(x), pos)), then x + ls2(mlp(norm2(x))). x [B, N, C] -> [B, N, C].
 
     Without autograd, a batch of more than INFERENCE_TOKEN_CHUNK tokens runs a few sequences at a time
-    (`forward_rows`), and one long sequence runs norm1, norm2 + MLP over `inference_chunk` tokens at a time and adds
-    its attention branch in one op (`scaled_residual`).
+    (`forward_rows`), and one long sequence runs norm1, and the residuals + MLP (`residual_mlp`), over
+    `inference_chunk` tokens at a time, so no whole scaled branch or MLP hidden is held.
 
     init_values None drops LayerScale (ls1/ls2 become Identity, no keys); `rope` is a shared RoPE module or None.
+    `compile_backend`: see compile_model.
     """
+
+    compile_backend: str | None = None
 
     def __init__(
         self,
@@ -316,19 +363,11 @@ class Block(nn.Module):
         if batch > 1 and batch * tokens > INFERENCE_TOKEN_CHUNK and not torch.is_grad_enabled():
             return self.forward_rows(x, pos)
         chunk = inference_chunk(x)
+        residual = compiled_for(self, residual_mlp)
         if chunk is None:
-            x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
-            return x + self.ls2(self.mlp(self.norm2(x)))
-        x = scaled_residual(x, self.ls1, self.attn(self.normed_input(x, chunk), pos=pos))
-        out = None
-        for start in range(0, x.shape[1], chunk):  # x is this call's own tensor: it may take the sum in place
-            part = x[:, start:start + chunk]
-            branch = self.ls2(self.mlp(self.norm2(part)))
-            if out is None:
-                dtype = torch.promote_types(x.dtype, branch.dtype)
-                out = x if dtype == x.dtype else torch.empty(x.shape, dtype=dtype, device=x.device)
-            torch.add(part, branch, out=out[:, start:start + chunk])
-        return out
+            return residual(self, x, self.attn(self.norm1(x), pos=pos))
+        branch = self.attn(self.normed_input(x, chunk), pos=pos)
+        return chunked_map(lambda index: residual(self, x[:, index], branch[:, index]), x.shape[1], chunk)
 
     def normed_input(self, x: Tensor, chunk: int) -> Tensor:
         """norm1(x) over `chunk` tokens at a time, stored in the autocast dtype if one is active (the qkv projection

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spark3r.errors import Spark3rError
+from spark3r.models.blocks import compiled_for
 
 INT_MAX_ELEMENTS = 1610612736  # F.interpolate overflows above this many output elements; split the batch
 
@@ -170,7 +171,10 @@ class DPTHead(nn.Module):
     forward(taps, image_size, patch_start_idx): taps are 4 tensors [B, S, P, dim_in] (patch tokens from
     `patch_start_idx`), any dtype (cast to the head's dtype per chunk of frames) ->
     (values [B, S, H, W, output_dim - 1], confidence [B, S, H, W]), or features [B, S, F, H', W'] if feature_only.
+    `compile_backend` (see blocks.compile_model) runs `forward_frames` compiled.
     """
+
+    compile_backend: str | None = None
 
     def __init__(
         self,
@@ -248,11 +252,12 @@ class DPTHead(nn.Module):
                 frames_chunk_size: int | None = 8) -> Tensor | tuple[Tensor, Tensor]:
         batch, frames = taps[0].shape[:2]
         chunk = frames if not frames_chunk_size else frames_chunk_size
+        forward_frames = compiled_for(self, type(self).forward_frames)
         values, confidences = [], []
         for start in range(0, frames, chunk):
             stop = min(start + chunk, frames)
             chunk_taps = [t[:, start:stop, patch_start_idx:].flatten(0, 1) for t in taps]
-            out = self.forward_frames(chunk_taps, image_size)
+            out = forward_frames(self, chunk_taps, image_size)
             if self.feature_only:
                 values.append(out.unflatten(0, (batch, stop - start)))
                 continue

@@ -1,0 +1,92 @@
+"""compile_model: the compiled parts trace whole, one graph per shape serves every layer, and a compiled model computes
+what the eager one does (dynamo's "eager" backend runs the traced graphs on CPU without code generation; inductor's
+rounding is measured on the GPU by benchmarks/block_profile.py)."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from spark3r.models.blocks import (
+    compile_model,
+    compiled_for,
+    project_tokens,
+    residual_mlp,
+    token_qkv_heads,
+)
+from spark3r.models.loading import load_model
+from spark3r.reduce import Reduction, apply_reductions
+
+OUTPUTS = ("depth", "depth_conf", "points", "pose_enc")
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def tiny(weights: str | None = None):
+    """vggt-tiny with random weights (None) or the shipped ones ("auto")."""
+    return load_model("vggt-tiny", weights=weights, device="cpu").requires_grad_(False)
+
+
+def images(frames: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(1, frames, 3, 112, 112, generator=torch.Generator().manual_seed(seed))
+
+
+def test_each_compiled_part_traces_as_one_graph_without_breaks():
+    model = tiny()
+    block = model.aggregator.global_blocks[0]
+    x = torch.randn(1, 2 * 69, 128, generator=torch.Generator().manual_seed(2))
+    pos = model.prepare(images(2)).extras["pos"]
+    taps = [torch.randn(2, 64, 256, generator=torch.Generator().manual_seed(3)) for _ in range(4)]
+    parts = [(token_qkv_heads, (block.attn, x, pos)), (residual_mlp, (block, x, x)),
+             (project_tokens, (block.attn, torch.randn(1, 2, 2 * 69, 64))),
+             (type(model.depth_head).forward_frames, (model.depth_head, taps, (112, 112)))]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for fn, args in parts:
+            explanation = torch._dynamo.explain(fn)(*args)
+            assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), (fn.__name__,
+                                                                                      explanation.break_reasons)
+
+
+def test_every_layer_shares_the_graphs_of_its_shape():
+    model = compile_model(tiny(), "eager")
+    counters.clear()
+    with torch.inference_mode():
+        model(images(3))
+    # token_qkv_heads, project_tokens and residual_mlp for the frame and the global blocks, the same three for the
+    # camera trunk (no RoPE), a chunk of each DPT head (2 and 4 outputs): 11. Compiled per layer, the 12 + 12 trunk
+    # blocks alone would make 72.
+    assert counters["stats"]["unique_graphs"] <= 11
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_compiled_model_equals_the_eager_one_dense_and_reduced(monkeypatch, chunked):
+    if chunked:  # the long-sequence path: per-frame rows of 2 frames, global layers in 2-frame token chunks
+        monkeypatch.setattr("spark3r.models.blocks.INFERENCE_TOKEN_CHUNK", 2 * 69)
+    model, clip = tiny("auto"), images(5)
+    reduction = Reduction(kv_keep=0.5, query_merge=2, group_frames=2)
+    with torch.inference_mode():
+        eager = model(clip)
+        with apply_reductions(model, {layer: reduction for layer in (3, 7)}):
+            eager_reduced = model(clip)
+        compile_model(model, "eager")
+        compiled = model(clip)
+        with apply_reductions(model, {layer: reduction for layer in (3, 7)}):
+            compiled_reduced = model(clip)
+    for key in OUTPUTS:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(compiled_reduced[key], eager_reduced[key], rtol=1e-6, atol=1e-6)
+    assert (compiled_reduced["depth"] - compiled["depth"]).abs().max() > 1e-4  # the reduction did run
+
+
+def test_backend_none_runs_eagerly_again():
+    model = compile_model(tiny(), "eager")
+    block = model.aggregator.frame_blocks[0]
+    assert compiled_for(block, residual_mlp) is not residual_mlp
+    assert model.depth_head.compile_backend == "eager"
+    compile_model(model, None)
+    assert compiled_for(block, residual_mlp) is residual_mlp and compiled_for(block.attn, project_tokens) is \
+        project_tokens
+    assert {module.compile_backend for module in model.modules() if hasattr(type(module), "compile_backend")} == {None}
