@@ -568,8 +568,9 @@ def main(argv: list[str] | None = None) -> int:
                 compile_model(model)
             warm_up_s = {}
             with torch.inference_mode():
-                for schedule, runs_whole in sorted({(key[3], whole[key]) for key in whole}):  # warm-up at 2 frames
-                    speed_row(model, name, 2, schedule, size, runs_whole, settings, device)
+                if args.blocks == "eager":  # compiled blocks are warmed up at each length instead
+                    for schedule, runs_whole in sorted({(key[3], whole[key]) for key in whole}):  # at 2 frames
+                        speed_row(model, name, 2, schedule, size, runs_whole, settings, device)
                 for key, runs_whole in whole.items():
                     if args.blocks == "compiled" and runs_whole and key[2] not in warm_up_s:
                         warm_up_s[key[2]] = warm_up(model, key[2], size, device)
