@@ -160,24 +160,30 @@ def speed_section(results: Path) -> str:
 
 
 def speed_all_lines(results: Path, earlier_peaks: dict[str, float]) -> list[str]:
-    """Table rows for the 1000-frame rows of the one-GPU benchmark (speed-all.json), each beside the earlier whole
-    run's peak of the same model."""
-    if not (results / "speed-all.json").is_file():
-        return []
-    data = load(results, "speed-all.json")
+    """Table rows for the 1000-frame rows of the one-GPU benchmark, eager blocks (speed-all-eager.json) and compiled
+    (speed-all.json), each with the FLOP model's time at the measured ceilings and beside the earlier whole run's peak
+    of the same model."""
     lines = []
-    for row in data["rows"]:
-        if row.get("kind") != "speed" or row["frames"] != 1000:
+    for name in ("speed-all-eager.json", "speed-all.json"):
+        if not (results / name).is_file():
             continue
-        earlier = earlier_peaks.get(row["model"])
-        lines.append(
-            f"| {MODEL_NAMES[row['model']]} {'+ paper rule' if row['schedule'] == 'paper' else row['schedule']}, "
-            f"1000 frames ({data['device_name']}, "
-            f"`benchmarks/speed_all.py`) | {row['end_to_end_s']:.1f} s end to end, {row['peak_gib']:.1f} GiB peak"
-            + (f" (the earlier whole run above: {earlier:.1f} GiB)" if earlier is not None and row["schedule"] != "dense"
-               else "")
-            + f" | {row['how']} at {row['measured_by']['commit'][:7]} (`speed-all.json`; stages and goals in "
-            "`speed-all.md`) |")
+        data = load(results, name)
+        blocks = data["settings"].get("blocks", "eager")
+        for row in data["rows"]:
+            if row.get("kind") != "speed" or row["frames"] != 1000 or row.get("out_of_memory"):
+                continue
+            earlier = earlier_peaks.get(row["model"])
+            ceiling = (row.get("predicted") or {}).get("ceiling_end_to_end_s")
+            lines.append(
+                f"| {MODEL_NAMES[row['model']]} {'+ paper rule' if row['schedule'] == 'paper' else row['schedule']}, "
+                f"1000 frames, {blocks} blocks ({data['settings']['device_name']}, `benchmarks/speed_all.py`) | "
+                f"{row['end_to_end_s']:.1f} s end to end"
+                + (f" (the FLOP model at the measured ceilings: {ceiling:.1f} s)" if ceiling else "")
+                + f", {row['peak_gib']:.1f} GiB peak"
+                + (f" (the earlier whole run above: {earlier:.1f} GiB)" if earlier is not None
+                   and row["schedule"] != "dense" else "")
+                + f" | {row['how']} at {row['measured_by']['commit'][:7]} (`{name}`; stages and goals in "
+                f"`{name[:-5]}.md`) |")
     return lines
 
 
