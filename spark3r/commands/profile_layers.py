@@ -16,7 +16,8 @@ import sys
 import math
 from pathlib import Path
 
-from spark3r.commands.arguments import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
+from spark3r.commands.arguments import (ArgumentParser, add_compile_arg, add_runtime_args, command, resolve_device,
+                                        resolve_dtype)
 from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
 from spark3r.profiler.pipeline import ProfileRequest, profile_layers
@@ -136,6 +137,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", default=None, help="output folder (default: profiles/<model>/)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of the table")
     add_runtime_args(parser)
+    add_compile_arg(parser)
     return parser
 
 
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     outcome = profile_layers(ProfileRequest(model=args.model, calib=args.calib, options=options,
                                             weights=args.weights, frames=frames, kv_frames=kv_frames,
                                             every=args.every, size=args.size, out=args.out, device=device,
-                                            dtype=resolve_dtype(args.dtype, device)))
+                                            dtype=resolve_dtype(args.dtype, device), compiled=args.compile))
     if outcome is None:  # a torchrun rank other than the main one
         return 0
     if args.json:

@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from spark3r.commands.arguments import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
+from spark3r.commands.arguments import (ArgumentParser, add_compile_arg, add_runtime_args, command, resolve_device,
+                                        resolve_dtype)
 from spark3r.schedule import BUDGET_OF
 from spark3r.search.lengths import parse_lengths
 from spark3r.search.pipeline import LONG_FRAMES, SearchRequest, search_schedule
@@ -66,6 +67,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", default=None, help="schedule YAML (default: schedules/<model>-b<budget>.yaml)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
     add_runtime_args(parser)
+    add_compile_arg(parser)
     return parser
 
 
@@ -145,11 +147,11 @@ def _num(value) -> str:
 @command(flags=FLAGS)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    fields = {field.name for field in dataclasses.fields(SearchRequest)} - {"device", "dtype"}
+    fields = {field.name for field in dataclasses.fields(SearchRequest)} - {"device", "dtype", "compiled"}
     device = resolve_device(args.device) if args.verify else torch.device("cpu")  # only --verify runs the model
     frames = None if args.frames is None else parse_lengths(args.frames)
     request = SearchRequest(**{name: getattr(args, name) for name in fields - {"frames"}}, frames=frames,
-                            device=device, dtype=resolve_dtype(args.dtype, device))
+                            device=device, dtype=resolve_dtype(args.dtype, device), compiled=args.compile)
     result = search_schedule(request)
     summary = length_table if result.get("length_aware") else table
     print(json.dumps(result, indent=1) if args.json else summary(result))

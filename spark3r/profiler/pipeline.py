@@ -41,7 +41,9 @@ class ProfileRequest:
     clip (synthetic clips: rendered with that many; default: all, cut to the shortest clip; several lengths: each is
     profiled) or every `every`-th, preprocessed at `size` (the side of a square image; default: the model's), at the
     levels and settings of `options` and, at each length, the K/V keep of each count in `kv_frames` of kept frames;
-    written to `out` (default profiles/<model>/)."""
+    written to `out` (default profiles/<model>/). `compiled`: the model's blocks and DPT heads run through
+    torch.compile (`load_model`; each new input shape compiles once); a speed option, so it is not part of the
+    profile's options and a folder profiled eagerly resumes compiled and vice versa."""
 
     model: str
     calib: str
@@ -54,6 +56,7 @@ class ProfileRequest:
     out: str | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    compiled: bool = False
 
 
 @dataclass
@@ -123,7 +126,8 @@ def profile_layers(request: ProfileRequest) -> ProfileOutcome | None:
     out = check_output_folder(request.out if request.out else Path("profiles") / name, "out")
     recipe = entry.recipe(request.size)
     calibrations = [load_calibration(request.calib, recipe, frames, request.every) for frames in lengths_of(request)]
-    model = load_model(name, weights=request.weights, device=device, dtype=request.dtype, seed=request.options.seed)
+    model = load_model(name, weights=request.weights, device=device, dtype=request.dtype, seed=request.options.seed,
+                       compiled=request.compiled)
     if not isinstance(model, ReconstructionModel):
         raise Spark3rError(f"model {name} does not run as trunk steps, so it cannot be profiled: use one of "
                            "spark3r's model classes")

@@ -102,7 +102,7 @@ def verify(request, profile: Profile, problem: LengthProblem, candidates: list[L
     clips = held_out_clips(profile, request.calib, frames=frames)
     weights = request.weights if request.weights is not None else identified_weights(profile.options.get("weights", "auto"))
     deviations = measure(profile, [problem.schedule(c) for c in candidates], clips, device=request.device,
-                         dtype=request.dtype, weights=weights,
+                         dtype=request.dtype, compiled=request.compiled, weights=weights,
                          seed=profile.options.get("seed", request.seed), metric=request.metric).mean(axis=1)
     return candidates[int(np.argmin(deviations))], {c: float(v) for c, v in zip(candidates, deviations)}
 

@@ -52,7 +52,8 @@ is length-aware (spark3r.search.deploy).
     <model>-b<budget>-<digest>). verify: measure this many best candidates on the held-out clips `calib` with
     `weights` (default: those the profile used), preprocessed as the profile's clips (or at `size`), `max_frames`
     frames spread over each (default: the profile's frame count) or every `every`-th. model: refuse a profile made for another model. out: the schedule
-    YAML (default schedules/<model>-b<budget>.yaml).
+    YAML (default schedules/<model>-b<budget>.yaml). device / dtype / compiled: how `verify` runs the model
+    (`load_model`; compiled: blocks and DPT heads through torch.compile).
     """
 
     budget: float
@@ -77,6 +78,7 @@ is length-aware (spark3r.search.deploy).
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    compiled: bool = False
 
 
 @dataclass
@@ -262,7 +264,8 @@ def verify_best(run: SearchRun, candidates: list[Candidate]) -> tuple[Candidate,
     schedules = [candidate_schedule(run.problem, candidate) for candidate in candidates]
     weights = (request.weights if request.weights is not None
                else identified_weights(profile.options.get("weights", "auto")))
-    deviations = measure(profile, schedules, clips, device=request.device, dtype=request.dtype, weights=weights,
+    deviations = measure(profile, schedules, clips, device=request.device, dtype=request.dtype,
+                         compiled=request.compiled, weights=weights,
                          seed=profile.options.get("seed", request.seed),  # random weights as profiled
                          metric=request.metric).mean(axis=1)
     best = int(np.argmin(deviations))

@@ -48,11 +48,13 @@ def held_out_clips(profile: Profile, calib: str, size: int | None = None, every:
 
 @torch.inference_mode()
 def measure(profile: Profile, schedules: list[Schedule], clips: list[Clip], *, device: torch.device,
-            dtype: torch.dtype, weights: str | None, seed: int, metric: str, progress: bool = True) -> np.ndarray:
-    """Measured `metric` deviation [n_schedules, n_clips] of each schedule from the dense model on each clip.
+            dtype: torch.dtype, weights: str | None, seed: int, metric: str, compiled: bool = False,
+            progress: bool = True) -> np.ndarray:
+    """Measured `metric` deviation [n_schedules, n_clips] of each schedule from the dense model on each clip, with the
+    model loaded on `device` in `dtype`, its blocks and DPT heads through torch.compile if `compiled` (`load_model`).
 
     As when profiling, outputs that are not finite in the dense run are left out of the comparison."""
-    model = load_model(profile.model, weights=weights, device=device, dtype=dtype, seed=seed)
+    model = load_model(profile.model, weights=weights, device=device, dtype=dtype, seed=seed, compiled=compiled)
     adapter = model.adapter
     for schedule in schedules:
         check_model(schedule, adapter.model_name, adapter.num_global_layers)
