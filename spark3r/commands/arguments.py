@@ -35,9 +35,8 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 def add_compile_arg(parser: argparse.ArgumentParser) -> None:
     """`--compile`: the commands that load a model for inference pass it to `load_model(compiled=...)`."""
     parser.add_argument("--compile", action="store_true",
-                        help="run the blocks and DPT heads through torch.compile: faster on a GPU (VGGT-1B at 1000 "
-                             "frames: 15 s against 22 s on an H200), the first forward at each new clip length "
-                             "compiles (about 15-45 s)")
+                        help="run the blocks and DPT heads through torch.compile: faster on a GPU (the README's speed "
+                             "table), but the first forward at each new clip length compiles")
 
 
 def resolve_device(name: str) -> torch.device:
