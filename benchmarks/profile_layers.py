@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--level-batch", type=int, default=8)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--compile", action="store_true", help="load_model(compiled=True): compiled blocks and heads "
+                                                               "(the first clip includes the compiling)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
@@ -56,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
-    model = load_model(args.model, weights=None, device=device, dtype=DTYPES[args.dtype], seed=args.seed)
+    model = load_model(args.model, weights=None, device=device, dtype=DTYPES[args.dtype], seed=args.seed,
+                       compiled=args.compile)
     generator = torch.Generator().manual_seed(args.seed)
     clips = [torch.rand(args.frames, 3, args.size, args.size, generator=generator) for _ in range(args.clips)]
     options, notes = profile_levels(model.adapter.layout(clips[0]), ProfileOptions(

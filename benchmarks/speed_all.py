@@ -201,6 +201,7 @@ def profile_row(name: str, side: int, settings: dict, device: torch.device) -> d
     result = profile_layers.main([
         "--model", name, "--clips", str(clips), "--frames", str(settings["profile_frames"]), "--size", str(side),
         "--device", str(device), "--dtype", settings["dtype"], "--seed", str(settings["seed"]),
+        *(["--compile"] if settings.get("blocks") == "compiled" else []),
         *shlex.split(settings["profile_options"])])
     goal = profile_layers.GOAL_WORKLOAD["clips"]
     per_clip = statistics.mean(result["seconds_per_clip"])

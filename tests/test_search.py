@@ -335,9 +335,21 @@ def journal_trials(tmp_path):
     return completed(study)
 
 
+def stored_trials(tmp_path) -> list:
+    """The journal's completed trials, or none while it has not been written."""
+    try:
+        return journal_trials(tmp_path)
+    except (OSError, KeyError, ValueError, optuna.exceptions.OptunaError):
+        return []
+
+
 def test_workers_share_one_study_and_a_killed_worker_loses_nothing_written(tmp_path):
     write_profile(tmp_path)
     worker = cli(tmp_path, "--trials", "200")  # first, so the study it counts at its start is empty: it runs 200
+    deadline = time.monotonic() + 120
+    while not stored_trials(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the doomed worker starts once this one runs trials (started together, it may finish 200
+        # before this one counts the study, which then leaves this one nothing to run)
     doomed = cli(tmp_path, "--trials", "100000", "--seed", "1")
     output = worker.communicate(timeout=240)
     assert worker.returncode == 0, output
