@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--skip-noise", action="store_true")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "block-profile-vggt-1b.json")
+    parser.add_argument("--out", default=None, help="JSON path, markdown beside it "
+                                                    "(default: benchmarks/results/block-profile-<model>-<frames>.json)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(0)
@@ -192,15 +193,16 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_noise:
         result["noise"] = [noise("vggt-tiny", 32, device, compiled=False),
                            noise(args.model, args.noise_frames, device, compiled=not args.skip_compile)]
-    text = [f"# Block profile: {args.model}, {args.frames} frames", "", f"`{result['command']}` (git {result['commit']}, "
-            f"{result['device_name']}, torch {result['torch']})", "", "| variant | seconds |", "|---|---:|"]
+    text = [f"# Block profile: {args.model}, {args.frames} frames", "",
+            f"`{result['command']}` (git {result['commit']}, {result['device_name']}, torch {result['torch']})", "",
+            "| variant | seconds |", "|---|---:|"]
     text += [f"| {key} | {value if isinstance(value, str) else f'{value:.4f}'} |" for key, value in times.items()]
     for title, table in tables.items():
         text += ["", f"## {title}", "", table]
     for row in result.get("noise", []):
         text += ["", f"noise {row}"]
-    provenance.write_result(args.out, result, "\n".join(text + [""]))
-    print("\n".join(text))
+    provenance.publish(args.out, HERE / "results" / f"block-profile-{args.model}-{args.frames}.json", result,
+                       "\n".join(text + [""]))
     return result
 
 

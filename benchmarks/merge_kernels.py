@@ -175,10 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
               "destinations": inputs["destinations"].shape[2],
               "similarity": similarity_rows(inputs, device, args.repeats), "merge": merge_rows(inputs, device,
                                                                                                 args.repeats)}
-    out = Path(args.out) if args.out else HERE / "results" / f"merge-kernels-{args.model}-{args.frames}.json"
-    text = markdown(result)
-    provenance.write_result(out, result, text)
-    print(text)
+    provenance.publish(args.out, HERE / "results" / f"merge-kernels-{args.model}-{args.frames}.json", result,
+                       markdown(result))
     return result
 
 

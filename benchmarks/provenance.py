@@ -71,3 +71,9 @@ def write_result(out: Path, result: dict, text: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     write_atomic(out.with_suffix(".md"), text.encode())
+
+
+def publish(out: str | Path | None, default: Path, result: dict, text: str) -> None:
+    """`write_result` at `out` (None: `default`), then `text` on stdout."""
+    write_result(Path(out) if out else default, result, text)
+    print(text)

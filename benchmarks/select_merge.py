@@ -77,10 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**provenance.record(__file__, argv, device), "model": args.model, "frames": args.frames,
               "size": list(size), "dtype": args.dtype, "repeats": args.repeats, "dense_repeats": args.dense_repeats,
               "heads": attn.num_heads, "tokens": layout.tokens, "head_dim": attn.head_dim, "dense_attention_s": dense, "rows": rows}
-    out = Path(args.out) if args.out else HERE / "results" / f"select-merge-{args.model}-{args.frames}.json"
-    text = markdown(result)
-    provenance.write_result(out, result, text)
-    print(text)
+    provenance.publish(args.out, HERE / "results" / f"select-merge-{args.model}-{args.frames}.json", result,
+                       markdown(result))
     return result
 
 

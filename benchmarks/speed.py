@@ -15,8 +15,8 @@ qk-norm, RoPE, reduction, attention, proj; CUDA events around each module), head
 TFLOP for that stage and the achieved TFLOP/s. Select+merge: for each distinct reduction of the schedule, each step of
 K/V selection, query merging and un-merging alone, and the attention on the reduced tensors alone, are timed on random
 q, k, v of the layer's shape (median of --repeats after a warm-up, CUDA events); "select+merge / attention" is the
-ratio of their sums over the layers (benchmarks/select_merge.py reports the steps). --compile runs the blocks' token-wise
-parts and the DPT heads compiled (spark3r.models.blocks.compile_model).
+ratio of their sums over the layers (benchmarks/select_merge.py reports the steps). --compile runs the blocks'
+token-wise parts and the DPT heads compiled (spark3r.models.blocks.compile_model).
 Markdown tables on stdout, JSON in --out.
 """
 from __future__ import annotations

@@ -255,7 +255,8 @@ def load_model(name: str, weights: str | os.PathLike | None = "auto", device: to
     dtype:    the compute dtype (the trunk runs under autocast to it; parameters and residual stream stay fp32).
     compiled: run the blocks' token-wise parts and the DPT heads through torch.compile (`compile_model`, inductor):
               faster on a GPU (benchmarks/results/speed-all.md), but the first forward at each new input shape
-              compiles. Outputs equal eager ones within bf16 rounding. `compile_model(model, backend=None)` turns it off again.
+              compiles. Outputs equal eager ones within bf16 rounding. `compile_model(model, backend=None)` turns it
+              off again.
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise Spark3rError(f"dtype {dtype} is not supported: use torch.float32, torch.bfloat16 or torch.float16")
