@@ -69,12 +69,14 @@ def time_steps(model, state: TrunkState, steps: list[int], device: torch.device,
 
 
 def time_heads(model, frames: int, size: tuple[int, int], device: torch.device, repeats: int) -> float:
-    """Seconds of model.decode on a finished trunk of `frames` frames (global layers pruned to frame 0's K/V)."""
+    """Seconds of model.decode on a finished trunk of `frames` frames (global layers pruned to frame 0's K/V), after one
+    untimed decode (which compiles compiled heads for this shape and lets cuDNN pick its kernels)."""
     images = torch.rand(1, frames, 3, *size, device=device)
     cheap = Reduction(kv_keep=1.0 / frames) if frames > 1 else Reduction()
     with apply_reductions(model, {layer: cheap for layer in range(model.adapter.num_global_layers)}) as handle:
         handle.set_layout(model.adapter.layout(images))
         finished = model.run_steps(model.prepare(images))
+    model.decode(finished, images)
     _, seconds, _ = measure(device, lambda: model.decode(finished, images), repeats)
     return seconds
 

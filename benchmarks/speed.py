@@ -132,34 +132,41 @@ class ModuleTimer:
 
 
 def timed_run(model, images, device, assembled: bool, attention: ModuleTimer | None) -> dict:
-    """One run of encoder, trunk (step by step, or assembled) and heads: seconds per stage and peak GiB."""
+    """One run of encoder, trunk (step by step, or assembled) and heads: seconds per stage, peak GiB, and each stage's
+    peak GiB ("stage_peaks_gib", on CUDA; a trunk stage's is the largest of its steps')."""
     state, encoder_s, encoder_peak = measure(device, lambda: model.prepare(images))
     seconds = {"encoder": encoder_s, "frame blocks": 0.0, "global blocks": 0.0}
+    stage_peaks = {"encoder": [encoder_peak], "frame blocks": [], "global blocks": [], "heads": []}
     if attention is not None:
         attention.take()
     if assembled:
         finished, rows = run_trunk(model, state, False, device)
         scale = model.config.depth
         seconds["frame blocks"], seconds["global blocks"] = scale * rows[0]["seconds"], scale * rows[1]["seconds"]
-        peaks = [rows[-1]["peak_gib"]]
+        # the assembled trunk's peak (its largest block's, plus the taps it would hold) counts as the global blocks'
+        stage_peaks["frame blocks"], stage_peaks["global blocks"] = [rows[0]["peak_gib"]], [rows[-1]["peak_gib"]]
     else:
-        finished, peaks, scale = state, [], 1
+        finished, scale = state, 1
         for step in range(model.num_steps):
             finished, step_s, peak = measure(device, lambda: model.run_steps(finished, step + 1))
-            seconds["global blocks" if step in model.global_layer_steps else "frame blocks"] += step_s
-            peaks.append(peak)
+            stage = "global blocks" if step in model.global_layer_steps else "frame blocks"
+            seconds[stage] += step_s
+            stage_peaks[stage].append(peak)
     if attention is not None:
         seconds["global attention modules"] = scale * attention.take()
     del state
     _, seconds["heads"], decode_peak = measure(device, lambda: model.decode(finished, images))
-    peaks = [peak for peak in (encoder_peak, *peaks, decode_peak) if peak is not None]
-    return {"seconds": seconds, "peak_gib": max(peaks) if peaks else None}
+    stage_peaks["heads"].append(decode_peak)
+    stage_peaks = {stage: max(peaks) for stage, peaks in stage_peaks.items() if peaks and None not in peaks}
+    return {"seconds": seconds, "peak_gib": max(stage_peaks.values()) if stage_peaks else None,
+            "stage_peaks_gib": stage_peaks}
 
 
 def run_model(model, images, repeats, device, handle=None, assembled=False, time_attention=True,
               enough_s=float("inf")) -> dict:
     """Encoder + trunk ("aggregator") and heads of one clip, fastest of `repeats` runs (no more once a run takes
-    `enough_s` seconds end to end): seconds, per-stage seconds of that run, and the largest peak GiB of all runs."""
+    `enough_s` seconds end to end): seconds, per-stage seconds of that run, and the largest peak GiB of all runs, whole
+    and per stage ("stages_peak_gib")."""
     if handle is not None:
         handle.set_layout(model.adapter.layout(images))
     attention = ModuleTimer(model.adapter.modules(model), device) if time_attention else None
@@ -174,8 +181,9 @@ def run_model(model, images, repeats, device, handle=None, assembled=False, time
     stages = best["seconds"]
     aggregator = stages["encoder"] + stages["frame blocks"] + stages["global blocks"]
     peaks = [run["peak_gib"] for run in runs if run["peak_gib"] is not None]
+    stage_peaks = {stage: max(run["stage_peaks_gib"][stage] for run in runs) for stage in best["stage_peaks_gib"]}
     return {"aggregator_s": aggregator, "end_to_end_s": aggregator + stages["heads"],
-            "peak_gib": max(peaks) if peaks else None, "stages_s": stages}
+            "peak_gib": max(peaks) if peaks else None, "stages_s": stages, "stages_peak_gib": stage_peaks}
 
 
 def random_heads(attn, layout, count, device, dtype, generator) -> list[torch.Tensor]:
