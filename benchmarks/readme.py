@@ -161,8 +161,8 @@ def speed_section(results: Path) -> str:
 
 def speed_all_lines(results: Path, earlier_peaks: dict[str, float]) -> list[str]:
     """Table rows for the 1000-frame rows of the one-GPU benchmark, eager blocks (speed-all-eager.json) and compiled
-    (speed-all.json), each with the FLOP model's time at the measured ceilings and beside the earlier whole run's peak
-    of the same model."""
+    (speed-all.json), each with the FLOP model's time at the measured ceilings, a paper row's speed-up over the dense
+    row of its file, and beside the earlier whole run's peak of the same model."""
     lines = []
     for name in ("speed-all-eager.json", "speed-all.json"):
         if not (results / name).is_file():
@@ -179,11 +179,23 @@ def speed_all_lines(results: Path, earlier_peaks: dict[str, float]) -> list[str]
                 f"1000 frames, {blocks} blocks ({data['settings']['device_name']}, `benchmarks/speed_all.py`) | "
                 f"{row['end_to_end_s']:.1f} s end to end"
                 + (f" (the FLOP model at the measured ceilings: {ceiling:.1f} s)" if ceiling else "")
+                + (f", {row['speedup']:.1f}x over dense (FLOP model: {row['flop_speedup']:.1f}x)"
+                   if row["schedule"] != "dense" and row.get("speedup") else "")
                 + f", {row['peak_gib']:.1f} GiB peak"
+                + (" (its largest measured part's: a lower bound)" if row["how"] != "measured whole" else "")
                 + (f" (the earlier whole run above: {earlier:.1f} GiB)" if earlier is not None
                    and row["schedule"] != "dense" else "")
                 + f" | {row['how']} at {row['measured_by']['commit'][:7]} (`{name}`; stages and goals in "
                 f"`{name[:-5]}.md`) |")
+        for row in data["rows"]:
+            if row.get("kind") == "profile":
+                lines.append(
+                    f"| profile-layers on {MODEL_NAMES[row['model']]}, {row['global_layers']} layers x "
+                    f"{row['kv_levels'] + row['query_levels']} levels, {row['clips']} x {row['frames']} frames, "
+                    f"{blocks} blocks ({data['settings']['device_name']}, `benchmarks/speed_all.py`) | "
+                    f"{row['seconds_per_clip']:.0f} s per clip; {row['goal_clips']} clips: {row['goal_clips_s']:.0f} s"
+                    + (" (the first clip compiles its shapes)" if blocks == "compiled" else "")
+                    + f" | {row['how']} at {row['measured_by']['commit'][:7]} (`{name}`) |")
     return lines
 
 

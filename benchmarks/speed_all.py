@@ -323,6 +323,14 @@ def goal_rows(results: dict) -> list[tuple[str, str, str]]:
     return goals
 
 
+def profile_compile_note(row: dict, settings: dict) -> str:
+    """Under compiled blocks a profile's first clip compiles the shapes it runs: said, with its dense phase's time."""
+    if settings.get("blocks") != "compiled":
+        return ""
+    return (f"; compiled blocks: the first clip compiles its shapes (its dense forward {row['phases_s']['dense']:.0f} s, "
+            "its decodes each level batch's)")
+
+
 def warm_up_note(row: dict) -> str:
     """The compiling first forward at the row's length, where one ran before it."""
     return f"; first forward at this length (compiling) {row['warm_up_s']:.1f} s" if "warm_up_s" in row else ""
@@ -415,7 +423,7 @@ def markdown(results: dict) -> str:
                 f"| {row['model']} | {row['clips']} x {row['frames']} | {row['size']} | {row['global_layers']} x "
                 f"({row['kv_levels']} K/V + {row['query_levels']} query) | {row['seconds']:.1f} | "
                 f"{row['seconds_per_clip']:.1f} | {row['goal_clips']} | {row['goal_clips_s']:.1f} | "
-                f"{cell(row['peak_gib'], 1)} | {row['how']} |")
+                f"{cell(row['peak_gib'], 1)} | {row['how']}{profile_compile_note(row, settings)} |")
     lines += ["", "## Against the issue's goals", "", "| goal | this file | verdict |", "|---|---|---|"]
     lines += [f"| {goal} | {held} | {verdict} |" for goal, held, verdict in goal_rows(results)]
     return "\n".join(lines) + "\n"

@@ -153,23 +153,33 @@ def test_head_dtype_section_follows_the_benchmark_decision(tmp_path):
 def test_speed_rows_of_the_one_gpu_benchmark_at_1000_frames_only(tmp_path):
     assert readme.speed_all_lines(tmp_path, {}) == []  # no file, no row
     rows = [{"kind": "speed", "model": model, "frames": frames, "schedule": schedule, "end_to_end_s": seconds,
-             "peak_gib": peak, "how": "measured whole", "measured_by": {"commit": "0123456789abcdef"},
-             "predicted": {"ceiling_end_to_end_s": ceiling}}
-            for model, frames, schedule, seconds, peak, ceiling in (("vggt-1b", 1000, "paper", 11.96, 40.04, 7.14),
-                                                                    ("vggt-1b", 1000, "dense", 480.0, 47.9, None),
-                                                                    ("pi3", 100, "paper", 1.0, 5.0, 0.5))]
+             "peak_gib": peak, "how": how, "measured_by": {"commit": "0123456789abcdef"},
+             "predicted": {"ceiling_end_to_end_s": ceiling}, "speedup": speedup, "flop_speedup": 41.0}
+            for model, frames, schedule, seconds, peak, ceiling, speedup, how in (
+                ("vggt-1b", 1000, "paper", 11.96, 40.04, 7.14, 40.1, "measured whole"),
+                ("vggt-1b", 1000, "dense", 480.0, 47.9, None, 1.0, "assembled"),
+                ("pi3", 100, "paper", 1.0, 5.0, 0.5, 2.0, "measured whole"))]
+    profile = {"kind": "profile", "model": "vggt-1b", "global_layers": 24, "kv_levels": 6, "query_levels": 4,
+               "clips": 1, "frames": 32, "seconds_per_clip": 150.4, "goal_clips": 8, "goal_clips_s": 1203.2,
+               "how": "1 clip(s) measured, 8 extrapolated from the mean clip", "measured_by": {"commit": "fedcba987"}}
     (tmp_path / "speed-all.json").write_text(json.dumps({"settings": {"device_name": "NVIDIA H200",
                                                                       "blocks": "compiled"},
-                                                         "rows": rows + [{"kind": "profile", "model": "vggt-1b"}]}))
+                                                         "rows": rows + [profile]}))
     (tmp_path / "speed-all-eager.json").write_text(json.dumps({"settings": {"device_name": "NVIDIA H200"},
                                                                "rows": rows[:1]}))
     lines = readme.speed_all_lines(tmp_path, {"vggt-1b": 49.8})
     assert lines == [
         "| VGGT-1B + paper rule, 1000 frames, eager blocks (NVIDIA H200, `benchmarks/speed_all.py`) | 12.0 s end to "
-        "end (the FLOP model at the measured ceilings: 7.1 s), 40.0 GiB peak (the earlier whole run above: 49.8 GiB) "
-        "| measured whole at 0123456 (`speed-all-eager.json`; stages and goals in `speed-all-eager.md`) |",
+        "end (the FLOP model at the measured ceilings: 7.1 s), 40.1x over dense (FLOP model: 41.0x), 40.0 GiB peak "
+        "(the earlier whole run above: 49.8 GiB) | measured whole at 0123456 (`speed-all-eager.json`; stages and goals "
+        "in `speed-all-eager.md`) |",
         "| VGGT-1B + paper rule, 1000 frames, compiled blocks (NVIDIA H200, `benchmarks/speed_all.py`) | 12.0 s end "
-        "to end (the FLOP model at the measured ceilings: 7.1 s), 40.0 GiB peak (the earlier whole run above: 49.8 "
-        "GiB) | measured whole at 0123456 (`speed-all.json`; stages and goals in `speed-all.md`) |",
+        "to end (the FLOP model at the measured ceilings: 7.1 s), 40.1x over dense (FLOP model: 41.0x), 40.0 GiB peak "
+        "(the earlier whole run above: 49.8 GiB) | measured whole at 0123456 (`speed-all.json`; stages and goals in "
+        "`speed-all.md`) |",
         "| VGGT-1B dense, 1000 frames, compiled blocks (NVIDIA H200, `benchmarks/speed_all.py`) | 480.0 s end to end, "
-        "47.9 GiB peak | measured whole at 0123456 (`speed-all.json`; stages and goals in `speed-all.md`) |"]
+        "47.9 GiB peak (its largest measured part's: a lower bound) | assembled at 0123456 (`speed-all.json`; stages "
+        "and goals in `speed-all.md`) |",
+        "| profile-layers on VGGT-1B, 24 layers x 10 levels, 1 x 32 frames, compiled blocks (NVIDIA H200, "
+        "`benchmarks/speed_all.py`) | 150 s per clip; 8 clips: 1203 s (the first clip compiles its shapes) | 1 clip(s) "
+        "measured, 8 extrapolated from the mean clip at fedcba9 (`speed-all.json`) |"]
