@@ -13,6 +13,7 @@ markdown beside --out.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,21 +40,79 @@ BACKENDS = {"cuDNN": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
 OUTPUTS = ("depth", "points", "pose_enc")
 
 
-def kernel_table(device, fn, rows: int = 25) -> tuple[str, list[dict]]:
-    """One profiled fn() call: the profiler's table of the `rows` kernels / ops with the most self time on the device
-    (CUDA time; CPU time off CUDA), and those rows."""
+def kernel_table(device, fn, rows: int = 25) -> list[dict]:
+    """One profiled fn() call: the `rows` kernels / ops with the most self time on the device (CUDA time; CPU time off
+    CUDA), each {"name", "calls", "ms"}. On CUDA an aten:: op's row repeats the time of the kernels it launched."""
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
         synchronize(device)
     self_us = (lambda event: event.self_device_time_total) if cuda else (lambda event: event.self_cpu_time_total)
     averages = sorted(prof.key_averages(), key=lambda event: -self_us(event))
-    total = sum(self_us(event) for event in averages)
-    top = [{"name": event.key[:90], "calls": event.count, "ms": self_us(event) / 1e3,
-            "share": self_us(event) / total if total else None} for event in averages[:rows]]
-    lines = ["| kernel / op (self device time) | calls | ms | share |", "|---|---:|---:|---:|"]
-    lines += [f"| `{row['name']}` | {row['calls']} | {row['ms']:.1f} | {row['share']:.3f} |" for row in top]
-    return "\n".join(lines), top
+    return [{"name": event.key[:90], "calls": event.count, "ms": self_us(event) / 1e3} for event in averages[:rows]]
+
+
+# kernel classes by name, first match wins (cuDNN's fused attention kernels also say "fprop")
+KERNEL_CLASSES = (("attention", ("sdpa", "flash", "fmha", "attention")), ("convolution", ("fprop", "dgrad", "conv")),
+                  ("matrix product", ("gemm", "nvjet", "addmm", "aten::mm", "bmm", "matmul")), ("normalisation (+ fused RoPE)", ("layer_norm",)),
+                  ("upsampling", ("upsample",)))
+OTHER_KERNELS = "other (elementwise, copies)"
+
+
+def kernel_class(name: str) -> str:
+    """The class of a profiled kernel's name (KERNEL_CLASSES, else OTHER_KERNELS)."""
+    lowered = name.lower()
+    return next((label for label, keys in KERNEL_CLASSES if any(key in lowered for key in keys)), OTHER_KERNELS)
+
+
+def table_kernels(rows: list[dict]) -> set[tuple[str, int, float]]:
+    """(name, calls, ms) of a table's kernel rows: an aten:: op row repeats the time of its kernels, and a compiled
+    kernel's launch and the kernel itself show as two equal rows. A CPU profile has op rows only: those."""
+    kernels = {(row["name"], row["calls"], row["ms"]) for row in rows if not row["name"].startswith("aten::")}
+    return kernels or {(row["name"], row["calls"], row["ms"]) for row in rows}
+
+
+def kernel_shares(rows: list[dict]) -> dict[str, float]:
+    """Share of the time of a table's kernels (`table_kernels`) per kernel class."""
+    kernels = table_kernels(rows)
+    total = sum(ms for _, _, ms in kernels)
+    shares = dict.fromkeys([label for label, _ in KERNEL_CLASSES] + [OTHER_KERNELS], 0.0)
+    for name, _, ms in kernels:
+        shares[kernel_class(name)] += ms / total
+    return shares
+
+
+def kernel_lines(rows: list[dict]) -> list[str]:
+    total = sum(ms for _, _, ms in table_kernels(rows))
+    lines = ["| kernel / op (self device time) | calls | ms | of the table's kernel time |", "|---|---:|---:|---:|"]
+    return lines + [f"| `{row['name']}` | {row['calls']} | {row['ms']:.1f} | {row['ms'] / total:.3f} |"
+                    for row in rows]
+
+
+def markdown(result: dict) -> str:
+    """The result's tables: times, device time per kernel class, then each kernel table and the noise rows."""
+    args = parser().parse_args(shlex.split(result["command"])[2:])  # the run's own arguments, defaults included
+    titles = {"global block": "global block (paper rule)", "heads": f"heads ({args.head_frames} frames, fp32)"}
+    text = [f"# Block profile: {args.model}, {result['frames']} frames", "",
+            f"`{result['command']}` (git {result['commit']}, {result['device_name']}, torch {result['torch']})", "",
+            "| variant | seconds |", "|---|---:|"]
+    text += [f"| {key} | {value if isinstance(value, str) else f'{value:.4f}'} |"
+             for key, value in result["times_s"].items()]
+    classes = [label for label, _ in KERNEL_CLASSES] + [OTHER_KERNELS]
+    text += ["", "## Device time by kernel class", "",
+             "Matrix products, convolutions and attention are compute-bound; normalisation, upsampling and the other "
+             "kernels move memory, and their share is what memory bandwidth costs the part. Shares of the time of the "
+             "kernels in each part's table below (its 25 rows with the most device time, one profiled call; op rows, "
+             "which repeat their kernels' time, left out).", "",
+             "| part | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+    for key, rows in result["kernels"].items():
+        shares = kernel_shares(rows)
+        text.append(f"| {titles.get(key, key)} | " + " | ".join(f"{shares[label]:.0%}" for label in classes) + " |")
+    for key, rows in result["kernels"].items():
+        text += ["", f"## {titles.get(key, key)}", "", *kernel_lines(rows)]
+    for row in result.get("noise", []):
+        text += ["", f"noise {row}"]
+    return "\n".join(text + [""])
 
 
 def synchronize(device) -> None:
@@ -112,7 +171,7 @@ def noise(name: str, frames: int, device, compiled: bool) -> dict:
     return {"model": name, "frames": frames, **row}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--head-frames", type=int, default=64)
@@ -124,7 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None, help="JSON path, markdown beside it "
                                                     "(default: benchmarks/results/block-profile-<model>-<frames>.json)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(0)
     model = build_model(args.model, device).eval().requires_grad_(False)
@@ -139,14 +202,14 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**provenance.record(__file__, argv, device), "frames": args.frames, "repeats": args.repeats,
               "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
               "times_s": {}, "kernels": {}}
-    times, tables = result["times_s"], {}
+    times = result["times_s"]
 
     def frame_run(block=frame_block):
         with compute_autocast(device.type, torch.bfloat16):
             return run_per_frame(block, tokens, pos, config.frame_chunk_frames)
 
     with torch.inference_mode():
-        tables["frame block"], result["kernels"]["frame block"] = kernel_table(device, frame_run)
+        result["kernels"]["frame block"] = kernel_table(device, frame_run)
         times["frame block, shipped"] = timed(device, frame_run, args.repeats)
         for label, backend in BACKENDS.items():
             times[f"frame block, SDPA {label}"] = timed(device, with_backend(backend, frame_run), args.repeats)
@@ -165,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
             with compute_autocast(device.type, torch.bfloat16):
                 return global_block(sequence, pos=pos)
 
-        tables["global block (paper rule)"], result["kernels"]["global block"] = kernel_table(device, global_run)
+        result["kernels"]["global block"] = kernel_table(device, global_run)
         times["global block, shipped"] = timed(device, global_run, args.repeats)
         for label, backend in BACKENDS.items():
             times[f"global block, SDPA {label}"] = timed(device, with_backend(backend, global_run), args.repeats)
@@ -174,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         handle.remove()
         state = model.run_steps(model.prepare(images))
         decode = lambda: model.decode(state, images)  # noqa: E731
-        tables[f"heads ({args.head_frames} frames, fp32)"], result["kernels"]["heads"] = kernel_table(device, decode)
+        result["kernels"]["heads"] = kernel_table(device, decode)
         times["heads, shipped"] = timed(device, decode, args.repeats)
 
         if not args.skip_compile:
@@ -184,25 +247,15 @@ def main(argv: list[str] | None = None) -> dict:
             for label, fn in (("frame block", frame_run), ("global block", global_run), ("heads", decode)):
                 times[f"{label}, compiled: first call"] = first_call(device, fn)
                 times[f"{label}, compiled"] = timed(device, fn, args.repeats)
-            tables["frame block, compiled"], result["kernels"]["frame block, compiled"] = kernel_table(
-                device, frame_run)
-            tables["global block, compiled"], result["kernels"]["global block, compiled"] = kernel_table(
-                device, global_run)
+            result["kernels"]["frame block, compiled"] = kernel_table(device, frame_run)
+            result["kernels"]["global block, compiled"] = kernel_table(device, global_run)
             handle.remove()
     print("\n".join(f"{key}: {value}" for key, value in times.items()), flush=True)
     if not args.skip_noise:
         result["noise"] = [noise("vggt-tiny", 32, device, compiled=False),
                            noise(args.model, args.noise_frames, device, compiled=not args.skip_compile)]
-    text = [f"# Block profile: {args.model}, {args.frames} frames", "",
-            f"`{result['command']}` (git {result['commit']}, {result['device_name']}, torch {result['torch']})", "",
-            "| variant | seconds |", "|---|---:|"]
-    text += [f"| {key} | {value if isinstance(value, str) else f'{value:.4f}'} |" for key, value in times.items()]
-    for title, table in tables.items():
-        text += ["", f"## {title}", "", table]
-    for row in result.get("noise", []):
-        text += ["", f"noise {row}"]
     provenance.publish(args.out, HERE / "results" / f"block-profile-{args.model}-{args.frames}.json", result,
-                       "\n".join(text + [""]))
+                       markdown(result))
     return result
 
 

@@ -1,0 +1,54 @@
+"""benchmarks/block_profile.py: kernel classes of real kernel names, their shares by hand, the committed tables
+regenerated from their result file, and a CPU smoke run."""
+import json
+
+import pytest
+from support import BENCHMARKS, load_benchmark
+
+profile = load_benchmark("block_profile")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x", "attention"),
+    ("sm90_xmma_fprop_implicit_gemm_f32f32_tf32f32_f32_nhwckrsc_nhwc_tilesize256x128x32_warpgrou", "convolution"),
+    ("sm90_xmma_gemm_f32f32_tf32f32_f32_tn_n_tilesize128x128x32_warpgroupsize1x1x1_execute_segme", "matrix product"),
+    ("nvjet_sm90_tst_256x152_64x4_1x2_h_bz_coopA_bias_TNT", "matrix product"),
+    ("triton_poi_fused__to_copy_add_arange_cos_div_mul_native_layer_norm_permute_pow_reciprocal_",
+     "normalisation (+ fused RoPE)"),
+    ("void at::native::(anonymous namespace)::upsample_bilinear2d_nhwc_out_frame<float, float>(f", "upsampling"),
+    ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native:",
+     "other (elementwise, copies)"),
+    ("Memcpy DtoD (Device -> Device)", "other (elementwise, copies)"),
+])
+def test_kernel_names_fall_in_their_class(name, expected):
+    assert profile.kernel_class(name) == expected
+
+
+def test_shares_skip_op_rows_and_count_a_compiled_kernel_once():
+    rows = [{"name": "aten::addmm", "calls": 4, "ms": 30.0},  # repeats the gemm below
+            {"name": "nvjet_sm90_tst_256x128", "calls": 4, "ms": 30.0},
+            {"name": "triton_poi_fused_gelu_view_3", "calls": 2, "ms": 10.0},
+            {"name": "triton_poi_fused_gelu_view_3", "calls": 2, "ms": 10.0},  # its launch, the same time
+            {"name": "upsample_bilinear2d_out_frame", "calls": 1, "ms": 20.0}]
+    shares = profile.kernel_shares(rows)
+    assert shares["matrix product"] == pytest.approx(30 / 60)
+    assert shares["other (elementwise, copies)"] == pytest.approx(10 / 60)
+    assert shares["upsampling"] == pytest.approx(20 / 60)
+    assert sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_committed_tables_are_their_result_files_regenerated():
+    files = sorted((BENCHMARKS / "results").glob("block-profile-*.json"))
+    assert files
+    for path in files:
+        assert path.with_suffix(".md").read_text() == profile.markdown(json.loads(path.read_text())), path
+
+
+def test_a_cpu_smoke_run_writes_its_tables(tmp_path, one_thread):
+    out = tmp_path / "block-profile.json"
+    profile.main(["--model", "vggt-tiny", "--frames", "4", "--head-frames", "2", "--repeats", "1", "--skip-noise",
+                  "--skip-compile", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["kernels"]) == {"frame block", "global block", "heads"}
+    text = out.with_suffix(".md").read_text()
+    assert text.startswith("# Block profile: vggt-tiny, 4 frames") and "heads (2 frames, fp32)" in text
