@@ -13,6 +13,7 @@ from spark3r.models.blocks import (
     token_qkv_heads,
 )
 from spark3r.models.loading import load_model
+from spark3r.models.registry import build_model
 from spark3r.reduce import Reduction, apply_reductions
 
 OUTPUTS = ("depth", "depth_conf", "points", "pose_enc")
@@ -90,3 +91,29 @@ def test_backend_none_runs_eagerly_again():
     assert compiled_for(block, residual_mlp) is residual_mlp and compiled_for(block.attn, project_tokens) is \
         project_tokens
     assert {module.compile_backend for module in model.modules() if hasattr(type(module), "compile_backend")} == {None}
+
+
+@pytest.mark.parametrize("name, size, patch, extra", [("da3-tiny", (42, 56), 14, (True,)),
+                                                    ("vggt-omega-tiny", (48, 64), 16, ())])
+def test_the_dense_heads_of_da3_and_omega_compile_whole_and_equal_eager(name, size, patch, extra, monkeypatch):
+    family = "spark3r.models." + ("da3" if name.startswith("da3") else "omega")
+    asked = []
+    real_compiled_for = compiled_for
+    monkeypatch.setattr(f"{family}.compiled_for", lambda module, fn: asked.append((module, fn)) or real_compiled_for(
+        module, fn))
+    model = build_model(name, "cpu").eval().requires_grad_(False)
+    head = next(module for module in model.modules() if type(module).__name__ in ("DualDPT", "DenseHead"))
+    generator = torch.Generator().manual_seed(4)
+    taps = [torch.randn(2, (size[0] // patch) * (size[1] // patch), head.norm.normalized_shape[0],
+                        generator=generator) for _ in range(4)]
+    clip = torch.rand(1, 3, 3, *size, generator=generator)
+    with torch.inference_mode():
+        explanation = torch._dynamo.explain(type(head).forward_frames)(head, taps, size, *extra)
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+        eager = model(clip)
+        compile_model(model, "eager")
+        assert head.compile_backend == "eager"
+        compiled = model(clip)
+    assert (head, type(head).forward_frames) in asked  # the head's chunks go through compiled_for
+    for key in ("depth", "depth_conf", "points"):
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-6, atol=1e-6)

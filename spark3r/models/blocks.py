@@ -154,10 +154,10 @@ def compiled_for(module: nn.Module, fn):
 def compile_model(model: nn.Module, backend: str | None = "inductor") -> nn.Module:
     """Run the compilable parts of `model` through torch.compile with `backend` (None: eagerly again): in every Block,
     qkv + qk-norm + RoPE (`token_qkv_heads`), the output projection (`project_tokens`) and the residuals + MLP
-    (`residual_mlp`); in a DPT head, each chunk of frames. The attention itself stays F.scaled_dot_product_attention
-    (or a reduction's) and convolutions stay cuDNN's. Each part compiles one graph per input shape, shared by all
-    layers. Outputs differ from eager ones by rounding only. Sets `compile_backend` on every module whose class
-    declares it."""
+    (`residual_mlp`); in a DPT head (VGGT's DPTHead, DA3's DualDPT, VGGT-Omega's DenseHead), each chunk of frames.
+    The attention itself stays F.scaled_dot_product_attention (or a reduction's) and convolutions stay cuDNN's. Each
+    part compiles one graph per input shape, shared by all layers. Outputs differ from eager ones by rounding only.
+    Sets `compile_backend` on every module whose class declares it."""
     for module in model.modules():
         if hasattr(type(module), "compile_backend"):
             module.compile_backend = backend

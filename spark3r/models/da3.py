@@ -49,6 +49,7 @@ from spark3r.models.blocks import (
     Mlp,
     RotaryPositionEmbedding2D,
     active_compute_dtype,
+    compiled_for,
     compute_autocast,
     head_autocast,
     no_autocast,
@@ -188,7 +189,10 @@ class DualDPT(nn.Module):
 
     Keys: norm, projects, resize_layers, scratch.{layer*_rn, refinenet*, output_conv1, output_conv2,
     refinenet*_aux, output_conv1_aux.{0..3}, output_conv2_aux.{0..3}}. Only the last aux level is ever decoded.
+    `compile_backend` (see blocks.compile_model) runs `forward_frames` compiled.
     """
+
+    compile_backend: str | None = None
 
     def __init__(self, dim_in: int, patch_size: int, features: int, out_channels: tuple[int, int, int, int]):
         super().__init__()
@@ -256,10 +260,11 @@ class DualDPT(nn.Module):
         """taps: 4 tensors [B, S, P, dim_in], patch tokens from `patch_start_idx`, any dtype -> dict of [B, S, ...];
         frames run in chunks of 8, each cast to fp32 on its own (1000 frames of taps stay in their dtype)."""
         frames = taps[0].shape[1]
+        forward_frames = compiled_for(self, type(self).forward_frames)
         chunks = []
         for start in range(0, frames, HEAD_CHUNK_FRAMES):
             chunk = [t[:, start : start + HEAD_CHUNK_FRAMES, patch_start_idx:] for t in taps]
-            out = self.forward_frames([c.flatten(0, 1).float() for c in chunk], image_size, rays)
+            out = forward_frames(self, [c.flatten(0, 1).float() for c in chunk], image_size, rays)
             chunks.append({key: value.unflatten(0, chunk[0].shape[:2]) for key, value in out.items()})
         return {key: torch.cat([c[key] for c in chunks], dim=1) for key in chunks[0]}
 

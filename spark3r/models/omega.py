@@ -45,6 +45,7 @@ from spark3r.models.base import (
 from spark3r.models.blocks import (
     Block,
     active_compute_dtype,
+    compiled_for,
     compute_autocast,
     expand_special,
     head_autocast,
@@ -262,7 +263,10 @@ class CameraHead(nn.Module):
 
 class DenseHead(nn.Module):
     """DPT over four taps fused at 4x the patch grid, then `proj` / `proj_conf` (1x1 to (p/4)^2) and a p/4 pixel
-    shuffle: taps [N, Hp * Wp, 2C] (patch tokens) -> depth [N, H, W] (exp), depth_conf [N, H, W] (1 + exp)."""
+    shuffle: taps [N, Hp * Wp, 2C] (patch tokens) -> depth [N, H, W] (exp), depth_conf [N, H, W] (1 + exp).
+    `compile_backend` (see blocks.compile_model) runs `forward_frames` compiled."""
+
+    compile_backend: str | None = None
 
     def __init__(self, dim_in: int, patch_size: int, features: int, out_channels: tuple[int, int, int, int]):
         super().__init__()
@@ -279,6 +283,10 @@ class DenseHead(nn.Module):
         self.proj_conf = nn.Conv2d(features, self.shuffle**2, kernel_size=1)
 
     def forward(self, taps: list[Tensor], image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        return compiled_for(self, type(self).forward_frames)(self, taps, image_size)
+
+    def forward_frames(self, taps: list[Tensor], image_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The head on one chunk of frames (`forward`, compiled or not)."""
         height, width = image_size
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
         levels = []
