@@ -24,7 +24,7 @@ In order:
    lower bound). Beside every stage: the FLOP model's TFLOP (speed.py's `stage_flops`; "frame blocks" are every trunk
    step that is not a global layer) and the achieved TFLOP/s.
 3. profile-layers per family (profile_layers.py's engine): --profile-clips clips of --profile-frames frames, timed;
-   the goal's workload of 8 clips is extrapolated from the mean clip time where fewer were run, and says so.
+   the goal's workload of 8 clips is extrapolated where fewer were run (`goal_clips_seconds`), and says so.
 
 Predictions, recomputed whenever the file is written: "at ceiling" = a stage's matrix-product TFLOP at the measured
 matrix-product ceiling (compute dtype) plus its attention TFLOP at the fastest attention backend's ceiling; "% of
@@ -196,7 +196,7 @@ def warm_up(model, frames: int, size: tuple[int, int], device: torch.device) -> 
 
 def profile_row(name: str, side: int, settings: dict, device: torch.device) -> dict:
     """profile-layers' time on `name` (profile_layers.py, random weights): --profile-clips clips of --profile-frames
-    frames at side x side; the goal's clip count extrapolated from the mean clip where fewer ran."""
+    frames at side x side; the goal's clip count extrapolated where fewer ran (`goal_clips_seconds`)."""
     clips = settings["profile_clips"]
     result = profile_layers.main([
         "--model", name, "--clips", str(clips), "--frames", str(settings["profile_frames"]), "--size", str(side),
@@ -205,15 +205,28 @@ def profile_row(name: str, side: int, settings: dict, device: torch.device) -> d
         *shlex.split(settings["profile_options"])])
     goal = profile_layers.GOAL_WORKLOAD["clips"]
     per_clip = statistics.mean(result["seconds_per_clip"])
+    goal_s, how = goal_clips_seconds(result["wall_seconds"], result["seconds_per_clip"], goal)
     return {
         "kind": "profile", "model": name, "frames": settings["profile_frames"], "size": side, "clips": clips,
         "global_layers": result["global_layers"], "kv_levels": len(result["kv_keep"]),
         "query_levels": len(result["query_merge"]), "additivity": result["additivity"],
         "level_batch": result["level_batch"], "seconds": result["wall_seconds"], "seconds_per_clip": per_clip,
         "phases_s": result["seconds"], "peak_gib": result["peak_gib"], "goal_clips": goal,
-        "goal_clips_s": result["wall_seconds"] if clips == goal else per_clip * goal,
-        "how": "measured" if clips == goal else f"{clips} clip(s) measured, {goal} extrapolated from the mean clip",
+        "goal_clips_s": goal_s, "how": how,
     }
+
+
+def goal_clips_seconds(wall_s: float, clip_s: list[float], goal: int) -> tuple[float, str]:
+    """(seconds, how) of the goal's `goal` clips from a run of len(clip_s) clips that took `wall_s`: measured, or the
+    clips not run at the mean of the clips after the first (the first loads kernels and, under compiled blocks,
+    compiles), or with one clip run, at its time (an upper estimate)."""
+    ran = len(clip_s)
+    if ran >= goal:
+        return wall_s, "measured"
+    if ran == 1:
+        return goal * clip_s[0], f"1 clip measured, the other {goal - 1} at its time (an upper estimate: it is the first)"
+    later = statistics.mean(clip_s[1:])
+    return wall_s + (goal - ran) * later, f"{ran} clips measured, the other {goal - ran} at the mean of clips 2-{ran}"
 
 
 # ---------------------------------------------------------------------------------------------------- predictions

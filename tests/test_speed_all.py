@@ -87,7 +87,7 @@ def test_every_row_measured_once_then_resumed(speed_all, tmp_path, monkeypatch, 
     profile = results["rows"][-1]
     assert profile["kind"] == "profile" and profile["global_layers"] == 12 and positive(profile["seconds"])
     assert profile["goal_clips_s"] == pytest.approx(8 * profile["seconds_per_clip"])
-    assert "extrapolated" in profile["how"]
+    assert "upper estimate" in profile["how"]
     table = out.with_suffix(".md").read_text()
     assert "| vggt-tiny | 3 | dense | assembled |" in table and "unavailable: " in table
     assert "| vggt-tiny | 1 x 2 | 112 | 12 x (2 K/V + 2 query) |" in table
@@ -210,3 +210,10 @@ def test_compiled_blocks_are_warmed_up_once_per_length_before_they_are_timed(spe
     assert [(row["schedule"], row["how"], positive(row["warm_up_s"])) for row in results["rows"]] == [
         ("dense", "measured whole" if dense_whole == "3" else "assembled", True), ("paper", "measured whole", True)]
     assert "eager" not in out.with_suffix(".md").read_text().split("\n")[2]  # "compiled blocks" in the header
+
+
+def test_the_goal_workload_is_extrapolated_from_the_clips_after_the_first(speed_all):
+    assert speed_all.goal_clips_seconds(85.0, [10.0] * 8, 8) == (85.0, "measured")
+    assert speed_all.goal_clips_seconds(150.0, [150.0], 8)[0] == 8 * 150.0
+    seconds, how = speed_all.goal_clips_seconds(305.0, [200.0, 100.0], 8)  # the first clip compiles
+    assert seconds == 305.0 + 6 * 100.0 and how == "2 clips measured, the other 6 at the mean of clips 2-2"
