@@ -83,6 +83,20 @@ def asymmetry(profile: dict) -> list[str]:
     return lines
 
 
+def spread_table(report: dict) -> list[str]:
+    """ATE against the size of the trajectory per clip length: the model's ATE over the identity cameras' (which is
+    the RMS spread of the true camera centres about their mean), each a mean over clips, and its ratio to the shortest
+    length's."""
+    model, trivial = by_length(report), by_length(report, "trivial")
+    short = min(model)
+    relative = {frames: model[frames]["ate"] / trivial[frames]["ate"] for frames in sorted(model)}
+    lines = ["| frames | ATE | trajectory spread (identity-camera ATE) | ATE / spread | against the shortest |",
+             "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {frames} | {model[frames]['ate']:.3f} | {trivial[frames]['ate']:.3f} | {relative[frames]:.3f} | "
+              f"{relative[frames] / relative[short]:.2f} |" for frames in sorted(model)]
+    return lines
+
+
 def trained(log: Path) -> str:
     """'N steps in M min' from the training log's last line."""
     steps, minutes = re.search(r"after (\d+) steps, ([\d.]+) min", log.read_text().strip().splitlines()[-1]).groups()
@@ -170,6 +184,10 @@ def main() -> None:
         f"## Held-out walks ({second['clips']}, never trained on), dense, shipped weights (stage 2)", "",
         *evaluation_table(second), "",
         "## The issue's bars (stage 2)", "", *bars(second), "",
+        "## ATE against the size of the trajectory (stage 2; not one of the issue's bars)", "",
+        f"The ATE bar compares raw ATE at {long} frames with raw ATE at {min(by_length(second))} frames, on "
+        "trajectories of very different sizes. Divided by the spread of the true camera centres:", "",
+        *spread_table(second), "",
         f"## Between 32 and 128 frames (stage 2, {middle['clips']}, {middle['device_name']})", "",
         *evaluation_table(middle), "", breaks(second, middle), "",
         "## Stage 1 against stage 2 (held-out walks, dense)", "", *stages_table(first, second), "",
