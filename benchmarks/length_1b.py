@@ -23,7 +23,6 @@ sys.path.insert(0, str(HERE))
 import provenance  # noqa: E402
 import tiny_schedules as tiny  # noqa: E402
 
-from spark3r.files import write_atomic  # noqa: E402
 from spark3r.models.registry import build_model  # noqa: E402
 from spark3r.commands import profile_layers as profiler_cli  # noqa: E402
 from spark3r.reduce import global_attention_fraction  # noqa: E402
@@ -97,8 +96,7 @@ def main(argv=None) -> dict:
         "time_ratio": searched_row["end_to_end_s"] / paper_row["end_to_end_s"],
         "seconds": {**seconds, "total": time.perf_counter() - started},
     }
-    write_atomic(out.with_suffix(".json"), (json.dumps(result, indent=1) + "\n").encode())
-    write_atomic(out.with_suffix(".md"), report(result).encode())
+    provenance.write_result(out.with_suffix(".json"), result, report(result))
     print(report(result))
     return result
 

@@ -107,12 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         "comparison": compare(profiles["fp32"].pop("tables"), profiles["compute"].pop("tables"), options),
         "profiles": profiles,
     }
-    out = Path(args.out) if args.out else RESULTS / f"profile-head-dtype-{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, (json.dumps(result, indent=1) + "\n").encode())
-    text = markdown(result)
-    write_atomic(out.with_suffix(".md"), text.encode())
-    print(text)
+    provenance.publish(args.out, RESULTS / f"profile-head-dtype-{name}.json", result, markdown(result))
     return result
 
 

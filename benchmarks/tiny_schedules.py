@@ -62,7 +62,7 @@ from spark3r.models.base import FlopConfig
 from spark3r.models.loading import find_weights, find_weights_file, load_model
 from spark3r.models.registry import get_entry, resolve_model_name
 from spark3r.profiler.aggregate import spearman
-from spark3r.files import write_atomic, write_json
+from spark3r.files import write_json
 from spark3r.profiler.format import STATISTICS, MetricTable, Profile, load_profile, save_profile
 from spark3r.profiler.run import ProfileOptions, finite_outputs
 from spark3r.reduce import global_attention_fraction
@@ -565,9 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
         "budgets": budgets, "seconds": {**runner.seconds, "total": time.perf_counter() - started},
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), (json.dumps(result, indent=1) + "\n").encode())
-    write_atomic(out.with_suffix(".md"), report(result).encode())
+    provenance.write_result(out.with_suffix(".json"), result, report(result))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}", file=sys.stderr)
     return result
 
