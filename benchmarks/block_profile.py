@@ -53,8 +53,10 @@ def kernel_table(device, fn, rows: int = 25) -> list[dict]:
 
 
 # kernel classes by name, first match wins (cuDNN's fused attention kernels also say "fprop")
-KERNEL_CLASSES = (("attention", ("sdpa", "flash", "fmha", "attention")), ("convolution", ("fprop", "dgrad", "conv")),
-                  ("matrix product", ("gemm", "nvjet", "addmm", "aten::mm", "bmm", "matmul")), ("normalisation (+ fused RoPE)", ("layer_norm",)),
+KERNEL_CLASSES = (("attention", ("sdpa", "flash", "fmha", "attention")),
+                  ("convolution", ("fprop", "dgrad", "conv")),
+                  ("matrix product", ("gemm", "nvjet", "addmm", "aten::mm", "bmm", "matmul")),
+                  ("normalisation (+ fused RoPE)", ("layer_norm",)),
                   ("upsampling", ("upsample",)))
 OTHER_KERNELS = "other (elementwise, copies)"
 

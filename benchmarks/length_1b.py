@@ -96,8 +96,9 @@ def main(argv=None) -> dict:
         "time_ratio": searched_row["end_to_end_s"] / paper_row["end_to_end_s"],
         "seconds": {**seconds, "total": time.perf_counter() - started},
     }
-    provenance.write_result(out.with_suffix(".json"), result, report(result))
-    print(report(result))
+    text = report(result)
+    provenance.write_result(out.with_suffix(".json"), result, text)
+    print(text)
     return result
 
 

@@ -224,7 +224,8 @@ def goal_clips_seconds(wall_s: float, clip_s: list[float], goal: int) -> tuple[f
     if ran >= goal:
         return wall_s, "measured"
     if ran == 1:
-        return goal * clip_s[0], f"1 clip measured, the other {goal - 1} at its time (an upper estimate: it is the first)"
+        return goal * clip_s[0], (f"1 clip measured, the other {goal - 1} at its time "
+                                  "(an upper estimate: it is the first)")
     later = statistics.mean(clip_s[1:])
     return wall_s + (goal - ran) * later, f"{ran} clips measured, the other {goal - ran} at the mean of clips 2-{ran}"
 
@@ -340,8 +341,8 @@ def profile_compile_note(row: dict, settings: dict) -> str:
     """Under compiled blocks a profile's first clip compiles the shapes it runs: said, with its dense phase's time."""
     if settings.get("blocks") != "compiled":
         return ""
-    return (f"; compiled blocks: the first clip compiles its shapes (its dense forward {row['phases_s']['dense']:.0f} s, "
-            "its decodes each level batch's)")
+    return (f"; compiled blocks: the first clip compiles its shapes (its dense forward "
+            f"{row['phases_s']['dense']:.0f} s, its decodes each level batch's)")
 
 
 def warm_up_note(row: dict) -> str:

@@ -129,10 +129,14 @@ def markdown(result: dict) -> str:
             lines.append(f"| {row[key]:g} | " + " | ".join(f"{row[name]:.{digits}f}" for name, _, digits in METRICS)
                          + f" | {row['gap_1_3_median']:.2f} |")
     plain = next(row for row in result["temperatures"] if row["t"] == 1.0)
-    best = [min(rows, key=lambda row: row["rotation_deg"]) for rows in (result["temperatures"], result["windows"]) if rows]
-    lines += ["", "Lowest rotation error: " + "; ".join(
-        f"{'t' if 't' in row else 'W'} = {row.get('t', row.get('window')):g}: {row['rotation_deg']:.2f} deg, AUC@30 "
-        f"{row['auc30']:.3f}" for row in best) + f" (plain: {plain['rotation_deg']:.2f} deg, {plain['auc30']:.3f}).", ""]
+    lowest = []
+    for label, key in (("t", "temperatures"), ("W", "windows")):
+        if result[key]:
+            best = min(result[key], key=lambda row: row["rotation_deg"])
+            value = best["t" if label == "t" else "window"]
+            lowest.append(f"{label} = {value:g}: {best['rotation_deg']:.2f} deg, AUC@30 {best['auc30']:.3f}")
+    lines += ["", f"Lowest rotation error: {'; '.join(lowest)} (plain: {plain['rotation_deg']:.2f} deg, "
+              f"{plain['auc30']:.3f}).", ""]
     return "\n".join(lines)
 
 

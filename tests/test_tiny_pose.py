@@ -61,7 +61,8 @@ def test_a_small_run_writes_its_tables(tmp_path, one_thread):
     pose.main(["--clips", "synthetic:1:1000:walk", "--frames", "4", "--temperatures", "1,2", "--windows", "1",
                "--device", "cpu", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert [row["t"] for row in result["temperatures"]] == [1.0, 2.0] and [r["window"] for r in result["windows"]] == [1]
+    assert [row["t"] for row in result["temperatures"]] == [1.0, 2.0]
+    assert [row["window"] for row in result["windows"]] == [1]
     assert result["gaps"][0]["gaps"] == [1, 3] and result["gaps"][0]["pairs"] == 6
     text = out.with_suffix(".md").read_text()
     assert "| 2 |" in text and "windowed" in text
