@@ -1,15 +1,20 @@
-"""Candidate kernels for the two largest steps of query merging, timed beside the shipped ones on one global layer's
-random q, k at --frames frames, each checked against the shipped step on the same inputs:
+"""Kernels for the steps of query merging, timed beside each other on one global layer's random q, k, v at --frames
+frames, each checked against the torch path on the same inputs:
 
-* the source -> destination similarity and its max (`merge.best_destinations`), with larger chunks than the shipped
-  SIMILARITY_CHUNK_ELEMENTS (fewer, larger matrix products; the chunk is the only extra memory);
-* the mean of each slot's queries (`merge.merge_queries`: one head at a time, scatter_add in fp32), as one index_add
-  over all heads [B, N, h*D] in fp32, and as a segment mean (`torch.segment_reduce`) over the tokens sorted by slot.
+* the source -> destination similarity and its max: the torch path (`merge.torch_best_destinations`) at the shipped
+  SIMILARITY_CHUNK_ELEMENTS and at larger chunks, and the fused Triton kernel (`fused.best_destinations`, no
+  similarity matrix written);
+* the mean of each slot's queries: the torch path (one head at a time, scatter_add in fp32), one index_add over all
+  heads [B, N, h*D] in fp32, a segment mean (`torch.segment_reduce`) over the tokens sorted by slot, and the fused
+  kernel (`fused.merge_queries`);
+* un-merging: the torch gather and the fused kernel (`fused.unmerge`);
+* the whole reduced attention of the layer on the fused path against the torch path, beside the bf16 path's own noise
+  (the torch path in bf16 against it in fp32).
 
     python benchmarks/merge_kernels.py --model vggt-1b --frames 1000 --out $OUT/merge-kernels-vggt-1b-1000.json
     python benchmarks/merge_kernels.py --model vggt-tiny --frames 8 --device cpu --out /tmp/merge-kernels.json
 
-The winner replaces the shipped step in spark3r/reduce/merge.py only where it equals it (similarity: same max to the
+A kernel is the default in spark3r/reduce/merge.py only where it equals the torch path (similarity: same max to the
 compute dtype's rounding; merging: within the bf16 path's own noise) and is faster on the GPU; this script is how that
 is decided. Each row: median seconds of --repeats calls after a warm-up, the extra peak memory over the inputs, and the
 largest difference from the shipped step.
@@ -17,7 +22,10 @@ largest difference from the shipped step.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -26,6 +34,7 @@ import torch.nn.functional as F
 from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.models.registry import build_model
 from spark3r.reduce import merge
+from spark3r.reduce.attention import reduced_attention
 from spark3r.schedule import load_schedule, shipped_schedule
 
 HERE = Path(__file__).resolve().parent
@@ -62,8 +71,19 @@ def merge_segment_mean(q: torch.Tensor, slot: torch.Tensor, n_q: int) -> torch.T
     return merged
 
 
-MERGES = {"scatter_add per head (shipped)": merge.merge_queries, "index_add over all heads": merge_index_add,
-          "segment mean over sorted tokens": merge_segment_mean}
+def fused_module(device: torch.device):
+    """spark3r.reduce.fused on a CUDA device with Triton, else None (its rows are then left out)."""
+    return merge.fused_kernels(torch.empty(1, 1, device=device))
+
+
+MERGES = {"scatter_add per head (torch path)": merge.torch_merge_queries, "index_add over all heads": merge_index_add,
+          "segment mean over sorted tokens": merge_segment_mean}  # the torch candidates
+
+
+def merges(device: torch.device) -> dict:
+    """MERGES, and the fused kernel where it runs."""
+    fused = fused_module(device)
+    return dict(MERGES) if fused is None else {**MERGES, "fused Triton kernel": fused.merge_queries}
 
 
 def peak_seconds(device: torch.device, fn, repeats: int) -> tuple[float, float | None]:
@@ -91,27 +111,70 @@ def layer_inputs(model, layout, reduction, device, dtype) -> dict:
     unit = F.normalize(metric.float(), dim=-1).to(dtype)[:, : groups * size].reshape(1, groups, size, -1)
     destinations, sources = merge.group_positions(layout, group, cell, device)
     return {"q": q, "slot": slot, "n_q": merge.query_count(layout, reduction), "sources": unit[:, :, sources],
-            "destinations": unit[:, :, destinations]}
+            "destinations": unit[:, :, destinations], "layout": layout, "reduction": reduction}
 
 
 def similarity_rows(inputs: dict, device, repeats: int) -> list[dict]:
     sources, destinations = inputs["sources"], inputs["destinations"]
-    shipped = merge.best_destinations(sources, destinations, CHUNKS[0])
+    reference = merge.torch_best_destinations(sources, destinations, CHUNKS[0])
+    kernels = {f"torch, chunk 2^{chunk.bit_length() - 1}": functools.partial(merge.torch_best_destinations,
+                                                                             chunk_elements=chunk) for chunk in CHUNKS}
+    fused = fused_module(device)
+    if fused is not None:
+        kernels["fused Triton kernel"] = fused.best_destinations
     rows = []
-    for chunk in CHUNKS:
-        values, indices = merge.best_destinations(sources, destinations, chunk)
-        seconds, extra = peak_seconds(device, lambda: merge.best_destinations(sources, destinations, chunk), repeats)
-        rows.append({"chunk_elements": chunk, "seconds": seconds, "extra_gib": extra,
-                     "max_abs_diff": (values.float() - shipped[0].float()).abs().max().item(),
-                     "same_index": (indices == shipped[1]).float().mean().item()})
+    for name, fn in kernels.items():
+        values, indices = fn(sources, destinations)
+        seconds, extra = peak_seconds(device, lambda: fn(sources, destinations), repeats)
+        rows.append({"kernel": name, "seconds": seconds, "extra_gib": extra,
+                     "max_abs_diff": (values.float() - reference[0].float()).abs().max().item(),
+                     "same_index": (indices == reference[1]).float().mean().item()})
     return rows
+
+
+def unmerge_rows(inputs: dict, device, repeats: int) -> list[dict]:
+    out = torch.randn(inputs["q"].shape[:2] + (inputs["n_q"], inputs["q"].shape[3]), device=device,
+                      dtype=inputs["q"].dtype, generator=torch.Generator(device).manual_seed(1))
+    slot = inputs["slot"]
+    reference = merge.torch_unmerge(out, slot)
+    kernels = {"gather (torch path)": merge.torch_unmerge}
+    fused = fused_module(device)
+    if fused is not None:
+        kernels["fused Triton kernel"] = fused.unmerge
+    rows = []
+    for name, fn in kernels.items():
+        seconds, extra = peak_seconds(device, lambda: fn(out, slot), repeats)
+        rows.append({"kernel": name, "seconds": seconds, "extra_gib": extra,
+                     "equal": bool(torch.equal(fn(out, slot), reference))})
+    return rows
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def layer_deviation(inputs: dict, device) -> dict | None:
+    """The reduced attention of the layer (random q, k, v) on the fused path and on the torch path, each against the
+    torch path in fp32: the fused path's deviation beside the bf16 path's own. None without the fused kernels."""
+    if fused_module(device) is None:
+        return None
+    q = inputs["q"]
+    generator = torch.Generator(device).manual_seed(2)
+    k, v = (torch.randn(q.shape, device=device, dtype=q.dtype, generator=generator) for _ in range(2))
+    layout, reduction = inputs["layout"], inputs["reduction"]
+    fused = reduced_attention([q, k, v], layout, reduction)
+    with mock.patch.dict(os.environ, SPARK3R_FUSED="0"):
+        plain = reduced_attention([q, k, v], layout, reduction)
+        exact = reduced_attention([q.float(), k.float(), v.float()], layout, reduction)
+    return {"fused_vs_torch_rel_l2": relative_l2(fused, plain), "fused_vs_fp32_rel_l2": relative_l2(fused, exact),
+            "torch_vs_fp32_rel_l2": relative_l2(plain, exact)}
 
 
 def merge_rows(inputs: dict, device, repeats: int) -> list[dict]:
     q, slot, n_q = inputs["q"], inputs["slot"], inputs["n_q"]
-    shipped = merge.merge_queries(q, slot, n_q).float()
+    shipped = merge.torch_merge_queries(q, slot, n_q).float()
     rows = []
-    for name, fn in MERGES.items():
+    for name, fn in merges(device).items():
         try:
             merged = fn(q, slot, n_q).float()
             seconds, extra = peak_seconds(device, lambda: fn(q, slot, n_q), repeats)
@@ -133,15 +196,25 @@ def markdown(result: dict) -> str:
              f"{result['repeats']} calls after a warm-up, each step measured alone.", "",
              f"Similarity and max over one span of {result['groups']} groups ({result['sources']} sources x "
              f"{result['destinations']} destinations each):", "",
-             "| chunk (entries) | time (ms) | extra memory (GiB) | max abs diff vs shipped | same index |",
-             "|---:|---:|---:|---:|---:|"]
-    lines += [f"| 2^{row['chunk_elements'].bit_length() - 1} | {1e3 * row['seconds']:.2f} | {gib(row['extra_gib'])} | "
+             "| kernel | time (ms) | extra memory (GiB) | max abs diff vs torch path | same index |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {row['kernel']} | {1e3 * row['seconds']:.2f} | {gib(row['extra_gib'])} | "
               f"{row['max_abs_diff']:.2e} | {row['same_index']:.4f} |" for row in result["similarity"]]
-    lines += ["", "Merging the queries:", "", "| kernel | time (ms) | extra memory (GiB) | max abs diff vs shipped |",
+    lines += ["", "Merging the queries:", "", "| kernel | time (ms) | extra memory (GiB) | max abs diff vs torch path |",
               "|---|---:|---:|---:|"]
     lines += [f"| {row['merge']} | failed: {row['error']} | | |" if "error" in row else
               f"| {row['merge']} | {1e3 * row['seconds']:.2f} | {gib(row['extra_gib'])} | {row['max_abs_diff']:.2e} |"
               for row in result["merge"]]
+    lines += ["", "Un-merging:", "", "| kernel | time (ms) | extra memory (GiB) | equal to the torch path |",
+              "|---|---:|---:|---|"]
+    lines += [f"| {row['kernel']} | {1e3 * row['seconds']:.2f} | {gib(row['extra_gib'])} | "
+              f"{'yes' if row['equal'] else 'no'} |" for row in result["unmerge"]]
+    deviation = result["layer_deviation"]
+    if deviation is not None:
+        lines += ["", "The layer's reduced attention (random q, k, v), relative L2 deviation: fused path against the "
+                      f"torch path {deviation['fused_vs_torch_rel_l2']:.2e}; against the torch path in fp32: fused "
+                      f"{deviation['fused_vs_fp32_rel_l2']:.2e}, torch path in {result['dtype']} "
+                      f"{deviation['torch_vs_fp32_rel_l2']:.2e} (the {result['dtype']} path's own noise)."]
     return "\n".join(lines + [""])
 
 
@@ -173,8 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
               "tokens": layout.tokens, "head_dim": attn.head_dim, "queries": inputs["n_q"],
               "groups": inputs["sources"].shape[1], "sources": inputs["sources"].shape[2],
               "destinations": inputs["destinations"].shape[2],
-              "similarity": similarity_rows(inputs, device, args.repeats), "merge": merge_rows(inputs, device,
-                                                                                                args.repeats)}
+              "similarity": similarity_rows(inputs, device, args.repeats),
+              "merge": merge_rows(inputs, device, args.repeats), "unmerge": unmerge_rows(inputs, device, args.repeats),
+              "layer_deviation": layer_deviation(inputs, device)}
     provenance.publish(args.out, HERE / "results" / f"merge-kernels-{args.model}-{args.frames}.json", result,
                        markdown(result))
     return result

@@ -3,11 +3,18 @@
 A module names its tiny model in TINY_MODEL (a registry name; default vggt-tiny) and its input in an `images`
 fixture: `tiny` is that model with seeded random weights and `dense` its outputs on `images`, each made once per
 module. `one_thread` runs a module on one intra-op thread.
-"""
-import pytest
-import torch
 
-import spark3r
+Triton kernels run in Triton's interpreter on CPU (TRITON_INTERPRET=1, read when Triton is first imported, so it is
+set before anything imports it): tests/test_fused.py checks the CUDA kernels so.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import spark3r  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """benchmarks/merge_kernels.py on CPU: every merging candidate is the per-slot mean (float64 brute force), every
-similarity chunk gives the shipped max, and the script writes its rows."""
+similarity kernel gives the torch path's max, and the script writes its rows, the fused kernels' rows too (run in
+Triton's interpreter)."""
 import json
+import os
 
 import pytest
 import torch
@@ -34,13 +36,35 @@ def test_the_script_times_each_candidate_and_records_it(tmp_path):
     out = tmp_path / "mk.json"
     result = bench.main(["--model", "vggt-tiny", "--frames", "8", "--device", "cpu", "--repeats", "1", "--dtype",
                          "fp32", "--schedule", str(tmp_path / "s.yaml"), "--out", str(out)])
-    assert [row["chunk_elements"] for row in result["similarity"]] == list(bench.CHUNKS)
+    assert [row["kernel"] for row in result["similarity"]] == ["torch, chunk 2^26", "torch, chunk 2^28",
+                                                               "torch, chunk 2^30"]
     assert all(row["max_abs_diff"] == 0 and row["same_index"] == 1 for row in result["similarity"])
     assert [row["merge"] for row in result["merge"]] == list(bench.MERGES)
     assert all(row["seconds"] > 0 and row["max_abs_diff"] < 1e-5 for row in result["merge"])
+    assert [row["kernel"] for row in result["unmerge"]] == ["gather (torch path)"]
+    assert result["layer_deviation"] is None  # no fused kernels on CPU
     assert result["queries"] < result["tokens"] == 8 * 69
     assert {"command", "commit", "device_name"} <= set(json.loads(out.read_text()))
     assert "| index_add over all heads |" in out.with_suffix(".md").read_text()
+
+
+def test_the_fused_kernels_get_their_rows_and_the_layer_deviation(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    from spark3r.reduce import fused, merge  # kernels interpreted on CPU (conftest)
+
+    monkeypatch.setattr(merge, "fused_kernels", lambda tensor: None if os.environ.get("SPARK3R_FUSED") == "0"
+                        else fused)
+    (tmp_path / "s.yaml").write_text(SCHEDULE)
+    result = bench.main(["--model", "vggt-tiny", "--frames", "8", "--device", "cpu", "--repeats", "1", "--dtype",
+                         "fp32", "--schedule", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "mk.json")])
+    similarity = {row["kernel"]: row for row in result["similarity"]}
+    assert similarity["fused Triton kernel"]["same_index"] == 1
+    assert similarity["fused Triton kernel"]["max_abs_diff"] < 1e-6
+    assert next(row for row in result["merge"] if row["merge"] == "fused Triton kernel")["max_abs_diff"] < 1e-6
+    assert [row["equal"] for row in result["unmerge"]] == [True, True]
+    deviation = result["layer_deviation"]
+    assert deviation["fused_vs_torch_rel_l2"] < 1e-6 and deviation["torch_vs_fp32_rel_l2"] < 1e-6  # fp32 run
+    assert "fused path against the torch path" in (tmp_path / "mk.md").read_text()
 
 
 def test_a_candidate_that_fails_is_recorded_not_raised(tmp_path, monkeypatch):

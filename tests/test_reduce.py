@@ -271,7 +271,7 @@ def test_best_destinations_is_the_brute_force_max_at_any_chunk():
     sources, destinations = torch.randn(2, 9, 4, generator=generator), torch.randn(2, 5, 4, generator=generator)
     similarity = torch.einsum("gsd,gtd->gst", sources.double(), destinations.double())
     for chunk in (1, 10, 2**26):  # one row per chunk, a few rows, everything in one chunk
-        values, indices = merge_module.best_destinations(sources, destinations, chunk)
+        values, indices = merge_module.torch_best_destinations(sources, destinations, chunk)
         torch.testing.assert_close(values.double(), similarity.max(dim=-1).values)
         assert torch.equal(indices, similarity.argmax(dim=-1))
 

@@ -11,10 +11,18 @@ Frames are cut into groups of `group_frames` (the last group may be shorter). In
 The merging is described by `slot` [B, N]: the index of the merged query each token belongs to. Merging averages the
 queries of one slot; un-merging copies each slot's output back to all of its tokens. Shapes depend only on the layout
 and the reduction.
+
+On CUDA tensors the similarity + max, the merge and the un-merge run as fused Triton kernels (`spark3r.reduce.fused`),
+which compute what the torch paths here (`torch_best_destinations`, `torch_merge_queries`, `torch_unmerge`) compute,
+up to the order of fp32 sums; elsewhere, without Triton, or with SPARK3R_FUSED=0 in the environment, the torch paths
+run.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -88,11 +96,37 @@ def group_positions(layout: FrameLayout, group: int, cell: int, device: torch.de
     return destinations, (others + other_patches + n_special).flatten()
 
 
-def best_destinations(sources: Tensor, destinations: Tensor, chunk_elements: int | None = None) -> tuple[Tensor, Tensor]:
-    """Most similar destination of each source: [..., n_src, d] x [..., n_dst, d] -> (similarity, index) [..., n_src].
+@functools.cache
+def _fused_module() -> ModuleType | None:
+    try:
+        from spark3r.reduce import fused
+    except ImportError:  # no Triton: the torch paths run
+        return None
+    return fused
 
-    Chunked over sources so that no similarity chunk exceeds `chunk_elements` entries (SIMILARITY_CHUNK_ELEMENTS).
-    """
+
+def fused_kernels(tensor: Tensor) -> ModuleType | None:
+    """`spark3r.reduce.fused` when `tensor` is on a CUDA device, Triton imports, the kernels take its dtype and last
+    dimension and SPARK3R_FUSED is not "0"; None otherwise."""
+    if tensor.device.type != "cuda" or os.environ.get("SPARK3R_FUSED") == "0":
+        return None
+    fused = _fused_module()
+    return fused if fused is not None and fused.supports(tensor) else None
+
+
+def best_destinations(sources: Tensor, destinations: Tensor) -> tuple[Tensor, Tensor]:
+    """Most similar destination of each source: [..., n_src, d] x [..., n_dst, d] -> (similarity, index) [..., n_src];
+    the fused kernel on CUDA, else `torch_best_destinations`."""
+    fused = fused_kernels(sources)
+    if fused is not None:
+        return fused.best_destinations(sources, destinations)
+    return torch_best_destinations(sources, destinations)
+
+
+def torch_best_destinations(sources: Tensor, destinations: Tensor,
+                            chunk_elements: int | None = None) -> tuple[Tensor, Tensor]:
+    """`best_destinations` in torch, chunked over sources so that no similarity chunk exceeds `chunk_elements`
+    entries (SIMILARITY_CHUNK_ELEMENTS)."""
     rows = max(1, (chunk_elements or SIMILARITY_CHUNK_ELEMENTS) // max(1, destinations[..., 0].numel()))
     best = [
         (chunk @ destinations.transpose(-1, -2)).max(dim=-1)
@@ -139,8 +173,17 @@ def merge_slots(metric: Tensor, layout: FrameLayout, reduction: Reduction) -> Te
 
 
 def merge_queries(q: Tensor, slot: Tensor, n_q: int) -> Tensor:
-    """Mean of the queries of each slot: q [B, h, N, D], slot [B, N] -> [B, h, n_q, D], accumulated in >= fp32 one head
-    at a time (so the accumulator is one head's [B, n_q, D], not the whole merged tensor)."""
+    """Mean of the queries of each slot: q [B, h, N, D], slot [B, N] -> [B, h, n_q, D]; the fused kernel on CUDA, else
+    `torch_merge_queries`."""
+    fused = fused_kernels(q)
+    if fused is not None:
+        return fused.merge_queries(q, slot, n_q)
+    return torch_merge_queries(q, slot, n_q)
+
+
+def torch_merge_queries(q: Tensor, slot: Tensor, n_q: int) -> Tensor:
+    """`merge_queries` in torch, accumulated in >= fp32 one head at a time (so the accumulator is one head's
+    [B, n_q, D], not the whole merged tensor)."""
     batch, heads, tokens, head_dim = q.shape
     accumulate = torch.promote_types(q.dtype, torch.float32)
     ones = torch.ones(slot.shape, dtype=accumulate, device=q.device)
@@ -155,6 +198,15 @@ def merge_queries(q: Tensor, slot: Tensor, n_q: int) -> Tensor:
 
 
 def unmerge(out: Tensor, slot: Tensor) -> Tensor:
-    """Copy each slot's output to all of its tokens: out [B, h, n_q, D], slot [B, N] -> [B, h, N, D]."""
+    """Copy each slot's output to all of its tokens: out [B, h, n_q, D], slot [B, N] -> [B, h, N, D]; the fused kernel
+    on CUDA, else `torch_unmerge`."""
+    fused = fused_kernels(out)
+    if fused is not None:
+        return fused.unmerge(out, slot)
+    return torch_unmerge(out, slot)
+
+
+def torch_unmerge(out: Tensor, slot: Tensor) -> Tensor:
+    """`unmerge` in torch: one gather."""
     batch, heads, _, head_dim = out.shape
     return out.gather(2, slot[:, None, :, None].expand(batch, heads, slot.shape[1], head_dim))

@@ -1,0 +1,125 @@
+"""The fused Triton kernels of query merging (spark3r/reduce/fused.py), run on CPU in Triton's interpreter, against a
+float64 brute force and the torch paths they replace on CUDA."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from spark3r.models.base import FrameLayout
+from spark3r.reduce import merge
+from spark3r.reduce.attention import reduced_attention
+from spark3r.reduce.reduction import Reduction
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def fused():
+    """spark3r.reduce.fused, whose kernels run in Triton's interpreter here (conftest sets TRITON_INTERPRET=1)."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from spark3r.reduce import fused
+
+    return fused
+
+
+def unit(*shape, seed, dtype=torch.float32):
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)),
+                                         dim=-1).to(dtype)
+
+
+@pytest.mark.parametrize("dim", [64, 48])  # a head width and one that is not a power of two (masked lanes)
+def test_best_destinations_is_the_float64_max(fused, dim):
+    # 150 sources and 70 destinations: neither a multiple of the kernel's 128 x 64 blocks
+    sources, destinations = unit(2, 3, 150, dim, seed=0), unit(2, 3, 70, dim, seed=1)
+    similarity = torch.einsum("bgsd,bgtd->bgst", sources.double(), destinations.double())
+    values, indices = fused.best_destinations(sources, destinations)
+    assert values.shape == indices.shape == (2, 3, 150) and indices.dtype == torch.long
+    assert torch.equal(indices, similarity.argmax(dim=-1))
+    torch.testing.assert_close(values.double(), similarity.max(dim=-1).values, rtol=0, atol=1e-6)
+
+
+def test_best_destinations_breaks_ties_to_the_lowest_index_across_blocks(fused):
+    sources, destinations = unit(1, 5, 64, seed=2), unit(1, 130, 64, seed=3)
+    destinations[0, [3, 70, 129]] = sources[0, 0]  # equal best in the first, second and third block of 64
+    destinations[0, [100, 101]] = sources[0, 1]  # equal best inside one block
+    _, indices = fused.best_destinations(sources, destinations)
+    assert indices[0, :2].tolist() == [3, 100]
+
+
+def test_bf16_similarity_is_rounded_as_the_torch_path_rounds_it(fused):
+    """In bf16 the torch path's product rounds each similarity to bf16 before the max (cosines near 1 are 2^-8 apart,
+    so ties are common); the kernel rounds the same way, so it picks the same best value and, with ties to the lowest
+    index on both sides, the same destination but where fp32 sums in another order round across a bf16 step."""
+    sources, destinations = unit(1, 4, 300, 64, seed=4, dtype=torch.bfloat16), unit(1, 4, 90, 64, seed=5,
+                                                                                     dtype=torch.bfloat16)
+    values, indices = fused.best_destinations(sources, destinations)
+    torch_values, torch_indices = merge.torch_best_destinations(sources, destinations)
+    assert values.dtype == torch.bfloat16
+    assert (values == torch_values).double().mean() >= 0.99
+    assert (indices == torch_indices).double().mean() >= 0.98
+    exact = torch.einsum("bgsd,bgtd->bgst", sources.double(), destinations.double())
+    chosen = exact.gather(-1, indices[..., None])[..., 0]
+    assert (exact.max(dim=-1).values - chosen).max() <= 2**-7  # a near-tie at worst: within one bf16 step near 1
+
+
+def slots_of(layout: FrameLayout, reduction: Reduction, seed: int) -> tuple[torch.Tensor, int]:
+    keys = torch.randn(1, layout.tokens, 16, generator=torch.Generator().manual_seed(seed))
+    return merge.merge_slots(keys, layout, reduction), merge.query_count(layout, reduction)
+
+
+LAYOUT = FrameLayout(frames=6, n_special=2, grid_h=4, grid_w=6)  # 156 tokens
+REDUCTION = Reduction(query_merge=3, group_frames=4)
+
+
+def test_merge_is_the_float64_mean_of_each_slot(fused):
+    slot, n_q = slots_of(LAYOUT, REDUCTION, seed=6)
+    q = torch.randn(1, 3, LAYOUT.tokens, 32, generator=torch.Generator().manual_seed(7))
+    merged = fused.merge_queries(q, slot, n_q)
+    one_hot = torch.nn.functional.one_hot(slot[0], n_q).double()  # [N, n_q]
+    expected = torch.einsum("hnd,nq->hqd", q[0].double(), one_hot) / one_hot.sum(0)[:, None]
+    assert merged.shape == (1, 3, n_q, 32)
+    torch.testing.assert_close(merged[0].double(), expected, rtol=0, atol=1e-6)
+
+
+def test_merge_reads_strided_heads_and_batches(fused):
+    """q as qkv_heads leaves it (a permuted view of the fused qkv), two scenes with their own slots."""
+    first, n_q = slots_of(LAYOUT, REDUCTION, seed=8)
+    second, _ = slots_of(LAYOUT, REDUCTION, seed=9)
+    slot = torch.cat([first, second])
+    qkv = torch.randn(2, LAYOUT.tokens, 3, 2, 16, generator=torch.Generator().manual_seed(10))
+    q = qkv.permute(2, 0, 3, 1, 4)[0]  # [B, h, N, D], last dim contiguous
+    torch.testing.assert_close(fused.merge_queries(q, slot, n_q), merge.torch_merge_queries(q, slot, n_q),
+                               rtol=0, atol=1e-6)
+
+
+def test_bf16_merge_rounds_the_fp32_mean_once(fused):
+    q = torch.randn(1, 2, 600, 64, generator=torch.Generator().manual_seed(11)).bfloat16()
+    slot = torch.arange(600)[None] // 100  # six slots of 100 tokens
+    expected = q.double().reshape(1, 2, 6, 100, 64).mean(3).bfloat16()
+    assert (fused.merge_queries(q, slot, 6) == expected).double().mean() >= 0.99
+
+
+def test_unmerge_copies_each_slot_and_leaves_tokens_major(fused):
+    slot, n_q = slots_of(LAYOUT, REDUCTION, seed=12)
+    out = torch.randn(1, 3, n_q, 32, generator=torch.Generator().manual_seed(13))
+    result = fused.unmerge(out, slot)
+    assert torch.equal(result, merge.torch_unmerge(out, slot))
+    assert result.transpose(1, 2).is_contiguous()  # [B, N, h, D] in memory: merging the heads is a view
+
+
+def test_reduced_attention_on_the_fused_path_equals_the_torch_path(fused, monkeypatch):
+    generator = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(1, 2, LAYOUT.tokens, 32, generator=generator) for _ in range(3))
+    reduction = Reduction(kv_keep=0.5, query_merge=3, group_frames=4)
+    plain = reduced_attention([q, k, v], LAYOUT, reduction)
+    monkeypatch.setattr(merge, "fused_kernels", lambda tensor: fused)
+    torch.testing.assert_close(reduced_attention([q, k, v], LAYOUT, reduction), plain, rtol=0, atol=1e-6)
+
+
+def test_the_fused_path_is_taken_only_on_cuda_for_the_dtypes_it_takes(fused):
+    assert merge.fused_kernels(torch.zeros(2, 64)) is None  # CPU: the torch path
+    assert fused.supports(torch.zeros(2, 64, dtype=torch.bfloat16))
+    assert not fused.supports(torch.zeros(2, 64, dtype=torch.float64))
+    assert not fused.supports(torch.zeros(2, 1024))  # the attention input as the metric: wider than the kernels hold
