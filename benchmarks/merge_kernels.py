@@ -200,8 +200,8 @@ def markdown(result: dict) -> str:
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {row['kernel']} | {1e3 * row['seconds']:.2f} | {gib(row['extra_gib'])} | "
               f"{row['max_abs_diff']:.2e} | {row['same_index']:.4f} |" for row in result["similarity"]]
-    lines += ["", "Merging the queries:", "", "| kernel | time (ms) | extra memory (GiB) | max abs diff vs torch path |",
-              "|---|---:|---:|---:|"]
+    lines += ["", "Merging the queries:", "",
+              "| kernel | time (ms) | extra memory (GiB) | max abs diff vs torch path |", "|---|---:|---:|---:|"]
     lines += [f"| {row['merge']} | failed: {row['error']} | | |" if "error" in row else
               f"| {row['merge']} | {1e3 * row['seconds']:.2f} | {gib(row['extra_gib'])} | {row['max_abs_diff']:.2e} |"
               for row in result["merge"]]
