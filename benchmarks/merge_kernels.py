@@ -7,7 +7,8 @@ frames, each checked against the torch path on the same inputs:
 * the mean of each slot's queries: the torch path (one head at a time, scatter_add in fp32), one index_add over all
   heads [B, N, h*D] in fp32, a segment mean (`torch.segment_reduce`) over the tokens sorted by slot, and the fused
   kernel (`fused.merge_queries`);
-* un-merging: the torch gather and the fused kernel (`fused.unmerge`);
+* un-merging: a gather over heads [B, h, N, D] (as before the projection moved ahead of it) and the shipped row copy of
+  the projected outputs [B, N, C] (`merge.unmerge`);
 * the whole reduced attention of the layer on the fused path against the torch path, beside the bf16 path's own noise
   (the torch path in bf16 against it in fp32).
 
@@ -132,20 +133,30 @@ def similarity_rows(inputs: dict, device, repeats: int) -> list[dict]:
     return rows
 
 
+def unmerge_heads(out: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Un-merging the attention output before the projection, one gather: [B, h, n_q, D] -> [B, h, N, D]."""
+    batch, heads, _, head_dim = out.shape
+    return out.gather(2, slot[:, None, :, None].expand(batch, heads, slot.shape[1], head_dim))
+
+
 def unmerge_rows(inputs: dict, device, repeats: int) -> list[dict]:
+    """Both un-merges of the same output: the heads' gather, and the shipped row copy of it as [B, n_q, h*D] (the
+    projection's layout; the projection itself runs on n_q rows instead of N, which is not timed here)."""
     out = torch.randn(inputs["q"].shape[:2] + (inputs["n_q"], inputs["q"].shape[3]), device=device,
                       dtype=inputs["q"].dtype, generator=torch.Generator(device).manual_seed(1))
+    rows_in = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
     slot = inputs["slot"]
-    reference = merge.torch_unmerge(out, slot)
-    kernels = {"gather (torch path)": merge.torch_unmerge}
-    fused = fused_module(device)
-    if fused is not None:
-        kernels["fused Triton kernel"] = fused.unmerge
+    reference = unmerge_heads(out, slot).transpose(1, 2).reshape(out.shape[0], slot.shape[1], -1)
+    kernels = {"gather over heads [B, h, N, D]": lambda: unmerge_heads(out, slot),
+               "row copy of [B, n_q, C] (shipped)": lambda: merge.unmerge(rows_in, slot)}
     rows = []
     for name, fn in kernels.items():
-        seconds, extra = peak_seconds(device, lambda: fn(out, slot), repeats)
-        rows.append({"kernel": name, "seconds": seconds, "extra_gib": extra,
-                     "equal": bool(torch.equal(fn(out, slot), reference))})
+        seconds, extra = peak_seconds(device, fn, repeats)
+        result = fn()
+        if result.dim() == 4:
+            result = result.transpose(1, 2).reshape(reference.shape)
+        rows.append({"kernel": name, "seconds": seconds, "extra_gib": extra, "equal": bool(torch.equal(result,
+                                                                                                      reference))})
     return rows
 
 

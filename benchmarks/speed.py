@@ -211,12 +211,13 @@ def select_merge_timing(attn, layout, reduction, repeats, device, dtype) -> dict
     slot = merge_slots(metric, layout, reduction) if merging else None
     merged = merge_queries(q, slot, n_q) if merging else q
     out = F.scaled_dot_product_attention(merged, kept_k, kept_v)
+    projected = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)  # un-merged after the projection, as rows
     steps = {"select K/V": (lambda: select_kv(k, v, layout, reduction)) if prune else None,
              "metric": (lambda: k.mean(dim=1)) if merging and x is None else None,
              "slots": (lambda: merge_slots(metric, layout, reduction)) if merging else None,
              "merge queries": (lambda: merge_queries(q, slot, n_q)) if merging else None,
              "attention": lambda: F.scaled_dot_product_attention(merged, kept_k, kept_v),
-             "unmerge": (lambda: unmerge(out, slot)) if merging else None}
+             "unmerge": (lambda: unmerge(projected, slot)) if merging else None}
     seconds = {name: median_seconds(device, fn, repeats) for name, fn in steps.items() if fn is not None}
     return {"steps_s": seconds, "select_merge_s": sum(value for name, value in seconds.items() if name != "attention"),
             "attention_s": seconds["attention"], "queries": n_q, "keys": kept_k.shape[2]}
@@ -253,11 +254,12 @@ def stage_flops(model, flop_config, frames, schedule=None) -> dict[str, tuple[fl
     stages = {stage: [0.0, 0.0] for stage in STAGES}
     trunk_steps = model.num_steps - len(model.global_layer_steps)
     for group in flop_config.groups:
-        linear = group.count * frames * group.tokens_per_frame * linear_flops_per_token(group)
+        linear = flops.group_linear[group.name]
         attention = flops.groups[group.name] - linear
         if group.sequence == "global":
             shares = {"global blocks": 1.0}
-            module_linear = group.count * frames * group.tokens_per_frame * 8.0 * group.width**2  # qkv + proj
+            mlp = group.count * frames * group.tokens_per_frame * (linear_flops_per_token(group) - 8.0 * group.width**2)
+            module_linear = linear - mlp  # qkv + proj (on the merged queries where they merge)
             stages["global attention modules"][0] += module_linear
             stages["global attention modules"][1] += attention
         elif GROUP_STAGES.get(group.name) == "encoder + frame blocks":

@@ -101,14 +101,6 @@ def test_bf16_merge_rounds_the_fp32_mean_once(fused):
     assert (fused.merge_queries(q, slot, 6) == expected).double().mean() >= 0.99
 
 
-def test_unmerge_copies_each_slot_and_leaves_tokens_major(fused):
-    slot, n_q = slots_of(LAYOUT, REDUCTION, seed=12)
-    out = torch.randn(1, 3, n_q, 32, generator=torch.Generator().manual_seed(13))
-    result = fused.unmerge(out, slot)
-    assert torch.equal(result, merge.torch_unmerge(out, slot))
-    assert result.transpose(1, 2).is_contiguous()  # [B, N, h, D] in memory: merging the heads is a view
-
-
 def test_reduced_attention_on_the_fused_path_equals_the_torch_path(fused, monkeypatch):
     generator = torch.Generator().manual_seed(14)
     q, k, v = (torch.randn(1, 2, LAYOUT.tokens, 32, generator=generator) for _ in range(3))

@@ -41,7 +41,7 @@ def test_the_script_times_each_candidate_and_records_it(tmp_path):
     assert all(row["max_abs_diff"] == 0 and row["same_index"] == 1 for row in result["similarity"])
     assert [row["merge"] for row in result["merge"]] == list(bench.MERGES)
     assert all(row["seconds"] > 0 and row["max_abs_diff"] < 1e-5 for row in result["merge"])
-    assert [row["kernel"] for row in result["unmerge"]] == ["gather (torch path)"]
+    assert [row["equal"] for row in result["unmerge"]] == [True, True]
     assert result["layer_deviation"] is None  # no fused kernels on CPU
     assert result["queries"] < result["tokens"] == 8 * 69
     assert {"command", "commit", "device_name"} <= set(json.loads(out.read_text()))
@@ -61,7 +61,6 @@ def test_the_fused_kernels_get_their_rows_and_the_layer_deviation(tmp_path, monk
     assert similarity["fused Triton kernel"]["same_index"] == 1
     assert similarity["fused Triton kernel"]["max_abs_diff"] < 1e-6
     assert next(row for row in result["merge"] if row["merge"] == "fused Triton kernel")["max_abs_diff"] < 1e-6
-    assert [row["equal"] for row in result["unmerge"]] == [True, True]
     deviation = result["layer_deviation"]
     assert deviation["fused_vs_torch_rel_l2"] < 1e-6 and deviation["torch_vs_fp32_rel_l2"] < 1e-6  # fp32 run
     assert "fused path against the torch path" in (tmp_path / "mk.md").read_text()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from spark3r.errors import Spark3rError
 from spark3r.models.base import FrameLayout
 from spark3r.reduce import (
-    KV_METHODS, Reduction, apply_reductions, kv_count, kv_index, query_count, reduced_attention,
+    KV_METHODS, Reduction, apply_reductions, kv_count, kv_index, merged_attention, query_count, reduced_attention,
 )
 from spark3r.reduce import merge as merge_module
 from spark3r.reduce.kv import grid_steps
@@ -378,13 +378,13 @@ def test_reduced_layers_run_in_the_autocast_dtype(tiny, images, monkeypatch):
 
     def recording(qkv, *args, **kwargs):
         seen.append(tuple(t.dtype for t in qkv))
-        return reduced_attention(qkv, *args, **kwargs)
+        return merged_attention(qkv, *args, **kwargs)
 
     def fp32_qk(attn, x, pos):  # as qk-norm leaves q and k under CUDA autocast
         q, k, v = qkv_heads(attn, x, pos)
         return q.float(), k.float(), v
 
-    monkeypatch.setattr(patch_module, "reduced_attention", recording)
+    monkeypatch.setattr(patch_module, "merged_attention", recording)
     monkeypatch.setattr(patch_module, "qkv_heads", fp32_qk)
     with apply_reductions(model, {0: Reduction(kv_keep=0.5, query_merge=2, group_frames=3)}):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -616,3 +616,22 @@ def test_reduced_attention_peaks_below_dense_attention(reduction, dtype):
     log_sum_exp = base[0][..., 0].numel() * torch.promote_types(dtype, torch.float32).itemsize
     assert 4 * one <= dense <= 4 * one + log_sum_exp  # q, k, v, the output and the attention's log-sum-exp
     assert peak(lambda tensors: reduced_attention(tensors, LAYOUT, reduction)) <= dense
+
+
+def test_projecting_the_merged_outputs_equals_projecting_every_token(tiny, images):
+    """The patched layer projects its n_q merged outputs and then copies rows; un-merging first and projecting all N
+    tokens (the output projection is per-token affine) gives the same model outputs."""
+    from spark3r.reduce import AttentionPatch
+
+    reduction = Reduction(kv_keep=0.5, query_merge=3, group_frames=3)
+    layers = range(tiny.adapter.num_global_layers)
+    with torch.no_grad():
+        with AttentionPatch(tiny, tiny.adapter, layers,
+                            lambda layer, layout: lambda qkv, x: (reduced_attention(qkv, layout, reduction, x), None)):
+            projected_after = tiny(images)
+        with apply_reductions(tiny, {layer: reduction for layer in layers}):
+            projected_first = tiny(images)
+    assert not torch.equal(projected_first["depth"], tiny(images)["depth"])  # the reduction does change the output
+    assert projected_first.keys() == projected_after.keys()
+    for name in projected_first:
+        torch.testing.assert_close(projected_first[name], projected_after[name], rtol=1e-4, atol=1e-5)

@@ -20,13 +20,22 @@ def is_dense(layout: FrameLayout, reduction: Reduction) -> bool:
 def reduced_attention(qkv: list[Tensor], layout: FrameLayout, reduction: Reduction,
                       x: Tensor | None = None) -> Tensor:
     """Global attention with `reduction`: qkv = [q, k, v], each [B, h, N, D] (after qk-norm and RoPE), N = S * P
-    -> [B, h, N, D].
+    -> [B, h, N, D] (`merged_attention`, un-merged).
 
     The list is emptied and each full tensor is dropped as soon as it is used (k and v once selected, q once merged),
     so a caller holding nothing else lets the reduced layer peak below the dense one. x [B, N, C] is the attention
     input, needed only when `reduction.similarity` is "input". Keep 1 and merge 1 run the plain dense attention, so
     they equal it exactly.
     """
+    out, slot = merged_attention(qkv, layout, reduction, x)
+    return out if slot is None else unmerge(out.transpose(1, 2), slot).transpose(1, 2)
+
+
+def merged_attention(qkv: list[Tensor], layout: FrameLayout, reduction: Reduction,
+                     x: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """`reduced_attention` before un-merging: -> (out [B, h, n_q, D], slot [B, N]) when queries merge, else
+    (out [B, h, N, D], None). A per-token map after the attention (the output projection) can run on the n_q rows and
+    be un-merged after (`merge.unmerge`): the same result at n_q / N of its cost."""
     q, k, v = qkv
     qkv.clear()
     if q.shape[2] != layout.tokens:
@@ -43,11 +52,9 @@ def reduced_attention(qkv: list[Tensor], layout: FrameLayout, reduction: Reducti
     if kv_count(layout, reduction) < layout.tokens:
         k, v = select_kv(k, v, layout, reduction)
     if slot is None:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v), None
     q = merge_queries(q, slot, n_q)
-    out = F.scaled_dot_product_attention(q, k, v)
-    del q, k, v
-    return unmerge(out, slot)
+    return F.scaled_dot_product_attention(q, k, v), slot
 
 
 def frame_attention(q: Tensor, k: Tensor, v: Tensor, layout: FrameLayout) -> Tensor:

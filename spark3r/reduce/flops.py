@@ -2,7 +2,8 @@
 
 Multiply-adds count 2; softmax, norms and biases are ignored. Per block: linear = (8 C^2 + 2 m C H) per token (qkv and
 proj, then m MLP matrices of width H: 24 C^2 for a 4x GELU MLP, SwiGLU differs); attention = 4 C L^2 per sequence of
-length L. A global layer is one sequence of S*P tokens: 4 C (S P)^2 dense, 4 C n_q n_kv reduced. Counts are per scene
+length L. A global layer is one sequence of S*P tokens: 4 C (S P)^2 dense, 4 C n_q n_kv reduced; a layer that merges
+queries runs its output projection on the n_q merged outputs (2 C^2 n_q) and un-merges after it. Counts are per scene
 (batch 1).
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ class FlopBreakdown:
     linear: qkv, proj and MLP of every block; frame_attention: attention of per-frame block lists (patch encoder,
     frame blocks); global_attention: QK^T and AV of the global layers; other_attention: attention over all frames'
     special or camera tokens (e.g. a camera-head trunk); other: everything outside blocks (patch embedding, DPT
-    heads, head MLPs); overhead: K/V selection and query merging. groups: each block list's linear + attention.
+    heads, head MLPs); overhead: K/V selection and query merging. groups: each block list's linear + attention;
+    group_linear: each block list's linear alone.
     """
 
     linear: float
@@ -39,6 +41,7 @@ class FlopBreakdown:
     other: float
     overhead: float
     groups: dict[str, float] = field(default_factory=dict)
+    group_linear: dict[str, float] = field(default_factory=dict)
 
     @property
     def total(self) -> float:
@@ -81,6 +84,15 @@ def layer_attention_flops(flop_config: FlopConfig, frames: int, reduction: Reduc
     if reduction is None:
         return 4.0 * global_width(flop_config) * layout.tokens**2
     return 4.0 * global_width(flop_config) * query_count(layout, reduction) * kv_count(layout, reduction)
+
+
+def skipped_projection_flops(flop_config: FlopConfig, frames: int, reduction: Reduction | None = None) -> float:
+    """Output-projection FLOPs one global layer skips by projecting its n_q merged outputs before un-merging them:
+    2 C^2 (S P - n_q); 0 when no query merges."""
+    if reduction is None:
+        return 0.0
+    layout = frame_layout(flop_config, frames)
+    return 2.0 * global_width(flop_config) ** 2 * (layout.tokens - query_count(layout, reduction))
 
 
 def layer_overhead_flops(flop_config: FlopConfig, frames: int, reduction: Reduction | None = None) -> float:
@@ -130,7 +142,7 @@ def model_flops(flop_config: FlopConfig, frames: int,
     `reductions(frames)`, such as a Schedule, or one Reduction or None per global layer in order)."""
     reductions = _reductions(flop_config, frames, schedule)
     totals = dict(linear=0.0, frame_attention=0.0, global_attention=0.0, other_attention=0.0, overhead=0.0)
-    groups, global_layer = {}, 0
+    groups, group_linear, global_layer = {}, {}, 0
     for group in flop_config.groups:
         tokens = frames * group.tokens_per_frame
         linear = group.count * tokens * linear_flops_per_token(group)
@@ -140,6 +152,7 @@ def model_flops(flop_config: FlopConfig, frames: int,
             layer_reductions = reductions[global_layer: global_layer + group.count]
             global_layer += group.count
             attention = sum(layer_attention_flops(flop_config, frames, r) for r in layer_reductions)
+            linear -= sum(skipped_projection_flops(flop_config, frames, r) for r in layer_reductions)
             totals["overhead"] += sum(layer_overhead_flops(flop_config, frames, r) for r in layer_reductions)
             kind = "global_attention"
         elif group.sequence in ("special", "camera"):
@@ -150,7 +163,9 @@ def model_flops(flop_config: FlopConfig, frames: int,
         totals["linear"] += linear
         totals[kind] += attention
         groups[group.name] = groups.get(group.name, 0.0) + linear + attention
-    return FlopBreakdown(other=frames * flop_config.other_flops_per_frame, groups=groups, **totals)
+        group_linear[group.name] = group_linear.get(group.name, 0.0) + linear
+    return FlopBreakdown(other=frames * flop_config.other_flops_per_frame, groups=groups, group_linear=group_linear,
+                         **totals)
 
 
 def global_attention_fraction(flop_config: FlopConfig, frames: int,

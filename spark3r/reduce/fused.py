@@ -1,5 +1,5 @@
 """Fused Triton kernels of query merging, for CUDA tensors: each source's best destination without writing the
-similarity matrix, the mean of each slot's queries, and the un-merge copy.
+similarity matrix, and the mean of each slot's queries.
 
 `spark3r.reduce.merge` calls them on CUDA tensors when Triton imports and runs its torch path otherwise; each kernel
 computes what that path computes, up to the order of fp32 sums (tests/test_fused.py runs them in Triton's interpreter
@@ -91,21 +91,6 @@ def _merge_kernel(q, order, starts, counts, merged, n_tokens, n_q, heads, head_d
              mask=valid[:, None] & (dims[None, :] < head_dim))
 
 
-@triton.jit
-def _unmerge_kernel(out, slot, result, n_tokens, heads, head_dim, stride_b, stride_h, stride_n,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: BLOCK_N tokens of one (batch, head) copy their slot's row; result is [B, N, h, D] in memory."""
-    pair = tl.program_id(1)
-    batch, head = (pair // heads).to(tl.int64), (pair % heads).to(tl.int64)
-    tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    mask = (tokens[:, None] < n_tokens) & (dims[None, :] < head_dim)
-    slots = tl.load(slot + batch * n_tokens + tokens, mask=tokens < n_tokens, other=0).to(tl.int64)
-    rows = tl.load(out + batch * stride_b + head * stride_h + slots[:, None] * stride_n + dims[None, :], mask=mask)
-    target = result + ((batch * n_tokens + tokens[:, None]) * heads + head) * head_dim + dims[None, :]
-    tl.store(target, rows, mask=mask)
-
-
 def supports(tensor: Tensor) -> bool:
     """True when the kernels take `tensor` (a metric [..., n, d] or heads [B, h, N, D]): dtype and last dim."""
     return tensor.dtype in DTYPES and tensor.shape[-1] <= MAX_DIM
@@ -125,7 +110,7 @@ def best_destinations(sources: Tensor, destinations: Tensor) -> tuple[Tensor, Te
     grid = (triton.cdiv(n_src, 128), src.shape[0])
     _best_destinations_kernel[grid](src, dst, values, indices, n_src, n_dst, dim, BLOCK_M=128, BLOCK_N=64,
                                     BLOCK_D=max(16, triton.next_power_of_2(dim)), PRECISION=precision,
-                                    UPCAST=INTERPRETED, num_warps=8)
+                                    UPCAST=INTERPRETED, num_warps=4, num_stages=3)
     return values.reshape(*lead, n_src), indices.reshape(*lead, n_src)
 
 
@@ -151,17 +136,3 @@ def merge_queries(q: Tensor, slot: Tensor, n_q: int) -> Tensor:
     _merge_kernel[grid](q, order, starts, counts, merged, tokens, n_q, heads, head_dim, q.stride(0), q.stride(1),
                         q.stride(2), BLOCK_Q=64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4)
     return merged
-
-
-def unmerge(out: Tensor, slot: Tensor) -> Tensor:
-    """Copy each slot's output to all of its tokens: out [B, h, n_q, D], slot [B, N] -> [B, h, N, D], stored as
-    [B, N, h, D] (the layout the output projection reads, so merging the heads copies nothing)."""
-    batch, heads, _, head_dim = out.shape
-    if out.stride(-1) != 1:
-        out = out.contiguous()
-    tokens = slot.shape[1]
-    result = out.new_empty(batch, tokens, heads, head_dim)
-    grid = (triton.cdiv(tokens, 64), batch * heads)
-    _unmerge_kernel[grid](out, slot.contiguous(), result, tokens, heads, head_dim, out.stride(0), out.stride(1),
-                          out.stride(2), BLOCK_N=64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4)
-    return result.transpose(1, 2)

@@ -12,10 +12,9 @@ The merging is described by `slot` [B, N]: the index of the merged query each to
 queries of one slot; un-merging copies each slot's output back to all of its tokens. Shapes depend only on the layout
 and the reduction.
 
-On CUDA tensors the similarity + max, the merge and the un-merge run as fused Triton kernels (`spark3r.reduce.fused`),
-which compute what the torch paths here (`torch_best_destinations`, `torch_merge_queries`, `torch_unmerge`) compute,
-up to the order of fp32 sums; elsewhere, without Triton, or with SPARK3R_FUSED=0 in the environment, the torch paths
-run.
+On CUDA tensors the similarity + max and the merge run as fused Triton kernels (`spark3r.reduce.fused`), which compute
+what the torch paths here (`torch_best_destinations`, `torch_merge_queries`) compute, up to the order of fp32 sums;
+elsewhere, without Triton, or with SPARK3R_FUSED=0 in the environment, the torch paths run.
 """
 from __future__ import annotations
 
@@ -197,16 +196,12 @@ def torch_merge_queries(q: Tensor, slot: Tensor, n_q: int) -> Tensor:
     return merged
 
 
-def unmerge(out: Tensor, slot: Tensor) -> Tensor:
-    """Copy each slot's output to all of its tokens: out [B, h, n_q, D], slot [B, N] -> [B, h, N, D]; the fused kernel
-    on CUDA, else `torch_unmerge`."""
-    fused = fused_kernels(out)
-    if fused is not None:
-        return fused.unmerge(out, slot)
-    return torch_unmerge(out, slot)
+def unmerge(x: Tensor, slot: Tensor) -> Tensor:
+    """Copy each slot's row to all of its tokens: x [B, n_q, ...], slot [B, N] -> [B, N, ...] (row copies).
 
-
-def torch_unmerge(out: Tensor, slot: Tensor) -> Tensor:
-    """`unmerge` in torch: one gather."""
-    batch, heads, _, head_dim = out.shape
-    return out.gather(2, slot[:, None, :, None].expand(batch, heads, slot.shape[1], head_dim))
+    Un-merging commutes with any per-token map, so the patched attention projects the n_q merged outputs [B, n_q, C]
+    first and un-merges the projected rows (the output projection then costs n_q / N of the dense one)."""
+    out = x.new_empty(x.shape[0], slot.shape[1], *x.shape[2:])
+    for rows, index, target in zip(x, slot, out):
+        torch.index_select(rows, 0, index, out=target)
+    return out

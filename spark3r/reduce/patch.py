@@ -1,7 +1,8 @@
 """Patching a model's global attention, and restoring it bit for bit: with reductions (`patch_attention`; the
 schedule's `apply_schedule` is one use of it) or with frame-only attention (`frame_only_patch`).
 
-Each patched attention module gets an instance-level `forward` (qkv_heads -> the layer's attention -> project_heads);
+Each patched attention module gets an instance-level `forward` (qkv_heads -> the layer's attention -> project_heads,
+on the merged queries, then un-merged when the layer merges queries);
 `remove()` deletes it, so the class forward runs again. The frame layout of the clip comes from a forward pre-hook on
 the model root reading its images argument, or from `handle.set_layout(layout)` for callers that run trunk steps
 directly. A layer whose reduction keeps everything at the current layout runs the class forward unchanged. Under
@@ -16,11 +17,13 @@ from torch import Tensor, nn
 from spark3r.errors import Spark3rError
 from spark3r.models.base import Adapter, FrameLayout
 from spark3r.models.blocks import active_compute_dtype, project_heads, qkv_heads
-from spark3r.reduce.attention import frame_attention, is_dense, reduced_attention
+from spark3r.reduce.attention import frame_attention, is_dense, merged_attention
+from spark3r.reduce.merge import unmerge
 from spark3r.reduce.reduction import Reduction
 
-
-Attend = Callable[[list[Tensor], Tensor], Tensor]  # ([q, k, v], x) -> attention output shaped as q; may empty the list
+# ([q, k, v], x) -> (out [B, h, n, D], slot [B, N] or None): n = N, or the n_q merged queries that slot maps back to the
+# tokens (projected first, then un-merged); may empty the list
+Attend = Callable[[list[Tensor], Tensor], tuple[Tensor, Tensor | None]]
 
 
 class AttentionPatch:
@@ -28,8 +31,8 @@ class AttentionPatch:
 
     attention_for(layer, layout) -> None (that layer runs its class forward on this layout) or the function that
     computes its attention from [q, k, v], each [B, heads, N, head_dim] (after qk-norm and RoPE, in the compute dtype),
-    and the attention input x [B, N, C]. The patched forward keeps no other reference to q, k and v, so a function
-    that empties the list can free each as soon as it has used it (`reduced_attention` does).
+    and the attention input x [B, N, C] (an `Attend`). The patched forward keeps no other reference to q, k and v, so a
+    function that empties the list can free each as soon as it has used it (`merged_attention` does).
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, layers: Iterable[int],
@@ -89,15 +92,17 @@ class AttentionPatch:
             if attend is None:
                 return dense_forward(attn, x, pos=pos)
             dtype = active_compute_dtype(x.device.type, x.dtype)
-            return project_heads(attn, attend([t.to(dtype) for t in qkv_heads(attn, x, pos)], x))
+            out, slot = attend([t.to(dtype) for t in qkv_heads(attn, x, pos)], x)
+            out = project_heads(attn, out)
+            return out if slot is None else unmerge(out, slot)
 
         return forward
 
 
 class ReductionHandle(AttentionPatch):
-    """A patch whose layers run `reduced_attention`: resolve(layer, frames) -> the Reduction of global layer `layer`
-    on a clip of `frames` frames. A layer whose reduction keeps everything at the current layout runs its class forward
-    unchanged."""
+    """A patch whose layers run the reduced attention (`merged_attention`): resolve(layer, frames) -> the Reduction of
+    global layer `layer` on a clip of `frames` frames. A layer whose reduction keeps everything at the current layout
+    runs its class forward unchanged."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, resolve: Callable[[int, int], Reduction],
                  layers: Iterable[int]):
@@ -116,14 +121,14 @@ class ReductionHandle(AttentionPatch):
         reduction = self.reduction(layer, layout.frames)
         if is_dense(layout, reduction):
             return None
-        return lambda qkv, x: reduced_attention(qkv, layout, reduction, x=x)
+        return lambda qkv, x: merged_attention(qkv, layout, reduction, x=x)
 
 
 def frame_only_patch(model: nn.Module, adapter: Adapter | None = None) -> AttentionPatch:
     """Patch every global attention layer of `model` to attend within each frame only (`frame_attention`)."""
     adapter = adapter_of(model, adapter)
     return AttentionPatch(model, adapter, range(adapter.num_global_layers),
-                          lambda layer, layout: lambda qkv, x: frame_attention(*qkv, layout))
+                          lambda layer, layout: lambda qkv, x: (frame_attention(*qkv, layout), None))
 
 
 def adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:
