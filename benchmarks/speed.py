@@ -283,6 +283,24 @@ def stage_tflop(model, flop_config, frames, schedule=None) -> dict[str, float]:
     return {stage: sum(parts) for stage, parts in stage_flops(model, flop_config, frames, schedule).items()}
 
 
+def profile_workload_tflop(model, flop_config, frames: int, levels: int, clips: int) -> tuple[float, float]:
+    """The FLOP model's (matrix-product, attention) TFLOP of an exact profile-layers run: per clip one dense forward
+    and, for each global layer and each of `levels` levels, the trunk resumed after that layer plus the heads. The
+    reduced layer itself, the local deviations and the caching are not counted, so it is a lower bound."""
+    stages = stage_flops(model, flop_config, frames)
+    global_steps = set(model.global_layer_steps)
+    frame_steps = model.num_steps - len(global_steps)
+    per_step = {True: [part / len(global_steps) for part in stages["global blocks"]],
+                False: [part / frame_steps for part in stages["frame blocks"]] if frame_steps else [0.0, 0.0]}
+    dense = [sum(stages[stage][part] for stage in END_TO_END) for part in (0, 1)]
+    resumed = [0.0, 0.0]
+    for layer_step in sorted(global_steps):
+        for step in range(layer_step + 1, model.num_steps):
+            resumed = [total + part for total, part in zip(resumed, per_step[step in global_steps])]
+        resumed = [total + part for total, part in zip(resumed, stages["heads"])]
+    return tuple(clips * (whole + levels * again) for whole, again in zip(dense, resumed))
+
+
 def select_merge_total(costs: list[dict]) -> tuple[float | None, float | None]:
     """(seconds of selection + merging summed over the layers of `costs` (select_merge_costs), its ratio to the
     reduced attention's seconds over the same layers); (None, None) without costs."""

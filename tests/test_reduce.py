@@ -627,7 +627,7 @@ def test_projecting_the_merged_outputs_equals_projecting_every_token(tiny, image
     layers = range(tiny.adapter.num_global_layers)
     with torch.no_grad():
         with AttentionPatch(tiny, tiny.adapter, layers,
-                            lambda layer, layout: lambda qkv, x: (reduced_attention(qkv, layout, reduction, x), None)):
+                            lambda layer, layout: lambda qkv, x: reduced_attention(qkv, layout, reduction, x)):
             projected_after = tiny(images)
         with apply_reductions(tiny, {layer: reduction for layer in layers}):
             projected_first = tiny(images)

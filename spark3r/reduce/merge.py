@@ -98,7 +98,7 @@ def group_positions(layout: FrameLayout, group: int, cell: int, device: torch.de
 @functools.cache
 def _fused_module() -> ModuleType | None:
     try:
-        from spark3r.reduce import fused
+        import spark3r.reduce.fused as fused
     except ImportError:  # no Triton: the torch paths run
         return None
     return fused

@@ -21,9 +21,9 @@ from spark3r.reduce.attention import frame_attention, is_dense, merged_attention
 from spark3r.reduce.merge import unmerge
 from spark3r.reduce.reduction import Reduction
 
-# ([q, k, v], x) -> (out [B, h, n, D], slot [B, N] or None): n = N, or the n_q merged queries that slot maps back to the
-# tokens (projected first, then un-merged); may empty the list
-Attend = Callable[[list[Tensor], Tensor], tuple[Tensor, Tensor | None]]
+# ([q, k, v], x) -> out [B, h, N, D], or (out [B, h, n, D], slot [B, N] or None) where slot maps the n merged queries
+# back to the tokens (projected first, then un-merged); may empty the list
+Attend = Callable[[list[Tensor], Tensor], Tensor | tuple[Tensor, Tensor | None]]
 
 
 class AttentionPatch:
@@ -92,7 +92,8 @@ class AttentionPatch:
             if attend is None:
                 return dense_forward(attn, x, pos=pos)
             dtype = active_compute_dtype(x.device.type, x.dtype)
-            out, slot = attend([t.to(dtype) for t in qkv_heads(attn, x, pos)], x)
+            out = attend([t.to(dtype) for t in qkv_heads(attn, x, pos)], x)
+            out, slot = out if isinstance(out, tuple) else (out, None)
             out = project_heads(attn, out)
             return out if slot is None else unmerge(out, slot)
 
@@ -128,7 +129,7 @@ def frame_only_patch(model: nn.Module, adapter: Adapter | None = None) -> Attent
     """Patch every global attention layer of `model` to attend within each frame only (`frame_attention`)."""
     adapter = adapter_of(model, adapter)
     return AttentionPatch(model, adapter, range(adapter.num_global_layers),
-                          lambda layer, layout: lambda qkv, x: (frame_attention(*qkv, layout), None))
+                          lambda layer, layout: lambda qkv, x: frame_attention(*qkv, layout))
 
 
 def adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:

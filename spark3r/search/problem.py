@@ -16,7 +16,7 @@ from spark3r.errors import ParameterError, Spark3rError
 from spark3r.models.base import FlopConfig
 from spark3r.profiler.format import Profile
 from spark3r.profiler.run import ProfileOptions
-from spark3r.reduce.flops import layer_attention_flops, layer_overhead_flops, model_flops
+from spark3r.reduce.flops import layer_attention_flops, layer_overhead_flops, model_flops, skipped_projection_flops
 from spark3r.reduce.reduction import Reduction
 from spark3r.schedule import BUDGET_OF, Budget, KVSpec, LayerSpec, QuerySpec, Schedule
 
@@ -171,8 +171,9 @@ def build_problem(profile: Profile, flop_config: FlopConfig, *, budget: float = 
         for k, merge in enumerate(merge_levels):
             reduction = options.reduction(kv_keep=keep, query_merge=merge)
             costs[j, k] = layer_attention_flops(flop_config, frames, reduction)
-            if budget_of == "model":
-                costs[j, k] += layer_overhead_flops(flop_config, frames, reduction)
+            if budget_of == "model":  # the merging layer's projection runs on its merged queries
+                costs[j, k] += (layer_overhead_flops(flop_config, frames, reduction)
+                                - skipped_projection_flops(flop_config, frames, reduction))
     layers = profile.global_layers
     dense_layer = layer_attention_flops(flop_config, frames)
     if budget_of == "model":
