@@ -23,7 +23,7 @@ from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.models.loading import load_model
 from spark3r.commands.profile_layers import DEFAULT_KV_KEEP, DEFAULT_QUERY_MERGE, parse_kv_keep, parse_query_merge
 from spark3r.files import write_atomic
-from spark3r.profiler.run import PHASES, ProfileOptions, profile_clip, profile_levels
+from spark3r.profiler.run import PHASES, RESUMES, ProfileOptions, profile_clip, profile_levels
 
 _spec = importlib.util.spec_from_file_location("benchmarks_provenance",
                                               Path(__file__).resolve().parent / "provenance.py")
@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--compile", action="store_true", help="load_model(compiled=True): compiled blocks and heads "
                                                                "(the first clip includes the compiling)")
+    parser.add_argument("--resume-levels", default="all", choices=RESUMES,
+                        help="levels resumed end to end (profile-layers' --resume-levels)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     clips = [torch.rand(args.frames, 3, args.size, args.size, generator=generator) for _ in range(args.clips)]
     options, notes = profile_levels(model.adapter.layout(clips[0]), ProfileOptions(
         kv_keep=parse_kv_keep(args.kv_keep), query_merge=parse_query_merge(args.query_merge),
-        additivity_schedules=args.additivity, level_batch=args.level_batch, seed=args.seed))
+        additivity_schedules=args.additivity, level_batch=args.level_batch, seed=args.seed,
+        resume=args.resume_levels))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if device.type == "cuda":
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         "frames": args.frames, "size": args.size,
         "global_layers": model.adapter.num_global_layers, "kv_keep": list(options.kv_keep),
         "query_merge": list(options.query_merge), "additivity": args.additivity, "level_batch": args.level_batch,
+        "resume_levels": args.resume_levels,
         "seconds": totals, "wall_seconds": wall, "seconds_per_clip": per_clip,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "goal_seconds": GOAL_SECONDS,

@@ -285,7 +285,8 @@ def stage_tflop(model, flop_config, frames, schedule=None) -> dict[str, float]:
 
 def profile_workload_tflop(model, flop_config, frames: int, levels: int, clips: int) -> tuple[float, float]:
     """The FLOP model's (matrix-product, attention) TFLOP of an exact profile-layers run: per clip one dense forward
-    and, for each global layer and each of `levels` levels, the trunk resumed after that layer plus the heads. The
+    and, for each global layer and each of `levels` resumed (non-dense) levels, the trunk resumed after that layer plus
+    the heads. The
     reduced layer itself, the local deviations and the caching are not counted, so it is a lower bound."""
     stages = stage_flops(model, flop_config, frames)
     global_steps = set(model.global_layer_steps)

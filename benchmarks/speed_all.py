@@ -61,6 +61,7 @@ from spark3r.errors import ParameterError
 from spark3r.files import check_output_file
 from spark3r.models.blocks import compile_model
 from spark3r.models.registry import build_model, get_entry
+from spark3r.profiler.run import resumed_columns
 from spark3r.reduce import model_flops
 from spark3r.schedule import apply_schedule
 
@@ -211,7 +212,8 @@ def profile_row(name: str, side: int, settings: dict, device: torch.device) -> d
         "kind": "profile", "model": name, "frames": settings["profile_frames"], "size": side, "clips": clips,
         "global_layers": result["global_layers"], "kv_levels": len(result["kv_keep"]),
         "query_levels": len(result["query_merge"]), "additivity": result["additivity"],
-        "level_batch": result["level_batch"], "seconds": result["wall_seconds"], "seconds_per_clip": per_clip,
+        "level_batch": result["level_batch"], "resume_levels": result["resume_levels"],
+        "seconds": result["wall_seconds"], "seconds_per_clip": per_clip,
         "phases_s": result["seconds"], "peak_gib": result["peak_gib"], "goal_clips": goal,
         "goal_clips_s": goal_s, "how": how,
     }
@@ -260,15 +262,16 @@ def stage_predictions(row: dict, ceilings: dict | None, dense: dict | None, dtyp
 
 
 def profile_seconds_at_ceiling(row: dict, ceilings: dict | None, dtype: str) -> float | None:
-    """Seconds of the exact profile workload of a profile row's goal clips at the ceilings
+    """Seconds of the profile workload of a profile row's goal clips at the ceilings, with the levels it resumed
     (`speed.profile_workload_tflop`, a lower bound); None without ceilings."""
     fastest = fastest_attention(ceilings) if ceilings else None
     if fastest is None:
         return None
     model = build_model(row["model"], "meta")
+    resume = row.get("resume_levels", "all")
+    resumed = len(resumed_columns(row["kv_levels"], resume)) + len(resumed_columns(row["query_levels"], resume))
     matmul, attention = speed.profile_workload_tflop(model, model.flop_config(row["size"], row["size"]),
-                                                     row["frames"], row["kv_levels"] + row["query_levels"],
-                                                     row["goal_clips"])
+                                                     row["frames"], resumed, row["goal_clips"])
     return matmul / ceilings["matmul"][dtype]["tflops"] + attention / fastest[1]["tflops"]
 
 
@@ -453,9 +456,9 @@ def markdown(results: dict) -> str:
     lines += [
         "", "## profile-layers", "",
         "The FLOP model's time for the goal's clips is that of an exact profile at the ceilings (`profile_seconds_at_"
-        "ceiling`): per clip a dense forward and, per global layer and level, the trunk resumed after the layer and "
-        "the heads decoded; the reduced layer, the local deviations and the caching are left out, so it is a lower "
-        "bound on any profile that resumes every level.", "",
+        "ceiling`): per clip a dense forward and, per global layer and non-dense level, the trunk resumed after the "
+        "layer and the heads decoded; the reduced layer, the local deviations and the caching are left out, so it is "
+        "a lower bound on any profile that resumes every level.", "",
         "| model | clips x frames | size | layers x levels | measured (s) | per clip (s) | goal clips | for them (s) | "
         "FLOP model for them at ceiling (s) | peak (GiB) | how |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|",

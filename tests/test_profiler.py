@@ -68,6 +68,7 @@ def test_clip_file_round_trip_and_option_mismatch(tmp_path):
 
 # ---------------------------------------------------------------- the engine, on vggt-tiny with random weights
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -81,7 +82,10 @@ from spark3r.evaluate.deviation import output_deviation
 from spark3r.models.loading import weights_identity
 from spark3r.profiler import pipeline
 from spark3r.profiler.format import load_profile
-from spark3r.profiler.run import PhaseTimer, ProfileOptions, dense_run, end_to_end, local_deviation, profile_clip
+from spark3r.profiler.run import (
+    PhaseTimer, ProfileOptions, dense_run, end_to_end, estimate_from_local, local_deviation, profile_clip,
+    resumed_columns,
+)
 from spark3r.reduce import Reduction, apply_reductions
 
 FRAMES = 4
@@ -171,6 +175,51 @@ def test_profile_clip_dense_levels_are_exactly_zero(tiny, images):
             assert (table[:, 0] == 0).all() and (table[:, 1] > 0).all(), (kind, metric)
     assert measured.arrays["additivity_score"].shape == (2,)
     assert set(measured.timings) >= {"dense", "local", "resume", "decode"}
+
+
+def test_alternate_resumes_every_other_level_from_the_strongest():
+    assert resumed_columns(6, "all") == [1, 2, 3, 4, 5]
+    assert resumed_columns(6, "alternate") == [1, 3, 5]  # keep 1/2, 1/8, 1/32 of 1, 1/2 ... 1/32
+    assert resumed_columns(5, "alternate") == [1, 2, 4]  # the mildest too: 3 lies between 2 and 4
+    assert resumed_columns(4, "alternate") == [1, 3]  # merge 2 and 4 of 1 ... 4
+    assert resumed_columns(3, "alternate") == [1, 2]  # two non-dense levels: both
+    assert resumed_columns(1, "alternate") == []
+
+
+def test_estimates_scale_the_local_deviation_by_the_interpolated_ratio():
+    local = np.array([0.0, 1.0, 2.0, 4.0, 5.0])
+    measured = np.array([9.0, 0.5, 9.0, 4.0, 9.0])  # resumed at columns 1 and 3: ratios 0.5 and 1.0
+    estimate = estimate_from_local(local, measured, [1, 3])
+    # column 2: ratio halfway, 0.75 x 2; column 4: beyond the last resumed one, ratio held at 1.0
+    np.testing.assert_allclose(estimate, [0.0, 0.5, 1.5, 4.0, 5.0], rtol=0, atol=1e-15)
+
+
+def test_alternate_profile_resumes_fewer_levels_and_estimates_the_rest(tiny, images, monkeypatch):
+    import spark3r.profiler.run as run_module
+
+    options = ProfileOptions(kv_keep=(1.0, 0.5, 0.25, 0.125), query_merge=(1, 2, 3, 4), additivity_schedules=0)
+    resumed_levels = []
+
+    def counting(model, run, layer, reductions, *args, **kwargs):
+        resumed_levels.append(len(reductions))
+        return end_to_end(model, run, layer, reductions, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "end_to_end", counting)
+    every = profile_clip(tiny, images, options).arrays
+    assert sum(resumed_levels) == 12 * 6
+    resumed_levels.clear()
+    screened = profile_clip(tiny, images, dataclasses.replace(options, resume="alternate")).arrays
+    assert sum(resumed_levels) == 12 * 4  # K/V columns 1 and 3, query columns 1 and 3
+    for kind, resumed, estimated in (("kv", [1, 3], [2]), ("query", [1, 3], [2])):
+        for metric in ("score", "depth", "camera_rotation_deg"):
+            table, full = screened[f"{kind}_{metric}"], every[f"{kind}_{metric}"]
+            # resumed levels: the same measurement in another batch shape, so float32 rounding apart (up to 4e-6 on
+            # the merge levels' ~1e-5 terms of random weights, as in test_batched_end_to_end_...)
+            np.testing.assert_allclose(table[:, resumed], full[:, resumed], rtol=1e-4, atol=1e-5)
+            for layer in range(12):
+                expected = estimate_from_local(screened[f"{kind}_local_rel_l2"][layer], table[layer], resumed)
+                np.testing.assert_array_equal(table[layer, estimated], expected[estimated])
+            assert (table[:, estimated] > 0).all() and not np.array_equal(table[:, estimated], full[:, estimated])
 
 
 # ---------------------------------------------------------------- the CLI

@@ -224,8 +224,9 @@ def test_the_goal_workload_is_extrapolated_from_the_clips_after_the_first(speed_
 
 
 def test_the_profile_workload_counts_a_resume_after_every_global_layer_at_every_level():
-    """VGGT-1B, 8 clips x 32 frames, 10 levels: per clip the dense forward, then per level and global layer l (trunk
-    step 2l + 1 of 48) the 23 - l frame and 23 - l global steps after it and the heads: 276 of each per level."""
+    """VGGT-1B, 8 clips x 32 frames, 8 resumed levels (6 K/V + 4 query, less the dense one of each): per clip the
+    dense forward, then per level and global layer l (trunk step 2l + 1 of 48) the 23 - l frame and 23 - l global
+    steps after it and the heads: 276 of each per level."""
     speed = load_benchmark("speed")
     model = build_model("vggt-1b", "meta")
     flop_config = model.flop_config(518, 518)
@@ -233,11 +234,11 @@ def test_the_profile_workload_counts_a_resume_after_every_global_layer_at_every_
     per_global = flops.groups["aggregator.global_blocks"] / 24
     per_frame = flops.groups["aggregator.frame_blocks"] / 24
     heads = flops.other + flops.groups["camera_head.trunk"]
-    expected = 8 * (flops.total + 10 * (276 * (per_global + per_frame) + 24 * heads))
-    matmul, attention = speed.profile_workload_tflop(model, flop_config, 32, 10, 8)
+    expected = 8 * (flops.total + 8 * (276 * (per_global + per_frame) + 24 * heads))
+    matmul, attention = speed.profile_workload_tflop(model, flop_config, 32, 8, 8)
     assert (matmul + attention) * 1e12 == pytest.approx(expected, rel=1e-12)
     frame_block_attention = 4 * 1024 * 1374**2 * 32  # 4 C P^2 per frame, 32 frames
     dense_attention = flops.global_attention + flops.frame_attention + flops.other_attention
     resumed_attention = (276 * (layer_attention_flops(flop_config, 32) + frame_block_attention)
                          + 24 * flops.other_attention)
-    assert attention * 1e12 == pytest.approx(8 * (dense_attention + 10 * resumed_attention), rel=1e-12)
+    assert attention * 1e12 == pytest.approx(8 * (dense_attention + 8 * resumed_attention), rel=1e-12)

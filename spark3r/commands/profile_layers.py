@@ -21,7 +21,7 @@ from spark3r.commands.arguments import (ArgumentParser, add_compile_arg, add_run
 from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
 from spark3r.profiler.pipeline import ProfileRequest, profile_layers
-from spark3r.profiler.run import HEAD_DTYPES, ProfileOptions
+from spark3r.profiler.run import HEAD_DTYPES, RESUMES, ProfileOptions
 from spark3r.reduce import DEFAULT_KV_METHOD, KV_METHODS
 
 DEFAULT_KV_KEEP = "0.5,0.25,0.125,0.0625,0.03125"
@@ -134,6 +134,11 @@ def build_parser() -> ArgumentParser:
                              "(as upstream) or compute (the --dtype the trunk runs in: faster; its effect on the "
                              "profile is measured by benchmarks/profile_head_dtype.py; camera heads stay fp32) "
                              "(default: %(default)s)")
+    parser.add_argument("--resume-levels", default="all", choices=RESUMES,
+                        help="levels resumed end to end: all, or alternate (every other level of each kind from the "
+                             "strongest, and the mildest: 5 of the default 8; the others from their local deviation "
+                             "scaled by the resumed neighbours' end-to-end / local ratio; benchmarks/results/"
+                             "profile-screening-*.md measures what it keeps) (default: %(default)s)")
     parser.add_argument("--out", default=None, help="output folder (default: profiles/<model>/)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of the table")
     add_runtime_args(parser)
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_keep=parse_kv_keep(args.kv_keep), query_merge=parse_query_merge(args.query_merge),
         kv_method=args.kv_method, keep_reference_frame=args.keep_reference_frame, group_frames=args.group_frames,
         score_weights=parse_score_weights(args.score_weights), additivity_schedules=args.additivity,
-        level_batch=args.level_batch, seed=args.seed, head_dtype=args.head_dtype)
+        level_batch=args.level_batch, seed=args.seed, head_dtype=args.head_dtype, resume=args.resume_levels)
     frames = None if args.frames is None else parse_counts(args.frames, "--frames")
     kv_frames = () if args.kv_frames is None else parse_counts(args.kv_frames, "--kv-frames")
     device = resolve_device(args.device)

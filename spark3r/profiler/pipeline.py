@@ -31,7 +31,9 @@ from spark3r.profiler.distributed import (
 from spark3r.profiler.format import Profile, save_profile
 from spark3r.profiler.lengths import combine, levels_at
 from spark3r.profiler.plot import save_heatmap
-from spark3r.profiler.run import HEAD_DTYPES, ProfileOptions, profile_clip, profile_levels, sample_schedules
+from spark3r.profiler.run import (
+    HEAD_DTYPES, RESUMES, ProfileOptions, profile_clip, profile_levels, sample_schedules,
+)
 from spark3r.profiler.store import ClipResult, load_clip, save_clip
 
 
@@ -81,6 +83,8 @@ def check_request(request: ProfileRequest) -> None:
     if options.head_dtype not in HEAD_DTYPES:
         raise ParameterError(f"`head_dtype` is {options.head_dtype!r}: use one of {', '.join(HEAD_DTYPES)}",
                              "head_dtype")
+    if options.resume not in RESUMES:
+        raise ParameterError(f"`resume` is {options.resume!r}: use one of {', '.join(RESUMES)}", "resume")
 
 
 def load_calibration(spec: str, recipe: str, frames: int | None,

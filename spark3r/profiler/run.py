@@ -11,6 +11,12 @@ a forward hook, that layer's attention input and output. Then, for every global 
 K/V levels keep queries dense and query levels keep K/V dense. The dense level (keep 1, merge 1) is measured locally
 (it must be exactly 0) and is 0 end to end by definition.
 
+`ProfileOptions.resume` "alternate" screens levels: only every other level of each kind, counted from the strongest,
+and the mildest are resumed end to end; the others get each end-to-end metric as their local deviation times that
+metric's ratio of end-to-end to local deviation at the two resumed levels around them (same layer and kind),
+interpolated linearly over the level index (`estimate_from_local`): 5 of the default 8 resumes per layer.
+benchmarks/profile_screening.py measures how well it keeps the layer ranking (results: profile-screening-*.md).
+
 The heads decode in fp32 as upstream, or with the dense heads in the trunk's compute dtype (`ProfileOptions.head_dtype`;
 `ReconstructionModel.decode`). The dense reference outputs are decoded in the same head dtype as the levels, so a
 deviation compares like with like: against fp32 reference outputs, every level's deviation would also hold the heads'
@@ -39,6 +45,7 @@ from spark3r.reduce import DEFAULT_KV_METHOD, Reduction, apply_reductions, kv_co
 
 LOCAL_METRICS = ("local_rel_l2", "local_cos")
 HEAD_DTYPES = ("fp32", "compute")
+RESUMES = ("all", "alternate")
 PHASES = ("dense", "cache", "local", "resume", "decode", "additivity")
 
 
@@ -52,6 +59,8 @@ class ProfileOptions:
     the numbers beyond rounding).
     head_dtype: "fp32" (the heads decode as upstream) or "compute" (the dense heads under autocast to the model's
     compute dtype, as the trunk runs), for the dense reference and every level alike.
+    resume: "all" (every level resumed end to end) or "alternate" (every other level of each kind from the strongest,
+    and the mildest; the others estimated from their local deviation: `resumed_columns`, `estimate_from_local`).
     """
 
     kv_keep: tuple[float, ...]
@@ -64,13 +73,14 @@ class ProfileOptions:
     level_batch: int = 8
     seed: int = 0
     head_dtype: str = "fp32"
+    resume: str = "all"
 
     @classmethod
     def of_profile(cls, profile: Profile) -> "ProfileOptions":
         """The options `profile` was measured with (those profile.json does not record take their defaults)."""
         recorded = {name: profile.options[name] for name in ("kv_method", "keep_reference_frame", "group_frames",
                                                              "score_weights", "additivity_schedules", "seed",
-                                                             "head_dtype")
+                                                             "head_dtype", "resume")
                     if name in profile.options}
         return cls(kv_keep=tuple(profile.kv_keep), query_merge=tuple(profile.query_merge), **recorded)
 
@@ -88,7 +98,27 @@ class ProfileOptions:
         return {"kv_keep": list(self.kv_keep), "query_merge": list(self.query_merge), "kv_method": self.kv_method,
                 "keep_reference_frame": self.keep_reference_frame, "group_frames": self.group_frames,
                 "score_weights": dict(self.score_weights), "additivity_schedules": self.additivity_schedules,
-                "seed": self.seed, "head_dtype": self.head_dtype}
+                "seed": self.seed, "head_dtype": self.head_dtype, "resume": self.resume}
+
+
+def resumed_columns(columns: int, resume: str) -> list[int]:
+    """The level columns of one kind that are resumed end to end, of `columns` (column 0 the dense level, never
+    resumed): all of 1..columns-1, or for "alternate" every other one counted from the strongest (columns-1, columns-3,
+    ...) and the mildest (1), so that every estimated level lies between two resumed ones."""
+    if resume == "alternate":
+        return sorted({*range(columns - 1, 0, -2), *([1] if columns > 1 else [])})
+    return list(range(1, columns))
+
+
+def estimate_from_local(local: np.ndarray, measured: np.ndarray, resumed: list[int]) -> np.ndarray:
+    """End-to-end values of one layer and kind at every level column from the resumed ones: local [K] (local rel L2),
+    measured [K] (end to end, valid at `resumed`) -> [K]: resumed columns as measured, column 0 as 0, the others
+    local x (measured / local) interpolated linearly over the column index (held flat beyond the resumed ones)."""
+    ratio = np.divide(measured[resumed], local[resumed], out=np.zeros(len(resumed)), where=local[resumed] > 0)
+    estimate = local * np.interp(np.arange(len(local)), resumed, ratio)
+    estimate[resumed] = measured[resumed]
+    estimate[0] = 0.0
+    return estimate
 
 
 def profile_levels(layout: FrameLayout, options: ProfileOptions) -> tuple[ProfileOptions, list[str]]:
@@ -331,9 +361,12 @@ def profile_clip(model: ReconstructionModel, images: Tensor, options: ProfileOpt
         for metric in metrics[len(LOCAL_METRICS):]:
             arrays[f"additivity_{metric}"] = np.array([deviation.get(metric, 0.0) for deviation in additivity])
 
+        resumed = {"kv": resumed_columns(kv_levels, options.resume),
+                   "query": resumed_columns(query_levels, options.resume)}
         levels = [("kv", column, options.reduction(kv_keep=keep)) for column, keep in enumerate(options.kv_keep)
                   if column] + [("query", column, options.reduction(query_merge=merge))
                                 for column, merge in enumerate(options.query_merge) if column]
+        resumes = [(kind, column, reduction) for kind, column, reduction in levels if column in resumed[kind]]
         for layer in range(layers):
             with timer("local"):
                 dense_local = local_deviation(model, run, layer, options.reduction())
@@ -342,13 +375,19 @@ def profile_clip(model: ReconstructionModel, images: Tensor, options: ProfileOpt
                 for kind, column, reduction in levels:
                     local = local_deviation(model, run, layer, reduction)
                     arrays[f"{kind}_local_rel_l2"][layer, column], arrays[f"{kind}_local_cos"][layer, column] = local
-            for start in range(0, len(levels), options.level_batch):
-                chunk = levels[start:start + options.level_batch]
+            for start in range(0, len(resumes), options.level_batch):
+                chunk = resumes[start:start + options.level_batch]
                 deviations = end_to_end(model, run, layer, [{layer: reduction} for _, _, reduction in chunk],
                                         options.score_weights, timer)
                 for (kind, column, _), deviation in zip(chunk, deviations):
                     for metric, value in deviation.items():
                         arrays[f"{kind}_{metric}"][layer, column] = value
+            for kind in ("kv", "query"):
+                if len(resumed[kind]) < arrays[f"{kind}_local_rel_l2"].shape[1] - 1:
+                    for metric in metrics[len(LOCAL_METRICS):]:
+                        table = arrays[f"{kind}_{metric}"]
+                        table[layer] = estimate_from_local(arrays[f"{kind}_local_rel_l2"][layer], table[layer],
+                                                           resumed[kind])
             del run.states[layer], run.captures[layer]
             if on_layer is not None:
                 on_layer()

@@ -1,0 +1,108 @@
+"""What screening levels costs a profile: profile-layers run twice on the same clips, every level resumed end to end
+(`--resume-levels all`) and every other level (`--resume-levels alternate`, the others estimated from their local
+deviation), compared level by level.
+
+    python benchmarks/profile_screening.py --model vggt-tiny --weights auto --calib synthetic:4:2000:walk --frames 32
+    python benchmarks/profile_screening.py --model vggt-tiny --weights none --calib synthetic:1 --frames 4 \\
+        --out /tmp/screening.json                                          # a smoke run
+
+Per kind (K/V, query) and non-dense level: whether it was resumed, the Spearman correlation over the layers of the
+screened "score" against the full one (the search ranks layers by it; the issue's bar for a profile shortcut is
+>= 0.99), and the median and largest relative difference. Beside it the resume + decode seconds of both runs. Any
+further profile-layers options go after `--` (e.g. `-- --device cuda --dtype bf16`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from spark3r.commands import profile_layers
+from spark3r.profiler.aggregate import spearman
+from spark3r.profiler.format import load_profile
+from spark3r.profiler.run import resumed_columns
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import provenance  # noqa: E402
+
+GOAL_SPEARMAN = 0.99
+
+
+def compare(full, screened, metric: str = "score") -> list[dict]:
+    """One row per kind and non-dense level: resumed or estimated, Spearman over layers, relative differences."""
+    rows = []
+    for kind, levels in (("kv", full.kv_keep), ("query", full.query_merge)):
+        resumed = resumed_columns(len(levels), screened.options.get("resume", "all"))
+        whole = np.asarray(getattr(full, kind)[metric].mean)
+        estimate = np.asarray(getattr(screened, kind)[metric].mean)
+        for column in range(1, len(levels)):
+            relative = np.abs(estimate[:, column] - whole[:, column]) / np.maximum(np.abs(whole[:, column]), 1e-12)
+            rows.append({"kind": kind, "level": levels[column], "resumed": column in resumed,
+                         "spearman": spearman(estimate[:, column], whole[:, column]),
+                         "median_rel_diff": float(np.median(relative)), "max_rel_diff": float(relative.max())})
+    return rows
+
+
+def seconds(profile, phases=("resume", "decode")) -> float:
+    return float(sum(profile.timings.get(phase, 0.0) for phase in phases))
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Screening levels in profile-layers: {result['model']}, {result['frames']} frames", "",
+             f"`{result['command']}` (git {result['commit']}, {result['device_name']}, torch {result['torch']}, "
+             f"{result['created']}). Both runs: `{result['profile_command']}`, once with `--resume-levels all` and "
+             "once with `--resume-levels alternate`.", "",
+             "| kind | level | resumed | Spearman over layers | median rel diff | max rel diff |",
+             "|---|---:|---|---:|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {'K/V keep' if row['kind'] == 'kv' else 'query merge'} | {row['level']:g} | "
+                     f"{'yes' if row['resumed'] else 'estimated'} | {row['spearman']:.3f} | "
+                     f"{row['median_rel_diff']:.3f} | {row['max_rel_diff']:.3f} |")
+    worst = min(row["spearman"] for row in result["rows"])
+    resumed = sum(row["resumed"] for row in result["rows"])
+    lines += ["", f"Resumed {resumed} of {len(result['rows'])} levels per layer. Lowest Spearman {worst:.3f} (a "
+                  f"profile shortcut's bar: >= {GOAL_SPEARMAN}, {'met' if worst >= GOAL_SPEARMAN else 'not met'}). "
+                  f"Resume + decode: {result['all_s']:.1f} s resuming all, {result['alternate_s']:.1f} s alternate "
+                  f"({result['alternate_s'] / result['all_s']:.2f} of it); whole runs {result['all_wall_s']:.1f} s "
+                  f"and {result['alternate_wall_s']:.1f} s.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vggt-tiny")
+    parser.add_argument("--weights", default="auto")
+    parser.add_argument("--calib", default="synthetic:4:2000:walk")
+    parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--out", default=None, help="JSON path, markdown beside it "
+                                                    "(default: benchmarks/results/profile-screening-<model>-<frames>"
+                                                    ".json)")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="more profile-layers options, after --")
+    args = parser.parse_args(argv)
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    common = ["--model", args.model, "--weights", args.weights, "--calib", args.calib, "--frames", str(args.frames),
+              "--additivity", "0", *rest]
+    profiles = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for resume in ("all", "alternate"):
+            out = Path(folder) / resume
+            if profile_layers.main([*common, "--resume-levels", resume, "--out", str(out)]) != 0:
+                parser.error(f"profile-layers --resume-levels {resume} failed (its message is above)")
+            profiles[resume] = load_profile(out)
+    result = {**provenance.record(__file__, argv, "cpu" if "cuda" not in rest else "cuda"), "model": args.model,
+              "frames": args.frames, "profile_command": "profile-layers " + " ".join(common),
+              "rows": compare(profiles["all"], profiles["alternate"]),
+              "all_s": seconds(profiles["all"]), "alternate_s": seconds(profiles["alternate"]),
+              "all_wall_s": profiles["all"].timings.get("wall"),
+              "alternate_wall_s": profiles["alternate"].timings.get("wall")}
+    provenance.publish(args.out, HERE / "results" / f"profile-screening-{args.model}-{args.frames}.json", result,
+                       markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""benchmarks/profile_screening.py: its level-by-level comparison of a screened profile with a full one."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from support import load_benchmark
+
+bench = load_benchmark("profile_screening")
+
+
+def profile(kv, query, resume):
+    table = lambda values: {"score": SimpleNamespace(mean=np.asarray(values, dtype=float))}  # noqa: E731
+    return SimpleNamespace(kv_keep=[1.0, 0.5, 0.25, 0.125], query_merge=[1, 2, 3], kv=table(kv), query=table(query),
+                           options={"resume": resume}, timings={"resume": 3.0, "decode": 1.0, "wall": 5.0})
+
+
+def test_levels_are_compared_layer_by_layer_and_marked_resumed_or_estimated():
+    layers_kv = [[0, 1, 2, 4], [0, 2, 3, 5], [0, 3, 4, 6], [0, 4, 5, 7]]
+    layers_query = [[0, 1, 2], [0, 2, 3], [0, 3, 1], [0, 4, 4]]
+    full = profile(layers_kv, layers_query, "all")
+    estimate_kv = [row[:2] + [row[2] * 1.5] + row[3:] for row in layers_kv]  # K/V column 2: 50% off, same order
+    estimate_query = [[0, 1, 2], [0, 2, 3], [0, 3, 4], [0, 4, 4]]  # query column 2 of layer 2: 1 -> 4 (order changes)
+    rows = bench.compare(full, profile(estimate_kv, estimate_query, "alternate"))
+    assert [(row["kind"], row["level"], row["resumed"]) for row in rows] == [
+        ("kv", 0.5, True), ("kv", 0.25, False), ("kv", 0.125, True), ("query", 2, True), ("query", 3, True)]
+    kv_estimated = rows[1]
+    assert kv_estimated["spearman"] == pytest.approx(1.0) and kv_estimated["max_rel_diff"] == pytest.approx(0.5)
+    query_strongest = rows[4]
+    # layers' values 2, 3, 1, 4 against 2, 3, 4, 4: ranks (2, 3, 1, 4) vs (1, 2, 3.5, 3.5)
+    assert query_strongest["spearman"] == pytest.approx(np.corrcoef([2, 3, 1, 4], [1, 2, 3.5, 3.5])[0, 1])
+    assert query_strongest["max_rel_diff"] == pytest.approx(3.0)
+    assert bench.seconds(full) == 4.0
