@@ -157,3 +157,28 @@ def test_registry_aliases_unknown_names_and_duplicates(capsys):
 def test_build_on_meta_allocates_nothing():
     model = build_model("vggt-1b", device="meta")
     assert all(p.is_meta for p in model.parameters())
+
+
+def test_a_description_that_counts_blocks_or_parameters_counts_them_right():
+    """The registry's one-line descriptions (shown to users) stay true to the built models: "12 + 12 blocks" is the
+    trunk's depth in frame + cross-frame blocks (the config's `depth` each) and "7.7 M parameters" the parameter count
+    to one decimal."""
+    import re
+
+    from spark3r.models.registry import build_model, get_entry, model_names
+
+    checked = 0
+    for name in model_names():
+        description = get_entry(name).description
+        blocks = re.search(r"(\d+) \+ (\d+) blocks", description)
+        parameters = re.search(r"(\d+(?:\.\d+)?) M parameters", description)
+        if not (blocks or parameters):
+            continue
+        model = build_model(name, "meta")
+        if blocks:
+            assert int(blocks[1]) == int(blocks[2]) == model.config.depth, (name, description)
+        if parameters:
+            count = sum(p.numel() for p in model.parameters()) / 1e6
+            assert float(parameters[1]) == round(count, 1), (name, description, count)
+        checked += 1
+    assert checked >= 2  # vggt-tiny and vggt-omega-tiny at least

@@ -333,5 +333,6 @@ register(ModelEntry(
 ))
 register(ModelEntry(
     name="vggt-tiny", family="vggt", builder=lambda: VGGT(VGGT_TINY), image_width=112, preprocess="vggt",
-    description="toy VGGT (width 128, 6 + 6 blocks, conv patch embed, 5.3 M parameters) for tests and the walkthrough",
+    description="toy VGGT (width 128, 12 + 12 blocks, conv patch embed, 7.7 M parameters) for tests, the "
+                "walkthrough and long-clip schedules",
 ))
