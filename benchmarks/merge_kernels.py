@@ -141,23 +141,17 @@ def unmerge_heads(out: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
 
 def unmerge_rows(inputs: dict, device, repeats: int) -> list[dict]:
     """Both un-merges of the same output: the heads' gather, and the shipped row copy of it as [B, n_q, h*D] (the
-    projection's layout; the projection itself runs on n_q rows instead of N, which is not timed here)."""
+    projection's layout; the projection itself runs on n_q rows instead of N, which is not timed here). "equal": the
+    row copy equals the gather (which is the reference, so equal to itself)."""
     out = torch.randn(inputs["q"].shape[:2] + (inputs["n_q"], inputs["q"].shape[3]), device=device,
                       dtype=inputs["q"].dtype, generator=torch.Generator(device).manual_seed(1))
-    rows_in = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
-    slot = inputs["slot"]
-    reference = unmerge_heads(out, slot).transpose(1, 2).reshape(out.shape[0], slot.shape[1], -1)
-    kernels = {"gather over heads [B, h, N, D]": lambda: unmerge_heads(out, slot),
-               "row copy of [B, n_q, C] (shipped)": lambda: merge.unmerge(rows_in, slot)}
-    rows = []
-    for name, fn in kernels.items():
-        seconds, extra = peak_seconds(device, fn, repeats)
-        result = fn()
-        if result.dim() == 4:
-            result = result.transpose(1, 2).reshape(reference.shape)
-        rows.append({"kernel": name, "seconds": seconds, "extra_gib": extra, "equal": bool(torch.equal(result,
-                                                                                                      reference))})
-    return rows
+    as_rows = lambda heads: heads.transpose(1, 2).reshape(heads.shape[0], heads.shape[2], -1)  # noqa: E731
+    rows_in, slot = as_rows(out), inputs["slot"]
+    equal = bool(torch.equal(merge.unmerge(rows_in, slot), as_rows(unmerge_heads(out, slot))))
+    kernels = {"gather over heads [B, h, N, D]": (lambda: unmerge_heads(out, slot), True),
+               "row copy of [B, n_q, C] (shipped)": (lambda: merge.unmerge(rows_in, slot), equal)}
+    return [{"kernel": name, **dict(zip(("seconds", "extra_gib"), peak_seconds(device, fn, repeats))), "equal": same}
+            for name, (fn, same) in kernels.items()]
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:

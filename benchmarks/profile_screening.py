@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from spark3r.commands import profile_layers
+from spark3r.commands.arguments import resolve_device
 from spark3r.profiler.aggregate import spearman
 from spark3r.profiler.format import load_profile
 from spark3r.profiler.run import resumed_columns
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
             if profile_layers.main([*common, "--resume-levels", resume, "--out", str(out)]) != 0:
                 parser.error(f"profile-layers --resume-levels {resume} failed (its message is above)")
             profiles[resume] = load_profile(out)
-    result = {**provenance.record(__file__, argv, "cpu" if "cuda" not in rest else "cuda"), "model": args.model,
+    device = resolve_device(profile_layers.build_parser().parse_args(common).device)
+    result = {**provenance.record(__file__, argv, device), "model": args.model,
               "frames": args.frames, "profile_command": "profile-layers " + " ".join(common),
               "rows": compare(profiles["all"], profiles["alternate"]),
               "all_s": seconds(profiles["all"]), "alternate_s": seconds(profiles["alternate"]),

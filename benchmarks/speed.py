@@ -286,20 +286,21 @@ def stage_tflop(model, flop_config, frames, schedule=None) -> dict[str, float]:
 def profile_workload_tflop(model, flop_config, frames: int, levels: int, clips: int) -> tuple[float, float]:
     """The FLOP model's (matrix-product, attention) TFLOP of an exact profile-layers run: per clip one dense forward
     and, for each global layer and each of `levels` resumed (non-dense) levels, the trunk resumed after that layer plus
-    the heads. The
-    reduced layer itself, the local deviations and the caching are not counted, so it is a lower bound."""
+    the heads. The reduced layer itself, the local deviations and the caching are not counted: a lower bound."""
     stages = stage_flops(model, flop_config, frames)
-    global_steps = set(model.global_layer_steps)
+    global_steps = sorted(model.global_layer_steps)
+    later_steps = sum(model.num_steps - 1 - step for step in global_steps)  # trunk steps after each global layer
+    later_global = sum(len(global_steps) - 1 - index for index in range(len(global_steps)))
+    later_frame = later_steps - later_global
     frame_steps = model.num_steps - len(global_steps)
-    per_step = {True: [part / len(global_steps) for part in stages["global blocks"]],
-                False: [part / frame_steps for part in stages["frame blocks"]] if frame_steps else [0.0, 0.0]}
-    dense = [sum(stages[stage][part] for stage in END_TO_END) for part in (0, 1)]
-    resumed = [0.0, 0.0]
-    for layer_step in sorted(global_steps):
-        for step in range(layer_step + 1, model.num_steps):
-            resumed = [total + part for total, part in zip(resumed, per_step[step in global_steps])]
-        resumed = [total + part for total, part in zip(resumed, stages["heads"])]
-    return tuple(clips * (whole + levels * again) for whole, again in zip(dense, resumed))
+
+    def resumed(part: int) -> float:
+        frame = stages["frame blocks"][part] / frame_steps if frame_steps else 0.0
+        return (later_global * stages["global blocks"][part] / len(global_steps) + later_frame * frame
+                + len(global_steps) * stages["heads"][part])
+
+    return tuple(clips * (sum(stages[stage][part] for stage in END_TO_END) + levels * resumed(part))
+                 for part in (0, 1))
 
 
 def select_merge_total(costs: list[dict]) -> tuple[float | None, float | None]:
