@@ -25,7 +25,9 @@ from spark3r.training.losses import (
     training_loss,
 )
 from spark3r.training.steps import StepScenes, StepShape, render_step, train_spec_seed
-from spark3r.training.tiny import grow_depth, learning_rate, parameter_groups, trunk_depth
+from spark3r.training.tiny import (
+    grow_depth, learning_rate, parameter_groups, split_head_channels, split_heads, trunk_depth,
+)
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +309,52 @@ def test_grown_trunk_computes_the_same_function_with_its_taps_moved():
         assert torch.allclose(grown[key], expected[key], atol=1e-6), key
     with pytest.raises(Spark3rError, match="whole multiple of 4"):
         grow_depth(small.state_dict(), 6)
+
+
+def test_split_head_channels_by_hand():
+    # one head of 8 channels (y first, y second, x first, x second; 2 frequencies each) -> two heads of 4: sub-head 0
+    # takes frequency 0 of each quarter, sub-head 1 frequency 1
+    assert split_head_channels(8, 8, 4).tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
+    # two heads of 16 -> four of 8: head 1's channels follow head 0's, offset by 16
+    order = split_head_channels(32, 16, 8).tolist()
+    assert order[:8] == [0, 2, 4, 6, 8, 10, 12, 14] and order[8:16] == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert order[16:] == [16 + c for c in order[:16]]
+
+
+def test_split_heads_keeps_rope_pairs_and_a_uniform_attention():
+    from dataclasses import replace
+
+    from spark3r.models.blocks import RotaryPositionEmbedding2D, init_weights
+    from spark3r.models.vggt import VGGT, VGGT_TINY
+
+    torch.manual_seed(0)
+    two = VGGT(replace(VGGT_TINY, depth=2, taps=(0, 1, 1, 1), num_heads=2)).eval()
+    init_weights(two)
+    state = two.state_dict()
+    for key in state:  # qk-norm weights and biases zero: every logit is zero, every head's attention uniform
+        if "_norm." in key and ".attn." in key:
+            state[key] = torch.zeros_like(state[key])
+    four = VGGT(replace(VGGT_TINY, depth=2, taps=(0, 1, 1, 1), num_heads=4)).eval()
+    four.load_state_dict(split_heads(state, 32))
+    two.load_state_dict(state)
+    images = torch.rand(1, 3, 3, 28, 28)
+    with torch.no_grad():
+        expected, split = two(images), four(images)
+    for key in ("depth", "points", "pose_enc"):  # v and the projection's inputs reordered alike
+        assert torch.allclose(split[key], expected[key], atol=1e-5, rtol=1e-5), key
+
+    # RoPE on the old heads, then reordered, against reordering and RoPE on the new heads
+    rope, order = RotaryPositionEmbedding2D(100.0), split_head_channels(128, 64, 32)
+    pos = patch_positions(4, 4, 5)
+    q = torch.randn(1, 2, len(pos), 64, dtype=torch.float64)
+    old_then_split = rope(q, pos).permute(0, 2, 1, 3).flatten(2)[..., order].unflatten(2, (4, 32)).permute(0, 2, 1, 3)
+    split_then_new = rope(q.permute(0, 2, 1, 3).flatten(2)[..., order].unflatten(2, (4, 32)).permute(0, 2, 1, 3), pos)
+    assert torch.allclose(old_then_split[:, ::2], split_then_new[:, ::2])  # sub-head 0: the same frequencies
+    assert not torch.allclose(old_then_split[:, 1::2], split_then_new[:, 1::2])  # sub-head 1: faster ones
+    pair_norm = lambda x: x.unflatten(-1, (2, 2, 8)).square().sum(-2)  # (first, second) of each axis and frequency
+    assert torch.allclose(pair_norm(old_then_split), pair_norm(split_then_new))  # rotations of the same pairs
+    with pytest.raises(Spark3rError, match="multiple of 4"):
+        split_heads(state, 6)
 
 
 def test_evaluate_reports_every_length(capsys):

@@ -77,9 +77,67 @@ def grow_depth(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
     return grown
 
 
+TRUNK_ATTENTION = re.compile(r"(aggregator\.(?:frame_blocks|global_blocks)\.\d+\.attn)\.q_norm\.weight")
+
+
+def split_head_channels(width: int, old_dim: int, head_dim: int) -> Tensor:
+    """The channel order that splits heads of `old_dim` channels into heads of `head_dim` (k = old_dim / head_dim of
+    each): [width] long, new channel -> old channel.
+
+    A head's channels are (axis y|x, RoPE half first|second, frequency j) with frequency j = base^(-4j / dim) of its
+    axis (spark3r.models.blocks.RotaryPositionEmbedding2D). Old channel (axis, half, j) goes to new head k h + j mod k
+    as channel (axis, half, j // k): axes and RoPE pairs stay together, and sub-head 0 keeps its frequencies exactly
+    (old j = k j' rotates as new j'); the other sub-heads rotate up to base^(4 (k - 1) / old_dim) times faster.
+    """
+    factor = old_dim // head_dim
+    quarter = head_dim // 4
+    order = torch.empty(width, dtype=torch.long)
+    for new_head in range(width // head_dim):
+        old_head, sub = divmod(new_head, factor)
+        for axis in range(2):
+            for half in range(2):
+                for j in range(quarter):
+                    new = new_head * head_dim + axis * head_dim // 2 + half * quarter + j
+                    order[new] = old_head * old_dim + axis * old_dim // 2 + half * old_dim // 4 + factor * j + sub
+    return order
+
+
+def split_heads(state: dict[str, Tensor], head_dim: int) -> dict[str, Tensor]:
+    """A VGGT state_dict whose trunk attention has heads of D channels -> one with heads of `head_dim` = D / k: the
+    same weights with q, k, v and the projection's inputs reordered by `split_head_channels`, and qk-norm's per-channel
+    weight and bias (shared by all heads) the mean over the k old channels that share a new one.
+
+    Not the same function (k softmaxes per old head instead of one), but a warm start: with v, the projection and
+    every other weight kept, an attention that is uniform stays exactly the same, and qk-norm is scaled by
+    k^(1/4) so that a dot product split evenly over the sub-heads keeps its logit (1/sqrt(D) -> 1/sqrt(D/k))."""
+    split = dict(state)
+    for key, weight in state.items():
+        match = TRUNK_ATTENTION.fullmatch(key)
+        if not match or len(weight) == head_dim:
+            continue
+        old_dim, prefix = len(weight), match.group(1)
+        if old_dim % head_dim or head_dim % 4:
+            raise Spark3rError(f"cannot split heads of {old_dim} channels into heads of {head_dim}: give a head dim "
+                               f"that divides {old_dim} and is a multiple of 4")
+        factor = old_dim // head_dim
+        width = state[f"{prefix}.proj.weight"].shape[1]
+        order = split_head_channels(width, old_dim, head_dim)
+        qkv_rows = torch.cat([order + part * width for part in range(3)])
+        split[f"{prefix}.qkv.weight"] = state[f"{prefix}.qkv.weight"][qkv_rows]
+        split[f"{prefix}.qkv.bias"] = state[f"{prefix}.qkv.bias"][qkv_rows]
+        split[f"{prefix}.proj.weight"] = state[f"{prefix}.proj.weight"][:, order]
+        for norm in ("q_norm", "k_norm"):
+            for name in ("weight", "bias"):
+                old = state[f"{prefix}.{norm}.{name}"]
+                shared = old.float()[order[:old_dim]].view(factor, head_dim).mean(0)  # old head 0's sub-heads
+                split[f"{prefix}.{norm}.{name}"] = (shared * factor ** 0.25).to(old.dtype)
+    return split
+
+
 def initial_weights(path: str, model: nn.Module) -> None:
-    """Load `path` (a safetensors file of vggt-tiny weights, any trunk depth that divides the model's) into `model`,
-    strictly, growing its trunk with `grow_depth` first."""
+    """Load `path` (a safetensors file of vggt-tiny weights, any trunk depth that divides the model's, heads of any
+    width that the model's divides) into `model`, strictly, growing its trunk with `grow_depth` and splitting its
+    heads with `split_heads` first."""
     try:
         state = load_file(path)
     except (OSError, ValueError) as error:
@@ -87,6 +145,7 @@ def initial_weights(path: str, model: nn.Module) -> None:
                              "file", "init") from None
     depth = len(model.aggregator.frame_blocks)
     state = grow_depth(state, depth) if trunk_depth(state) != depth else state
+    state = split_heads(state, model.aggregator.frame_blocks[0].attn.head_dim)
     missing, unexpected = model.load_state_dict({key: value.float() for key, value in state.items()}, strict=False)
     if missing or unexpected:
         raise ParameterError(f"`init` {path} does not fit {MODEL}: missing {missing[:3]}, unexpected {unexpected[:3]}",
