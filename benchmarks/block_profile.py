@@ -152,7 +152,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def noise(name: str, frames: int, device, compiled: bool) -> dict:
-    """Relative L2 differences of the outputs: bf16 vs fp32 (and compiled bf16 vs eager bf16)."""
+    """Relative L2 differences of the outputs: bf16 vs fp32, bf16 with the DPT heads in bf16 too vs fp32 (and
+    compiled bf16 vs eager bf16)."""
     model = load_model(name, "auto" if name == "vggt-tiny" else None, device).requires_grad_(False)
     size = model.config.img_size
     images = torch.rand(1, frames, 3, size, size, device=device, generator=torch.Generator(device).manual_seed(1))
@@ -161,7 +162,11 @@ def noise(name: str, frames: int, device, compiled: bool) -> dict:
         model.compute_dtype = dtype
         with torch.inference_mode():
             outputs[label] = model(images)
+    with torch.inference_mode():  # the DPT heads too under bf16 autocast (they run fp32 as upstream by default)
+        outputs["bf16 heads"] = model.decode(model.run_steps(model.prepare(images)), images, torch.bfloat16)
     row = {f"bf16 vs fp32 {key}": relative(outputs["bf16"][key], outputs["fp32"][key]) for key in OUTPUTS}
+    row.update({f"bf16 with bf16 heads vs fp32 {key}": relative(outputs["bf16 heads"][key], outputs["fp32"][key])
+                for key in OUTPUTS})
     if compiled:
         compile_model(model)
         start = time.perf_counter()

@@ -52,3 +52,13 @@ def test_a_cpu_smoke_run_writes_its_tables(tmp_path, one_thread):
     assert set(result["kernels"]) == {"frame block", "global block", "heads"}
     text = out.with_suffix(".md").read_text()
     assert text.startswith("# Block profile: vggt-tiny, 4 frames") and "heads (2 frames, fp32)" in text
+
+
+def test_noise_rows_compare_bf16_and_bf16_heads_with_fp32(one_thread):
+    row = profile.noise("vggt-tiny", 2, "cpu", compiled=False)
+    for key in profile.OUTPUTS:
+        trunk, heads = row[f"bf16 vs fp32 {key}"], row[f"bf16 with bf16 heads vs fp32 {key}"]
+        assert 0 < trunk < 0.1 and 0 < heads < 0.1
+    # the heads in bf16 move depth and points further from fp32; the camera head stays fp32 in both
+    assert row["bf16 with bf16 heads vs fp32 depth"] > row["bf16 vs fp32 depth"]
+    assert row["bf16 with bf16 heads vs fp32 pose_enc"] == row["bf16 vs fp32 pose_enc"]
