@@ -364,3 +364,19 @@ def test_evaluate_reports_every_length(capsys):
     assert report["frames"] == [2, 3] and set(report["lengths"]) == {"2", "3"}
     assert main(["--evaluate", "none", "--frames", "2,x", "--device", "cpu"]) == 2
     assert "at least 2 frames" in capsys.readouterr().err
+
+
+def test_evaluation_renders_synthetic_clips_on_its_device(monkeypatch):
+    import spark3r.training.evaluation as evaluation
+
+    asked = []
+
+    def recording(spec, **options):
+        asked.append(options["device"])
+        return evaluation_open_clips(spec, **options)
+
+    evaluation_open_clips = evaluation.open_clips
+    monkeypatch.setattr(evaluation, "open_clips", recording)
+    model = spark3r.load_model("vggt-tiny", weights="none")
+    report = evaluation.evaluate_lengths(model, "synthetic:1:1000:walk", [2], torch.device("cpu"))
+    assert asked == [torch.device("cpu")] and report[2]["count"] == 1

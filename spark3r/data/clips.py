@@ -76,30 +76,31 @@ def frame_indices(total: int, every: int | None = None, max_frames: int | None =
 
 def open_clips(spec: str | os.PathLike, *, preprocess: str | Recipe | None, max_frames: int | None = None,
                every: int | None = None, frames: int | None = None, size: tuple[int, int] | None = None,
-               scene: SceneConfig | None = None) -> list[Clip]:
+               scene: SceneConfig | None = None, device: torch.device | str | None = None) -> list[Clip]:
     """Every clip a spec names, sampled (`frame_indices`: every `every`-th frame, or `max_frames` spread over the
     clip) and preprocessed.
 
     spec: a folder of clips, one clip, or `synthetic:N[:SEED][:walk]`.
     preprocess: a recipe (spark3r.data.preprocess, e.g. "vggt", "vggt:112", "da3"), or None to keep the images as read.
-    frames, size, scene: for `synthetic:` only: frames per clip (8), (height, width) to render at (the recipe's size
-    for a square image, or 224 x 224 without a recipe) and a `SceneConfig`.
+    frames, size, scene, device: for `synthetic:` only: frames per clip (8), (height, width) to render at (the recipe's
+    size for a square image, or 224 x 224 without a recipe), a `SceneConfig`, and the device to ray-cast on (default
+    the CPU; the clips come back on the CPU either way).
     Frames of one clip that come out of the recipe at different sizes are fitted to the first one's size
     (`fit_plan`); a crop that drops part of a frame is said once per clip as a `Spark3rWarning`.
     """
     return list(iter_clips(spec, preprocess=preprocess, max_frames=max_frames, every=every, frames=frames,
-                           size=size, scene=scene))
+                           size=size, scene=scene, device=device))
 
 
 def iter_clips(spec: str | os.PathLike, *, preprocess: str | Recipe | None, max_frames: int | None = None,
                every: int | None = None, frames: int | None = None, size: tuple[int, int] | None = None,
-               scene: SceneConfig | None = None) -> Iterator[Clip]:
+               scene: SceneConfig | None = None, device: torch.device | str | None = None) -> Iterator[Clip]:
     """`open_clips` one clip at a time (the spec is checked before the first clip is read)."""
     check_sampling(every, max_frames)
     recipe = None if preprocess is None else get_recipe(preprocess)
     if str(spec).startswith("synthetic:"):
         clips = (clip.select(frame_indices(clip.frames, every, max_frames))
-                 for clip in _synthetic_clips(str(spec), recipe, frames, size, scene))
+                 for clip in _synthetic_clips(str(spec), recipe, frames, size, scene, device))
         return clips if recipe is None else (preprocess_clip(clip, recipe) for clip in clips)
     return (read_clip(path, every=every, max_frames=max_frames, preprocess=recipe) for path in clip_paths(spec))
 
@@ -158,14 +159,15 @@ def parse_synthetic_spec(spec: str) -> tuple[int, int, str]:
 
 
 def _synthetic_clips(spec: str, recipe: Recipe | None, frames: int | None, size: tuple[int, int] | None,
-                     scene: SceneConfig | None) -> Iterator[Clip]:
+                     scene: SceneConfig | None, device: torch.device | str | None) -> Iterator[Clip]:
     count, seed, path = parse_synthetic_spec(spec)
     scene = dataclasses.replace(scene or SceneConfig(), path=path)
     if size is None:
         size = DEFAULT_SYNTHETIC_SIZE if recipe is None else recipe.output_size(1024, 1024)
     frames = DEFAULT_SYNTHETIC_FRAMES if frames is None else frames
     prefix = "synthetic" if path == "arc" else f"synthetic-{path}"
-    return (render_clip(clip_seed, frames, size[0], size[1], config=scene, name=f"{prefix}{seed}-{index:03d}")
+    return (render_clip(clip_seed, frames, size[0], size[1], config=scene, device=device,
+                        name=f"{prefix}{seed}-{index:03d}")
             for index, clip_seed in enumerate(clip_seeds(seed, count)))
 
 

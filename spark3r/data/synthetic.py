@@ -24,7 +24,7 @@ same clip on CPU (and the same scene on any device).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
@@ -148,9 +148,11 @@ def clip_seeds(seed: int, count: int) -> list[int]:
 
 def render_clip(seed: int, frames: int = 8, height: int = 112, width: int = 112, config: SceneConfig | None = None,
                 device: torch.device | str | None = None, name: str | None = None) -> Clip:
-    """One synthetic clip with ground truth (images [S, 3, H, W], depth, intrinsics, extrinsics)."""
+    """One synthetic clip with ground truth (images [S, 3, H, W], depth, intrinsics, extrinsics), rendered on `device`
+    (default the CPU) and returned on the CPU."""
     batch = render_batch([seed], frames=frames, height=height, width=width, config=config, device=device)
-    return batch.clips([name] if name else None)[0]
+    clip = batch.clips([name] if name else None)[0]
+    return replace(clip, **{key: getattr(clip, key).cpu() for key in ("images", "depth", "intrinsics", "extrinsics")})
 
 
 def render_batch(seeds: Sequence[int] | torch.Generator, frames: int = 8, height: int = 112, width: int = 112,

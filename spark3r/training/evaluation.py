@@ -102,12 +102,12 @@ def clips_batch(clips: list[Clip], device: torch.device) -> tuple[Tensor, Target
 
 
 def evaluate_lengths(model: nn.Module, clips: str, lengths: list[int], device: torch.device) -> dict[int, dict]:
-    """{frames: {"count", "size", "results": evaluate(...) rows}} of the clips of the spec `clips` rendered or read at
-    each of `lengths` frames."""
+    """{frames: {"count", "size", "results": evaluate(...) rows}} of the clips of the spec `clips` read, or rendered on
+    `device`, at each of `lengths` frames."""
     entry = get_entry(model.adapter.model_name)
     results = {}
     for frames in lengths:
-        opened = open_clips(clips, preprocess=entry.recipe(), frames=frames)
+        opened = open_clips(clips, preprocess=entry.recipe(), frames=frames, device=device)
         if not opened:
             raise ParameterError(f"`clips` {clips} holds no clips: pass synthetic:N[:SEED][:walk] or a folder of clips",
                                  "clips")
