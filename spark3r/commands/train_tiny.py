@@ -30,10 +30,11 @@ Seeds: run seed S renders, at step i, the clips of `synthetic:<clips>:<10^9 (S +
 are drawn from the same seed); every spec seed below 10^9 is held out. The periodic eval log uses synthetic:16:999 (at
 the longest training length) and `--evaluate` defaults to synthetic:16:1000:walk at 8, 32, 128 and 256 frames.
 
-`--evaluate` renders synthetic clips on `--device` and prints, at each of `--frames` (a list), depth AbsRel and delta < 1.25 (median-aligned per clip), rotation
-and translation error of the cameras relative to frame 0 (translation in the normalised scene scale), ATE
-(Sim(3)-aligned, normalised scale) and AUC@30 for the model, the model with every global attention layer reduced to
-frame-only attention, and the trivial baselines (a constant depth per clip, identity cameras).
+`--evaluate` renders synthetic clips on `--device` and prints, at each of `--frames` (a list), depth AbsRel and
+delta < 1.25 (median-aligned per clip), rotation and translation error of the cameras relative to frame 0 (translation
+in the normalised scene scale), ATE (Sim(3)-aligned, normalised scale) and AUC@30 for the model, the model with every
+global attention layer reduced to frame-only attention, and the trivial baselines (a constant depth per clip, identity
+cameras).
 """
 from __future__ import annotations
 
