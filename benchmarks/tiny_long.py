@@ -103,9 +103,13 @@ def trained(log: Path) -> str:
     return f"{steps} steps in {minutes} min"
 
 
-def held_out_auc(log: Path) -> list[tuple[int, float]]:
-    """(step, AUC@30) of every periodic held-out evaluation in a training log."""
-    return [(int(step), float(auc)) for step, auc in re.findall(r"eval step (\d+):.*auc30 ([\d.]+)", log.read_text())]
+HELD_OUT_LINE = re.compile(r"eval step (\d+): .*?\| rot ([\d.]+) deg .*?\| trans ([\d.]+) .*?\| auc30 ([\d.]+)")
+
+
+def held_out_evals(log: Path) -> list[dict]:
+    """Every periodic held-out evaluation in a training log: step, rotation_deg, translation, auc30."""
+    return [{"step": int(step), "rotation_deg": float(rotation), "translation": float(translation),
+             "auc30": float(auc)} for step, rotation, translation, auc in HELD_OUT_LINE.findall(log.read_text())]
 
 
 def arc_share(low: int, high: int) -> float:
@@ -144,6 +148,100 @@ def stages_table(first: dict, second: dict) -> list[str]:
     return lines
 
 
+STAGE3_RUNS = (("2 heads", "s3-h2"), ("4 heads", "s3-h4"))
+STAGE3_CHECKPOINT = "benchmarks/checkpoints/vggt-tiny-long-stage3.safetensors"
+COMPARED = (("rotation_deg", "rot err deg", 2), ("ate", "ATE", 3), ("auc30", "AUC@30", 3))
+
+
+def stages_compared(reports: dict[str, dict]) -> list[str]:
+    """Per clip length, each metric of COMPARED and frame-only / model ATE for every labelled evaluation report."""
+    labels = list(reports)
+    lines = ["| frames | " + " | ".join(f"{name}, {label}" for _, name, _ in COMPARED for label in labels)
+             + " | " + " | ".join(f"frame-only / model ATE, {label}" for label in labels) + " |",
+             "|---:|" + "---:|" * (len(labels) * (len(COMPARED) + 1))]
+    model = {label: by_length(report) for label, report in reports.items()}
+    frame_only = {label: by_length(report, "frame_only") for label, report in reports.items()}
+    for frames in sorted(model[labels[0]]):
+        lines.append(f"| {frames} | " + " | ".join(f"{model[label][frames][key]:.{digits}f}" for key, _, digits in
+                                                  COMPARED for label in labels)
+                     + " | " + " | ".join(f"{frame_only[label][frames]['ate'] / model[label][frames]['ate']:.2f}"
+                                          for label in labels) + " |")
+    return lines
+
+
+def stage3(arcs_before: dict[str, dict]) -> list[str]:
+    """Stage 3, two runs side by side from the shipped weights: the same model, and the model with 4 heads of 32
+    channels (warm-started by split_heads); not shipped. arcs_before: the 8-frame arc evaluations of stages 1 and 2."""
+    logs = {label: held_out_evals(RESULTS / f"train-vggt-tiny-long-{tag}.log") for label, tag in STAGE3_RUNS}
+    reports = {label: json.loads((RESULTS / f"eval-vggt-tiny-long-{tag}.json").read_text())
+               for label, tag in STAGE3_RUNS}
+    arcs = {label: json.loads((RESULTS / f"eval-vggt-tiny-long-{tag}-arc8.json").read_text())
+            for label, tag in STAGE3_RUNS}
+    before = json.loads((RESULTS / "eval-vggt-tiny-long-s2-cpu.json").read_text())
+    shipped = held_out_evals(RESULTS / "train-vggt-tiny-long-256.log")[-1]
+    two, four = logs["2 heads"], logs["4 heads"]
+    steps = sorted({row["step"] for row in two} | {row["step"] for row in four})
+    by_step = {label: {row["step"]: row for row in rows} for label, rows in logs.items()}
+
+    def cells(row: dict | None) -> str:
+        return " | ".join("" if row is None else f"{row[key]:.{digits}f}"
+                          for key, digits in (("rotation_deg", 2), ("translation", 3), ("auc30", 3)))
+
+    lines = ["| step | rot err deg, 2 heads | trans err, 2 heads | AUC@30, 2 heads | rot err deg, 4 heads | "
+             "trans err, 4 heads | AUC@30, 4 heads |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {step} | {cells(by_step['2 heads'].get(step))} | {cells(by_step['4 heads'].get(step))} |"
+              for step in steps]
+    common = max(set(by_step["2 heads"]) & set(by_step["4 heads"]))
+    falling = all(b["rotation_deg"] < a["rotation_deg"] for a, b in zip(two, two[1:]))
+    wider_wins = (four[-1]["rotation_deg"] < two[-1]["rotation_deg"]
+                  and by_step["4 heads"][common]["rotation_deg"] < by_step["2 heads"][common]["rotation_deg"])
+    arc_auc = {label: by_length(report)[8]["auc30"] for label, report in arcs.items()}
+    long = max(by_length(before))
+    old, new = by_length(before)[long], by_length(reports["2 heads"])[long]
+    moved = {name: ("better" if (new[key] > old[key]) == (key == "auc30") else "worse") + f" ({old[key]:.{digits}f} "
+             f"-> {new[key]:.{digits}f})" for key, name, digits in COMPARED}
+    return [
+        "Both from the shipped (stage 2) weights, clips of 2-256 frames with a quarter of the steps short arcs "
+        "(`ARC_SHARE=0.25`), run at once on one H200 for 15 min each (each had about half of it):", "",
+        "```bash", "# commit 0976556",
+        "COMMON=\"MINUTES=15 INIT=spark3r/weights/vggt-tiny.safetensors MAX_FRAMES=256 FRAMES_PER_STEP=1024 LR=3e-4 "
+        "WARMUP=100 SEED=3 ARC_SHARE=0.25 WORKERS=7\"",
+        "env RUN=/root/h2 $COMMON bash benchmarks/train_tiny_long.sh",
+        "# 4 heads of 32 channels: a copy of the tree whose VGGT_TINY has num_heads=4; --init splits the shipped "
+        "heads (split_heads)", "cd /tmp/h4 && env RUN=/root/h4 $COMMON bash benchmarks/train_tiny_long.sh", "```", "",
+        f"Logs `train-vggt-tiny-long-s3-h2.log` ({trained(RESULTS / 'train-vggt-tiny-long-s3-h2.log')}) and "
+        f"`train-vggt-tiny-long-s3-h4.log` ({trained(RESULTS / 'train-vggt-tiny-long-s3-h4.log')}). Their periodic "
+        "held-out evaluation at 256 frames (synthetic:16:999:walk, bf16):", "", *lines, "",
+        f"Stage 2's last evaluation on the same clips (step {shipped['step']}, the shipped weights): rotation error "
+        f"{shipped['rotation_deg']:.2f} deg, translation {shipped['translation']:.3f}, AUC@30 {shipped['auc30']:.3f}. "
+        f"Stage 3 with 2 heads ends at {two[-1]['rotation_deg']:.2f} deg, AUC@30 {two[-1]['auc30']:.3f}"
+        + (", its rotation error falling at every evaluation." if falling else "."),
+        ("Four heads of 32 channels beat two of 64 both at equal steps and at equal minutes."
+         if wider_wins else
+         f"Four heads of 32 channels do not pay here: at step {common} their rotation error is "
+         f"{by_step['4 heads'][common]['rotation_deg']:.2f} deg against "
+         f"{by_step['2 heads'][common]['rotation_deg']:.2f}, "
+         f"and in the same minutes they ran {four[-1]['step']} steps against {two[-1]['step']}, ending at "
+         f"{four[-1]['rotation_deg']:.2f} deg."), "",
+        f"Stage 2 (shipped) and both stage-3 runs on the held-out walks ({before['clips']}, dense, each "
+        f"{before['device_name']}):", "",
+        *stages_compared({"stage 2": before, **{f"stage 3, {label}": report for label, report in reports.items()}}),
+        "",
+        f"At {long} frames stage 3 with 2 heads against stage 2: rotation error {moved['rot err deg']}, ATE "
+        f"{moved['ATE']}, AUC@30 {moved['AUC@30']}.", "",
+        *(part for label, _ in STAGE3_RUNS for part in (
+            f"### Stage 3, {label}: the issue's bars", "", *bars(reports[label]), "")),
+        f"On 8-frame arcs ({arcs['2 heads']['clips']}, {arcs['2 heads']['device_name']}) AUC@30 is "
+        + " and ".join(f"{arc_auc[label]:.3f} with {label}" for label, _ in STAGE3_RUNS)
+        + f" (stage 1 {by_length(arcs_before['stage 1'])[8]['auc30']:.3f}, stage 2 "
+          f"{by_length(arcs_before['stage 2'])[8]['auc30']:.3f}, both {arcs_before['stage 2']['device_name']})"
+        + (": a quarter of the steps on arcs brings them back to stage 1's level."
+           if min(arc_auc.values()) >= by_length(arcs_before["stage 1"])[8]["auc30"] else "."), "",
+        f"Not shipped: the 2-head weights are kept as `{STAGE3_CHECKPOINT}` for the next stage to start from "
+        "(`INIT=` that file); shipping new weights means rerunning this report, the 256-frame profile and "
+        "benchmarks/length_schedules.py at 256 frames on a GPU together."]
+
+
 def sensitivity(name: str) -> list[str]:
     path = RESULTS / name
     if not path.is_file():
@@ -155,14 +253,15 @@ def sensitivity(name: str) -> list[str]:
     return [f"`{name}` (`{profile['command']}`, {profile['device_name']}).", "", *asymmetry(profile)]
 
 
-def main() -> None:
+def report() -> str:
+    """train-vggt-tiny-long.md from the result files."""
     first = json.loads((RESULTS / "eval-vggt-tiny-long-48.json").read_text())
     second = json.loads((RESULTS / "eval-vggt-tiny-long.json").read_text())
     arcs_first = json.loads((RESULTS / "eval-vggt-tiny-long-48-arc8.json").read_text())
     arcs_second = json.loads((RESULTS / "eval-vggt-tiny-long-arc8.json").read_text())
     profile_first = json.loads((RESULTS / "profile-vggt-tiny-long-48-32.json").read_text())
     middle = json.loads((RESULTS / "eval-vggt-tiny-long-mid.json").read_text())
-    evals = held_out_auc(RESULTS / "train-vggt-tiny-long-256.log")
+    evals = [(row["step"], row["auc30"]) for row in held_out_evals(RESULTS / "train-vggt-tiny-long-256.log")]
     long = max(by_length(second))
     one, two = by_length(first)[long], by_length(second)[long]
     text = [
@@ -195,8 +294,8 @@ def main() -> None:
         f"{one['auc30']:.2f} to {two['auc30']:.2f} (the bars above compare it with its 8-frame quality). "
         f"Its periodic held-out AUC@30 at {long} frames (synthetic:16:999:walk) was "
         + ", ".join(f"{auc:.3f} at step {step}" for step, auc in evals)
-        + (": flat after the first evaluation (within 0.03), so more minutes of the same training are unlikely to reach "
-           "the bars." if max(a for _, a in evals[1:]) - min(a for _, a in evals[1:]) < 0.03 else
+        + (": flat after the first evaluation (within 0.03); stage 3 below trains on with a higher learning rate and "
+           "more arcs." if max(a for _, a in evals[1:]) - min(a for _, a in evals[1:]) < 0.03 else
            ": still moving at the end of the run."), "",
         f"## Held-out arcs ({arcs_second['clips']}, 8 frames, the 6 + 6 model's benchmark)", "",
         "Stage 1:", "", *evaluation_table(arcs_first), "", "Stage 2 (shipped):", "", *evaluation_table(arcs_second), "",
@@ -205,10 +304,16 @@ def main() -> None:
         "## Sensitivity of the shipped model at 32 and 256 frames (profile-layers)", "",
         "### 32 frames", "", *sensitivity("profile-vggt-tiny-long-32.json"), "",
         "### 256 frames", "", *sensitivity("profile-vggt-tiny-long-256.json"), "",
+        "## Stage 3 (not shipped): 2 heads against 4 heads", "",
+        *stage3({"stage 1": arcs_first, "stage 2": arcs_second}), "",
         "## Stage 1's sensitivity at 32 frames", "",
         f"`profile-vggt-tiny-long-48-32.json` (`{profile_first['command']}`, {profile_first['device_name']}).", "",
         *asymmetry(profile_first), ""]
-    (RESULTS / "train-vggt-tiny-long.md").write_text("\n".join(text))
+    return "\n".join(text)
+
+
+def main() -> None:
+    (RESULTS / "train-vggt-tiny-long.md").write_text(report())
 
 
 if __name__ == "__main__":

@@ -8,6 +8,13 @@
 # Stage 2: from stage 1's weights (the shipped ones), clips of 2-256 frames, 1024 frames per step:
 #   RUN=/root/tiny-long-256 MINUTES=11 INIT=spark3r/weights/vggt-tiny.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=2e-4 WARMUP=100 SEED=2 bash benchmarks/train_tiny_long.sh
+# Stage 3 (not shipped; benchmarks/results/train-vggt-tiny-long.md): from stage 2's weights, a quarter of the steps
+# short arcs; its weights are benchmarks/checkpoints/vggt-tiny-long-stage3.safetensors:
+#   RUN=/root/h2 MINUTES=15 INIT=spark3r/weights/vggt-tiny.safetensors MAX_FRAMES=256 FRAMES_PER_STEP=1024 LR=3e-4 \
+#       WARMUP=100 SEED=3 ARC_SHARE=0.25 bash benchmarks/train_tiny_long.sh
+# Stage 4 (next), from stage 3's weights with a new seed:
+#   RUN=/root/s4 MINUTES=20 INIT=benchmarks/checkpoints/vggt-tiny-long-stage3.safetensors MAX_FRAMES=256 \
+#       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=4 ARC_SHARE=0.25 bash benchmarks/train_tiny_long.sh
 # ARC_SHARE=0.25 makes a quarter of the steps short arcs (stage 2 had arcs in 3% of its steps and lost them).
 # WORKERS=N sets the scene-sampling workers (default up to 8; give fewer when two runs share the machine).
 set -euo pipefail
