@@ -265,7 +265,8 @@ def report() -> str:
     long = max(by_length(second))
     one, two = by_length(first)[long], by_length(second)[long]
     text = [
-        "# vggt-tiny for long clips (12 + 12 blocks): stage 1 on clips of 2-48 frames, stage 2 on 2-256", "",
+        "# vggt-tiny for long clips (12 + 12 blocks): stage 1 on clips of 2-48 frames, stage 2 on 2-256 (shipped), "
+        "stage 3 on 2-256 with more arcs (not shipped)", "",
         "Device: one NVIDIA H200 (torch 2.11), bf16 trunk. Commands (background, resumable; "
         "`benchmarks/train_tiny_long.sh`):", "",
         "```bash", "# stage 1, code of commit 2d34547 with the vggt-tiny config at depth 12 (committed next)",
