@@ -12,9 +12,7 @@ walks. Times: mean milliseconds over --steps steps after --warmup steps.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from spark3r.commands.arguments import resolve_device, resolve_dtype
 from spark3r.data.synthetic import SceneConfig
 from spark3r.models.loading import load_model
+from spark3r.profiler.run import PhaseTimer
 from spark3r.training.losses import camera_iterations, training_loss
 from spark3r.training.steps import StepScenes, StepShape, render_step
 from spark3r.training.tiny import TrainConfig, parameter_groups
@@ -32,30 +31,12 @@ sys.path.insert(0, str(HERE))
 import provenance  # noqa: E402
 
 PHASES = ("sample (CPU)", "render", "trunk forward", "heads forward", "loss", "backward", "optimizer")
+HEADS_PHASE = "heads forward + backward"
 HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class Clock:
-    """Milliseconds per phase, the device synchronised at both ends of each."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.ms = device, {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        self.sync()
-        start = time.perf_counter()
-        yield
-        self.sync()
-        self.ms[phase] = self.ms.get(phase, 0.0) + 1e3 * (time.perf_counter() - start)
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
 def step(model, optimizer, scenes: StepScenes, index: int, size: tuple[int, int], device: torch.device,
-         head_dtype: torch.dtype, clock: Clock) -> None:
+         head_dtype: torch.dtype, clock: PhaseTimer) -> None:
     """One training step as spark3r.training.tiny.train runs it, phase by phase."""
     with clock("sample (CPU)"):
         arrays = scenes[index]
@@ -77,14 +58,14 @@ def step(model, optimizer, scenes: StepScenes, index: int, size: tuple[int, int]
 
 
 def heads_only(model, scenes: StepScenes, index: int, size: tuple[int, int], device: torch.device,
-               head_dtype: torch.dtype, clock: Clock) -> None:
+               head_dtype: torch.dtype, clock: PhaseTimer) -> None:
     """The heads' forward + backward from the trunk's outputs, detached (so no trunk backward runs)."""
     images, targets = render_step(scenes[index], size, device)
     with torch.no_grad():
         state = model.run_steps(model.prepare(images))
     state.taps = {layer: tap.detach().requires_grad_() for layer, tap in state.taps.items()}
     state.extras["camera_token"] = state.extras["camera_token"].detach().requires_grad_()
-    with clock("heads forward + backward"), camera_iterations(model) as poses:
+    with clock(HEADS_PHASE), camera_iterations(model) as poses:
         outputs = model.decode(state, images, head_dtype)
         loss, _ = training_loss(outputs, poses, targets, TrainConfig.camera_weight)
         model.zero_grad(set_to_none=True)
@@ -98,18 +79,17 @@ def measure(model, optimizer, length: int, frames_per_step: int, size: tuple[int
     scenes = StepScenes(0, StepShape((length, length), clips, path="walk"), size, SceneConfig())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    clock = Clock(device)
-    for index in range(warmup + steps):
-        if index == warmup:
-            clock.ms.clear()
-        step(model, optimizer, scenes, index, size, device, head_dtype, clock)
-    phases = {phase: clock.ms[phase] / steps for phase in PHASES}
-    clock.ms.clear()
-    for index in range(warmup + steps):
-        if index == warmup:
-            clock.ms.clear()
-        heads_only(model, scenes, index, size, device, head_dtype, clock)
-    heads = clock.ms["heads forward + backward"] / steps
+    def timed(run) -> dict[str, float]:
+        """Mean ms per phase of run(index, timer) over `steps` steps, after `warmup` untimed ones."""
+        for index in range(warmup + steps):
+            if index == warmup or index == 0:
+                timer = PhaseTimer(device, (*PHASES, HEADS_PHASE))
+            run(index, timer)
+        return {phase: 1e3 * seconds / steps for phase, seconds in timer.seconds.items()}
+
+    phases = timed(lambda index, timer: step(model, optimizer, scenes, index, size, device, head_dtype, timer))
+    phases = {phase: phases[phase] for phase in PHASES}
+    heads = timed(lambda index, timer: heads_only(model, scenes, index, size, device, head_dtype, timer))[HEADS_PHASE]
     device_ms = sum(ms for phase, ms in phases.items() if phase != "sample (CPU)")
     return {"length": length, "clips": clips, "frames": clips * length, "phases_ms": phases,
             "heads_forward_backward_ms": heads,

@@ -369,13 +369,12 @@ def test_evaluate_reports_every_length(capsys):
 def test_evaluation_renders_synthetic_clips_on_its_device(monkeypatch):
     import spark3r.training.evaluation as evaluation
 
-    asked = []
+    asked, original = [], evaluation.open_clips
 
     def recording(spec, **options):
         asked.append(options["device"])
-        return evaluation_open_clips(spec, **options)
+        return original(spec, **options)
 
-    evaluation_open_clips = evaluation.open_clips
     monkeypatch.setattr(evaluation, "open_clips", recording)
     model = spark3r.load_model("vggt-tiny", weights="none")
     report = evaluation.evaluate_lengths(model, "synthetic:1:1000:walk", [2], torch.device("cpu"))

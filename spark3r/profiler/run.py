@@ -154,11 +154,12 @@ def profile_levels(layout: FrameLayout, options: ProfileOptions) -> tuple[Profil
 
 
 class PhaseTimer:
-    """Wall seconds per phase; synchronises CUDA at both ends so GPU work lands in the right phase."""
+    """Wall seconds per phase (`phases`, each starting at 0); synchronises CUDA at both ends so GPU work lands in the
+    right phase."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, phases: tuple[str, ...] = PHASES):
         self.device = device
-        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.seconds = dict.fromkeys(phases, 0.0)
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
