@@ -24,7 +24,7 @@ from spark3r.models.loading import load_model
 from spark3r.profiler.run import PhaseTimer
 from spark3r.training.losses import camera_iterations, training_loss
 from spark3r.training.steps import StepScenes, StepShape, render_step
-from spark3r.training.tiny import TrainConfig, parameter_groups
+from spark3r.training.tiny import TrainConfig, compile_model, parameter_groups
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -99,7 +99,8 @@ def measure(model, optimizer, length: int, frames_per_step: int, size: tuple[int
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# A vggt-tiny training step, phase by phase ({result['device_name']})", "",
+    compiled = ", blocks and DPT heads compiled" if result.get("compiled") else ""
+    lines = [f"# A vggt-tiny training step, phase by phase ({result['device_name']}{compiled})", "",
              f"`{result['command']}` (git {result['commit']}, torch {result['torch']}, {result['created']}). "
              f"Mean ms per step over {result['steps']} steps after {result['warmup']} untimed, the device synchronised "
              "around each phase; sampling runs in DataLoader workers during training, so it costs the step nothing "
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--heads", default="fp32,bf16", help="DPT head dtypes to time (default %(default)s)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks and DPT heads, as "
+                                                              "train_tiny --compile does")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="result JSON (default benchmarks/results/train-step-profile.json)")
     args = parser.parse_args(argv)
@@ -134,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.backends.cudnn.allow_tf32 = True
     model = load_model("vggt-tiny", weights=args.weights, device=device, dtype=resolve_dtype("auto", device)).train()
     model.config = replace(model.config, frame_chunk_frames=sys.maxsize, head_chunk_frames=sys.maxsize)
+    if args.compile:
+        compile_model(model)
     optimizer = torch.optim.AdamW(parameter_groups(model, TrainConfig.weight_decay), lr=1e-5, betas=(0.9, 0.95),
                                   **({"fused": True} if device.type == "cuda" else {}))
     rows = []
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({**row, "heads": heads})
             print(f"{length} frames x {row['clips']}, {heads} heads: {row['step_ms']:.0f} ms per step", flush=True)
     result = {**provenance.record(__file__, argv, device), "steps": args.steps, "warmup": args.warmup,
-              "size": args.size, "rows": rows}
+              "size": args.size, "compiled": args.compile, "rows": rows}
     provenance.publish(args.out, HERE / "results" / "train-step-profile.json", result, markdown(result))
     return result
 
