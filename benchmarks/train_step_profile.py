@@ -24,7 +24,7 @@ from spark3r.models.loading import load_model
 from spark3r.profiler.run import PhaseTimer
 from spark3r.training.losses import camera_iterations, training_loss
 from spark3r.training.steps import StepScenes, StepShape, render_step
-from spark3r.training.tiny import TrainConfig, compile_model, parameter_groups
+from spark3r.training.tiny import HEAD_DTYPES, TrainConfig, compile_model, parameter_groups
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -32,7 +32,6 @@ import provenance  # noqa: E402
 
 PHASES = ("sample (CPU)", "render", "trunk forward", "heads forward", "loss", "backward", "optimizer")
 HEADS_PHASE = "heads forward + backward"
-HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def step(model, optimizer, scenes: StepScenes, index: int, size: tuple[int, int], device: torch.device,

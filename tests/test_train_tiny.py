@@ -205,6 +205,21 @@ def test_time_limit_stops_cleanly_and_still_writes_weights(tmp_path, capsys):
     assert out.exists() and torch.load(out.with_suffix(".ckpt.pt"), weights_only=True)["step"] == 0
 
 
+def test_head_dtype_reaches_the_training_decode_and_not_the_evaluation(tmp_path, capsys, monkeypatch):
+    from spark3r.models.vggt import VGGT
+    seen, decode = [], VGGT.decode
+
+    def recording(self, state, images, head_dtype=torch.float32):
+        seen.append((self.training, head_dtype))
+        return decode(self, state, images, head_dtype)
+
+    monkeypatch.setattr(VGGT, "decode", recording)
+    assert main(["--out", str(tmp_path / "w.safetensors"), "--steps", "1", "--batch", "1", "--frames", "2", "--size",
+                 "28", "--held-out", "synthetic:1:999", "--device", "cpu", "--head-dtype", "bf16"]) == 0
+    assert "step 1/1" in capsys.readouterr().out
+    assert (True, torch.bfloat16) in seen and (False, torch.bfloat16) not in seen
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--frames", "1"], "at least 2 frames"),
     (["--out", "tiny.pt"], "must name a .safetensors file"),

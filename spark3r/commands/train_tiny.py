@@ -45,7 +45,7 @@ from spark3r.commands.arguments import ArgumentParser, add_runtime_args, command
 from spark3r.errors import Spark3rError
 from spark3r.training.evaluation import DEFAULT_EVAL_FRAMES, DEFAULT_EVAL_SPEC, MODEL, evaluate_weights
 from spark3r.training.steps import SCENE_PATHS
-from spark3r.training.tiny import HELD_OUT_SPEC, TrainConfig, train
+from spark3r.training.tiny import HEAD_DTYPES, HELD_OUT_SPEC, TrainConfig, train
 
 EVAL_LABELS = {"model": "model", "frame_only": "model, frame-only global attention",
                "trivial": "constant depth / identity cameras"}
@@ -100,6 +100,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     parser.add_argument("--workers", type=int, help="scene-sampling workers (default: 0 on CPU, up to 8 on CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks and DPT heads")
+    parser.add_argument("--head-dtype", choices=HEAD_DTYPES, default=TrainConfig.head_dtype,
+                        help="dtype of the DPT heads in training: fp32 (upstream) or bf16 autocast (default "
+                             "%(default)s; the camera head stays fp32)")
     parser.add_argument("--evaluate", metavar="WEIGHTS",
                         help="evaluate these weights (a file, 'auto' for the shipped ones, 'none' for random) instead")
     parser.add_argument("--clips", default=DEFAULT_EVAL_SPEC, help="clips for --evaluate (default %(default)s)")
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         size=args.size, seed=args.seed,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         camera_weight=args.camera_weight, minutes=args.minutes, log_every=args.log_every, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, workers=args.workers, compile=args.compile, held_out=args.held_out),
+        checkpoint_every=args.checkpoint_every, workers=args.workers, compile=args.compile, head_dtype=args.head_dtype,
+        held_out=args.held_out),
         device, resolve_dtype(args.dtype, device))
     return 0
 

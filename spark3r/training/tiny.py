@@ -2,8 +2,9 @@
 the fly, from random weights or from `init` weights (a shallower trunk is grown by `grow_depth`), with VGGT's losses
 (spark3r.training.losses).
 
-AdamW with linear warm-up and cosine decay to 5 % of the peak learning rate; the trunk runs in bf16 on CUDA (heads in
-fp32 as upstream), gradients are clipped. Schedule progress is max(step / steps, time / minutes), so a time-limited run
+AdamW with linear warm-up and cosine decay to 5 % of the peak learning rate; the trunk runs in bf16 on CUDA (the DPT
+heads in fp32 as upstream, or under bf16 autocast with `head_dtype` "bf16"; the camera head in fp32), gradients are
+clipped. Schedule progress is max(step / steps, time / minutes), so a time-limited run
 still decays its learning rate to the end. A checkpoint beside `out` (`<out stem>.ckpt.pt`) is written every
 `checkpoint_every` steps and at the end; running the same config again resumes from it (`minutes` counts the total
 training time over all resumes). The weights are written as fp16 safetensors in the state_dict layout that
@@ -35,6 +36,7 @@ from spark3r.training.steps import SCENE_PATHS, TRAIN_SEED_BASE, StepScenes, Ste
 HELD_OUT_SPEC = "synthetic:16:999"
 FINAL_LR_FRACTION = 0.05
 MAX_WEIGHTS_BYTES = 25 * 10**6
+HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the DPT heads' dtype in training
 
 
 def learning_rate(step: int, progress: float, peak: float, warmup: int) -> float:
@@ -178,6 +180,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     workers: int | None = None
     compile: bool = False
+    head_dtype: str = "fp32"
     held_out: str = HELD_OUT_SPEC
 
     RESUME_KEYS = ("batch", "frames", "max_frames", "frames_per_step", "path", "arc_share", "size", "seed")
@@ -199,6 +202,9 @@ class TrainConfig:
         if self.arc_share is not None and (self.path != "mixed" or not 0 < self.arc_share < 1):
             raise ParameterError(f"`arc_share` {self.arc_share} needs `path` mixed and a share between 0 and 1 "
                                  "(e.g. 0.25)", "arc_share", "path")
+        if self.head_dtype not in HEAD_DTYPES:
+            raise ParameterError(f"`head_dtype` {self.head_dtype} is not one of {', '.join(HEAD_DTYPES)}",
+                                 "head_dtype")
         if self.size % 14:
             raise ParameterError(f"`size` {self.size} is not a multiple of the patch size 14: use e.g. 112", "size")
         if self.minutes is not None and not self.minutes > 0:
@@ -278,7 +284,7 @@ def train(config: TrainConfig, device: torch.device = torch.device("cpu"),
     """Run (or resume) training on `device` with the trunk in `dtype`; write the weights to `config.out`. Returns the
     last held-out evaluation."""
     config.check()
-    size = (config.size, config.size)
+    size, head_dtype = (config.size, config.size), HEAD_DTYPES[config.head_dtype]
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     model = load_model(MODEL, weights=None, device=device, dtype=dtype, seed=config.seed).train()
@@ -339,7 +345,7 @@ def train(config: TrainConfig, device: torch.device = torch.device("cpu"),
             group["lr"] = learning_rate(step, progress, config.lr, config.warmup)
         images, targets = render_step(arrays, size, device)
         with camera_iterations(model) as pose_iterations:
-            outputs = model(images)
+            outputs = model.decode(model.run_steps(model.prepare(images)), images, head_dtype)
         loss, parts = training_loss(outputs, pose_iterations, targets, config.camera_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
