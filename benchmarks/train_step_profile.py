@@ -2,7 +2,7 @@
 done by DataLoader workers in training), the ray cast, the trunk's and the heads' forward, the loss, the backward and
 the optimizer step, each timed with the device synchronised at both ends. Beside it the heads alone (forward + backward
 from detached trunk outputs), so that the trunk's share of forward + backward is the difference, and the same step
-with the DPT heads under bf16 autocast instead of fp32 (a what-if: training keeps them fp32, as upstream).
+with the DPT heads in the compute dtype (`train_tiny --head-dtype compute`: bf16 autocast) instead of fp32.
 
     python benchmarks/train_step_profile.py --device cuda --lengths 32,128,256 --frames-per-step 1024
 
@@ -24,7 +24,7 @@ from spark3r.models.loading import load_model
 from spark3r.profiler.run import PhaseTimer
 from spark3r.training.losses import camera_iterations, training_loss
 from spark3r.training.steps import StepScenes, StepShape, render_step
-from spark3r.training.tiny import HEAD_DTYPES, TrainConfig, compile_model, parameter_groups
+from spark3r.training.tiny import TrainConfig, compile_model, parameter_groups
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lengths", default="32,128,256", help="clip lengths, one row each (default %(default)s)")
     parser.add_argument("--frames-per-step", type=int, default=1024)
     parser.add_argument("--size", type=int, default=TrainConfig.size)
-    parser.add_argument("--heads", default="fp32,bf16", help="DPT head dtypes to time (default %(default)s)")
+    parser.add_argument("--heads", default="fp32,compute", help="DPT head dtypes to time (default %(default)s)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks and DPT heads, as "
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     for length in (int(text) for text in args.lengths.split(",")):
         for heads in args.heads.split(","):
             row = measure(model, optimizer, length, args.frames_per_step, (args.size, args.size), device,
-                          HEAD_DTYPES[heads], args.steps, args.warmup)
+                          model.decode_dtype(heads), args.steps, args.warmup)
             rows.append({**row, "heads": heads})
             print(f"{length} frames x {row['clips']}, {heads} heads: {row['step_ms']:.0f} ms per step", flush=True)
     result = {**provenance.record(__file__, argv, device), "steps": args.steps, "warmup": args.warmup,

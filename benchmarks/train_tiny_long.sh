@@ -16,7 +16,7 @@
 #   RUN=/root/s4 MINUTES=20 INIT=benchmarks/checkpoints/vggt-tiny-long-stage3.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=4 ARC_SHARE=0.25 bash benchmarks/train_tiny_long.sh
 # ARC_SHARE=0.25 makes a quarter of the steps short arcs (stage 2 had arcs in 3% of its steps and lost them).
-# HEAD_DTYPE=bf16 runs the DPT heads under bf16 autocast in training (default fp32, as upstream).
+# HEAD_DTYPE=compute runs the DPT heads under autocast to the trunk's bf16 in training (default fp32, as upstream).
 # WORKERS=N sets the scene-sampling workers (default up to 8; give fewer when two runs share the machine).
 set -euo pipefail
 RUN=${RUN:-runs/tiny-long}

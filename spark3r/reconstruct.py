@@ -130,7 +130,7 @@ def reconstruct(input: str | os.PathLike, model: str, *, weights: str | os.PathL
                 schedule: str | os.PathLike | Schedule | None = "paper", size: int | None = None,
                 every: int | None = None, max_frames: int | None = None, out: str | os.PathLike = "reconstruction",
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, compiled: bool = False,
-                confidence_percentile: float = DEFAULT_CONFIDENCE_PERCENTILE, max_points: int = DEFAULT_MAX_POINTS,
+                head_dtype: str = "fp32", confidence_percentile: float = DEFAULT_CONFIDENCE_PERCENTILE, max_points: int = DEFAULT_MAX_POINTS,
                 seed: int = 0, progress: bool = True) -> Reconstruction:
     """Reconstruct a video, an image folder or a `scene/images/` folder into `out` (see the module docstring).
 
@@ -138,6 +138,7 @@ def reconstruct(input: str | os.PathLike, model: str, *, weights: str | os.PathL
     every / max_frames: keep every N-th frame, or N frames spread over the whole input (default: all frames).
     compiled: run the blocks and DPT heads through torch.compile (`load_model`'s `compiled`: faster on a GPU; the one
     forward here is the first at its clip length, so the compile is counted in the "model" stage's seconds).
+    head_dtype: the dense heads in fp32 (as upstream) or "compute" (`load_model`'s `head_dtype`: opt-in, faster).
     """
     device = torch.device(device)
     name = resolve_model_name(model)
@@ -160,7 +161,8 @@ def reconstruct(input: str | os.PathLike, model: str, *, weights: str | os.PathL
         with stage("read"):
             clip = read_clip(input, every=every, max_frames=max_frames, preprocess=recipe)
         with stage("load_model"):
-            network = load_model(name, weights=weights, device=device, dtype=dtype, seed=seed, compiled=compiled)
+            network = load_model(name, weights=weights, device=device, dtype=dtype, seed=seed, compiled=compiled,
+                                 head_dtype=head_dtype)
         with stage("model"):
             outputs = run_model(network, clip, resolved, device)
         images = clip.images.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -185,7 +187,7 @@ def reconstruct(input: str | os.PathLike, model: str, *, weights: str | os.PathL
         "preprocess": recipe, "frames": clip.frames, "frame_names": names,
         "sampling": {"every": every, "max_frames": max_frames}, "image_size": [clip.height, clip.width],
         "device": _device_name(device), "dtype": str(dtype).removeprefix("torch."), "compiled": compiled,
-        "points": len(points), "point_filter": {"confidence_percentile": confidence_percentile,
+        "head_dtype": head_dtype, "points": len(points), "point_filter": {"confidence_percentile": confidence_percentile,
                                                 "confidence_threshold": threshold, "max_points": max_points,
                                                 "seed": seed},
         "depth_png_scale": depth_scale, "seconds": seconds, "seconds_total": sum(seconds.values()),

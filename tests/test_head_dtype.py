@@ -13,7 +13,7 @@ import torch
 
 from spark3r.commands import profile_layers as cli
 from spark3r.data.clips import open_clips
-from spark3r.errors import ParameterError
+from spark3r.errors import ParameterError, Spark3rError
 from spark3r.models.geometry import pose_encoding_to_extrinsics_intrinsics
 from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry
@@ -63,6 +63,29 @@ def test_fp32_heads_decode_as_before(bf16_tiny, images):
             assert outputs.keys() == before.keys()
             for key, value in before.items():
                 assert torch.equal(outputs[key], value), key
+
+
+@pytest.mark.parametrize("head_dtype, decoded", [("fp32", torch.float32), ("compute", torch.bfloat16)])
+def test_load_model_head_dtype_is_what_forward_decodes_in(images, head_dtype, decoded):
+    """`load_model(head_dtype=...)` (the inference commands' --head-dtype): forward equals decode in fp32 or in the
+    compute dtype bit for bit; "compute" moves the dense outputs, not the cameras."""
+    model = load_model("vggt-tiny", weights="none", dtype=torch.bfloat16, seed=0, head_dtype=head_dtype)
+    with torch.inference_mode():
+        state = model.run_steps(model.prepare(images[None]))
+        forward, fp32 = model(images[None]), model.decode(state, images[None], torch.float32)
+        expected = model.decode(state, images[None], decoded)
+    assert model.decode_dtype() == decoded
+    for key, value in expected.items():
+        assert torch.equal(forward[key], value), key
+    assert torch.equal(forward["extrinsics"], fp32["extrinsics"])
+    assert torch.equal(forward["depth"], fp32["depth"]) == (head_dtype == "fp32")
+
+
+def test_an_unknown_head_dtype_is_one_sentence(bf16_tiny):
+    with pytest.raises(Spark3rError, match="head_dtype 'bf16' is not supported: use one of fp32, compute"):
+        load_model("vggt-tiny", weights="none", head_dtype="bf16")
+    with pytest.raises(Spark3rError, match="head dtype 'half' is not one of fp32, compute"):
+        bf16_tiny.decode_dtype("half")
 
 
 def test_fp32_head_dtype_profiles_as_the_default(bf16_tiny, images):

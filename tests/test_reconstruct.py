@@ -107,6 +107,18 @@ def test_command_runs_with_the_paper_schedule_and_dense(scene, tmp_path, capsys,
     assert summary["schedule"] == named and summary["frame_names"] == ["000000", "000002", "000003", "000005"]
 
 
+def test_head_dtype_compute_is_recorded_and_moves_only_the_dense_outputs(scene, tmp_path, capsys):
+    folder, _ = scene
+    runs = {}
+    for head_dtype in ("fp32", "compute"):
+        out = tmp_path / head_dtype
+        assert main([str(folder), "--model", "vggt-tiny", "--schedule", "none", "--max-frames", "2", "--dtype", "bf16",
+                     "--head-dtype", head_dtype, "--out", str(out), "--device", "cpu"]) == 0
+        runs[head_dtype] = (json.loads((out / "summary.json").read_text()), np.load(out / "depth" / "000000.npz")["depth"])
+    assert [summary["head_dtype"] for summary, _ in runs.values()] == ["fp32", "compute"]
+    assert not np.array_equal(runs["fp32"][1], runs["compute"][1])
+
+
 def test_every_nth_frame_and_another_size(scene, tmp_path, capsys):
     folder, _ = scene
     assert main([str(folder), "--model", "vggt-tiny", "--every", "2", "--size", "56", "--out", str(tmp_path),

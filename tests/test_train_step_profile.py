@@ -14,7 +14,7 @@ def test_profile_times_every_phase_and_writes_its_table(tmp_path):
                          "--steps", "1", "--warmup", "1", "--device", "cpu", "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert [(row["length"], row["clips"], row["heads"]) for row in result["rows"]] == [
-        (2, 2, "fp32"), (2, 2, "bf16"), (3, 1, "fp32"), (3, 1, "bf16")]
+        (2, 2, "fp32"), (2, 2, "compute"), (3, 1, "fp32"), (3, 1, "compute")]
     for row in result["rows"]:
         assert set(row["phases_ms"]) == set(bench.PHASES) and min(row["phases_ms"].values()) > 0
         assert 0 < row["heads_forward_backward_ms"] and row["step_ms"] == sum(

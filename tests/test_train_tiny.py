@@ -215,7 +215,8 @@ def test_head_dtype_reaches_the_training_decode_and_not_the_evaluation(tmp_path,
 
     monkeypatch.setattr(VGGT, "decode", recording)
     assert main(["--out", str(tmp_path / "w.safetensors"), "--steps", "1", "--batch", "1", "--frames", "2", "--size",
-                 "28", "--held-out", "synthetic:1:999", "--device", "cpu", "--head-dtype", "bf16"]) == 0
+                 "28", "--held-out", "synthetic:1:999", "--device", "cpu", "--dtype", "bf16", "--head-dtype",
+                 "compute"]) == 0
     assert "step 1/1" in capsys.readouterr().out
     assert (True, torch.bfloat16) in seen and (False, torch.bfloat16) not in seen
 

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from spark3r.errors import ParameterError, Spark3rError, Spark3rWarning
+from spark3r.models.base import HEAD_DTYPES
 from spark3r.models.loading import checked_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,6 +38,14 @@ def add_compile_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="run the blocks and DPT heads through torch.compile: faster on a GPU (the README's speed "
                              "table), but the first forward at each new clip length compiles")
+
+
+def add_head_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    """`--head-dtype`: the commands that load a model for inference pass it to `load_model(head_dtype=...)`."""
+    parser.add_argument("--head-dtype", default="fp32", choices=HEAD_DTYPES,
+                        help="dtype the dense heads run in: fp32 (as upstream) or compute (the --dtype the trunk runs "
+                             "in; opt-in: faster on a GPU, but the outputs move beyond the bf16 trunk's own noise, "
+                             "benchmarks/results/block-profile-*.md; camera heads stay fp32) (default: %(default)s)")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
-from spark3r.commands.arguments import (ArgumentParser, add_compile_arg, add_runtime_args, command, resolve_device,
-                                        resolve_dtype)
+from spark3r.commands.arguments import (ArgumentParser, add_compile_arg, add_head_dtype_arg, add_runtime_args,
+                                        command, resolve_device, resolve_dtype)
 from spark3r.evaluate.schedule_eval import QUALITY_KEYS, ScheduleEvaluation, evaluate_schedule
 
 
@@ -58,6 +58,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON (summary and per clip) instead of the table")
     add_runtime_args(parser)
     add_compile_arg(parser)
+    add_head_dtype_arg(parser)
     return parser
 
 
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     evaluation = evaluate_schedule(args.model, args.schedule, args.clips, device=device,
                                    dtype=resolve_dtype(args.dtype, device), weights=args.weights, frames=args.frames, every=args.every, size=args.size,
-                                   repeats=args.repeats, warmup=args.warmup, seed=args.seed, compiled=args.compile)
+                                   repeats=args.repeats, warmup=args.warmup, seed=args.seed, compiled=args.compile,
+                                   head_dtype=args.head_dtype)
     if args.json:
         print(json.dumps(evaluation.to_dict(), indent=2))
     else:

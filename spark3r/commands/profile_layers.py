@@ -20,8 +20,9 @@ from spark3r.commands.arguments import (ArgumentParser, add_compile_arg, add_run
                                         resolve_dtype)
 from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
+from spark3r.models.base import HEAD_DTYPES
 from spark3r.profiler.pipeline import ProfileRequest, profile_layers
-from spark3r.profiler.run import HEAD_DTYPES, RESUMES, ProfileOptions
+from spark3r.profiler.run import RESUMES, ProfileOptions
 from spark3r.reduce import DEFAULT_KV_METHOD, KV_METHODS
 
 DEFAULT_KV_KEEP = "0.5,0.25,0.125,0.0625,0.03125"

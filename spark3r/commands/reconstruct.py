@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from spark3r.commands.arguments import (ArgumentParser, add_compile_arg, add_runtime_args, command, resolve_device,
-                                        resolve_dtype)
+from spark3r.commands.arguments import (ArgumentParser, add_compile_arg, add_head_dtype_arg, add_runtime_args,
+                                        command, resolve_device, resolve_dtype)
 from spark3r.reconstruct import (DEFAULT_CONFIDENCE_PERCENTILE, DEFAULT_MAX_POINTS, SCHEDULE_CHOICES,
                                  reconstruct)
 
@@ -38,6 +38,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", default="reconstruction", help="output folder (default: reconstruction/)")
     add_runtime_args(parser)
     add_compile_arg(parser)
+    add_head_dtype_arg(parser)
     return parser
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     result = reconstruct(args.input, args.model, weights=args.weights, schedule=args.schedule, size=args.size,
                          every=args.every, max_frames=args.max_frames, out=args.out, device=device,
-                         dtype=resolve_dtype(args.dtype, device), compiled=args.compile,
+                         dtype=resolve_dtype(args.dtype, device), compiled=args.compile, head_dtype=args.head_dtype,
                          confidence_percentile=args.confidence_percentile,
                          max_points=args.max_points, seed=args.seed)
     summary = result.summary

@@ -43,9 +43,10 @@ import sys
 
 from spark3r.commands.arguments import ArgumentParser, add_runtime_args, command, resolve_device, resolve_dtype
 from spark3r.errors import Spark3rError
+from spark3r.models.base import HEAD_DTYPES
 from spark3r.training.evaluation import DEFAULT_EVAL_FRAMES, DEFAULT_EVAL_SPEC, MODEL, evaluate_weights
 from spark3r.training.steps import SCENE_PATHS
-from spark3r.training.tiny import HEAD_DTYPES, HELD_OUT_SPEC, TrainConfig, train
+from spark3r.training.tiny import HELD_OUT_SPEC, TrainConfig, train
 
 EVAL_LABELS = {"model": "model", "frame_only": "model, frame-only global attention",
                "trivial": "constant depth / identity cameras"}
@@ -101,8 +102,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--workers", type=int, help="scene-sampling workers (default: 0 on CPU, up to 8 on CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks and DPT heads")
     parser.add_argument("--head-dtype", choices=HEAD_DTYPES, default=TrainConfig.head_dtype,
-                        help="dtype of the DPT heads in training: fp32 (upstream) or bf16 autocast (default "
-                             "%(default)s; the camera head stays fp32)")
+                        help="dtype of the DPT heads in training: fp32 (as upstream) or compute (the trunk's --dtype, "
+                             "bf16 on CUDA) (default %(default)s; the camera head stays fp32)")
     parser.add_argument("--evaluate", metavar="WEIGHTS",
                         help="evaluate these weights (a file, 'auto' for the shipped ones, 'none' for random) instead")
     parser.add_argument("--clips", default=DEFAULT_EVAL_SPEC, help="clips for --evaluate (default %(default)s)")

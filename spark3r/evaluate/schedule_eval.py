@@ -153,12 +153,13 @@ class ScheduleEvaluation:
 def evaluate_schedule(model: str, schedule: str | Path, clips: str, *, device: torch.device, dtype: torch.dtype,
                       weights: str | None = "auto", frames: int | None = None, every: int | None = None,
                       size: int | None = None, repeats: int = 3, warmup: int = 1, seed: int = 0,
-                      compiled: bool = False, progress: bool = True) -> ScheduleEvaluation:
+                      compiled: bool = False, head_dtype: str = "fp32", progress: bool = True) -> ScheduleEvaluation:
     """Load `model` (a registry name or alias) and `schedule` (a YAML path), and `evaluate_clip` every clip of the
     spec `clips`: `frames` frames spread over each (synthetic clips: rendered with that many) or every `every`-th,
     preprocessed by the model's recipe at `size` (the side of a square image; default: the model's). `compiled`: the
     model's blocks and DPT heads run through torch.compile (`load_model`); each new clip length compiles in the first
-    warm-up forward, so give `warmup` >= 1 for times without the compile."""
+    warm-up forward, so give `warmup` >= 1 for times without the compile. `head_dtype`: the dense heads of both runs
+    in fp32 (as upstream) or "compute" (`load_model`: opt-in, faster)."""
     for parameter, value, least in (("frames", frames, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
         if value is not None and value < least:
             raise ParameterError(f"`{parameter}` is {value}: give a whole number >= {least}", parameter)
@@ -169,7 +170,8 @@ def evaluate_schedule(model: str, schedule: str | Path, clips: str, *, device: t
                              f"pass a schedule made for {name} or `model` {loaded.model}", "model")
     entry = get_entry(name)
     clip_iter = iter_clips(clips, preprocess=entry.recipe(size), max_frames=frames, every=every, frames=frames)
-    network = load_model(name, weights=weights, device=device, dtype=dtype, seed=seed, compiled=compiled)
+    network = load_model(name, weights=weights, device=device, dtype=dtype, seed=seed, compiled=compiled,
+                         head_dtype=head_dtype)
     if not isinstance(network, ReconstructionModel):
         raise Spark3rError(f"model {name} has no FLOP config: evaluate one of spark3r's model classes")
     check_model(loaded, network.adapter.model_name, network.adapter.num_global_layers)
@@ -180,5 +182,6 @@ def evaluate_schedule(model: str, schedule: str | Path, clips: str, *, device: t
         raise ParameterError(f"`clips` {clips} holds no clips: pass a folder of clips, one clip or synthetic:N",
                              "clips")
     context = {"model": name, "schedule": str(Path(schedule)), "clips": clips, "weights": str(weights),
-               "device": str(device), "dtype": str(dtype).removeprefix("torch."), "compiled": compiled}
+               "device": str(device), "dtype": str(dtype).removeprefix("torch."), "compiled": compiled,
+               "head_dtype": head_dtype}
     return ScheduleEvaluation(context, results, summarize(results))

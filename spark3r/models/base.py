@@ -167,8 +167,11 @@ class TrunkState:
         return dataclasses.replace(self, taps=dict(self.taps), extras=dict(self.extras))
 
 
+HEAD_DTYPES = ("fp32", "compute")  # the dense heads: fp32 as upstream, or the trunk's compute dtype (opt-in)
+
+
 class ReconstructionModel(nn.Module):
-    """Base of our model classes: `forward(images) = decode(run_steps(prepare(images)), images)`.
+    """Base of our model classes: `forward(images) = decode(run_steps(prepare(images)), images, decode_dtype())`.
 
     Subclasses define `prepare`, `run_steps`, `decode`, `num_steps`, `global_layer_steps` (the step index at which each
     global layer's block runs), `adapter` and `flop_config`. Outputs are a dict of tensors with at least:
@@ -178,6 +181,16 @@ class ReconstructionModel(nn.Module):
 
     config: object
     adapter: Adapter
+    compute_dtype: torch.dtype = torch.float32
+    head_dtype: str = "fp32"  # HEAD_DTYPES: what `forward` decodes in
+
+    def decode_dtype(self, head_dtype: str | None = None) -> torch.dtype:
+        """The dtype the dense heads decode in for `head_dtype` (default: the model's): fp32, or the compute dtype for
+        "compute"."""
+        head_dtype = self.head_dtype if head_dtype is None else head_dtype
+        if head_dtype not in HEAD_DTYPES:
+            raise Spark3rError(f"head dtype {head_dtype!r} is not one of {', '.join(HEAD_DTYPES)}")
+        return torch.float32 if head_dtype == "fp32" else self.compute_dtype
 
     def prepare(self, images: torch.Tensor) -> TrunkState:
         raise NotImplementedError
@@ -222,4 +235,4 @@ class ReconstructionModel(nn.Module):
             )
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decode(self.run_steps(self.prepare(images)), images)
+        return self.decode(self.run_steps(self.prepare(images)), images, self.decode_dtype())

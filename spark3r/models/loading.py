@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from spark3r.errors import ParameterError, Spark3rError
+from spark3r.models.base import HEAD_DTYPES
 from spark3r.models.blocks import compile_model, init_weights
 from spark3r.models.registry import ModelEntry, get_entry
 
@@ -247,7 +248,8 @@ def identified_weights(identity: str) -> str:
 
 
 def load_model(name: str, weights: str | os.PathLike | None = "auto", device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32, seed: int = 0, compiled: bool = False) -> nn.Module:
+               dtype: torch.dtype = torch.float32, seed: int = 0, compiled: bool = False,
+               head_dtype: str = "fp32") -> nn.Module:
     """A model by registered name or alias, in eval mode, with fp32 parameters on `device`.
 
     weights:  "auto" -> the weights shipped in the package, else the local Hugging Face cache, else a Spark3rError;
@@ -257,9 +259,14 @@ def load_model(name: str, weights: str | os.PathLike | None = "auto", device: to
               faster on a GPU (benchmarks/results/speed-all.md), but the first forward at each new input shape
               compiles. Outputs equal eager ones within bf16 rounding. `compile_model(model, backend=None)` turns it
               off again.
+    head_dtype: the dense heads run in fp32 as upstream, or with "compute" under autocast to `dtype` (opt-in: faster
+              on a GPU, but the outputs move beyond the bf16 trunk's own noise; benchmarks/block_profile.py measures
+              by how much). The camera heads run fp32 either way.
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise Spark3rError(f"dtype {dtype} is not supported: use torch.float32, torch.bfloat16 or torch.float16")
+    if head_dtype not in HEAD_DTYPES:
+        raise Spark3rError(f"head_dtype {head_dtype!r} is not supported: use one of {', '.join(HEAD_DTYPES)}")
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
         raise Spark3rError(f"weights must be 'auto', None (random weights) or the path of a weights file, got "
                            f"{type(weights).__name__}")
@@ -278,7 +285,7 @@ def load_model(name: str, weights: str | os.PathLike | None = "auto", device: to
         check_finite(state_dict, f"weights file {str(path)!r}")
         load_weights(model, state_dict, entry)
         model = model.to(device)
-    model.compute_dtype = dtype
+    model.compute_dtype, model.head_dtype = dtype, head_dtype
     if compiled:
         compile_model(model)
     return model.eval()

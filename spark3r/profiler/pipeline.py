@@ -16,7 +16,7 @@ from spark3r.data.clips import fit_clips, open_clips
 from spark3r.errors import ParameterError, Spark3rError
 from spark3r.files import check_output_folder
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS
-from spark3r.models.base import ReconstructionModel
+from spark3r.models.base import HEAD_DTYPES, ReconstructionModel
 from spark3r.models.loading import load_model, weights_identity
 from spark3r.models.registry import get_entry, resolve_model_name
 from spark3r.profiler.aggregate import build_profile
@@ -32,7 +32,7 @@ from spark3r.profiler.format import Profile, save_profile
 from spark3r.profiler.lengths import combine, levels_at
 from spark3r.profiler.plot import save_heatmap
 from spark3r.profiler.run import (
-    HEAD_DTYPES, RESUMES, ProfileOptions, profile_clip, profile_levels, sample_schedules,
+    RESUMES, ProfileOptions, profile_clip, profile_levels, sample_schedules,
 )
 from spark3r.profiler.store import ClipResult, load_clip, save_clip
 

@@ -38,13 +38,12 @@ from torch import Tensor, nn
 
 from spark3r.errors import ParameterError
 from spark3r.evaluate.deviation import output_deviation
-from spark3r.models.base import FrameLayout, ReconstructionModel, TrunkState
+from spark3r.models.base import HEAD_DTYPES, FrameLayout, ReconstructionModel, TrunkState
 from spark3r.models.blocks import compute_autocast
 from spark3r.profiler.format import Profile
 from spark3r.reduce import DEFAULT_KV_METHOD, Reduction, apply_reductions, kv_count, query_count
 
 LOCAL_METRICS = ("local_rel_l2", "local_cos")
-HEAD_DTYPES = ("fp32", "compute")
 RESUMES = ("all", "alternate")
 PHASES = ("dense", "cache", "local", "resume", "decode", "additivity")
 
@@ -91,7 +90,7 @@ class ProfileOptions:
 
     def decode_dtype(self, model: ReconstructionModel) -> torch.dtype:
         """The dtype the dense heads decode in: fp32, or the model's compute dtype for head_dtype "compute"."""
-        return {"fp32": torch.float32, "compute": model.compute_dtype}[self.head_dtype]
+        return model.decode_dtype(self.head_dtype)
 
     def identity(self) -> dict:
         """The options that change the numbers (what a resumed run must match); level_batch does not."""

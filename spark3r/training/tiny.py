@@ -3,8 +3,8 @@ the fly, from random weights or from `init` weights (a shallower trunk is grown 
 (spark3r.training.losses).
 
 AdamW with linear warm-up and cosine decay to 5 % of the peak learning rate; the trunk runs in bf16 on CUDA (the DPT
-heads in fp32 as upstream, or under bf16 autocast with `head_dtype` "bf16"; the camera head in fp32), gradients are
-clipped. Schedule progress is max(step / steps, time / minutes), so a time-limited run
+heads in fp32 as upstream, or with `head_dtype` "compute" under autocast to the trunk's dtype; the camera head in
+fp32), gradients are clipped. Schedule progress is max(step / steps, time / minutes), so a time-limited run
 still decays its learning rate to the end. A checkpoint beside `out` (`<out stem>.ckpt.pt`) is written every
 `checkpoint_every` steps and at the end; running the same config again resumes from it (`minutes` counts the total
 training time over all resumes). The weights are written as fp16 safetensors in the state_dict layout that
@@ -28,6 +28,7 @@ from spark3r.data.clips import parse_synthetic_spec
 from spark3r.data.synthetic import SceneConfig, clip_seeds, render_batch
 from spark3r.errors import ParameterError, Spark3rError
 from spark3r.files import atomic_save
+from spark3r.models.base import HEAD_DTYPES
 from spark3r.models.loading import load_model
 from spark3r.training.evaluation import MODEL, evaluate
 from spark3r.training.losses import camera_iterations, scene_targets, training_loss
@@ -36,7 +37,6 @@ from spark3r.training.steps import SCENE_PATHS, TRAIN_SEED_BASE, StepScenes, Ste
 HELD_OUT_SPEC = "synthetic:16:999"
 FINAL_LR_FRACTION = 0.05
 MAX_WEIGHTS_BYTES = 25 * 10**6
-HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the DPT heads' dtype in training
 
 
 def learning_rate(step: int, progress: float, peak: float, warmup: int) -> float:
@@ -284,10 +284,11 @@ def train(config: TrainConfig, device: torch.device = torch.device("cpu"),
     """Run (or resume) training on `device` with the trunk in `dtype`; write the weights to `config.out`. Returns the
     last held-out evaluation."""
     config.check()
-    size, head_dtype = (config.size, config.size), HEAD_DTYPES[config.head_dtype]
+    size = (config.size, config.size)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    model = load_model(MODEL, weights=None, device=device, dtype=dtype, seed=config.seed).train()
+    model = load_model(MODEL, weights=None, device=device, dtype=dtype, seed=config.seed,
+                       head_dtype=config.head_dtype).train()
     # whole batches through the per-frame stages and heads: chunks bound inference memory on long clips, but a
     # training batch of 384 frames in chunks of 8 launches the heads' small kernels 48 times over
     model.config = replace(model.config, frame_chunk_frames=sys.maxsize, head_chunk_frames=sys.maxsize)
@@ -345,7 +346,7 @@ def train(config: TrainConfig, device: torch.device = torch.device("cpu"),
             group["lr"] = learning_rate(step, progress, config.lr, config.warmup)
         images, targets = render_step(arrays, size, device)
         with camera_iterations(model) as pose_iterations:
-            outputs = model.decode(model.run_steps(model.prepare(images)), images, head_dtype)
+            outputs = model(images)
         loss, parts = training_loss(outputs, pose_iterations, targets, config.camera_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
