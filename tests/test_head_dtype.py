@@ -81,7 +81,7 @@ def test_load_model_head_dtype_is_what_forward_decodes_in(images, head_dtype, de
     assert torch.equal(forward["depth"], fp32["depth"]) == (head_dtype == "fp32")
 
 
-def test_an_unknown_head_dtype_is_one_sentence(bf16_tiny):
+def test_an_unknown_model_head_dtype_is_one_sentence(bf16_tiny):
     with pytest.raises(Spark3rError, match="head_dtype 'bf16' is not supported: use one of fp32, compute"):
         load_model("vggt-tiny", weights="none", head_dtype="bf16")
     with pytest.raises(Spark3rError, match="head dtype 'half' is not one of fp32, compute"):
@@ -162,7 +162,7 @@ def test_the_head_dtype_is_recorded_and_resume_refuses_another(tmp_path, capsys)
     assert err.count("\n") == 1 and "other options (head_dtype differ): use a new --out" in err, err
 
 
-def test_an_unknown_head_dtype_is_one_sentence():
+def test_an_unknown_profile_head_dtype_is_one_sentence():
     request = ProfileRequest(model="vggt-tiny", calib="synthetic:1",
                              options=dataclasses.replace(OPTIONS, head_dtype="bf16"))
     with pytest.raises(ParameterError, match=r"^head_dtype is 'bf16': use one of fp32, compute$") as error:

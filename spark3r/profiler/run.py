@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from spark3r.errors import ParameterError
 from spark3r.evaluate.deviation import output_deviation
-from spark3r.models.base import HEAD_DTYPES, FrameLayout, ReconstructionModel, TrunkState
+from spark3r.models.base import FrameLayout, ReconstructionModel, TrunkState
 from spark3r.models.blocks import compute_autocast
 from spark3r.profiler.format import Profile
 from spark3r.reduce import DEFAULT_KV_METHOD, Reduction, apply_reductions, kv_count, query_count
