@@ -38,11 +38,12 @@ import torch
 from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.commands.profile_layers import DEFAULT_KV_KEEP, DEFAULT_QUERY_MERGE, parse_kv_keep, parse_query_merge
 from spark3r.files import write_atomic
+from spark3r.models.base import HEAD_DTYPES
 from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry, resolve_model_name
 from spark3r.profiler.aggregate import spearman
 from spark3r.profiler.pipeline import load_calibration
-from spark3r.profiler.run import HEAD_DTYPES, PHASES, ProfileOptions, profile_clip, profile_levels
+from spark3r.profiler.run import PHASES, ProfileOptions, profile_clip, profile_levels
 
 _spec = importlib.util.spec_from_file_location("benchmarks_provenance",
                                               Path(__file__).resolve().parent / "provenance.py")
