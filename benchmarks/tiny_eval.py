@@ -3,12 +3,14 @@
     python benchmarks/tiny_eval.py        # -> benchmarks/results/eval-vggt-tiny.json (the README's tiny-model table)
 
 Runs `python -m spark3r.commands.train_tiny --evaluate WEIGHTS --clips CLIPS --frames FRAMES --json` in this process and
-writes what it prints (the metrics per clip length), with the command, commit and device.
+writes what it prints (the metrics per clip length), with the command, commit and device (and the sha256 of a weights
+file).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib.util
 import io
 import json
@@ -39,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
                                 "--device", args.device, "--json"])
     if code != 0:
         return code
-    write_json(args.out, {**provenance.record(__file__, argv, args.device), **json.loads(printed.getvalue())})
+    weights = Path(args.weights)
+    identity = {"weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()} if weights.is_file() else {}
+    write_json(args.out, {**provenance.record(__file__, argv, args.device), **identity,
+                          **json.loads(printed.getvalue())})
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

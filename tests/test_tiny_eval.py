@@ -1,0 +1,27 @@
+"""benchmarks/tiny_eval.py: the evaluation's JSON with its provenance and the identity of the weights file."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from safetensors.torch import save_file
+
+import spark3r
+from support import load_benchmark
+
+bench = load_benchmark("tiny_eval")
+
+
+def test_writes_the_evaluation_with_command_commit_device_and_weights_hash(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    model = spark3r.load_model("vggt-tiny", weights="none", seed=3)
+    save_file({key: value.half().contiguous() for key, value in model.state_dict().items()}, weights)
+    out = tmp_path / "eval.json"
+    assert bench.main(["--weights", str(weights), "--clips", "synthetic:1:1000", "--frames", "2", "--out",
+                       str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert {"command", "commit", "device_name"} <= set(result) and list(result["lengths"]) == ["2"]
+    assert set(result["lengths"]["2"]["results"]) == {"model", "frame_only", "trivial"}
+    assert bench.main(["--weights", "none", "--clips", "synthetic:1:1000", "--frames", "2", "--out", str(out)]) == 0
+    assert "weights_sha256" not in json.loads(out.read_text())
