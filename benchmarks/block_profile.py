@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         decode = lambda: model.decode(state, images)  # noqa: E731
         result["kernels"]["heads"] = kernel_table(device, decode)
         times["heads, shipped"] = timed(device, decode, args.repeats)
+        times["heads, compute dtype"] = timed(device, lambda: model.decode(state, images, model.compute_dtype),
+                                              args.repeats)
 
         if not args.skip_compile:
             compile_model(model)

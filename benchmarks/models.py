@@ -76,8 +76,8 @@ def time_heads(model, frames: int, size: tuple[int, int], device: torch.device, 
     with apply_reductions(model, {layer: cheap for layer in range(model.adapter.num_global_layers)}) as handle:
         handle.set_layout(model.adapter.layout(images))
         finished = model.run_steps(model.prepare(images))
-    model.decode(finished, images)
-    _, seconds, _ = measure(device, lambda: model.decode(finished, images), repeats)
+    model.decode(finished, images, model.decode_dtype())
+    _, seconds, _ = measure(device, lambda: model.decode(finished, images, model.decode_dtype()), repeats)
     return seconds
 
 

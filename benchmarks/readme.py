@@ -21,6 +21,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_head_dtype  # noqa: E402  (its `decide` is the one place the head-dtype rule is written)
+import speed_all  # noqa: E402  (its `setting`: what a results file was measured with)
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -164,11 +165,13 @@ def speed_all_lines(results: Path, earlier_peaks: dict[str, float]) -> list[str]
     (speed-all.json), each with the FLOP model's time at the measured ceilings, a paper row's speed-up over the dense
     row of its file, and beside the earlier whole run's peak of the same model."""
     lines = []
-    for name in ("speed-all-eager.json", "speed-all.json"):
+    for name in ("speed-all-eager.json", "speed-all.json", "speed-all-compute-heads.json"):
         if not (results / name).is_file():
             continue
         data = load(results, name)
         blocks = data["settings"].get("blocks", "eager")
+        heads = "" if speed_all.setting(data["settings"], "head_dtype") == "fp32" else (
+            ", dense heads in the compute dtype (opt-in)")
         for row in data["rows"]:
             if row.get("kind") != "speed" or row["frames"] != 1000 or row.get("out_of_memory"):
                 continue
@@ -176,7 +179,8 @@ def speed_all_lines(results: Path, earlier_peaks: dict[str, float]) -> list[str]
             ceiling = (row.get("predicted") or {}).get("ceiling_end_to_end_s")
             lines.append(
                 f"| {MODEL_NAMES[row['model']]} {'+ paper rule' if row['schedule'] == 'paper' else row['schedule']}, "
-                f"1000 frames, {blocks} blocks ({data['settings']['device_name']}, `benchmarks/speed_all.py`) | "
+                f"1000 frames, {blocks} blocks{heads} ({data['settings']['device_name']}, "
+                "`benchmarks/speed_all.py`) | "
                 f"{row['end_to_end_s']:.1f} s end to end"
                 + (f" (the FLOP model at the measured ceilings: {ceiling:.1f} s)" if ceiling else "")
                 + (f", {row['speedup']:.1f}x over dense (FLOP model: {row['flop_speedup']:.1f}x)"

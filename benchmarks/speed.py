@@ -155,7 +155,7 @@ def timed_run(model, images, device, assembled: bool, attention: ModuleTimer | N
     if attention is not None:
         seconds["global attention modules"] = scale * attention.take()
     del state
-    _, seconds["heads"], decode_peak = measure(device, lambda: model.decode(finished, images))
+    _, seconds["heads"], decode_peak = measure(device, lambda: model.decode(finished, images, model.decode_dtype()))
     stage_peaks["heads"].append(decode_peak)
     stage_peaks = {stage: max(peaks) for stage, peaks in stage_peaks.items() if peaks and None not in peaks}
     return {"seconds": seconds, "peak_gib": max(stage_peaks.values()) if stage_peaks else None,

@@ -6,8 +6,9 @@ length beside the FLOP model's TFLOP and prediction, peak memory, and the profil
 
 Random weights, --dtype autocast, each model at its default size (--size: square frames of that side), --blocks
 compiled (default: the blocks' token-wise parts and the DPT heads through torch.compile, `compile_model`; each length
-gets one untimed paper-rule forward first, which compiles its shapes, and its time is kept as "warm_up_s") or eager.
-In order:
+gets one untimed paper-rule forward first, which compiles its shapes, and its time is kept as "warm_up_s") or eager;
+--head-dtype compute runs the speed rows' dense heads in the compute dtype (opt-in; `load_model(head_dtype=...)`), in a
+file of its own (e.g. --out benchmarks/results/speed-all-compute-heads.json). In order:
 
 1. Ceilings, measured first: an [N, N] x [N, N] matrix product (N = --ceiling-matmul) in the compute dtype and in
    fp32 (the heads run fp32; torch's float32 matmul precision is recorded), and F.scaled_dot_product_attention on q, k,
@@ -35,9 +36,9 @@ model's count of an exact profile of the goal's clips at the ceilings (`speed.pr
 Resumable: the ceilings and every finished row are written to --out (and the table to --out with suffix .md) as soon
 as they are measured, atomically; a rerun skips what the file holds. --only MODEL, MODEL/FRAMES, MODEL/FRAMES/dense,
 MODEL/FRAMES/paper or MODEL/profile picks rows, to split the work over several calls; a row that ran out of memory is
-kept as such. The settings that change what a row measures (device, dtype, size, repeats, head frames, ceiling and
-profile workloads, seed) must match the file's. Each row names the call that measured it ("measured_by": command,
-commit, time); the file's own command and commit are the latest call's.
+kept as such. The settings that change what a row measures (device, dtype, blocks, head dtype, size, repeats, head
+frames, ceiling and profile workloads, seed) must match the file's. Each row names the call that measured it
+("measured_by": command, commit, time); the file's own command and commit are the latest call's.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from spark3r.commands.arguments import DTYPES, ArgumentParser, command, resolve_device
 from spark3r.errors import ParameterError
 from spark3r.files import check_output_file
+from spark3r.models.base import HEAD_DTYPES
 from spark3r.models.blocks import compile_model
 from spark3r.models.registry import build_model, get_entry
 from spark3r.profiler.run import resumed_columns
@@ -378,6 +380,11 @@ def warm_up_note(row: dict) -> str:
     return f"; first forward at this length (compiling) {row['warm_up_s']:.1f} s" if "warm_up_s" in row else ""
 
 
+def heads_label(settings: dict) -> str:
+    """'fp32 heads' (as upstream) or 'compute-dtype heads' (`--head-dtype compute`)."""
+    return "fp32 heads" if setting(settings, "head_dtype") == "fp32" else "compute-dtype heads"
+
+
 def markdown(results: dict) -> str:
     """The tables: ceilings, end to end, per stage, profile-layers, the issue's goals."""
     settings, ceilings = results["settings"], results["ceilings"]
@@ -386,7 +393,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Dense and paper-rule speed of every family on one {settings['device_name']}",
         "",
-        f"Random weights, {settings['dtype']} autocast, {settings.get('blocks', 'eager')} blocks, torch "
+        f"Random weights, {settings['dtype']} autocast, {settings.get('blocks', 'eager')} blocks, "
+        f"{heads_label(settings)}, torch "
         f"{results['torch']}, last written {results['created']}. "
         f"Rows measured by {len(commands)} call(s) at commit(s) {', '.join(commits) or 'n/a'}:",
         "",
@@ -483,6 +491,14 @@ def save(path: Path, results: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------- the run
 
+SETTING_DEFAULTS = {"head_dtype": "fp32"}  # what files written before a setting existed were measured with
+
+
+def setting(settings: dict, key: str):
+    """A stored setting, or its SETTING_DEFAULTS value in a file older than it."""
+    return settings.get(key, SETTING_DEFAULTS.get(key))
+
+
 def load_results(path: Path, settings: dict) -> dict:
     """The results file at `path`, or a new one; a sentence if it is not one of this benchmark's or was measured
     with other settings."""
@@ -496,8 +512,8 @@ def load_results(path: Path, settings: dict) -> dict:
         raise ParameterError(f"`out` {path} is not a results file of benchmarks/speed_all.py: give another path",
                              "out")
     stored = results["settings"]
-    differing = [f"{key} {stored.get(key)!r} there, {value!r} here" for key, value in settings.items()
-                 if stored.get(key) != value]
+    differing = [f"{key} {setting(stored, key)!r} there, {value!r} here" for key, value in settings.items()
+                 if setting(stored, key) != value]
     if differing:
         raise ParameterError(f"`out` {path} holds rows measured with other settings ({'; '.join(differing)}): run "
                              "with its settings to resume it, or give another path", "out")
@@ -558,6 +574,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="MODEL, MODEL/FRAMES, MODEL/FRAMES/dense|paper or MODEL/profile: measure only these rows")
     parser.add_argument("--size", type=int, default=None, help="square frame side (default: each model's size)")
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="trunk autocast dtype")
+    parser.add_argument("--head-dtype", default="fp32", choices=HEAD_DTYPES,
+                        help="the speed rows' dense heads: fp32 (as upstream) or compute (opt-in; profile rows take "
+                             "profile-layers' own --head-dtype through --profile-options)")
     parser.add_argument("--blocks", default="compiled", choices=BLOCK_MODES,
                         help="compiled: the blocks' token-wise parts and the DPT heads run through torch.compile "
                              "(spark3r.models.blocks.compile_model), warmed up at each length first; eager: as "
@@ -586,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     record = provenance.record(__file__, argv, device)
     settings = {
-        "device_name": record["device_name"], "dtype": args.dtype, "blocks": args.blocks, "size": args.size,
+        "device_name": record["device_name"], "dtype": args.dtype, "blocks": args.blocks,
+        "head_dtype": args.head_dtype, "size": args.size,
         "repeats": args.repeats,
         "head_frames": args.head_frames, "ceiling_matmul": args.ceiling_matmul, "ceiling_tokens": args.ceiling_tokens,
         "profile_clips": args.profile_clips, "profile_frames": args.profile_frames,
@@ -628,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         if whole:
             torch.manual_seed(args.seed)
             model = build_model(name, device).eval().requires_grad_(False)
-            model.compute_dtype = DTYPES[args.dtype]
+            model.compute_dtype, model.head_dtype = DTYPES[args.dtype], args.head_dtype
             if args.blocks == "compiled":
                 compile_model(model)
             warm_up_s = {}

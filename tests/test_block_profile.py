@@ -50,6 +50,7 @@ def test_a_cpu_smoke_run_writes_its_tables(tmp_path, one_thread):
                   "--skip-compile", "--device", "cpu", "--out", str(out)])
     result = json.loads(out.read_text())
     assert set(result["kernels"]) == {"frame block", "global block", "heads"}
+    assert {"heads, shipped", "heads, compute dtype"} <= set(result["times_s"])
     text = out.with_suffix(".md").read_text()
     assert text.startswith("# Block profile: vggt-tiny, 4 frames") and "heads (2 frames, fp32)" in text
 

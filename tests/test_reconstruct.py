@@ -114,7 +114,8 @@ def test_head_dtype_compute_is_recorded_and_moves_only_the_dense_outputs(scene, 
         out = tmp_path / head_dtype
         assert main([str(folder), "--model", "vggt-tiny", "--schedule", "none", "--max-frames", "2", "--dtype", "bf16",
                      "--head-dtype", head_dtype, "--out", str(out), "--device", "cpu"]) == 0
-        runs[head_dtype] = (json.loads((out / "summary.json").read_text()), np.load(out / "depth" / "000000.npz")["depth"])
+        depth = np.load(out / "depth" / "000000.npz")["depth"]
+        runs[head_dtype] = (json.loads((out / "summary.json").read_text()), depth)
     assert [summary["head_dtype"] for summary, _ in runs.values()] == ["fp32", "compute"]
     assert not np.array_equal(runs["fp32"][1], runs["compute"][1])
 

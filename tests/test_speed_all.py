@@ -124,6 +124,30 @@ def test_bad_arguments_cost_a_sentence(speed_all, tmp_path, capsys, extra, messa
     assert not (tmp_path / "out.json").exists()
 
 
+def test_compute_dtype_heads_reach_the_speed_rows_and_keep_a_file_of_their_own(speed_all, tmp_path, capsys,
+                                                                              monkeypatch, one_thread):
+    decoded = []
+    real_speed_row = speed_all.speed_row
+
+    def speed_row(model, *args):
+        decoded.append(model.decode_dtype())
+        return real_speed_row(model, *args)
+
+    monkeypatch.setattr(speed_all, "speed_row", speed_row)
+    out = tmp_path / "speed-all-compute-heads.json"
+    argv = tiny_argv(out) + ["--frames", "2", "--profile-clips", "0"]
+    argv[argv.index("fp32")] = "bf16"
+    assert speed_all.main(argv + ["--head-dtype", "compute"]) == 0
+    results = json.loads(out.read_text())
+    assert results["settings"]["head_dtype"] == "compute" and set(decoded) == {torch.bfloat16}
+    assert "compute-dtype heads" in out.with_suffix(".md").read_text().split("\n")[2]
+    assert speed_all.main(argv) == 2  # fp32 heads, the default, on the compute-heads file
+    assert "head_dtype 'compute' there, 'fp32' here" in capsys.readouterr().err
+    del results["settings"]["head_dtype"]  # a file written before the setting existed was measured with fp32 heads
+    out.write_text(json.dumps(results))
+    assert speed_all.main(argv) == 0
+
+
 def test_a_file_of_other_settings_or_another_kind_is_left_alone(speed_all, tmp_path, capsys):
     out = tmp_path / "speed-all.json"
     out.write_text(json.dumps({"settings": {"dtype": "bf16"}, "ceilings": None, "rows": []}))

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     evaluation = evaluate_schedule(args.model, args.schedule, args.clips, device=device,
-                                   dtype=resolve_dtype(args.dtype, device), weights=args.weights, frames=args.frames, every=args.every, size=args.size,
+                                   dtype=resolve_dtype(args.dtype, device), weights=args.weights, frames=args.frames,
+                                   every=args.every, size=args.size,
                                    repeats=args.repeats, warmup=args.warmup, seed=args.seed, compiled=args.compile,
                                    head_dtype=args.head_dtype)
     if args.json:
