@@ -14,12 +14,14 @@ import argparse
 import difflib
 import json
 import re
+import shlex
 import sys
 import textwrap
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import block_profile  # noqa: E402  (its parser: a block profile's own arguments)
 import profile_head_dtype  # noqa: E402  (its `decide` is the one place the head-dtype rule is written)
 import speed_all  # noqa: E402  (its `setting`: what a results file was measured with)
 
@@ -158,6 +160,37 @@ def speed_section(results: Path) -> str:
         f"| measured, {profile['clips']} clip (`profile-vggt-1b-1clip.json`) |",
     ]
     return "\n".join(lines + speed_all_lines(results, peaks))
+
+
+HEADS_NOISE_FILE = "block-profile-vggt-1b-1000-h100.json"  # the first block profile with bf16-head noise rows
+
+
+@section("compute-heads")
+def compute_heads_section(results: Path) -> str:
+    """What `--head-dtype compute` costs in fidelity: each model's relative L2 distance from fp32 outputs with the
+    trunk in bf16, and with the dense heads in bf16 too (block_profile's noise rows)."""
+    data = load(results, HEADS_NOISE_FILE)
+    models = {"vggt-tiny": "vggt-tiny (shipped weights)", "vggt-1b": "VGGT-1B (random weights)"}
+    keys = ("depth", "points")
+    lines = [prose(
+        "`--head-dtype compute` (on `reconstruct` and `evaluate-schedule`; from Python `load_model(..., "
+        "head_dtype=\"compute\")`) runs the dense heads in the trunk's `--dtype` instead of fp32 as upstream (the camera "
+        "heads stay fp32). It is opt-in because it moves the outputs beyond the bf16 trunk's own noise: relative L2 "
+        f"distance from the fp32 model's outputs ({gpu(data)}, `benchmarks/results/{HEADS_NOISE_FILE[:-5]}.md`):"), "",
+        "| model | frames | " + " | ".join(f"{key}: bf16 trunk | {key}: bf16 trunk and heads" for key in keys)
+        + " | how |", "|---|---:|" + "---:|" * (2 * len(keys)) + "---|"]
+    for row in data["noise"]:
+        lines.append(f"| {models[row['model']]} | {row['frames']} | "
+                     + " | ".join(f"{row[f'bf16 vs fp32 {key}']:.1e} | {row[f'bf16 with bf16 heads vs fp32 {key}']:.1e}"
+                                  for key in keys) + " | measured, random images |")
+    times = data["times_s"]
+    head_frames = block_profile.parser().parse_args(shlex.split(data["command"])[2:]).head_frames
+    lines += ["", prose(f"The heads of {head_frames} VGGT-1B frames take {times['heads, compute dtype']:.3f} s in the "
+                        f"compute dtype against {times['heads, shipped']:.3f} s in fp32."
+                        if "heads, compute dtype" in times else
+                        "Their time in the compute dtype is not measured yet (`benchmarks/block_profile.py` now times "
+                        "it).")]
+    return "\n".join(lines)
 
 
 def speed_all_lines(results: Path, earlier_peaks: dict[str, float]) -> list[str]:
