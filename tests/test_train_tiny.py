@@ -26,7 +26,7 @@ from spark3r.training.losses import (
 )
 from spark3r.training.steps import StepScenes, StepShape, render_step, train_spec_seed
 from spark3r.training.tiny import (
-    grow_depth, learning_rate, parameter_groups, split_head_channels, split_heads, trunk_depth,
+    compile_model, grow_depth, learning_rate, parameter_groups, split_head_channels, split_heads, trunk_depth,
 )
 
 
@@ -203,6 +203,17 @@ def test_time_limit_stops_cleanly_and_still_writes_weights(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "time limit of 1e-06 min reached at step 0" in printed and "after 0 steps" in printed
     assert out.exists() and torch.load(out.with_suffix(".ckpt.pt"), weights_only=True)["step"] == 0
+
+
+def test_training_compiles_its_blocks_and_heads_with_dynamic_shapes(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **options: compiled.append((module, options)))
+    model = spark3r.load_model("vggt-tiny", weights="none")
+    compile_model(model)
+    depth = len(model.aggregator.frame_blocks)
+    assert len(compiled) == 2 * depth + len(model.camera_head.trunk) + 2
+    assert {id(module) for module, _ in compiled} >= {id(model.depth_head), id(model.point_head)}
+    assert all(options == {"dynamic": True} for _, options in compiled)
 
 
 def test_head_dtype_reaches_the_training_decode_and_not_the_evaluation(tmp_path, capsys, monkeypatch):
