@@ -135,19 +135,6 @@ def breaks(report: dict, middle: dict) -> str:
             f"model up to about {max(holds) if holds else short} frames.")
 
 
-def stages_table(first: dict, second: dict) -> list[str]:
-    """The dense model of both stages side by side, per clip length."""
-    lines = ["| frames | ATE stage 1 | ATE stage 2 | rot err stage 1 | rot err stage 2 | AUC@30 stage 1 | "
-             "AUC@30 stage 2 | frame-only / model ATE, stage 2 |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    one, two, frame_only_two = by_length(first), by_length(second), by_length(second, "frame_only")
-    for frames in sorted(two):
-        frame_only = frame_only_two[frames]["ate"]
-        lines.append(f"| {frames} | {one[frames]['ate']:.3f} | {two[frames]['ate']:.3f} | "
-                     f"{one[frames]['rotation_deg']:.2f} | {two[frames]['rotation_deg']:.2f} | "
-                     f"{one[frames]['auc30']:.3f} | {two[frames]['auc30']:.3f} | {frame_only / two[frames]['ate']:.2f} |")
-    return lines
-
-
 STAGE3_RUNS = (("2 heads", "s3-h2"), ("4 heads", "s3-h4"))
 STAGE3_CHECKPOINT = "benchmarks/checkpoints/vggt-tiny-long-stage3.safetensors"
 COMPARED = (("rotation_deg", "rot err deg", 2), ("ate", "ATE", 3), ("auc30", "AUC@30", 3))
@@ -237,9 +224,94 @@ def stage3(arcs_before: dict[str, dict]) -> list[str]:
           f"{by_length(arcs_before['stage 2'])[8]['auc30']:.3f}, both {arcs_before['stage 2']['device_name']})"
         + (": a quarter of the steps on arcs brings them back to stage 1's level."
            if min(arc_auc.values()) >= by_length(arcs_before["stage 1"])[8]["auc30"] else "."), "",
-        f"Not shipped: the 2-head weights are kept as `{STAGE3_CHECKPOINT}` for the next stage to start from "
-        "(`INIT=` that file); shipping new weights means rerunning this report, the 256-frame profile and "
-        "benchmarks/length_schedules.py at 256 frames on a GPU together."]
+        f"Not shipped: the 2-head weights were kept as `{STAGE3_CHECKPOINT}` (commit aa3f305; removed from the tree "
+        "once stage 4 started from them)."]
+
+
+STAGE4_CHECKPOINT = "benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors"
+STAGE4_COMMAND = (f"RUN=/root/s4 MINUTES=10 INIT={STAGE3_CHECKPOINT} MAX_FRAMES=256 FRAMES_PER_STEP=1024 LR=3e-4 "
+                  "WARMUP=100 SEED=4 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 bash benchmarks/train_tiny_long.sh")
+STEP_RATE = re.compile(r"step (\d+)/\d+ .*?([\d.]+) steps/s\s+([\d.]+) min")
+
+
+def step_rates(log: Path) -> list[tuple[int, float, float]]:
+    """(step, steps/s since the last log line, minutes trained) of every log line of a training log."""
+    return [(int(step), float(rate), float(minutes)) for step, rate, minutes in STEP_RATE.findall(log.read_text())]
+
+
+def step_profile_rows(result: dict, length: int) -> dict[str, dict]:
+    """A train_step_profile result's rows at one clip length, by DPT head dtype."""
+    return {row["heads"]: row for row in result["rows"] if row["length"] == length}
+
+
+def worse_than(report: dict, reference: dict) -> list[str]:
+    """Every (length, metric of COMPARED or frame-only / model ATE) at which `report`'s dense model is worse than
+    `reference`'s."""
+    model, old = by_length(report), by_length(reference)
+    ratio = {label: {f: by_length(r, "frame_only")[f]["ate"] / by_length(r)[f]["ate"] for f in by_length(r)}
+             for label, r in (("new", report), ("old", reference))}
+    worse = [f"{name} at {frames} ({old[frames][key]:.{digits}f} -> {model[frames][key]:.{digits}f})"
+             for frames in sorted(model) for key, name, digits in COMPARED
+             if (model[frames][key] < old[frames][key]) == (key == "auc30") and model[frames][key] != old[frames][key]]
+    worse += [f"frame-only / model ATE at {frames} ({ratio['old'][frames]:.2f} -> {ratio['new'][frames]:.2f})"
+              for frames in sorted(model) if ratio["new"][frames] < ratio["old"][frames]]
+    return worse
+
+
+def stage4() -> list[str]:
+    """Stage 4 from stage 3's 2-head weights on one H100, with the DPT heads in bf16 and the blocks compiled; not
+    shipped yet."""
+    log = RESULTS / "train-vggt-tiny-long-s4.log"
+    evals, rates = held_out_evals(log), step_rates(log)
+    stage3_last = held_out_evals(RESULTS / "train-vggt-tiny-long-s3-h2.log")[-1]
+    eager = json.loads((RESULTS / "train-step-profile.json").read_text())
+    compiled = json.loads((RESULTS / "train-step-profile-compiled.json").read_text())
+    long = max(row["length"] for row in compiled["rows"])
+    plain, bf16_heads = step_profile_rows(eager, long)["fp32"], step_profile_rows(eager, long)["compute"]
+    both = step_profile_rows(compiled, long)["compute"]
+    render_share = both["phases_ms"]["render"] / both["step_ms"]
+    reports = {label: json.loads((RESULTS / f"eval-vggt-tiny-long-{tag}.json").read_text())
+               for label, tag in (("stage 2", "s2-cpu"), ("stage 3", "s3-h2"), ("stage 4", "s4"))}
+    on_gpu = json.loads((RESULTS / "eval-vggt-tiny-long-s4-h100.json").read_text())
+    arcs = json.loads((RESULTS / "eval-vggt-tiny-long-s4-arc8.json").read_text())
+    arcs3 = json.loads((RESULTS / "eval-vggt-tiny-long-s3-h2-arc8.json").read_text())
+    gap = max(abs(by_length(on_gpu)[f][key] - by_length(reports["stage 4"])[f][key]) / abs(
+        by_length(reports["stage 4"])[f][key]) for f in by_length(on_gpu) for key, _, _ in COMPARED)
+    worse = worse_than(reports["stage 4"], reports["stage 2"])
+    steady = [rate for step, rate, _ in rates if step > 100]
+    first_minutes = rates[0][2]
+    return [
+        "Stage 3's 2-head weights trained on for 10 min alone on one NVIDIA H100 (commit 9360db2), with the DPT heads "
+        "under bf16 autocast (`--head-dtype compute`) and the blocks and DPT heads compiled (`--compile`), because "
+        "`benchmarks/train_step_profile.py` (`train-step-profile.md`, `train-step-profile-compiled.md`) timed a step "
+        f"of {long} frames x {plain['clips']} clips at {plain['step_ms']:.0f} ms as stage 3 trained (eager, fp32 "
+        "heads), "
+        f"{bf16_heads['step_ms']:.0f} ms with bf16 heads and {both['step_ms']:.0f} ms with both "
+        f"({plain['step_ms'] / both['step_ms']:.2f}x); of the last, the ray cast of the clips takes "
+        f"{both['phases_ms']['render']:.0f} ms ({render_share:.0%}).", "",
+        "```bash", STAGE4_COMMAND, "```", "",
+        f"Log `train-vggt-tiny-long-s4.log` ({trained(log)}): {min(steady):.1f}-{max(steady):.1f} steps/s after step "
+        f"100, but the first 100 steps took {first_minutes:.1f} min, most of it compiling (the heads hit dynamo's "
+        "recompile limit for the changing clip lengths; `--compile` now compiles with dynamic shapes). Its periodic "
+        "held-out evaluation at 256 frames (synthetic:16:999:walk, bf16):", "",
+        "| step | rot err deg | trans err | AUC@30 |", "|---:|---:|---:|---:|",
+        *(f"| {row['step']} | {row['rotation_deg']:.2f} | {row['translation']:.3f} | {row['auc30']:.3f} |"
+          for row in evals), "",
+        f"Stage 3 ended at {stage3_last['rotation_deg']:.2f} deg, AUC@30 {stage3_last['auc30']:.3f} (step "
+        f"{stage3_last['step']}).", "",
+        f"Stages 2, 3 (2 heads) and 4 on the held-out walks ({reports['stage 4']['clips']}, dense, each "
+        f"{reports['stage 4']['device_name']}):", "", *stages_compared(reports), "",
+        f"The same evaluation of stage 4 on the H100 in fp32 (`eval-vggt-tiny-long-s4-h100.json`) differs from the "
+        f"CPU's by at most {gap:.0e} (relative) on every metric above.", "",
+        "### Stage 4: the issue's bars", "", *bars(reports["stage 4"]), "",
+        f"On 8-frame arcs ({arcs['clips']}, {arcs['device_name']}) AUC@30 is {by_length(arcs)[8]['auc30']:.3f} "
+        f"(stage 3: {by_length(arcs3)[8]['auc30']:.3f}).", "",
+        "### Stage 4: sensitivity at 256 frames", "", *sensitivity("profile-vggt-tiny-long-s4-256.json"), "",
+        (f"Not shipped yet: stage 4 is worse than the shipped stage 2 in {len(worse)} place(s): " + "; ".join(worse)
+         + ". " if worse else "Better than the shipped stage 2 at every length and metric above. ")
+        + f"Its weights are kept as `{STAGE4_CHECKPOINT}` for the next stage to start from; shipping new weights means "
+          "rerunning this report, the 256-frame profile and benchmarks/length_schedules.py at 256 frames on a GPU "
+          "together."]
 
 
 def sensitivity(name: str) -> list[str]:
@@ -266,7 +338,7 @@ def report() -> str:
     one, two = by_length(first)[long], by_length(second)[long]
     text = [
         "# vggt-tiny for long clips (12 + 12 blocks): stage 1 on clips of 2-48 frames, stage 2 on 2-256 (shipped), "
-        "stage 3 on 2-256 with more arcs (not shipped)", "",
+        "stages 3 and 4 on 2-256 with more arcs (not shipped)", "",
         "Device: one NVIDIA H200 (torch 2.11), bf16 trunk. Commands (background, resumable; "
         "`benchmarks/train_tiny_long.sh`):", "",
         "```bash", "# stage 1, code of commit 2d34547 with the vggt-tiny config at depth 12 (committed next)",
@@ -290,7 +362,8 @@ def report() -> str:
         *spread_table(second), "",
         f"## Between 32 and 128 frames (stage 2, {middle['clips']}, {middle['device_name']})", "",
         *evaluation_table(middle), "", breaks(second, middle), "",
-        "## Stage 1 against stage 2 (held-out walks, dense)", "", *stages_table(first, second), "",
+        "## Stage 1 against stage 2 (held-out walks, dense)", "",
+        *stages_compared({"stage 1": first, "stage 2": second}), "",
         f"Stage 2 takes the {long}-frame ATE from {one['ate']:.3f} to {two['ate']:.3f} and AUC@30 from "
         f"{one['auc30']:.2f} to {two['auc30']:.2f} (the bars above compare it with its 8-frame quality). "
         f"Its periodic held-out AUC@30 at {long} frames (synthetic:16:999:walk) was "
@@ -307,6 +380,7 @@ def report() -> str:
         "### 256 frames", "", *sensitivity("profile-vggt-tiny-long-256.json"), "",
         "## Stage 3 (not shipped): 2 heads against 4 heads", "",
         *stage3({"stage 1": arcs_first, "stage 2": arcs_second}), "",
+        "## Stage 4 (not shipped yet): bf16 DPT heads and compiled blocks, 10 min on one H100", "", *stage4(), "",
         "## Stage 1's sensitivity at 32 frames", "",
         f"`profile-vggt-tiny-long-48-32.json` (`{profile_first['command']}`, {profile_first['device_name']}).", "",
         *asymmetry(profile_first), ""]

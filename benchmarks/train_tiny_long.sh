@@ -9,12 +9,18 @@
 #   RUN=/root/tiny-long-256 MINUTES=11 INIT=spark3r/weights/vggt-tiny.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=2e-4 WARMUP=100 SEED=2 bash benchmarks/train_tiny_long.sh
 # Stage 3 (not shipped; benchmarks/results/train-vggt-tiny-long.md): from stage 2's weights, a quarter of the steps
-# short arcs; its weights are benchmarks/checkpoints/vggt-tiny-long-stage3.safetensors:
+# short arcs; its weights were benchmarks/checkpoints/vggt-tiny-long-stage3.safetensors (commit aa3f305):
 #   RUN=/root/h2 MINUTES=15 INIT=spark3r/weights/vggt-tiny.safetensors MAX_FRAMES=256 FRAMES_PER_STEP=1024 LR=3e-4 \
 #       WARMUP=100 SEED=3 ARC_SHARE=0.25 bash benchmarks/train_tiny_long.sh
-# Stage 4 (next), from stage 3's weights with a new seed:
-#   RUN=/root/s4 MINUTES=20 INIT=benchmarks/checkpoints/vggt-tiny-long-stage3.safetensors MAX_FRAMES=256 \
-#       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=4 ARC_SHARE=0.25 bash benchmarks/train_tiny_long.sh
+# Stage 4 (not shipped yet), from stage 3's weights, bf16 DPT heads and compiled blocks, on an H100 (commit 9360db2);
+# its weights are benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors:
+#   RUN=/root/s4 MINUTES=10 INIT=benchmarks/checkpoints/vggt-tiny-long-stage3.safetensors MAX_FRAMES=256 \
+#       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=4 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
+#       bash benchmarks/train_tiny_long.sh
+# Stage 5 (next), from stage 4's weights with a new seed:
+#   RUN=/root/s5 MINUTES=15 INIT=benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors MAX_FRAMES=256 \
+#       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=5 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
+#       bash benchmarks/train_tiny_long.sh
 # ARC_SHARE=0.25 makes a quarter of the steps short arcs (stage 2 had arcs in 3% of its steps and lost them).
 # HEAD_DTYPE=compute runs the DPT heads under autocast to the trunk's bf16 in training (default fp32, as upstream).
 # COMPILE=1 compiles the blocks and DPT heads (train_tiny --compile).
