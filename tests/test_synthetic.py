@@ -145,6 +145,26 @@ def test_a_long_walk_revisits_the_scene():
     assert later.min() < 0.3
 
 
+def test_texture_of_each_point_is_its_own_surfaces_waves_in_float64():
+    """Albedo of every pixel of two rendered scenes against the formula evaluated point by point in float64 with the
+    parameters of the surface the point lies on: colour_1 + (colour_2 - colour_1) * mix, mix = 1/2 + tanh(sharpness *
+    sum_k amplitude_k sin(k_k . p + phase_k)) / 2."""
+    from spark3r.data.synthetic import _texture
+    sampled = [sample_clip(seed, 2, 6, 6, SceneConfig()) for seed in clip_seeds(3, 2)]
+    scene = Scene.stack([item[0] for item in sampled])
+    points = torch.randn(2, 2, 36, 3, dtype=torch.float64)
+    surface = torch.randint(0, scene.wave_vector.shape[1], (2, 2, 36))
+    albedo = _texture(scene.to(dtype=torch.float64), points, surface)
+    for b, s, n in torch.cartesian_prod(torch.arange(2), torch.arange(2), torch.arange(36)).tolist():
+        index, point = surface[b, s, n], points[b, s, n].tolist()
+        phases = [sum(float(scene.wave_vector[b, index, k, c]) * point[c] for c in range(3))
+                  + float(scene.wave_phase[b, index, k]) for k in range(scene.wave_vector.shape[2])]
+        wave = sum(float(scene.wave_amplitude[b, index, k]) * math.sin(phase) for k, phase in enumerate(phases))
+        mix = 0.5 + 0.5 * math.tanh(float(scene.sharpness[b, index]) * wave)
+        first, second = scene.colors[b, index, 0].double(), scene.colors[b, index, 1].double()
+        assert torch.allclose(albedo[b, s, n], first + (second - first) * mix, atol=1e-12), (b, s, n)
+
+
 def test_existing_specs_keep_their_clips():
     """The third camera of synthetic:1:0's clip as the arc drew it before the walk mode existed (printed by the
     renderer of commit 189e6d8): existing clip specs keep their meaning."""

@@ -470,15 +470,16 @@ def _hit_sphere(scene: Scene, index: int, origins, directions, depth, surface, n
 
 
 def _texture(scene: Scene, points: torch.Tensor, surface: torch.Tensor) -> torch.Tensor:
-    """Albedo [B, S, N, 3] of each hit point: its surface's two colours mixed by tanh(sharpness * sum of waves)."""
+    """Albedo [B, S, N, 3] of each hit point: its surface's two colours mixed by tanh(sharpness * sum of waves),
+    computed for the points of one surface at a time (each point's waves once, not every surface's)."""
     albedo = torch.zeros_like(points)
+    batch = torch.arange(points.shape[0], device=points.device).view(-1, 1, 1).expand_as(surface)
     for index in range(scene.wave_vector.shape[1]):
-        phase = torch.einsum("bsnc,bkc->bsnk", points, scene.wave_vector[:, index])
-        phase = phase + scene.wave_phase[:, index, None, None]
-        wave = (torch.sin(phase) * scene.wave_amplitude[:, index, None, None]).sum(-1)
-        mix = 0.5 + 0.5 * torch.tanh(scene.sharpness[:, index, None, None] * wave)
-        first = scene.colors[:, index, 0, None, None]
-        second = scene.colors[:, index, 1, None, None]
-        color = first + (second - first) * mix[..., None]
-        albedo = torch.where((surface == index)[..., None], color, albedo)
+        hit = surface == index
+        owner, at = batch[hit], points[hit]  # [M], [M, 3]
+        phase = (at[:, None] * scene.wave_vector[owner, index]).sum(-1) + scene.wave_phase[owner, index]  # [M, K]
+        wave = (torch.sin(phase) * scene.wave_amplitude[owner, index]).sum(-1)
+        mix = 0.5 + 0.5 * torch.tanh(scene.sharpness[owner, index] * wave)
+        first, second = scene.colors[owner, index, 0], scene.colors[owner, index, 1]
+        albedo[hit] = first + (second - first) * mix[:, None]
     return albedo
