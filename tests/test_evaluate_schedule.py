@@ -103,7 +103,7 @@ def test_summary_sums_times_and_flops_and_averages_the_rest():
     assert summary["dense"]["quality"] == pytest.approx({"abs_rel": 0.3}) and summary["reduced"]["quality"] == {}
 
 
-def test_command_prints_json_and_the_table(weights, tmp_path, capsys):
+def test_command_prints_json_and_the_table(weights, tmp_path, capsys, monkeypatch):
     schedule = write_schedule(tmp_path / "s.yaml", AGGRESSIVE)
     args = ["--model", "vggt-tiny", "--schedule", str(schedule), "--clips", "synthetic:1", "--frames", "2",
             "--weights", str(weights), "--device", "cpu", "--repeats", "1", "--warmup", "0"]
@@ -111,12 +111,17 @@ def test_command_prints_json_and_the_table(weights, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     summary = report["summary"]
     assert summary["clips"] == 1 and len(report["per_clip"]) == 1 and report["model"] == "vggt-tiny"
+    assert report["head_dtype"] == "fp32"
     assert summary["predicted_speedup"] > 1 and summary["dense"]["peak_bytes"] is None
     assert set(summary["reduced"]["quality"]) == set(se.QUALITY_KEYS)
     table = command.format_report(summary, "header")
     for text in ("measured speed-up", "predicted speed-up", "peak CUDA memory", "deviation of reduced from dense",
                  "abs_rel", "auc30", "normal_consistency"):
         assert text in table
+    loaded, load_model = [], se.load_model
+    monkeypatch.setattr(se, "load_model", lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
+    assert command.main(args + ["--json", "--head-dtype", "compute"]) == 0
+    assert json.loads(capsys.readouterr().out)["head_dtype"] == "compute" and loaded[0].head_dtype == "compute"
 
 
 def test_clips_without_ground_truth_get_no_quality_rows(tiny, clip):
