@@ -306,6 +306,7 @@ def stage4() -> list[str]:
         "### Stage 4: the issue's bars", "", *bars(reports["stage 4"]), "",
         f"On 8-frame arcs ({arcs['clips']}, {arcs['device_name']}) AUC@30 is {by_length(arcs)[8]['auc30']:.3f} "
         f"(stage 3: {by_length(arcs3)[8]['auc30']:.3f}).", "",
+        "### Stage 4: sensitivity at 32 frames", "", *sensitivity("profile-vggt-tiny-long-s4-32.json"), "",
         "### Stage 4: sensitivity at 256 frames", "", *sensitivity("profile-vggt-tiny-long-s4-256.json"), "",
         (f"Not shipped yet: stage 4 is worse than the shipped stage 2 in {len(worse)} place(s): " + "; ".join(worse)
          + ". " if worse else "Better than the shipped stage 2 at every length and metric above. ")
