@@ -82,7 +82,7 @@ def test_load_model_head_dtype_is_what_forward_decodes_in(images, head_dtype, de
 
 
 def test_an_unknown_model_head_dtype_is_one_sentence(bf16_tiny):
-    with pytest.raises(Spark3rError, match="head_dtype 'bf16' is not supported: use one of fp32, compute"):
+    with pytest.raises(Spark3rError, match="head dtype 'bf16' is not one of fp32, compute"):
         load_model("vggt-tiny", weights="none", head_dtype="bf16")
     with pytest.raises(Spark3rError, match="head dtype 'half' is not one of fp32, compute"):
         bf16_tiny.decode_dtype("half")

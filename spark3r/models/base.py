@@ -170,6 +170,13 @@ class TrunkState:
 HEAD_DTYPES = ("fp32", "compute")  # the dense heads: fp32 as upstream, or the trunk's compute dtype (opt-in)
 
 
+def check_head_dtype(head_dtype: str) -> str:
+    """`head_dtype` if it is one of HEAD_DTYPES, else a sentence."""
+    if head_dtype not in HEAD_DTYPES:
+        raise Spark3rError(f"head dtype {head_dtype!r} is not one of {', '.join(HEAD_DTYPES)}")
+    return head_dtype
+
+
 class ReconstructionModel(nn.Module):
     """Base of our model classes: `forward(images) = decode(run_steps(prepare(images)), images, decode_dtype())`.
 
@@ -187,9 +194,7 @@ class ReconstructionModel(nn.Module):
     def decode_dtype(self, head_dtype: str | None = None) -> torch.dtype:
         """The dtype the dense heads decode in for `head_dtype` (default: the model's): fp32, or the compute dtype for
         "compute"."""
-        head_dtype = self.head_dtype if head_dtype is None else head_dtype
-        if head_dtype not in HEAD_DTYPES:
-            raise Spark3rError(f"head dtype {head_dtype!r} is not one of {', '.join(HEAD_DTYPES)}")
+        head_dtype = check_head_dtype(self.head_dtype if head_dtype is None else head_dtype)
         return torch.float32 if head_dtype == "fp32" else self.compute_dtype
 
     def prepare(self, images: torch.Tensor) -> TrunkState:

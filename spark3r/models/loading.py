@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from spark3r.errors import ParameterError, Spark3rError
-from spark3r.models.base import HEAD_DTYPES
+from spark3r.models.base import check_head_dtype
 from spark3r.models.blocks import compile_model, init_weights
 from spark3r.models.registry import ModelEntry, get_entry
 
@@ -265,8 +265,7 @@ def load_model(name: str, weights: str | os.PathLike | None = "auto", device: to
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise Spark3rError(f"dtype {dtype} is not supported: use torch.float32, torch.bfloat16 or torch.float16")
-    if head_dtype not in HEAD_DTYPES:
-        raise Spark3rError(f"head_dtype {head_dtype!r} is not supported: use one of {', '.join(HEAD_DTYPES)}")
+    check_head_dtype(head_dtype)
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
         raise Spark3rError(f"weights must be 'auto', None (random weights) or the path of a weights file, got "
                            f"{type(weights).__name__}")
