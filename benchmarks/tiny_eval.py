@@ -33,12 +33,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out clips (default %(default)s: orbit clips, like the bundled weights' training)")
     parser.add_argument("--frames", default="8", help="frames per clip, or several lengths: 8,32,128")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 on CUDA; fp32 to compare with a "
+                                                        "CPU evaluation)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eval-vggt-tiny.json"))
     args = parser.parse_args(argv)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = train_tiny.main(["--evaluate", args.weights, "--clips", args.clips, "--frames", args.frames,
-                                "--device", args.device, "--json"])
+                                "--device", args.device, "--dtype", args.dtype, "--json"])
     if code != 0:
         return code
     weights = Path(args.weights)

@@ -25,3 +25,11 @@ def test_writes_the_evaluation_with_command_commit_device_and_weights_hash(tmp_p
     assert set(result["lengths"]["2"]["results"]) == {"model", "frame_only", "trivial"}
     assert bench.main(["--weights", "none", "--clips", "synthetic:1:1000", "--frames", "2", "--out", str(out)]) == 0
     assert "weights_sha256" not in json.loads(out.read_text())
+
+
+def test_passes_the_dtype_to_the_evaluation(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench.train_tiny, "main", lambda argv: seen.append(argv) or 1)
+    out = tmp_path / "e.json"
+    assert bench.main(["--weights", "none", "--dtype", "fp32", "--device", "cuda", "--out", str(out)]) == 1
+    assert seen[0][seen[0].index("--dtype") + 1] == "fp32" and seen[0][seen[0].index("--device") + 1] == "cuda"
