@@ -258,6 +258,22 @@ def worse_than(report: dict, reference: dict) -> list[str]:
     return worse
 
 
+def drift_lines(result: dict) -> list[str]:
+    """benchmarks/tiny_drift.py's result: where the pose error at the longest length comes from."""
+    model, truth = result["rows"]["model"], result["truth_turn"]
+    first, last = next(iter(truth)), list(truth)[-1]
+    noisy = model["consecutive"] > 2 * result["truth_consecutive"]
+    return [
+        f"Where the {result['frames']}-frame rotation error comes from (`drift-vggt-tiny-long-s4-256.md`, "
+        f"{result['clips']}): against frame 0 it grows from {model['by_index'][first]:.1f} deg at frames {first} to "
+        f"{model['by_index'][last]:.1f} deg at frames {last}, where the true cameras have turned "
+        f"{truth[last]:.0f} deg from frame 0. The rotation between consecutive frames is off by "
+        f"{model['consecutive']:.1f} deg on average, against a true turn of {result['truth_consecutive']:.2f} deg per "
+        "frame: " + ("besides the drift away from frame 0, neighbouring poses disagree by several times the true "
+                     "motion between them, so a loss on the relative pose of nearby frames is one lever to try."
+                     if noisy else "small against the true motion, so the error is a smooth drift.")]
+
+
 def stage4() -> list[str]:
     """Stage 4 from stage 3's 2-head weights on one H100, with the DPT heads in bf16 and the blocks compiled; not
     shipped yet."""
@@ -304,6 +320,7 @@ def stage4() -> list[str]:
         f"The same evaluation of stage 4 on the H100 in fp32 (`eval-vggt-tiny-long-s4-h100.json`) differs from the "
         f"CPU's by at most {gap:.0e} (relative) on every metric above.", "",
         "### Stage 4: the issue's bars", "", *bars(reports["stage 4"]), "",
+        *drift_lines(json.loads((RESULTS / "drift-vggt-tiny-long-s4-256.json").read_text())), "",
         f"On 8-frame arcs ({arcs['clips']}, {arcs['device_name']}) AUC@30 is {by_length(arcs)[8]['auc30']:.3f} "
         f"(stage 3: {by_length(arcs3)[8]['auc30']:.3f}).", "",
         "### Stage 4: sensitivity at 32 frames", "", *sensitivity("profile-vggt-tiny-long-s4-32.json"), "",
