@@ -1,6 +1,6 @@
-"""What screening levels costs a profile: profile-layers run twice on the same clips, every level resumed end to end
-(`--resume-levels all`) and every other level (`--resume-levels alternate`, the others estimated from their local
-deviation), compared level by level.
+"""What screening levels costs a profile: profile-layers run on the same clips with every level resumed end to end
+(`--resume-levels all`) and with each screen (`--resume-levels alternate`: every other level; `strongest`: one per
+kind; the others estimated from their local deviation), compared level by level.
 
     python benchmarks/profile_screening.py --model vggt-tiny --weights auto --calib synthetic:4:2000:walk --frames 32
     python benchmarks/profile_screening.py --model vggt-tiny --weights none --calib synthetic:1 --frames 4 \\
@@ -8,7 +8,7 @@ deviation), compared level by level.
 
 Per kind (K/V, query) and non-dense level: whether it was resumed, the Spearman correlation over the layers of the
 screened "score" against the full one (the search ranks layers by it; the issue's bar for a profile shortcut is
->= 0.99), and the median and largest relative difference. Beside it the resume + decode seconds of both runs. Any
+>= 0.99), and the median and largest relative difference. Beside it the resume + decode seconds of every run. Any
 further profile-layers options go after `--` (e.g. `-- --device cuda --dtype bf16`).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from spark3r.commands import profile_layers
 from spark3r.commands.arguments import resolve_device
 from spark3r.profiler.aggregate import spearman
 from spark3r.profiler.format import load_profile
-from spark3r.profiler.run import resumed_columns
+from spark3r.profiler.run import RESUMES, resumed_columns
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -55,21 +55,24 @@ def seconds(profile, phases=("resume", "decode")) -> float:
 def markdown(result: dict) -> str:
     lines = [f"# Screening levels in profile-layers: {result['model']}, {result['frames']} frames", "",
              f"`{result['command']}` (git {result['commit']}, {result['device_name']}, torch {result['torch']}, "
-             f"{result['created']}). Both runs: `{result['profile_command']}`, once with `--resume-levels all` and "
-             "once with `--resume-levels alternate`.", "",
-             "| kind | level | resumed | Spearman over layers | median rel diff | max rel diff |",
-             "|---|---:|---|---:|---:|---:|"]
-    for row in result["rows"]:
-        lines.append(f"| {'K/V keep' if row['kind'] == 'kv' else 'query merge'} | {row['level']:g} | "
-                     f"{'yes' if row['resumed'] else 'estimated'} | {row['spearman']:.3f} | "
-                     f"{row['median_rel_diff']:.3f} | {row['max_rel_diff']:.3f} |")
-    worst = min(row["spearman"] for row in result["rows"])
-    resumed = sum(row["resumed"] for row in result["rows"])
-    lines += ["", f"Resumed {resumed} of {len(result['rows'])} levels per layer. Lowest Spearman {worst:.3f} (a "
-                  f"profile shortcut's bar: >= {GOAL_SPEARMAN}, {'met' if worst >= GOAL_SPEARMAN else 'not met'}). "
-                  f"Resume + decode: {result['all_s']:.1f} s resuming all, {result['alternate_s']:.1f} s alternate "
-                  f"({result['alternate_s'] / result['all_s']:.2f} of it); whole runs {result['all_wall_s']:.1f} s "
-                  f"and {result['alternate_wall_s']:.1f} s.", ""]
+             f"{result['created']}). Every run: `{result['profile_command']}`, once with `--resume-levels all` and "
+             "once with each screen: " + ", ".join(f"`--resume-levels {screen['resume']}`"
+                                                   for screen in result["screens"]) + ".", ""]
+    for screen in result["screens"]:
+        lines += [f"## --resume-levels {screen['resume']}", "",
+                  "| kind | level | resumed | Spearman over layers | median rel diff | max rel diff |",
+                  "|---|---:|---|---:|---:|---:|"]
+        for row in screen["rows"]:
+            lines.append(f"| {'K/V keep' if row['kind'] == 'kv' else 'query merge'} | {row['level']:g} | "
+                         f"{'yes' if row['resumed'] else 'estimated'} | {row['spearman']:.3f} | "
+                         f"{row['median_rel_diff']:.3f} | {row['max_rel_diff']:.3f} |")
+        worst = min(row["spearman"] for row in screen["rows"])
+        resumed = sum(row["resumed"] for row in screen["rows"])
+        lines += ["", f"Resumed {resumed} of {len(screen['rows'])} levels per layer. Lowest Spearman {worst:.3f} (a "
+                      f"profile shortcut's bar: >= {GOAL_SPEARMAN}, {'met' if worst >= GOAL_SPEARMAN else 'not met'})."
+                      f" Resume + decode: {result['all_s']:.1f} s resuming all, {screen['seconds']:.1f} s screened "
+                      f"({screen['seconds'] / result['all_s']:.2f} of it); whole runs {result['all_wall_s']:.1f} s "
+                      f"and {screen['wall_s']:.1f} s.", ""]
     return "\n".join(lines)
 
 
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--weights", default="auto")
     parser.add_argument("--calib", default="synthetic:4:2000:walk")
     parser.add_argument("--frames", type=int, default=32)
+    parser.add_argument("--screens", nargs="+", default=[r for r in RESUMES if r != "all"],
+                        choices=[r for r in RESUMES if r != "all"], help="screened --resume-levels to compare with all")
     parser.add_argument("--out", default=None, help="JSON path, markdown beside it "
                                                     "(default: benchmarks/results/profile-screening-<model>-<frames>"
                                                     ".json)")
@@ -89,18 +94,19 @@ def main(argv: list[str] | None = None) -> dict:
               "--additivity", "0", *rest]
     profiles = {}
     with tempfile.TemporaryDirectory() as folder:
-        for resume in ("all", "alternate"):
+        for resume in ("all", *args.screens):
             out = Path(folder) / resume
             if profile_layers.main([*common, "--resume-levels", resume, "--out", str(out)]) != 0:
                 parser.error(f"profile-layers --resume-levels {resume} failed (its message is above)")
             profiles[resume] = load_profile(out)
     device = resolve_device(profile_layers.build_parser().parse_args(common).device)
+    full = profiles["all"]
     result = {**provenance.record(__file__, argv, device), "model": args.model,
               "frames": args.frames, "profile_command": "profile-layers " + " ".join(common),
-              "rows": compare(profiles["all"], profiles["alternate"]),
-              "all_s": seconds(profiles["all"]), "alternate_s": seconds(profiles["alternate"]),
-              "all_wall_s": profiles["all"].timings.get("wall"),
-              "alternate_wall_s": profiles["alternate"].timings.get("wall")}
+              "all_s": seconds(full), "all_wall_s": full.timings.get("wall"),
+              "screens": [{"resume": resume, "rows": compare(full, profiles[resume]),
+                           "seconds": seconds(profiles[resume]), "wall_s": profiles[resume].timings.get("wall")}
+                          for resume in args.screens]}
     provenance.publish(args.out, HERE / "results" / f"profile-screening-{args.model}-{args.frames}.json", result,
                        markdown(result))
     return result

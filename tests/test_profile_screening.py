@@ -30,3 +30,16 @@ def test_levels_are_compared_layer_by_layer_and_marked_resumed_or_estimated():
     assert query_strongest["spearman"] == pytest.approx(np.corrcoef([2, 3, 1, 4], [1, 2, 3.5, 3.5])[0, 1])
     assert query_strongest["max_rel_diff"] == pytest.approx(3.0)
     assert bench.seconds(full) == 4.0
+
+
+def test_markdown_has_one_table_per_screen_with_its_own_seconds():
+    row = {"kind": "kv", "level": 0.5, "resumed": False, "spearman": 0.98, "median_rel_diff": 0.1, "max_rel_diff": 0.2}
+    result = {"command": "c", "commit": "x", "device_name": "d", "torch": "t", "created": "now", "model": "m",
+              "frames": 4, "profile_command": "p", "all_s": 10.0, "all_wall_s": 12.0,
+              "screens": [{"resume": "alternate", "rows": [{**row, "resumed": True, "spearman": 1.0}],
+                           "seconds": 6.0, "wall_s": 8.0},
+                          {"resume": "strongest", "rows": [row], "seconds": 2.5, "wall_s": 4.0}]}
+    text = bench.markdown(result)
+    alternate, strongest = text.split("## --resume-levels alternate")[1].split("## --resume-levels strongest")
+    assert "Resumed 1 of 1" in alternate and "6.0 s screened (0.60 of it)" in alternate and ", met)" in alternate
+    assert "Resumed 0 of 1" in strongest and "2.5 s screened (0.25 of it)" in strongest and "not met" in strongest

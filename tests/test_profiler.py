@@ -186,6 +186,19 @@ def test_alternate_resumes_every_other_level_from_the_strongest():
     assert resumed_columns(1, "alternate") == []
 
 
+def test_strongest_resumes_only_the_strongest_level_of_each_kind():
+    assert resumed_columns(6, "strongest") == [5]  # keep 1/32 of 1, 1/2 ... 1/32
+    assert resumed_columns(4, "strongest") == [3]  # merge 4 of 1 ... 4
+    assert resumed_columns(2, "strongest") == [1]
+    assert resumed_columns(1, "strongest") == []
+
+
+def test_one_resumed_level_scales_every_other_by_its_ratio():
+    local = np.array([0.0, 1.0, 2.0, 4.0])
+    measured = np.array([9.0, 9.0, 9.0, 2.0])  # resumed at column 3 only: ratio 0.5 for all
+    np.testing.assert_allclose(estimate_from_local(local, measured, [3]), [0.0, 0.5, 1.0, 2.0], rtol=0, atol=1e-15)
+
+
 def test_estimates_scale_the_local_deviation_by_the_interpolated_ratio():
     local = np.array([0.0, 1.0, 2.0, 4.0, 5.0])
     measured = np.array([9.0, 0.5, 9.0, 4.0, 9.0])  # resumed at columns 1 and 3: ratios 0.5 and 1.0
@@ -223,6 +236,15 @@ def test_alternate_profile_resumes_fewer_levels_and_estimates_the_rest(tiny, ima
             # round to 0 degrees in float32 on some CPUs) estimates 0
             assert (table[:, estimated] >= 0).all() and (table[:, estimated] > 0).sum() >= 10
             assert not np.array_equal(table[:, estimated], full[:, estimated])
+    resumed_levels.clear()
+    strongest = profile_clip(tiny, images, dataclasses.replace(options, resume="strongest")).arrays
+    assert sum(resumed_levels) == 12 * 2  # K/V column 3 and query column 3
+    for kind in ("kv", "query"):
+        np.testing.assert_allclose(strongest[f"{kind}_score"][:, 3], every[f"{kind}_score"][:, 3], rtol=1e-4, atol=1e-5)
+        for layer in range(12):
+            expected = estimate_from_local(strongest[f"{kind}_local_rel_l2"][layer], strongest[f"{kind}_score"][layer],
+                                           [3])
+            np.testing.assert_array_equal(strongest[f"{kind}_score"][layer], expected)
 
 
 # ---------------------------------------------------------------- the CLI

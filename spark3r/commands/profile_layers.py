@@ -136,10 +136,11 @@ def build_parser() -> ArgumentParser:
                              "profile is measured by benchmarks/profile_head_dtype.py; camera heads stay fp32) "
                              "(default: %(default)s)")
     parser.add_argument("--resume-levels", default="all", choices=RESUMES,
-                        help="levels resumed end to end: all, or alternate (every other level of each kind from the "
-                             "strongest, and the mildest: 5 of the default 8; the others from their local deviation "
-                             "scaled by the resumed neighbours' end-to-end / local ratio; benchmarks/results/"
-                             "profile-screening-*.md measures what it keeps) (default: %(default)s)")
+                        help="levels resumed end to end: all; alternate (every other level of each kind from the "
+                             "strongest, and the mildest: 5 of the default 8); or strongest (the strongest level of "
+                             "each kind: 2 of 8). The others come from their local deviation scaled by the resumed "
+                             "levels' end-to-end / local ratio; benchmarks/results/profile-screening-*.md measures "
+                             "what it keeps (default: %(default)s)")
     parser.add_argument("--out", default=None, help="output folder (default: profiles/<model>/)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of the table")
     add_runtime_args(parser)

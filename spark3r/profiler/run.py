@@ -11,10 +11,11 @@ a forward hook, that layer's attention input and output. Then, for every global 
 K/V levels keep queries dense and query levels keep K/V dense. The dense level (keep 1, merge 1) is measured locally
 (it must be exactly 0) and is 0 end to end by definition.
 
-`ProfileOptions.resume` "alternate" screens levels: only every other level of each kind, counted from the strongest,
-and the mildest are resumed end to end; the others get each end-to-end metric as their local deviation times that
-metric's ratio of end-to-end to local deviation at the two resumed levels around them (same layer and kind),
-interpolated linearly over the level index (`estimate_from_local`): 5 of the default 8 resumes per layer.
+`ProfileOptions.resume` screens levels: "alternate" resumes end to end only every other level of each kind, counted
+from the strongest, and the mildest (5 of the default 8 resumes per layer); "strongest" only the strongest level of
+each kind (2 of 8). The others get each end-to-end metric as their local deviation times that metric's ratio of end-to-
+end to local deviation at the resumed levels around them (same layer and kind), interpolated linearly over the level
+index and held flat beyond the resumed ones (`estimate_from_local`).
 benchmarks/profile_screening.py measures how well it keeps the layer ranking (results: profile-screening-*.md).
 
 The heads decode in fp32 as upstream, or with the dense heads in the trunk's compute dtype (`ProfileOptions.head_dtype`;
@@ -44,7 +45,7 @@ from spark3r.profiler.format import Profile
 from spark3r.reduce import DEFAULT_KV_METHOD, Reduction, apply_reductions, kv_count, query_count
 
 LOCAL_METRICS = ("local_rel_l2", "local_cos")
-RESUMES = ("all", "alternate")
+RESUMES = ("all", "alternate", "strongest")
 PHASES = ("dense", "cache", "local", "resume", "decode", "additivity")
 
 
@@ -58,8 +59,9 @@ class ProfileOptions:
     the numbers beyond rounding).
     head_dtype: "fp32" (the heads decode as upstream) or "compute" (the dense heads under autocast to the model's
     compute dtype, as the trunk runs), for the dense reference and every level alike.
-    resume: "all" (every level resumed end to end) or "alternate" (every other level of each kind from the strongest,
-    and the mildest; the others estimated from their local deviation: `resumed_columns`, `estimate_from_local`).
+    resume: "all" (every level resumed end to end), "alternate" (every other level of each kind from the strongest,
+    and the mildest) or "strongest" (the strongest level of each kind); the others are estimated from their local
+    deviation (`resumed_columns`, `estimate_from_local`).
     """
 
     kv_keep: tuple[float, ...]
@@ -102,10 +104,12 @@ class ProfileOptions:
 
 def resumed_columns(columns: int, resume: str) -> list[int]:
     """The level columns of one kind that are resumed end to end, of `columns` (column 0 the dense level, never
-    resumed): all of 1..columns-1, or for "alternate" every other one counted from the strongest (columns-1, columns-3,
-    ...) and the mildest (1), so that every estimated level lies between two resumed ones."""
+    resumed): all of 1..columns-1; for "alternate" every other one counted from the strongest (columns-1, columns-3,
+    ...) and the mildest (1), so that every estimated level lies between two resumed ones; for "strongest" columns-1."""
     if resume == "alternate":
         return sorted({*range(columns - 1, 0, -2), *([1] if columns > 1 else [])})
+    if resume == "strongest":
+        return [columns - 1] if columns > 1 else []
     return list(range(1, columns))
 
 
