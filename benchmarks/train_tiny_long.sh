@@ -24,6 +24,8 @@
 # ARC_SHARE=0.25 makes a quarter of the steps short arcs (stage 2 had arcs in 3% of its steps and lost them).
 # HEAD_DTYPE=compute runs the DPT heads under autocast to the trunk's bf16 in training (default fp32, as upstream).
 # COMPILE=1 compiles the blocks and DPT heads (train_tiny --compile).
+# RELATIVE_WEIGHT=W adds W times the relative-pose loss of frame pairs (train_tiny --relative-weight; default 0: off;
+# a resumed stage must keep the same W).
 # WORKERS=N sets the scene-sampling workers (default up to 8; give fewer when two runs share the machine).
 set -euo pipefail
 RUN=${RUN:-runs/tiny-long}
@@ -33,5 +35,6 @@ setsid python3 -m spark3r.commands.train_tiny --init "${INIT:?give INIT=the weig
     --frames 2 --max-frames "${MAX_FRAMES:-48}" --frames-per-step "${FRAMES_PER_STEP:-384}" --path mixed \
     --held-out synthetic:16:999:walk --lr "${LR:-3e-4}" --warmup "${WARMUP:-200}" --steps 100000 \
     --minutes "${MINUTES:-13}" --eval-every 500 --checkpoint-every 250 --log-every 100 --seed "${SEED:-1}" \
-    ${ARC_SHARE:+--arc-share "$ARC_SHARE"} ${HEAD_DTYPE:+--head-dtype "$HEAD_DTYPE"} ${COMPILE:+--compile} ${WORKERS:+--workers "$WORKERS"} --out "$RUN/vggt-tiny.safetensors" >>"$RUN/train.log" 2>&1 < /dev/null &
+    ${ARC_SHARE:+--arc-share "$ARC_SHARE"} ${HEAD_DTYPE:+--head-dtype "$HEAD_DTYPE"} ${COMPILE:+--compile} \
+    --relative-weight "${RELATIVE_WEIGHT:-0}" ${WORKERS:+--workers "$WORKERS"} --out "$RUN/vggt-tiny.safetensors" >>"$RUN/train.log" 2>&1 < /dev/null &
 echo "training in the background: $RUN/train.log"

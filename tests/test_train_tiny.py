@@ -21,8 +21,8 @@ from spark3r.models.blocks import patch_positions
 from spark3r.models.geometry import pose_encoding_to_extrinsics_intrinsics
 from spark3r.training.evaluation import clip_scores, frame_only_global_attention
 from spark3r.training.losses import (
-    camera_iterations, camera_loss, confidence_loss, gradient_loss, matrix_to_quaternion, pose_encoding, scene_targets,
-    training_loss,
+    camera_iterations, camera_loss, confidence_loss, dense_loss, gradient_loss, matrix_to_quaternion, pose_encoding,
+    relative_pose_loss, scene_targets, training_loss,
 )
 from spark3r.training.steps import StepScenes, StepShape, render_step, train_spec_seed
 from spark3r.training.tiny import (
@@ -116,6 +116,110 @@ def test_camera_loss_weights_later_iterations_more():
     assert math.isclose(camera_loss([first, last], target).item(), expected, rel_tol=1e-6)
 
 
+def random_pose_enc(seed: int, clips: int, frames: int, quaternion_scale: bool = False) -> torch.Tensor:
+    """Random pose_enc [clips, frames, 9] in float64: scipy's random rotations (xyzw), translations and FoVs; with
+    `quaternion_scale` the quaternions are scaled by random factors in [0.5, 2] (not unit, as the head predicts)."""
+    rng = np.random.default_rng(seed)
+    quaternions = Rotation.random(clips * frames, random_state=seed).as_quat().reshape(clips, frames, 4)
+    if quaternion_scale:
+        quaternions = quaternions * rng.uniform(0.5, 2.0, (clips, frames, 1))
+    encoding = np.concatenate([rng.normal(size=(clips, frames, 3)), quaternions,
+                               rng.uniform(0.5, 1.5, (clips, frames, 2))], axis=-1)
+    return torch.from_numpy(encoding)
+
+
+def relative_pose_reference(iterations: list[torch.Tensor], target: torch.Tensor, offsets, gamma=0.6) -> float:
+    """relative_pose_loss by loops over iterations, offsets, clips and frame pairs, with scipy's rotations."""
+    clips, frames = target.shape[:2]
+
+    def relative(pose, b, i, j):
+        first, second = (Rotation.from_quat(pose[b, k, 3:7].numpy()).as_matrix() for k in (i, j))
+        rotation = second @ first.T
+        return rotation, pose[b, j, :3].numpy() - rotation @ pose[b, i, :3].numpy()
+
+    total = 0.0
+    for index, pred in enumerate(iterations):
+        per_offset = []
+        for d in [d for d in offsets if d < frames]:
+            chordal, translation = [], []
+            for b in range(clips):
+                for i in range(frames - d):
+                    (pred_r, pred_t), (true_r, true_t) = relative(pred, b, i, i + d), relative(target, b, i, i + d)
+                    chordal.append(np.sqrt(((pred_r - true_r) ** 2).sum()))
+                    translation.append(np.abs(pred_t - true_t).mean())
+            per_offset.append(np.mean(chordal) + np.mean(translation))
+        total += gamma ** (len(iterations) - 1 - index) * np.mean(per_offset)
+    return total / len(iterations)
+
+
+def test_relative_pose_loss_is_zero_with_finite_gradients_for_the_truth():
+    target = random_pose_enc(0, 2, 40)  # every default offset, up to 32, fits
+    pred = target.clone().requires_grad_()
+    loss = relative_pose_loss([pred, pred], target)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(pred.grad).all()
+
+
+def test_relative_pose_loss_against_a_loop_reference():
+    target = random_pose_enc(1, 2, 5)
+    iterations = [random_pose_enc(seed, 2, 5, quaternion_scale=True) for seed in (2, 3, 4)]
+    for offsets in ((1, 2, 4, 8, 16, 32), (1, 3)):
+        expected = relative_pose_reference(iterations, target, offsets)
+        assert math.isclose(relative_pose_loss(iterations, target, offsets).item(), expected, rel_tol=1e-12)
+
+
+def test_relative_pose_loss_ignores_a_rigid_motion_of_the_predicted_world():
+    target, pred = random_pose_enc(5, 2, 6), random_pose_enc(6, 2, 6, quaternion_scale=True)
+    # world points x = A y + b: x_cam = R x + t = (R A) y + (t + R b)
+    motion = Rotation.from_rotvec([0.3, -1.1, 0.7])
+    shift = np.array([0.4, -2.0, 1.5])
+    moved = pred.clone()
+    for b, s in np.ndindex(2, 6):
+        rotation = Rotation.from_quat(pred[b, s, 3:7].numpy())
+        moved[b, s, 3:7] = torch.from_numpy((rotation * motion).as_quat())
+        moved[b, s, :3] = pred[b, s, :3] + torch.from_numpy(rotation.as_matrix() @ shift)
+    assert math.isclose(relative_pose_loss([moved], target).item(), relative_pose_loss([pred], target).item(),
+                        rel_tol=1e-12)
+    assert abs(camera_loss([moved], target).item() - camera_loss([pred], target).item()) > 0.1
+
+
+def test_relative_pose_loss_by_hand():
+    identity = torch.tensor([0.0, 0, 0, 0, 0, 0, 1, 1, 1], dtype=torch.float64).repeat(1, 3, 1)
+    theta = 0.3
+    rotated = identity.clone()
+    rotated[0, 1, 5:7] = torch.tensor([math.sin(theta / 2), math.cos(theta / 2)], dtype=torch.float64)  # about z
+    chordal = 2 * math.sqrt(2) * math.sin(theta / 2)
+    # frame 1 rotated: offset 1: pairs (0, 1) and (1, 2) both rotate by theta -> the mean is `chordal`; offset 2:
+    # (0, 2) -> 0; offsets 4.. unused -> chordal / 2 per iteration; iterations [rotated, truth] weighted 0.6 and 1,
+    # averaged
+    assert math.isclose(relative_pose_loss([rotated, identity], identity).item(), 0.6 * chordal / 2 / 2,
+                        rel_tol=1e-12)
+    moved = identity.clone()
+    moved[0, 2, 2] = 3.0  # frame 2's translation only: offset 1: (1, 2) has L1 mean 1, (0, 1) 0; offset 2: 1
+    assert math.isclose(relative_pose_loss([moved], identity).item(), (0.5 + 1.0) / 2, rel_tol=1e-12)
+
+
+def test_training_loss_adds_the_relative_loss_only_with_its_weight(clips):
+    targets = scene_targets(clips.depth, clips.intrinsics, clips.extrinsics)
+    generator = torch.Generator().manual_seed(0)
+    outputs = {"depth": targets.depth + 0.1 * torch.randn(targets.depth.shape, generator=generator),
+               "depth_conf": 1 + torch.rand(targets.depth.shape, generator=generator),
+               "points": targets.points + 0.1 * torch.randn(targets.points.shape, generator=generator),
+               "points_conf": 1 + torch.rand(targets.depth.shape, generator=generator)}
+    poses = [targets.pose_enc + 0.1 * torch.randn(targets.pose_enc.shape, generator=generator) for _ in range(4)]
+    camera = camera_loss(poses, targets.pose_enc)
+    depth = dense_loss(outputs["depth"][..., None], outputs["depth_conf"], targets.depth[..., None], targets.valid)
+    points = dense_loss(outputs["points"], outputs["points_conf"], targets.points, targets.valid)
+    loss, parts = training_loss(outputs, poses, targets, camera_weight=5.0)  # relative_weight defaults to 0
+    assert torch.equal(loss, 5.0 * camera + depth + points)
+    assert torch.equal(parts, torch.stack([camera, depth, points, torch.zeros(())]))
+    relative = relative_pose_loss(poses, targets.pose_enc)
+    weighted, parts = training_loss(outputs, poses, targets, camera_weight=5.0, relative_weight=0.5)
+    assert relative > 0 and torch.allclose(weighted, loss + 0.5 * relative)
+    assert torch.equal(parts, torch.stack([camera, depth, points, relative]))
+
+
 def test_learning_rate_warms_up_then_decays_to_five_percent():
     rates = [learning_rate(step, step / 100, 1e-3, warmup=10) for step in range(101)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
@@ -194,6 +298,8 @@ def test_training_writes_strictly_loadable_fp16_weights_and_resumes(tmp_path, ca
     assert torch.load(out.with_suffix(".ckpt.pt"), weights_only=True)["step"] == 3
     assert main(["--steps", "3", *args[:2], "--batch", "2", *args[4:]]) == 2
     assert "was made with --batch 1, not 2" in capsys.readouterr().err
+    assert main(["--steps", "3", *args, "--relative-weight", "0.5"]) == 2
+    assert "was made with --relative-weight 0.0, not 0.5" in capsys.readouterr().err
 
 
 def test_time_limit_stops_cleanly_and_still_writes_weights(tmp_path, capsys):
@@ -214,6 +320,17 @@ def test_training_compiles_its_blocks_and_heads_with_dynamic_shapes(monkeypatch)
     assert len(compiled) == 2 * depth + len(model.camera_head.trunk) + 2
     assert {id(module) for module, _ in compiled} >= {id(model.depth_head), id(model.point_head)}
     assert all(options == {"dynamic": True} for _, options in compiled)
+
+
+def test_training_with_the_relative_loss_logs_it(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "w.safetensors"), "--steps", "1", "--batch", "1", "--frames", "2", "--size",
+                 "28", "--held-out", "synthetic:1:999", "--device", "cpu", "--log-every", "1",
+                 "--relative-weight", "0.5"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 1/1"))
+    relative = float(line.split(" relative ")[1].split(")")[0])
+    assert math.isfinite(relative) and relative > 0
+    settings = torch.load(tmp_path / "w.ckpt.pt", weights_only=True)["settings"]
+    assert settings["relative_weight"] == 0.5
 
 
 def test_head_dtype_reaches_the_training_decode_and_not_the_evaluation(tmp_path, capsys, monkeypatch):
@@ -239,6 +356,8 @@ def test_head_dtype_reaches_the_training_decode_and_not_the_evaluation(tmp_path,
     (["--held-out", f"synthetic:2:{10**9 + 1}"], "uses a training seed"),
     (["--arc-share", "0.25"], "--arc-share 0.25 needs --path mixed"),
     (["--path", "mixed", "--arc-share", "1.5"], "a share between 0 and 1"),
+    (["--relative-weight", "-1"], "--relative-weight is -1.0: give a weight >= 0"),
+    (["--relative-weight", "nan"], "--relative-weight is nan: give a weight >= 0"),
 ])
 def test_bad_training_settings_exit_2_with_one_sentence(tmp_path, capsys, bad, message):
     args = ["--out", str(tmp_path / "w.safetensors"), "--steps", "1", "--batch", "1", "--frames", "2", "--size", "28",

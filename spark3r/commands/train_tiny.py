@@ -17,6 +17,9 @@ weights (a shallower trunk is grown by `grow_depth`) with VGGT's losses:
   points and translations divided by the mean distance of the clip's points from camera 0;
 - camera: L1 on pose_enc (translation, quaternion xyzw, field of view; FoV weighted 0.5) of every refinement iteration
   of the camera head, iteration i of n weighted 0.6^(n-1-i), times `--camera-weight`;
+- relative pose (off by default): with `--relative-weight W` > 0, plus W times the loss of the relative poses of frame
+  pairs (i, i + d), d in 1, 2, 4, ..., 32 (chordal distance of the rotations + L1 of the translations), weighted over
+  the iterations alike; a resumed run must keep the same `--relative-weight`;
 - depth and points: VGGT's aleatoric loss conf * |err| - alpha * log(conf) (alpha 0.2) plus the plain |err| and a
   3-scale gradient-matching term (VGGT uses a normal loss for points; the gradient term is used for both here).
 AdamW with linear warm-up and cosine decay to 5 % of `--lr`; the trunk runs in bf16 on CUDA (heads in fp32 as
@@ -93,6 +96,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--clip-grad", type=float, default=TrainConfig.clip_grad, help="gradient norm clip")
     parser.add_argument("--camera-weight", type=float, default=TrainConfig.camera_weight,
                         help="weight of the camera loss (default %(default)s)")
+    parser.add_argument("--relative-weight", type=float, default=TrainConfig.relative_weight,
+                        help="weight of the relative-pose loss of frame pairs (default %(default)s: off)")
     parser.add_argument("--log-every", type=int, default=TrainConfig.log_every)
     parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every,
                         help="steps between evaluations on the --held-out clips")
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         frames_per_step=args.frames_per_step, path=args.path, arc_share=args.arc_share, init=args.init,
         size=args.size, seed=args.seed,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
-        camera_weight=args.camera_weight, minutes=args.minutes, log_every=args.log_every, eval_every=args.eval_every,
+        camera_weight=args.camera_weight, relative_weight=args.relative_weight, minutes=args.minutes,
+        log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, workers=args.workers, compile=args.compile, head_dtype=args.head_dtype,
         held_out=args.held_out),
         device, resolve_dtype(args.dtype, device))

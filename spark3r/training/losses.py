@@ -4,6 +4,9 @@
   divided by the mean distance of the clip's points from camera 0;
 - camera: L1 on pose_enc (translation, quaternion xyzw, field of view; FoV weighted 0.5) of every refinement iteration
   of the camera head, iteration i of n weighted 0.6^(n-1-i);
+- relative pose (opt-in, `relative_weight`): of the pairs (i, i + d) of a clip for d in 1, 2, 4, ..., 32, the chordal
+  distance of the relative rotation R_{i+d} R_i^T and the L1 of the relative translation, weighted over iterations
+  as the camera loss; invariant to a rigid motion of the predicted world, unlike the per-frame loss;
 - depth and points: VGGT's aleatoric loss conf * |err| - alpha * log(conf) (alpha 0.2) plus the plain |err| and a
   3-scale gradient-matching term (VGGT uses a normal loss for points; the gradient term is used for both here).
 """
@@ -17,8 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spark3r.models.geometry import quaternion_to_matrix
+
 CONF_ALPHA = 0.2
 CAMERA_GAMMA = 0.6
+RELATIVE_OFFSETS = (1, 2, 4, 8, 16, 32)
 FOCAL_WEIGHT = 0.5
 GRADIENT_SCALES = 3
 
@@ -157,6 +163,39 @@ def camera_loss(pose_iterations: list[Tensor], target: Tensor, gamma: float = CA
     return total / count
 
 
+def relative_poses(pose_enc: Tensor, offsets: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """Relative poses of the frame pairs (i, i + d) of pose_enc [B, S, 9] (world-to-camera: x_cam = R x + t), for
+    each offset d: rotations R_{i+d} R_i^T [B, S - d, 3, 3] and translations t_{i+d} - R_{i+d} R_i^T t_i
+    [B, S - d, 3], the quaternions normalised first."""
+    rotation = quaternion_to_matrix(F.normalize(pose_enc[..., 3:7], dim=-1))
+    translation = pose_enc[..., :3, None]
+    poses = []
+    for offset in offsets:
+        relative = rotation[:, offset:] @ rotation[:, :-offset].transpose(-1, -2)
+        poses.append((relative, (translation[:, offset:] - relative @ translation[:, :-offset])[..., 0]))
+    return poses
+
+
+def relative_pose_loss(pose_iterations: list[Tensor], target: Tensor, offsets: tuple[int, ...] = RELATIVE_OFFSETS,
+                       gamma: float = CAMERA_GAMMA) -> Tensor:
+    """Relative-pose loss of every camera-head iteration's pose_enc [B, S, 9] against `target` [B, S, 9]: for each
+    offset d < S, over the pairs (i, i + d) of each clip, the mean chordal distance ||R_pred - R_true||_F of the
+    relative rotations plus the mean absolute error of the relative translations (per component, as `camera_loss`);
+    averaged over offsets, iteration i of n weighted gamma^(n-1-i), averaged over iterations. Invariant to a rigid
+    motion of the predicted world (no frame-0 gauge); 0 when no offset is below S."""
+    used = [offset for offset in offsets if 0 < offset < target.shape[1]]
+    truth = relative_poses(target, used)
+    count = len(pose_iterations)
+    total = target.new_zeros(())
+    for index, pred in enumerate(pose_iterations):
+        error = target.new_zeros(())
+        for (rotation, translation), (true_rotation, true_translation) in zip(relative_poses(pred, used), truth):
+            chordal = torch.linalg.matrix_norm(rotation - true_rotation)
+            error = error + chordal.mean() + (translation - true_translation).abs().mean()
+        total = total + gamma ** (count - 1 - index) * error / max(len(used), 1)
+    return total / count
+
+
 @contextlib.contextmanager
 def camera_iterations(model: nn.Module) -> Iterator[list[Tensor]]:
     """Inside the block, the list it yields fills with the pose_enc [B, S, 9] of each camera-head refinement
@@ -177,9 +216,15 @@ def camera_iterations(model: nn.Module) -> Iterator[list[Tensor]]:
 
 
 def training_loss(outputs: dict[str, Tensor], pose_iterations: list[Tensor], targets: Targets,
-                  camera_weight: float) -> tuple[Tensor, Tensor]:
-    """(total loss, [camera, depth, points] parts) of one batch."""
+                  camera_weight: float, relative_weight: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(total loss, [camera, depth, points, relative] parts, unweighted) of one batch: camera_weight * camera +
+    relative_weight * relative + depth + points. relative_weight 0 skips the relative-pose loss (its part is 0)."""
     camera = camera_loss(pose_iterations, targets.pose_enc)
     depth = dense_loss(outputs["depth"][..., None], outputs["depth_conf"], targets.depth[..., None], targets.valid)
     points = dense_loss(outputs["points"], outputs["points_conf"], targets.points, targets.valid)
-    return camera_weight * camera + depth + points, torch.stack([camera, depth, points]).detach()
+    total = camera_weight * camera + depth + points
+    relative = camera.new_zeros(())
+    if relative_weight:
+        relative = relative_pose_loss(pose_iterations, targets.pose_enc)
+        total = total + relative_weight * relative
+    return total, torch.stack([camera, depth, points, relative]).detach()

@@ -174,6 +174,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     clip_grad: float = 1.0
     camera_weight: float = 5.0
+    relative_weight: float = 0.0
     minutes: float | None = None
     log_every: int = 100
     eval_every: int = 1000
@@ -183,7 +184,8 @@ class TrainConfig:
     head_dtype: str = "fp32"
     held_out: str = HELD_OUT_SPEC
 
-    RESUME_KEYS = ("batch", "frames", "max_frames", "frames_per_step", "path", "arc_share", "size", "seed")
+    RESUME_KEYS = ("batch", "frames", "max_frames", "frames_per_step", "path", "arc_share", "size", "seed",
+                   "relative_weight")
 
     def check(self) -> None:
         for name in ("steps", "batch", "frames", "size", "log_every", "eval_every", "checkpoint_every"):
@@ -202,6 +204,9 @@ class TrainConfig:
         if self.arc_share is not None and (self.path != "mixed" or not 0 < self.arc_share < 1):
             raise ParameterError(f"`arc_share` {self.arc_share} needs `path` mixed and a share between 0 and 1 "
                                  "(e.g. 0.25)", "arc_share", "path")
+        if not self.relative_weight >= 0:
+            raise ParameterError(f"`relative_weight` is {self.relative_weight}: give a weight >= 0 (0 leaves the "
+                                 "relative-pose loss out)", "relative_weight")
         if self.head_dtype not in HEAD_DTYPES:
             raise ParameterError(f"`head_dtype` {self.head_dtype} is not one of {', '.join(HEAD_DTYPES)}",
                                  "head_dtype")
@@ -254,8 +259,10 @@ def load_checkpoint(config: TrainConfig, model: nn.Module, optimizer: torch.opti
         return 0, 0.0
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     for key in TrainConfig.RESUME_KEYS:
-        if checkpoint["settings"].get(key) != getattr(config, key):  # .get: checkpoints older than arc_share
-            raise ParameterError(f"checkpoint {path} was made with `{key}` {checkpoint['settings'].get(key)}, not "
+        # .get with the default: checkpoints older than arc_share and relative_weight
+        made_with = checkpoint["settings"].get(key, getattr(TrainConfig, key))
+        if made_with != getattr(config, key):
+            raise ParameterError(f"checkpoint {path} was made with `{key}` {made_with}, not "
                                  f"{getattr(config, key)}: pass the same settings to resume, or delete it to start "
                                  "over", key)
     model.load_state_dict(checkpoint["model"])
@@ -335,7 +342,7 @@ def train(config: TrainConfig, device: torch.device = torch.device("cpu"),
 
     step, began = start, time.monotonic()
     seconds = seconds_before
-    running = torch.zeros(4, device=device)
+    running = torch.zeros(5, device=device)  # loss, then training_loss's parts
     last_log, last_log_step = began, start
     results: dict = {}
     for arrays in loader:
@@ -349,7 +356,7 @@ def train(config: TrainConfig, device: torch.device = torch.device("cpu"),
         images, targets = render_step(arrays, size, device)
         with camera_iterations(model) as pose_iterations:
             outputs = model(images)
-        loss, parts = training_loss(outputs, pose_iterations, targets, config.camera_weight)
+        loss, parts = training_loss(outputs, pose_iterations, targets, config.camera_weight, config.relative_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad)
@@ -363,7 +370,8 @@ def train(config: TrainConfig, device: torch.device = torch.device("cpu"),
                                      "rerun (the run resumes from the last checkpoint)", "lr")
             now = time.monotonic()
             print(f"step {step}/{config.steps}  lr {optimizer.param_groups[0]['lr']:.2e}  loss {values[0]:.4f} "
-                  f"(camera {values[1]:.4f} depth {values[2]:.4f} points {values[3]:.4f})  "
+                  f"(camera {values[1]:.4f} depth {values[2]:.4f} points {values[3]:.4f}"
+                  + (f" relative {values[4]:.4f}" if config.relative_weight else "") + ")  "
                   f"{(step - last_log_step) / (now - last_log):.1f} steps/s  "
                   f"{(seconds_before + now - began) / 60:.1f} min", flush=True)
             running.zero_()
