@@ -48,6 +48,21 @@ def test_best_destinations_breaks_ties_to_the_lowest_index_across_blocks(fused):
     assert indices[0, :2].tolist() == [3, 100]
 
 
+def test_every_tiling_the_gpu_may_pick_gives_the_same_values_and_ties(fused):
+    """A GPU times BEST_DESTINATIONS_BLOCKS and keeps the fastest: each must give the same answer, ties included."""
+    sources = unit(2, 300, 64, seed=6, dtype=torch.bfloat16)
+    destinations = unit(2, 270, 64, seed=7, dtype=torch.bfloat16)
+    destinations[0, [5, 130, 260]] = sources[0, 0]  # equal best in blocks of 64, 128 and the ragged last one
+    destinations[1, [200, 201]] = sources[1, 299]  # equal best inside one block, for a source in the last row block
+    first_values, first_indices = fused.best_destinations(sources, destinations, fused.BEST_DESTINATIONS_BLOCKS[0])
+    assert first_indices[0, 0] == 5 and first_indices[1, 299] == 200
+    similarity = torch.einsum("gsd,gtd->gst", sources.double(), destinations.double())
+    assert (first_indices == similarity.argmax(dim=-1)).double().mean() >= 0.97  # bf16 rounding makes ties
+    for blocks in fused.BEST_DESTINATIONS_BLOCKS[1:]:
+        values, indices = fused.best_destinations(sources, destinations, blocks)
+        assert torch.equal(values, first_values) and torch.equal(indices, first_indices), blocks
+
+
 def test_bf16_similarity_is_rounded_as_the_torch_path_rounds_it(fused):
     """In bf16 the torch path's product rounds each similarity to bf16 before the max (cosines near 1 are 2^-8 apart,
     so ties are common); the kernel rounds the same way, so it picks the same best value and, with ties to the lowest

@@ -96,21 +96,39 @@ def supports(tensor: Tensor) -> bool:
     return tensor.dtype in DTYPES and tensor.shape[-1] <= MAX_DIM
 
 
-def best_destinations(sources: Tensor, destinations: Tensor) -> tuple[Tensor, Tensor]:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) that `best_destinations` times on a GPU, once per shape (triton.autotune);
+# the blocks change only the tiling, not a value or a tie (tests/test_fused.py runs each in the interpreter)
+BEST_DESTINATIONS_BLOCKS = ((128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (256, 64, 8, 3), (64, 64, 4, 4),
+                            (256, 128, 8, 3))
+_tuned_best_destinations = triton.autotune(
+    [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in BEST_DESTINATIONS_BLOCKS],
+    key=["n_src", "n_dst", "dim"])(_best_destinations_kernel)
+
+
+def best_destinations(sources: Tensor, destinations: Tensor,
+                      blocks: tuple[int, int, int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Most similar destination of each source: [..., n_src, d] x [..., n_dst, d] -> (similarity in the input dtype,
     index long) [..., n_src]; ties go to the lowest index. Reads each block of destinations once per block of sources,
-    so the n_src x n_dst similarity matrix is never written."""
+    so the n_src x n_dst similarity matrix is never written. `blocks` (one of BEST_DESTINATIONS_BLOCKS) fixes the
+    tiling; by default a GPU times them all once per shape and Triton's interpreter takes the first."""
     *lead, n_src, dim = sources.shape
     n_dst = destinations.shape[-2]
     src = sources.reshape(-1, n_src, dim).contiguous()
     dst = destinations.reshape(-1, n_dst, dim).contiguous()
     values = sources.new_empty(src.shape[:2])
     indices = torch.empty(src.shape[:2], dtype=torch.long, device=sources.device)
-    precision = "ieee" if sources.dtype == torch.float32 or INTERPRETED else "tf32"
-    grid = (triton.cdiv(n_src, 128), src.shape[0])
-    _best_destinations_kernel[grid](src, dst, values, indices, n_src, n_dst, dim, BLOCK_M=128, BLOCK_N=64,
-                                    BLOCK_D=max(16, triton.next_power_of_2(dim)), PRECISION=precision,
-                                    UPCAST=INTERPRETED, num_warps=4, num_stages=3)
+    arguments = (src, dst, values, indices, n_src, n_dst, dim)
+    constants = {"BLOCK_D": max(16, triton.next_power_of_2(dim)), "UPCAST": INTERPRETED,
+                 "PRECISION": "ieee" if sources.dtype == torch.float32 or INTERPRETED else "tf32"}
+    if blocks is None and not INTERPRETED:
+        def grid(meta: dict) -> tuple[int, int]:
+            return triton.cdiv(n_src, meta["BLOCK_M"]), src.shape[0]
+
+        _tuned_best_destinations[grid](*arguments, **constants)
+    else:
+        block_m, block_n, warps, stages = blocks or BEST_DESTINATIONS_BLOCKS[0]
+        _best_destinations_kernel[(triton.cdiv(n_src, block_m), src.shape[0])](
+            *arguments, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **constants)
     return values.reshape(*lead, n_src), indices.reshape(*lead, n_src)
 
 
