@@ -12,7 +12,17 @@ from spark3r.reduce import merge
 from spark3r.reduce.attention import reduced_attention
 from spark3r.reduce.reduction import Reduction
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from spark3r.reduce.fused import _rounding_threshold  # noqa: E402
+
+
+@triton.jit
+def _threshold_kernel(x, out, DTYPE: tl.constexpr):
+    """`_rounding_threshold` of 1024 values."""
+    offsets = tl.arange(0, 1024)
+    tl.store(out + offsets, _rounding_threshold(tl.load(x + offsets), DTYPE))
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +71,33 @@ def test_every_tiling_the_gpu_may_pick_gives_the_same_values_and_ties(fused):
     for blocks in fused.BEST_DESTINATIONS_BLOCKS[1:]:
         values, indices = fused.best_destinations(sources, destinations, blocks)
         assert torch.equal(values, first_values) and torch.equal(indices, first_indices), blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_best_destinations_is_the_lowest_index_of_the_rounded_max(fused, dtype):
+    """Against float64: each similarity rounded to the input dtype (from fp32, as the product writes it), the largest
+    rounded value, and the lowest destination that has it."""
+    sources, destinations = unit(3, 200, 64, seed=8, dtype=dtype), unit(3, 150, 64, seed=9, dtype=dtype)
+    destinations[:, 40:60] = destinations[:, 20:40]  # exact duplicates: ties in every dtype
+    rounded = torch.einsum("gsd,gtd->gst", sources.double(), destinations.double()).float().to(dtype).double()
+    best = rounded.max(dim=-1, keepdim=True).values
+    lowest = torch.where(rounded == best, torch.arange(150, dtype=torch.double), 1e9).argmin(dim=-1)
+    values, indices = fused.best_destinations(sources, destinations)
+    assert torch.equal(values.double(), best[..., 0]) and torch.equal(indices, lowest)
+    assert (rounded == best).sum(-1).gt(1).double().mean() > 0.05  # ties are common: the tie rule is exercised
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_threshold_is_the_least_value_that_rounds_as_high(fused, dtype):
+    grid = torch.linspace(-1.0, 1.0, 997, dtype=torch.float64).float()
+    representable = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, 2.0 ** -9, -(2.0 ** -9)]).to(dtype).float()
+    halfway = (representable + torch.nextafter(representable.to(dtype), torch.tensor(-2.0, dtype=dtype)).float()) / 2
+    x = torch.cat([grid, representable, halfway, torch.full((1024 - 997 - 14,), 0.3)])
+    out = torch.empty_like(x)
+    _threshold_kernel[(1,)](x, out, DTYPE=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
+    below = torch.nextafter(out, torch.tensor(-2.0))  # the fp32 value just below each threshold
+    assert (out.to(dtype) >= x.to(dtype)).all()  # the threshold rounds at least as high as x
+    assert (below.to(dtype) < x.to(dtype)).all()  # and nothing below it does
 
 
 def test_bf16_similarity_is_rounded_as_the_torch_path_rounds_it(fused):

@@ -36,10 +36,40 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _rounding_threshold(x, dtype: tl.constexpr):
+    """For fp32 x [M]: the least fp32 t with round(t) >= round(x), rounding to the nearest `dtype` value, ties to even
+    (so for y <= x: round(y) == round(x) exactly when y >= t). For 16-bit dtypes t lies halfway between round(x) and
+    the next `dtype` value below it, one fp32 step above when that halfway point rounds down (round(x) odd)."""
+    if dtype == tl.bfloat16:
+        bits = _rounded(x, dtype).to(tl.uint32, bitcast=True) >> 16
+    elif dtype == tl.float16:
+        bits = x.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    else:
+        return x
+    positive = (bits & 0x8000) == 0
+    below = tl.where(positive & (bits != 0), bits - 1, tl.where(bits == 0, 0x8001, bits + 1))
+    if dtype == tl.bfloat16:
+        rounded = (bits << 16).to(tl.float32, bitcast=True)
+        lower = (below << 16).to(tl.float32, bitcast=True)
+    else:
+        rounded = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        lower = below.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    halfway = (rounded + lower) * 0.5  # exact: both have at most 11 significant bits
+    step = tl.where(halfway > 0, 1, -1)
+    above = (halfway.to(tl.uint32, bitcast=True) + step).to(tl.float32, bitcast=True)  # the next fp32 up
+    return tl.where((bits & 1) == 0, halfway, above)
+
+
+@triton.jit
 def _best_destinations_kernel(src, dst, values, indices, n_src, n_dst, dim,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One program: BLOCK_M sources of one group against all of its destinations, a running max over blocks."""
+    """One program: BLOCK_M sources of one group against all of its destinations, a running max over blocks.
+
+    The torch path rounds each similarity to the input dtype before its max, so ties (common in bf16) go to the lowest
+    index among the destinations whose rounded similarity is the largest. Here a block's fp32 max is rounded once per
+    row, and that lowest index is the first column at or above its rounding threshold: one comparison per similarity
+    instead of rounding each."""
     group = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -53,15 +83,15 @@ def _best_destinations_kernel(src, dst, values, indices, n_src, n_dst, dim,
                             mask=(cols[:, None] < n_dst) & (dims[None, :] < dim), other=0.0)
         if UPCAST:
             src_block, dst_block = src_block.to(tl.float32), dst_block.to(tl.float32)
-        # rounded to the input dtype, as the torch path's matrix product writes it, before the max
         similarity = tl.dot(src_block, tl.trans(dst_block), input_precision=PRECISION)
-        similarity = _rounded(similarity, values.dtype.element_ty)
         similarity = tl.where(cols[None, :] < n_dst, similarity, float("-inf"))
-        block_best, block_index = tl.max(similarity, axis=1, return_indices=True,
-                                         return_indices_tie_break_left=True)
+        block_max = tl.max(similarity, axis=1)
+        threshold = _rounding_threshold(block_max, values.dtype.element_ty)
+        block_index = tl.min(tl.where(similarity >= threshold[:, None], cols[None, :], n_dst), axis=1)
+        block_best = _rounded(block_max, values.dtype.element_ty)
         better = block_best > best  # strict: ties keep the lowest destination index, as torch.max does
         best = tl.where(better, block_best, best)
-        best_index = tl.where(better, block_index + start, best_index)
+        best_index = tl.where(better, block_index, best_index)
     tl.store(values + group * n_src + rows, best.to(values.dtype.element_ty), mask=rows < n_src)
     tl.store(indices + group * n_src + rows, best_index.to(tl.int64), mask=rows < n_src)
 
