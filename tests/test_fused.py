@@ -48,6 +48,20 @@ def test_best_destinations_breaks_ties_to_the_lowest_index_across_blocks(fused):
     assert indices[0, :2].tolist() == [3, 100]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_best_destinations_is_the_lowest_index_of_the_rounded_max(fused, dtype):
+    """Against float64: each similarity rounded to the input dtype (from fp32, as the product writes it), the largest
+    rounded value, and the lowest destination that has it."""
+    sources, destinations = unit(3, 200, 64, seed=8, dtype=dtype), unit(3, 150, 64, seed=9, dtype=dtype)
+    destinations[:, 40:60] = destinations[:, 20:40]  # exact duplicates: ties in every dtype
+    rounded = torch.einsum("gsd,gtd->gst", sources.double(), destinations.double()).float().to(dtype).double()
+    best = rounded.max(dim=-1, keepdim=True).values
+    lowest = torch.where(rounded == best, torch.arange(150, dtype=torch.double), 1e9).argmin(dim=-1)
+    values, indices = fused.best_destinations(sources, destinations)
+    assert torch.equal(values.double(), best[..., 0]) and torch.equal(indices, lowest)
+    assert (rounded == best).sum(-1).gt(1).double().mean() > 0.05  # ties are common: the tie rule is exercised
+
+
 def test_bf16_similarity_is_rounded_as_the_torch_path_rounds_it(fused):
     """In bf16 the torch path's product rounds each similarity to bf16 before the max (cosines near 1 are 2^-8 apart,
     so ties are common); the kernel rounds the same way, so it picks the same best value and, with ties to the lowest
