@@ -358,7 +358,7 @@ def test_workers_share_one_study_and_a_killed_worker_loses_nothing_written(tmp_p
         time.sleep(0.2)  # until the doomed worker has written trials of its own
     doomed.send_signal(signal.SIGTERM)  # killed while still running trials
     _, err = doomed.communicate(timeout=60)
-    assert doomed.returncode == 130 and "rerun the same command to resume" in err
+    assert doomed.returncode == 130 and "rerun the same command to resume" in err, (doomed.returncode, err[-3000:])
     before = [(t.number, t.params, t.value, t.user_attrs["worker"]) for t in journal_trials(tmp_path)]
     assert len(before) >= 200 and len({entry[3] for entry in before}) == 2  # both workers wrote to the study
 
@@ -535,3 +535,19 @@ def test_the_summary_marks_rows_over_the_budget(tmp_path, monkeypatch, capsys):
     fraction = float(rows[paper][34:].split()[1])  # the vggt-tiny rule at 8 frames keeps 1/3 of K/V on 4 of 6 layers
     assert fraction > 0.3 and paper.endswith("(over budget)")
     assert not any(name.endswith("(over budget)") for name in rows if name.startswith(("knapsack", "chosen")))
+
+
+def test_an_interrupt_waits_for_the_end_of_a_deferred_block():
+    from spark3r.search.study import signals_deferred
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert seen == []  # held while the study is written
+        time.sleep(0.05)
+        assert seen == [signal.SIGTERM]  # delivered once the block ends
+    finally:
+        signal.signal(signal.SIGTERM, previous)

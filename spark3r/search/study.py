@@ -12,13 +12,16 @@ killed worker loses at most its unwritten trials, which the rerun makes up.
 from __future__ import annotations
 
 import datetime
+import contextlib
 import hashlib
 import json
+import signal
 import socket
+import threading
 import uuid
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import optuna
 from optuna.storages import JournalStorage
@@ -132,6 +135,25 @@ def join_study(study: optuna.Study, info: dict) -> tuple[str, int]:
     return worker, workers.index(f"worker.{worker}")
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends (main thread), so an interrupt never lands inside a write to the
+    shared study: a signal that comes meanwhile is recorded and raised again, to its own handler, as the block exits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {number: signal.signal(number, lambda signum, frame: caught.append(signum))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def run_study(study: optuna.Study, problem: SearchProblem, trials: int,
               sampler: optuna.samplers.BaseSampler, worker: str, warm_start: Candidate | None = None,
               flush_every: int = FLUSH_EVERY, progress: bool = True) -> int:
@@ -156,8 +178,9 @@ def run_study(study: optuna.Study, problem: SearchProblem, trials: int,
 
     def flush() -> int:
         """Write pending trials to the shared study, read the other workers' back; returns its completed count."""
-        while pending:  # one at a time: an interrupt never writes a trial twice (it may drop one, which reruns redo)
-            study.add_trial(pending.pop(0))
+        with signals_deferred():  # an interrupt waits for the writes: a half-written journal entry would lose trials
+            while pending:
+                study.add_trial(pending.pop(0))
         shared = completed(study)
         local.add_trials([trial for trial in shared
                           if trial.number not in synced and trial.user_attrs.get("worker") != worker])
