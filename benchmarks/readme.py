@@ -23,6 +23,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import block_profile  # noqa: E402  (its parser: a block profile's own arguments)
 import profile_head_dtype  # noqa: E402  (its `decide` is the one place the head-dtype rule is written)
+import profile_screening  # noqa: E402  (its GOAL_SPEARMAN: the bar a profile shortcut is held to)
 import speed_all  # noqa: E402  (its `setting`: what a results file was measured with)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,7 +285,7 @@ def profile_screening_section(results: Path) -> str:
         return next((screen for screen in data["screens"] if screen["resume"] == resume), None)
 
     def per_screen(resume: str, cell) -> Callable[[dict], str]:
-        return lambda data: "n/a" if screen_of(data, resume) is None else cell(data, screen_of(data, resume))
+        return lambda data: "n/a" if (screen := screen_of(data, resume)) is None else cell(data, screen)
 
     resumes = list(dict.fromkeys(screen["resume"] for data in runs for screen in data["screens"]))
     for resume in resumes:
@@ -299,14 +300,14 @@ def profile_screening_section(results: Path) -> str:
                                                    f"({screen['wall_s'] / data['all_wall_s']:.2f})")),
                   row(f"{resume}: lowest Spearman of an estimated level's layer ranking, its largest score change",
                       per_screen(resume, lambda data, screen: worst_estimate(screen, kind)))]
-    verdicts = []
+    verdicts, bar = [], profile_screening.GOAL_SPEARMAN
     for resume in resumes:
         screens = [screen_of(data, resume) for data in runs if screen_of(data, resume) is not None]
         lowest = min(r["spearman"] for screen in screens for r in screen["rows"])
         saved = ", ".join(f"{1 - screen['seconds'] / data['all_s']:.0%} at {data['frames']} frames"
                           for data in runs if (screen := screen_of(data, resume)) is not None)
         verdicts.append(f"`--resume-levels {resume}` keeps every level's layer ranking at Spearman {lowest:.3f} or "
-                        f"more ({'at or above' if lowest >= 0.99 else 'below'} the bar of 0.99) and saves {saved} of "
+                        f"more ({'at or above' if lowest >= bar else 'below'} the bar of {bar}) and saves {saved} of "
                         "resume + decode.")
     lines += ["", prose(" ".join(verdicts) + " Screening stays opt-in: it is measured on vggt-tiny only.")]
     return "\n".join(lines)

@@ -11,8 +11,8 @@ killed worker loses at most its unwritten trials, which the rerun makes up.
 """
 from __future__ import annotations
 
-import datetime
 import contextlib
+import datetime
 import hashlib
 import json
 import signal

@@ -154,13 +154,16 @@ def dense_loss(pred: Tensor, conf: Tensor, target: Tensor, valid: Tensor) -> Ten
 def camera_loss(pose_iterations: list[Tensor], target: Tensor, gamma: float = CAMERA_GAMMA) -> Tensor:
     """L1 of every camera-head iteration's pose_enc [B, S, 9] against `target`: translation + quaternion + 0.5 FoV,
     iteration i of n weighted gamma^(n-1-i), averaged over iterations."""
-    count = len(pose_iterations)
-    total = target.new_zeros(())
-    for index, pred in enumerate(pose_iterations):
-        error = (pred - target).abs()
-        parts = error[..., :3].mean() + error[..., 3:7].mean() + FOCAL_WEIGHT * error[..., 7:].mean()
-        total = total + gamma ** (count - 1 - index) * parts
-    return total / count
+    errors = [(pred - target).abs() for pred in pose_iterations]
+    return iteration_weighted([error[..., :3].mean() + error[..., 3:7].mean() + FOCAL_WEIGHT * error[..., 7:].mean()
+                               for error in errors], gamma)
+
+
+def iteration_weighted(losses: list[Tensor], gamma: float) -> Tensor:
+    """The camera head's iterations' losses (scalars, first to last) combined: iteration i of n weighted
+    gamma^(n-1-i), averaged over iterations."""
+    count = len(losses)
+    return sum(gamma ** (count - 1 - index) * loss for index, loss in enumerate(losses)) / count
 
 
 def relative_poses(pose_enc: Tensor, offsets: list[int]) -> list[tuple[Tensor, Tensor]]:
@@ -185,15 +188,14 @@ def relative_pose_loss(pose_iterations: list[Tensor], target: Tensor, offsets: t
     motion of the predicted world (no frame-0 gauge); 0 when no offset is below S."""
     used = [offset for offset in offsets if 0 < offset < target.shape[1]]
     truth = relative_poses(target, used)
-    count = len(pose_iterations)
-    total = target.new_zeros(())
-    for index, pred in enumerate(pose_iterations):
+    losses = []
+    for pred in pose_iterations:
         error = target.new_zeros(())
         for (rotation, translation), (true_rotation, true_translation) in zip(relative_poses(pred, used), truth):
             chordal = torch.linalg.matrix_norm(rotation - true_rotation)
             error = error + chordal.mean() + (translation - true_translation).abs().mean()
-        total = total + gamma ** (count - 1 - index) * error / max(len(used), 1)
-    return total / count
+        losses.append(error / max(len(used), 1))
+    return iteration_weighted(losses, gamma)
 
 
 @contextlib.contextmanager
