@@ -3,7 +3,7 @@ frames, each checked against the torch path on the same inputs:
 
 * the source -> destination similarity and its max: the torch path (`merge.torch_best_destinations`) at the shipped
   SIMILARITY_CHUNK_ELEMENTS and at larger chunks, and the fused Triton kernel (`fused.best_destinations`, no
-  similarity matrix written);
+  similarity matrix written) as shipped (autotuned over `fused.BEST_DESTINATIONS_BLOCKS`) and at each of those tilings;
 * the mean of each slot's queries: the torch path (one head at a time, scatter_add in fp32), one index_add over all
   heads [B, N, h*D] in fp32, a segment mean (`torch.segment_reduce`) over the tokens sorted by slot, and the fused
   kernel (`fused.merge_queries`);
@@ -122,7 +122,10 @@ def similarity_rows(inputs: dict, device, repeats: int) -> list[dict]:
                                                                              chunk_elements=chunk) for chunk in CHUNKS}
     fused = fused_module(device)
     if fused is not None:
-        kernels["fused Triton kernel"] = fused.best_destinations
+        kernels["fused Triton kernel (autotuned)"] = fused.best_destinations
+        for blocks in fused.BEST_DESTINATIONS_BLOCKS:
+            kernels["fused Triton kernel, BLOCK_M {} BLOCK_N {}, {} warps, {} stages".format(*blocks)] = (
+                functools.partial(fused.best_destinations, blocks=blocks))
     rows = []
     for name, fn in kernels.items():
         values, indices = fn(sources, destinations)

@@ -12,7 +12,17 @@ from spark3r.reduce import merge
 from spark3r.reduce.attention import reduced_attention
 from spark3r.reduce.reduction import Reduction
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from spark3r.reduce.fused import _rounding_threshold  # noqa: E402
+
+
+@triton.jit
+def _threshold_kernel(x, out, DTYPE: tl.constexpr):
+    """`_rounding_threshold` of 1024 values."""
+    offsets = tl.arange(0, 1024)
+    tl.store(out + offsets, _rounding_threshold(tl.load(x + offsets), DTYPE))
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +58,21 @@ def test_best_destinations_breaks_ties_to_the_lowest_index_across_blocks(fused):
     assert indices[0, :2].tolist() == [3, 100]
 
 
+def test_every_tiling_the_gpu_may_pick_gives_the_same_values_and_ties(fused):
+    """A GPU times BEST_DESTINATIONS_BLOCKS and keeps the fastest: each must give the same answer, ties included."""
+    sources = unit(2, 300, 64, seed=6, dtype=torch.bfloat16)
+    destinations = unit(2, 270, 64, seed=7, dtype=torch.bfloat16)
+    destinations[0, [5, 130, 260]] = sources[0, 0]  # equal best in blocks of 64, 128 and the ragged last one
+    destinations[1, [200, 201]] = sources[1, 299]  # equal best inside one block, for a source in the last row block
+    first_values, first_indices = fused.best_destinations(sources, destinations, fused.BEST_DESTINATIONS_BLOCKS[0])
+    assert first_indices[0, 0] == 5 and first_indices[1, 299] == 200
+    similarity = torch.einsum("gsd,gtd->gst", sources.double(), destinations.double())
+    assert (first_indices == similarity.argmax(dim=-1)).double().mean() >= 0.97  # bf16 rounding makes ties
+    for blocks in fused.BEST_DESTINATIONS_BLOCKS[1:]:
+        values, indices = fused.best_destinations(sources, destinations, blocks)
+        assert torch.equal(values, first_values) and torch.equal(indices, first_indices), blocks
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_best_destinations_is_the_lowest_index_of_the_rounded_max(fused, dtype):
     """Against float64: each similarity rounded to the input dtype (from fp32, as the product writes it), the largest
@@ -60,6 +85,19 @@ def test_best_destinations_is_the_lowest_index_of_the_rounded_max(fused, dtype):
     values, indices = fused.best_destinations(sources, destinations)
     assert torch.equal(values.double(), best[..., 0]) and torch.equal(indices, lowest)
     assert (rounded == best).sum(-1).gt(1).double().mean() > 0.05  # ties are common: the tie rule is exercised
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_threshold_is_the_least_value_that_rounds_as_high(fused, dtype):
+    grid = torch.linspace(-1.0, 1.0, 997, dtype=torch.float64).float()
+    representable = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, 2.0 ** -9, -(2.0 ** -9)]).to(dtype).float()
+    halfway = (representable + torch.nextafter(representable.to(dtype), torch.tensor(-2.0, dtype=dtype)).float()) / 2
+    x = torch.cat([grid, representable, halfway, torch.full((1024 - 997 - 14,), 0.3)])
+    out = torch.empty_like(x)
+    _threshold_kernel[(1,)](x, out, DTYPE=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16)
+    below = torch.nextafter(out, torch.tensor(-2.0))  # the fp32 value just below each threshold
+    assert (out.to(dtype) >= x.to(dtype)).all()  # the threshold rounds at least as high as x
+    assert (below.to(dtype) < x.to(dtype)).all()  # and nothing below it does
 
 
 def test_bf16_similarity_is_rounded_as_the_torch_path_rounds_it(fused):

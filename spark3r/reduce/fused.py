@@ -36,10 +36,40 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _rounding_threshold(x, dtype: tl.constexpr):
+    """For fp32 x [M]: the least fp32 t with round(t) >= round(x), rounding to the nearest `dtype` value, ties to even
+    (so for y <= x: round(y) == round(x) exactly when y >= t). For 16-bit dtypes t lies halfway between round(x) and
+    the next `dtype` value below it, one fp32 step above when that halfway point rounds down (round(x) odd)."""
+    if dtype == tl.bfloat16:
+        bits = _rounded(x, dtype).to(tl.uint32, bitcast=True) >> 16
+    elif dtype == tl.float16:
+        bits = x.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    else:
+        return x
+    positive = (bits & 0x8000) == 0
+    below = tl.where(positive & (bits != 0), bits - 1, tl.where(bits == 0, 0x8001, bits + 1))
+    if dtype == tl.bfloat16:
+        rounded = (bits << 16).to(tl.float32, bitcast=True)
+        lower = (below << 16).to(tl.float32, bitcast=True)
+    else:
+        rounded = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        lower = below.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    halfway = (rounded + lower) * 0.5  # exact: both have at most 11 significant bits
+    step = tl.where(halfway > 0, 1, -1)
+    above = (halfway.to(tl.uint32, bitcast=True) + step).to(tl.float32, bitcast=True)  # the next fp32 up
+    return tl.where((bits & 1) == 0, halfway, above)
+
+
+@triton.jit
 def _best_destinations_kernel(src, dst, values, indices, n_src, n_dst, dim,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One program: BLOCK_M sources of one group against all of its destinations, a running max over blocks."""
+    """One program: BLOCK_M sources of one group against all of its destinations, a running max over blocks.
+
+    The torch path rounds each similarity to the input dtype before its max, so ties (common in bf16) go to the lowest
+    index among the destinations whose rounded similarity is the largest. Here a block's fp32 max is rounded once per
+    row, and that lowest index is the first column at or above its rounding threshold: one comparison per similarity
+    instead of rounding each."""
     group = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
@@ -53,15 +83,15 @@ def _best_destinations_kernel(src, dst, values, indices, n_src, n_dst, dim,
                             mask=(cols[:, None] < n_dst) & (dims[None, :] < dim), other=0.0)
         if UPCAST:
             src_block, dst_block = src_block.to(tl.float32), dst_block.to(tl.float32)
-        # rounded to the input dtype, as the torch path's matrix product writes it, before the max
         similarity = tl.dot(src_block, tl.trans(dst_block), input_precision=PRECISION)
-        similarity = _rounded(similarity, values.dtype.element_ty)
         similarity = tl.where(cols[None, :] < n_dst, similarity, float("-inf"))
-        block_best, block_index = tl.max(similarity, axis=1, return_indices=True,
-                                         return_indices_tie_break_left=True)
+        block_max = tl.max(similarity, axis=1)
+        threshold = _rounding_threshold(block_max, values.dtype.element_ty)
+        block_index = tl.min(tl.where(similarity >= threshold[:, None], cols[None, :], n_dst), axis=1)
+        block_best = _rounded(block_max, values.dtype.element_ty)
         better = block_best > best  # strict: ties keep the lowest destination index, as torch.max does
         best = tl.where(better, block_best, best)
-        best_index = tl.where(better, block_index + start, best_index)
+        best_index = tl.where(better, block_index, best_index)
     tl.store(values + group * n_src + rows, best.to(values.dtype.element_ty), mask=rows < n_src)
     tl.store(indices + group * n_src + rows, best_index.to(tl.int64), mask=rows < n_src)
 
@@ -96,21 +126,39 @@ def supports(tensor: Tensor) -> bool:
     return tensor.dtype in DTYPES and tensor.shape[-1] <= MAX_DIM
 
 
-def best_destinations(sources: Tensor, destinations: Tensor) -> tuple[Tensor, Tensor]:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) that `best_destinations` times on a GPU, once per shape (triton.autotune);
+# the blocks change only the tiling, not a value or a tie (tests/test_fused.py runs each in the interpreter)
+BEST_DESTINATIONS_BLOCKS = ((128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3), (256, 64, 8, 3), (64, 64, 4, 4),
+                            (256, 128, 8, 3))
+_tuned_best_destinations = triton.autotune(
+    [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in BEST_DESTINATIONS_BLOCKS],
+    key=["n_src", "n_dst", "dim"])(_best_destinations_kernel)
+
+
+def best_destinations(sources: Tensor, destinations: Tensor,
+                      blocks: tuple[int, int, int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Most similar destination of each source: [..., n_src, d] x [..., n_dst, d] -> (similarity in the input dtype,
     index long) [..., n_src]; ties go to the lowest index. Reads each block of destinations once per block of sources,
-    so the n_src x n_dst similarity matrix is never written."""
+    so the n_src x n_dst similarity matrix is never written. `blocks` (one of BEST_DESTINATIONS_BLOCKS) fixes the
+    tiling; by default a GPU times them all once per shape and Triton's interpreter takes the first."""
     *lead, n_src, dim = sources.shape
     n_dst = destinations.shape[-2]
     src = sources.reshape(-1, n_src, dim).contiguous()
     dst = destinations.reshape(-1, n_dst, dim).contiguous()
     values = sources.new_empty(src.shape[:2])
     indices = torch.empty(src.shape[:2], dtype=torch.long, device=sources.device)
-    precision = "ieee" if sources.dtype == torch.float32 or INTERPRETED else "tf32"
-    grid = (triton.cdiv(n_src, 128), src.shape[0])
-    _best_destinations_kernel[grid](src, dst, values, indices, n_src, n_dst, dim, BLOCK_M=128, BLOCK_N=64,
-                                    BLOCK_D=max(16, triton.next_power_of_2(dim)), PRECISION=precision,
-                                    UPCAST=INTERPRETED, num_warps=4, num_stages=3)
+    arguments = (src, dst, values, indices, n_src, n_dst, dim)
+    constants = {"BLOCK_D": max(16, triton.next_power_of_2(dim)), "UPCAST": INTERPRETED,
+                 "PRECISION": "ieee" if sources.dtype == torch.float32 or INTERPRETED else "tf32"}
+    if blocks is None and not INTERPRETED:
+        def grid(meta: dict) -> tuple[int, int]:
+            return triton.cdiv(n_src, meta["BLOCK_M"]), src.shape[0]
+
+        _tuned_best_destinations[grid](*arguments, **constants)
+    else:
+        block_m, block_n, warps, stages = blocks or BEST_DESTINATIONS_BLOCKS[0]
+        _best_destinations_kernel[(triton.cdiv(n_src, block_m), src.shape[0])](
+            *arguments, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **constants)
     return values.reshape(*lead, n_src), indices.reshape(*lead, n_src)
 
 
