@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from spark3r.commands.arguments import DTYPES, resolve_device
+from spark3r.models.base import HEAD_DTYPES
 from spark3r.models.loading import load_model
 from spark3r.commands.profile_layers import DEFAULT_KV_KEEP, DEFAULT_QUERY_MERGE, parse_kv_keep, parse_query_merge
 from spark3r.files import write_atomic
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--compile", action="store_true", help="load_model(compiled=True): compiled blocks and heads "
                                                                "(the first clip includes the compiling)")
+    parser.add_argument("--head-dtype", default="fp32", choices=list(HEAD_DTYPES),
+                        help="the dense heads' dtype while decoding (profile-layers' --head-dtype)")
     parser.add_argument("--resume-levels", default="all", choices=RESUMES,
                         help="levels resumed end to end (profile-layers' --resume-levels)")
     parser.add_argument("--seed", type=int, default=0)
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     options, notes = profile_levels(model.adapter.layout(clips[0]), ProfileOptions(
         kv_keep=parse_kv_keep(args.kv_keep), query_merge=parse_query_merge(args.query_merge),
         additivity_schedules=args.additivity, level_batch=args.level_batch, seed=args.seed,
-        resume=args.resume_levels))
+        resume=args.resume_levels, head_dtype=args.head_dtype))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if device.type == "cuda":
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         "frames": args.frames, "size": args.size,
         "global_layers": model.adapter.num_global_layers, "kv_keep": list(options.kv_keep),
         "query_merge": list(options.query_merge), "additivity": args.additivity, "level_batch": args.level_batch,
-        "resume_levels": args.resume_levels,
+        "resume_levels": args.resume_levels, "head_dtype": args.head_dtype,
         "seconds": totals, "wall_seconds": wall, "seconds_per_clip": per_clip,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "goal_seconds": GOAL_SECONDS,

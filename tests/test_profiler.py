@@ -357,13 +357,17 @@ def test_bad_inputs_give_one_sentence(change, message, bad_files, capsys):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
 
 
-def test_benchmark_smoke_run(tmp_path):
-
+def test_benchmark_smoke_run(tmp_path, monkeypatch):
     benchmark = load_benchmark("profile_layers")
+    profiled = []
+    original = benchmark.profile_clip
+    monkeypatch.setattr(benchmark, "profile_clip", lambda model, images, options: profiled.append(options) or original(
+        model, images, options))
     out = tmp_path / "bench.json"
     result = benchmark.main(["--model", "vggt-tiny", "--clips", "1", "--frames", "4", "--size", "112", "--device",
                              "cpu", "--dtype", "fp32", "--kv-keep", "0.5", "--query-merge", "2", "--additivity", "1",
-                             "--out", str(out)])
+                             "--head-dtype", "compute", "--resume-levels", "alternate", "--out", str(out)])
+    assert [(options.head_dtype, options.resume) for options in profiled] == [("compute", "alternate")]
     assert json.loads(out.read_text())["global_layers"] == 12
     assert result["seconds"]["resume"] > 0 and result["seconds"]["decode"] > 0
     assert sum(result["seconds"].values()) <= result["wall_seconds"] * 1.01
