@@ -194,12 +194,18 @@ def compute_heads_section(results: Path) -> str:
     return "\n".join(lines)
 
 
+# every run of benchmarks/speed_all.py the README's speed table shows, in this order
+SPEED_ALL_RUNS = ("speed-all-eager.json", "speed-all.json", "speed-all-h100.json",
+                  "speed-all-h100-compute-heads.json", "speed-all-h100-profile-alternate.json",
+                  "speed-all-h100-profile-alternate-compute-heads.json")
+
+
 def speed_all_lines(results: Path, earlier_peaks: dict[str, float]) -> list[str]:
-    """Table rows for the 1000-frame rows of the one-GPU benchmark, eager blocks (speed-all-eager.json) and compiled
-    (speed-all.json), each with the FLOP model's time at the measured ceilings, a paper row's speed-up over the dense
-    row of its file, and beside the earlier whole run's peak of the same model."""
+    """Table rows for the 1000-frame rows and profiles of the one-GPU benchmark (SPEED_ALL_RUNS), each with the FLOP
+    model's time at the measured ceilings, a paper row's speed-up over the dense row of its file, and beside the
+    earlier whole run's peak of the same model."""
     lines = []
-    for name in ("speed-all-eager.json", "speed-all.json", "speed-all-compute-heads.json"):
+    for name in SPEED_ALL_RUNS:
         if not (results / name).is_file():
             continue
         data = load(results, name)
@@ -225,12 +231,14 @@ def speed_all_lines(results: Path, earlier_peaks: dict[str, float]) -> list[str]
                    and row["schedule"] != "dense" else "")
                 + f" | {row['how']} at {row['measured_by']['commit'][:7]} (`{name}`; stages and goals in "
                 f"`{name[:-5]}.md`) |")
+        options = speed_all.setting(data["settings"], "profile_options")
         for row in data["rows"]:
             if row.get("kind") == "profile":
                 lines.append(
                     f"| profile-layers on {MODEL_NAMES[row['model']]}, {row['global_layers']} layers x "
                     f"{row['kv_levels'] + row['query_levels']} levels, {row['clips']} x {row['frames']} frames, "
-                    f"{blocks} blocks ({data['settings']['device_name']}, `benchmarks/speed_all.py`) | "
+                    f"{blocks} blocks{f' (`{options}`)' if options else ''} ({data['settings']['device_name']}, "
+                    "`benchmarks/speed_all.py`) | "
                     f"{row['seconds_per_clip']:.0f} s per clip; {row['goal_clips']} clips: {row['goal_clips_s']:.0f} s"
                     + (" (the first clip compiles its shapes)" if blocks == "compiled" else "")
                     + f" | {row['how']} at {row['measured_by']['commit'][:7]} (`{name}`) |")
