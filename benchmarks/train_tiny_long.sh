@@ -23,7 +23,7 @@
 #       bash benchmarks/train_tiny_long.sh
 # ARC_SHARE=0.25 makes a quarter of the steps short arcs (stage 2 had arcs in 3% of its steps and lost them).
 # HEAD_DTYPE=compute runs the DPT heads under autocast to the trunk's bf16 in training (default fp32, as upstream).
-# COMPILE=1 compiles the blocks and DPT heads (train_tiny --compile).
+# COMPILE=1 compiles the transformer blocks (train_tiny --compile; the DPT heads stay eager).
 # RELATIVE_WEIGHT=W adds W times the relative-pose loss of frame pairs (train_tiny --relative-weight; default 0: off;
 # a resumed stage must keep the same W).
 # WORKERS=N sets the scene-sampling workers (default up to 8; give fewer when two runs share the machine).

@@ -311,14 +311,14 @@ def test_time_limit_stops_cleanly_and_still_writes_weights(tmp_path, capsys):
     assert out.exists() and torch.load(out.with_suffix(".ckpt.pt"), weights_only=True)["step"] == 0
 
 
-def test_training_compiles_its_blocks_and_heads_with_dynamic_shapes(monkeypatch):
+def test_training_compiles_its_blocks_with_dynamic_shapes_and_leaves_the_heads_eager(monkeypatch):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **options: compiled.append((module, options)))
     model = spark3r.load_model("vggt-tiny", weights="none")
     compile_model(model)
     depth = len(model.aggregator.frame_blocks)
-    assert len(compiled) == 2 * depth + len(model.camera_head.trunk) + 2
-    assert {id(module) for module, _ in compiled} >= {id(model.depth_head), id(model.point_head)}
+    assert len(compiled) == 2 * depth + len(model.camera_head.trunk)
+    assert not {id(module) for module, _ in compiled} & {id(model.depth_head), id(model.point_head)}
     assert all(options == {"dynamic": True} for _, options in compiled)
 
 

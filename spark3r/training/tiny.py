@@ -280,11 +280,12 @@ def save_checkpoint(config: TrainConfig, model: nn.Module, optimizer: torch.opti
 
 
 def compile_model(model: nn.Module) -> None:
-    """torch.compile every transformer block and both DPT heads in place (the rest runs eagerly), with dynamic shapes:
-    clip length and clips per step change from step to step, and with static shapes the heads hit dynamo's recompile
-    limit (8) and fell back to eager while the first 100 steps took 3.9 min (train-vggt-tiny-long-s4.log)."""
-    blocks = [*model.aggregator.frame_blocks, *model.aggregator.global_blocks, *model.camera_head.trunk]
-    for module in [*blocks, model.depth_head, model.point_head]:
+    """torch.compile every transformer block in place with dynamic shapes (clip length and clips per step change from
+    step to step); the DPT heads stay eager. With static shapes the heads hit dynamo's recompile limit (8) and fell
+    back to eager after the first 100 steps took 3.9 min (train-vggt-tiny-long-s4.log); with dynamic shapes
+    inductor's tiling analysis failed an assertion on the depth head at the first step (torch 2.11, H100,
+    train-vggt-tiny-long-s5-crash.log)."""
+    for module in [*model.aggregator.frame_blocks, *model.aggregator.global_blocks, *model.camera_head.trunk]:
         module.compile(dynamic=True)
 
 
