@@ -6,11 +6,16 @@
 Default: vggt-1b with random weights in bf16, 8 clips of 32 random frames at 518 x 518, 24 global layers x 6 K/V levels
 (1, 1/2 .. 1/32) + 4 query levels (1 .. 4), frame-stride K/V, 6 additivity schedules per clip, up to 8 levels of a
 layer per batched forward. Every clip runs through `spark3r.profiler.run.profile_clip`, the engine profile-layers
-uses; the table sums its phase timers over clips (CUDA-synchronised) and gives the peak GPU memory.
+uses; the table sums its phase timers over clips (CUDA-synchronised) and gives the peak GPU memory. The JSON keeps
+each clip's phases and torch.compile's counters; --trace writes the last clip's operator table (torch.profiler):
+
+    python benchmarks/profile_layers.py --clips 2 --compile --head-dtype compute --resume-levels alternate \\
+        --trace $OUT/profile-trace-vggt-1b.txt --out $OUT/profile-trace-vggt-1b.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import sys
@@ -18,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.models.base import HEAD_DTYPES
@@ -56,8 +62,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume-levels", default="all", choices=RESUMES,
                         help="levels resumed end to end (profile-layers' --resume-levels)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace", default=None,
+                        help="run the last clip under torch.profiler and write its operator table (by self device "
+                             "time) here")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def traced(path: str | None, device: torch.device):
+    """torch.profiler around the block when `path` is given: the 50 operators with the most self time go to `path`."""
+    if path is None:
+        yield
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        yield
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (profiler.key_averages().table(sort_by=sort_by, row_limit=50) + "\n").encode())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,12 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     totals = dict.fromkeys(PHASES, 0.0)
-    per_clip = []
+    per_clip, phases_by_clip = [], []
     started = time.perf_counter()
     for index, images in enumerate(clips):
         clip_start = time.perf_counter()
-        measured = profile_clip(model, images.to(device), options)
+        with traced(args.trace if index == len(clips) - 1 else None, device):
+            measured = profile_clip(model, images.to(device), options)
         per_clip.append(time.perf_counter() - clip_start)
+        phases_by_clip.append(dict(measured.timings))
         for phase, seconds in measured.timings.items():
             totals[phase] += seconds
         print(f"clip {index + 1}/{len(clips)}: {per_clip[-1]:.1f} s", file=sys.stderr)
@@ -92,7 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
         "global_layers": model.adapter.num_global_layers, "kv_keep": list(options.kv_keep),
         "query_merge": list(options.query_merge), "additivity": args.additivity, "level_batch": args.level_batch,
         "resume_levels": args.resume_levels, "head_dtype": args.head_dtype,
-        "seconds": totals, "wall_seconds": wall, "seconds_per_clip": per_clip,
+        "seconds": totals, "wall_seconds": wall, "seconds_per_clip": per_clip, "seconds_by_clip": phases_by_clip,
+        # torch.compile's counts (graphs compiled, graph breaks): many graphs mean recompiles for new shapes
+        "dynamo": {key: dict(values) for key, values in counters.items() if values},
+        "traced": args.trace,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "goal_seconds": GOAL_SECONDS,
     }

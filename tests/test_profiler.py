@@ -366,8 +366,12 @@ def test_benchmark_smoke_run(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     result = benchmark.main(["--model", "vggt-tiny", "--clips", "1", "--frames", "4", "--size", "112", "--device",
                              "cpu", "--dtype", "fp32", "--kv-keep", "0.5", "--query-merge", "2", "--additivity", "1",
-                             "--head-dtype", "compute", "--resume-levels", "alternate", "--out", str(out)])
+                             "--head-dtype", "compute", "--resume-levels", "alternate", "--trace",
+                             str(tmp_path / "trace.txt"), "--out", str(out)])
     assert [(options.head_dtype, options.resume) for options in profiled] == [("compute", "alternate")]
+    trace = (tmp_path / "trace.txt").read_text()
+    assert "Self CPU" in trace and "aten::scaled_dot_product_attention" in trace  # the profiled clip's operators
+    assert result["seconds_by_clip"] == [result["seconds"]]
     assert json.loads(out.read_text())["global_layers"] == 12
     assert result["seconds"]["resume"] > 0 and result["seconds"]["decode"] > 0
     assert sum(result["seconds"].values()) <= result["wall_seconds"] * 1.01
