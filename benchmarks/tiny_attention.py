@@ -4,8 +4,9 @@ held-out walks at each --lengths N and reports, per length:
 * the rotation error (deg, against frame 0) of frames 1..P-1 and the error of consecutive-frame rotations over them,
   P = the shortest length (the same frames at every length, so only the added context differs);
 * per global layer, where the attention of a frame's queries (its camera token and --patches patch tokens, averaged
-  over heads, queries and the frames 1..P-1) goes: its own frame, frames 1-2 and 3-8 away, frame 0, the rest; and the
-  effective number of frames attended (exp of the entropy of the attention mass per frame).
+  over heads, queries and the frames 1..P-1) goes: its own frame, frames 1-2 and 3-8 away, frame 0, the rest; the
+  effective number of frames attended (exp of the entropy of the attention mass per frame) and of tokens attended
+  (the same over single keys, against the N keys of the clip), and the mean largest attention probability.
 
     python benchmarks/tiny_attention.py --weights benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors \
         --out benchmarks/results/attention-vggt-tiny-long-s4.json
@@ -49,15 +50,23 @@ def query_tokens(layout: FrameLayout, patches: int) -> Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.long), layout.n_special + chosen])
 
 
-def frame_mass(q: Tensor, k: Tensor, layout: FrameLayout, queries: Tensor, frames: int) -> Tensor:
-    """Attention mass per key frame of the chosen queries of frames 1..frames-1: q, k [B, h, N, D] -> [B, h, frames-1,
-    Q, S] (each row sums to 1 over the S key frames)."""
+def attention_rows(q: Tensor, k: Tensor, layout: FrameLayout, queries: Tensor, frames: int) -> Tensor:
+    """Attention probabilities of the chosen queries of frames 1..frames-1 over every key: q, k [B, h, N, D] ->
+    [B, h, frames-1, Q, N] (float32)."""
     batch, heads, _, head_dim = q.shape
-    per_frame = layout.tokens_per_frame
-    rows = (torch.arange(1, frames)[:, None] * per_frame + queries[None]).flatten().to(q.device)
+    rows = (torch.arange(1, frames)[:, None] * layout.tokens_per_frame + queries[None]).flatten().to(q.device)
     logits = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) / head_dim ** 0.5
-    mass = logits.softmax(-1).reshape(batch, heads, frames - 1, len(queries), layout.frames, per_frame)
-    return mass.sum(-1)
+    return logits.softmax(-1).reshape(batch, heads, frames - 1, len(queries), -1)
+
+
+def frame_mass(probabilities: Tensor, layout: FrameLayout) -> Tensor:
+    """[..., N] attention probabilities -> [..., S] their sum over each key frame's tokens."""
+    return probabilities.unflatten(-1, (layout.frames, layout.tokens_per_frame)).sum(-1)
+
+
+def effective_count(probabilities: Tensor) -> Tensor:
+    """exp of the entropy over the last dim: 1 for one-hot rows, the row length for uniform ones."""
+    return (-(probabilities * probabilities.clamp_min(1e-30).log()).sum(-1)).exp()
 
 
 def mass_by_distance(mass: Tensor) -> dict[str, float]:
@@ -71,19 +80,21 @@ def mass_by_distance(mass: Tensor) -> dict[str, float]:
     for label, low, high in DISTANCES:
         inside = (distance >= low) & not_first & (distance <= high if high is not None else True)
         shares[label] = float((mass * inside).sum(-1).mean())
-    entropy = -(mass * mass.clamp_min(1e-30).log()).sum(-1)
-    shares["effective frames"] = float(entropy.exp().mean())
+    shares["effective frames"] = float(effective_count(mass).mean())
     return shares
 
 
-def record_attention(prefix: int, queries_per_frame: int, stats: dict[int, Tensor]):
-    """An AttentionPatch `attention_for` that keeps each layer's frame masses of frames 1..prefix-1 in `stats` and
+def record_attention(prefix: int, queries_per_frame: int, stats: dict[int, dict[str, float]]):
+    """An AttentionPatch `attention_for` that keeps in `stats` each layer's attention summary for the queries of frames
+    1..prefix-1 (`mass_by_distance`, the effective number of tokens attended, the mean largest probability) and
     returns the dense attention."""
     def attention_for(layer: int, layout: FrameLayout):
         def attend(qkv: list[Tensor], x: Tensor) -> Tensor:
             q, k, v = qkv
-            queries = query_tokens(layout, queries_per_frame)
-            stats[layer] = frame_mass(q, k, layout, queries, prefix)
+            probabilities = attention_rows(q, k, layout, query_tokens(layout, queries_per_frame), prefix)
+            stats[layer] = {**mass_by_distance(frame_mass(probabilities, layout)),
+                            "effective tokens": float(effective_count(probabilities).mean()),
+                            "top key": float(probabilities.amax(-1).mean())}
             return F.scaled_dot_product_attention(q, k, v)
         return attend
     return attention_for
@@ -111,13 +122,14 @@ def markdown(result: dict) -> str:
              + " | ".join(f"{result['pose'][n]['consecutive_deg']:.2f}" for n in lengths) + " |", "",
              f"Where the attention of frames 1-{prefix - 1} goes (camera token and {result['patches']} patch queries "
              "per frame, mean over heads), per global layer:", ""]
-    labels = ["frame 0", *(label for label, _, _ in DISTANCES), "effective frames"]
-    lines += ["| layer | clip length | " + " | ".join(labels) + " |", "|---:|---:|" + "---:|" * len(labels)]
+    labels = ["frame 0", *(label for label, _, _ in DISTANCES), "effective frames", "effective tokens", "top key"]
+    lines += ["| layer | clip length | keys | " + " | ".join(labels) + " |",
+              "|---:|---:|---:|" + "---:|" * len(labels)]
     for layer in range(result["global_layers"]):
         for n in lengths:
             shares = result["attention"][n][layer]
-            lines.append(f"| {layer} | {n} | " + " | ".join(
-                f"{shares[label]:.1f}" if label == "effective frames" else f"{shares[label]:.3f}" for label in labels)
+            lines.append(f"| {layer} | {n} | {int(n) * result['tokens_per_frame']} | " + " | ".join(
+                f"{shares[label]:.1f}" if label.startswith("effective") else f"{shares[label]:.3f}" for label in labels)
                 + " |")
     return "\n".join(lines) + "\n"
 
@@ -143,14 +155,15 @@ def main(argv: list[str] | None = None) -> dict:
     layers = model.adapter.num_global_layers
     pose, attention = {}, {}
     for length in lengths:
-        stats: dict[int, Tensor] = {}
+        stats: dict[int, dict[str, float]] = {}
         with AttentionPatch(model, model.adapter, range(layers),
                             record_attention(lengths[0], args.patches, stats)):
             extrinsics = predict(model, images[:, :length], chunk=len(images))[1]
         pose[str(length)] = pose_errors(extrinsics.cpu(), truth, lengths[0])
-        attention[str(length)] = [mass_by_distance(stats[layer]) for layer in range(layers)]
+        attention[str(length)] = [stats[layer] for layer in range(layers)]
     result = {**provenance.record(__file__, argv, device), "weights": args.weights, "clips": args.clips,
-              "lengths": lengths, "patches": args.patches, "global_layers": layers, "pose": pose,
+              "lengths": lengths, "patches": args.patches, "global_layers": layers,
+              "tokens_per_frame": model.adapter.layout(images[:, :1]).tokens_per_frame, "pose": pose,
               "attention": attention}
     provenance.publish(args.out, HERE / "results" / "attention-vggt-tiny.json", result, markdown(result))
     return result

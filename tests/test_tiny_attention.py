@@ -27,8 +27,9 @@ def test_frame_mass_against_a_float64_loop():
     generator = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, 2, layout.tokens, 4, generator=generator) for _ in range(2))
     queries = torch.tensor([0, 2])
-    mass = bench.frame_mass(q, k, layout, queries, frames=3)  # query frames 1 and 2
-    assert mass.shape == (2, 2, 2, 2, 4)
+    probabilities = bench.attention_rows(q, k, layout, queries, frames=3)  # query frames 1 and 2
+    mass = bench.frame_mass(probabilities, layout)
+    assert probabilities.shape == (2, 2, 2, 2, 12) and mass.shape == (2, 2, 2, 2, 4)
     for b in range(2):
         for h in range(2):
             for f, frame in enumerate((1, 2)):
@@ -38,6 +39,12 @@ def test_frame_mass_against_a_float64_loop():
                     total = sum(weights)
                     expected = [sum(weights[3 * s: 3 * s + 3]) / total for s in range(4)]
                     assert mass[b, h, f, j].tolist() == pytest.approx(expected, rel=1e-5)
+                    assert probabilities[b, h, f, j].tolist() == pytest.approx([w / total for w in weights], rel=1e-5)
+
+
+def test_effective_count_is_one_for_one_hot_rows_and_the_length_for_uniform_ones():
+    rows = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]])
+    assert bench.effective_count(rows).tolist() == pytest.approx([1.0, 4.0, 2.0])
 
 
 def test_mass_by_distance_by_hand():
@@ -67,6 +74,8 @@ def test_a_cpu_run_keeps_the_dense_outputs_and_writes_its_table(tmp_path, one_th
             parts = shares["frame 0"] + sum(shares[label] for label, _, _ in bench.DISTANCES)
             assert parts == pytest.approx(1.0, abs=1e-5)
             assert 1.0 <= shares["effective frames"] <= int(length)
+            assert 1.0 <= shares["effective tokens"] <= int(length) * result["tokens_per_frame"]
+            assert 0.0 < shares["top key"] <= 1.0
     model = spark3r.load_model("vggt-tiny", weights="none")
     clips = bench.open_clips("synthetic:1:1000:walk", preprocess=bench.get_entry("vggt-tiny").recipe(), frames=6)
     images, targets = bench.clips_batch(clips, torch.device("cpu"))
