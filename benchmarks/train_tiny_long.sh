@@ -27,9 +27,8 @@
 # COMPILE=1 compiles the transformer blocks (train_tiny --compile; the DPT heads stay eager).
 # RELATIVE_WEIGHT=W adds W times the relative-pose loss of frame pairs (train_tiny --relative-weight; default 0: off;
 # a resumed stage must keep the same W).
-# QK_NORM_LR_SCALE=F trains the attentions' q/k-norm gains at F times the learning rate (train_tiny --qk-norm-lr-scale;
-# default 1; a resumed stage must keep the same F): with gains near 1 no key can take much of the attention over 256
-# frames (results/attention-vggt-tiny-long-s4.md).
+# INIT_LOGIT_SCALE=T multiplies INIT's global attention logits by T before training (train_tiny --init-logit-scale):
+# sharper attention over long clips (tiny_attention.py --logit-scale measures it on trained weights).
 # WORKERS=N sets the scene-sampling workers (default up to 8; give fewer when two runs share the machine).
 set -euo pipefail
 RUN=${RUN:-runs/tiny-long}
@@ -40,5 +39,6 @@ setsid python3 -m spark3r.commands.train_tiny --init "${INIT:?give INIT=the weig
     --held-out synthetic:16:999:walk --lr "${LR:-3e-4}" --warmup "${WARMUP:-200}" --steps 100000 \
     --minutes "${MINUTES:-13}" --eval-every 500 --checkpoint-every 250 --log-every 100 --seed "${SEED:-1}" \
     ${ARC_SHARE:+--arc-share "$ARC_SHARE"} ${HEAD_DTYPE:+--head-dtype "$HEAD_DTYPE"} ${COMPILE:+--compile} \
-    --relative-weight "${RELATIVE_WEIGHT:-0}" --qk-norm-lr-scale "${QK_NORM_LR_SCALE:-1}" ${WORKERS:+--workers "$WORKERS"} --out "$RUN/vggt-tiny.safetensors" >>"$RUN/train.log" 2>&1 < /dev/null &
+    --relative-weight "${RELATIVE_WEIGHT:-0}" \
+    --init-logit-scale "${INIT_LOGIT_SCALE:-1}" ${WORKERS:+--workers "$WORKERS"} --out "$RUN/vggt-tiny.safetensors" >>"$RUN/train.log" 2>&1 < /dev/null &
 echo "training in the background: $RUN/train.log"

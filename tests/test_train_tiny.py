@@ -26,7 +26,8 @@ from spark3r.training.losses import (
 )
 from spark3r.training.steps import StepScenes, StepShape, render_step, train_spec_seed
 from spark3r.training.tiny import (
-    compile_model, grow_depth, learning_rate, parameter_groups, split_head_channels, split_heads, trunk_depth,
+    compile_model, grow_depth, learning_rate, parameter_groups, save_weights, scale_global_logits, split_head_channels,
+    split_heads, trunk_depth,
 )
 
 
@@ -279,37 +280,50 @@ def test_loss_decreases_on_a_fixed_batch():
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
 
 
-def test_qk_norm_gains_get_their_own_group_only_when_scaled():
-    model = spark3r.load_model("vggt-tiny", weights="none")  # the camera head's blocks have no q/k-norm (as upstream)
-    plain = parameter_groups(model, 0.05)
-    assert len(plain) == 2 and "lr_scale" not in plain[1]  # the optimizer state of older checkpoints still fits
-    groups = parameter_groups(model, 0.05, qk_norm_lr_scale=10.0)
-    names = {id(parameter): name for name, parameter in model.named_parameters()}
-    gains = sorted(names[id(parameter)] for parameter in groups[2]["params"])
-    assert gains == sorted(f"aggregator.{blocks}.{index}.attn.{norm}_norm.weight" for blocks in
-                           ("frame_blocks", "global_blocks") for index in range(12) for norm in "qk")
-    assert groups[2]["lr_scale"] == 10.0 and groups[2]["weight_decay"] == 0.0
-    assert sum(len(group["params"]) for group in groups) == len(names)
+def test_scale_global_logits_multiplies_every_global_layers_logits_and_nothing_else():
+    model = spark3r.load_model("vggt-tiny", weights="none", seed=3)
+    with torch.no_grad():  # biases away from zero, so the bias must scale too
+        for block in model.aggregator.global_blocks:
+            block.attn.q_norm.bias.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(1, 10, model.aggregator.global_blocks[0].attn.qkv.in_features,
+                    generator=torch.Generator().manual_seed(2))
+
+    def global_logits() -> list[torch.Tensor]:
+        out = []
+        for block in model.aggregator.global_blocks:
+            attn = block.attn
+            heads = attn.qkv(x).reshape(1, 10, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).double()
+            q = torch.nn.functional.layer_norm(heads[0], (attn.head_dim,), attn.q_norm.weight.double(),
+                                               attn.q_norm.bias.double(), attn.q_norm.eps)
+            k = torch.nn.functional.layer_norm(heads[1], (attn.head_dim,), attn.k_norm.weight.double(),
+                                               attn.k_norm.bias.double(), attn.k_norm.eps)
+            out.append(q @ k.transpose(-1, -2) / attn.head_dim ** 0.5)
+        return out
+
+    before, state = global_logits(), {key: value.clone() for key, value in model.state_dict().items()}
+    scale_global_logits(model, 1.5)
+    for old, new in zip(before, global_logits()):
+        assert torch.allclose(new, 1.5 * old, rtol=1e-6, atol=1e-6)  # the gains are rounded to fp32 once
+    changed = {key for key, value in model.state_dict().items() if not torch.equal(value, state[key])}
+    assert changed == {f"aggregator.global_blocks.{index}.attn.q_norm.{part}" for index in range(12)
+                       for part in ("weight", "bias")}
 
 
-def test_scaled_qk_norm_gains_move_that_many_times_further_in_the_first_step(tmp_path):
-    """Adam's first step moves each parameter by about lr (the update is m / sqrt(v) = sign of the gradient), so with
-    the same gradients a gain trained at 8 times the rate moves 8 times as far, and every other parameter as far."""
-    def first_step(scale: float) -> dict[str, torch.Tensor]:
-        out = tmp_path / f"w{scale:g}.safetensors"
-        assert main(["--out", str(out), "--steps", "1", "--warmup", "0", "--lr", "1e-3", "--batch", "1", "--frames",
-                     "2", "--size", "28", "--held-out", "synthetic:1:999", "--eval-every", "5", "--device", "cpu",
-                     "--qk-norm-lr-scale", str(scale)]) == 0
-        return torch.load(out.with_suffix(".ckpt.pt"), weights_only=True)["model"]
-
-    start = spark3r.load_model("vggt-tiny", weights="none").state_dict()
-    plain, scaled = first_step(1.0), first_step(8.0)
-    gain = "aggregator.global_blocks.3.attn.q_norm.weight"
-    moved_plain, moved_scaled = (plain[gain] - start[gain]).abs(), (scaled[gain] - start[gain]).abs()
-    assert moved_plain.max() == pytest.approx(1e-3, rel=0.05)
-    assert torch.allclose(moved_scaled, 8 * moved_plain, rtol=1e-3, atol=1e-7)
-    other = "aggregator.global_blocks.3.attn.qkv.weight"
-    assert torch.equal(plain[other], scaled[other])
+def test_init_logit_scale_scales_the_init_weights_once(tmp_path, capsys):
+    init = tmp_path / "init.safetensors"
+    save_weights(spark3r.load_model("vggt-tiny", weights="none", seed=4), init)
+    out = tmp_path / "w.safetensors"
+    args = ["--out", str(out), "--init", str(init), "--steps", "5", "--minutes", "1e-6", "--batch", "1", "--frames",
+            "2", "--size", "28", "--held-out", "synthetic:1:999", "--device", "cpu", "--init-logit-scale", "2"]
+    assert main(args) == 0  # the time limit stops it at step 0: the written weights are the scaled init
+    start, written = load_file(init), load_file(out)
+    gain = "aggregator.global_blocks.5.attn.q_norm.weight"
+    assert torch.equal(written[gain], start[gain] * 2)  # x2 is exact in fp16
+    assert torch.equal(written["aggregator.global_blocks.5.attn.k_norm.weight"],
+                       start["aggregator.global_blocks.5.attn.k_norm.weight"])
+    assert main(args) == 0  # resumed from its checkpoint at step 0: not scaled again
+    assert torch.equal(load_file(out)[gain], start[gain] * 2)
+    assert "resuming" in capsys.readouterr().err
 
 
 def test_training_writes_strictly_loadable_fp16_weights_and_resumes(tmp_path, capsys):
@@ -333,8 +347,6 @@ def test_training_writes_strictly_loadable_fp16_weights_and_resumes(tmp_path, ca
     assert "was made with --batch 1, not 2" in capsys.readouterr().err
     assert main(["--steps", "3", *args, "--relative-weight", "0.5"]) == 2
     assert "was made with --relative-weight 0.0, not 0.5" in capsys.readouterr().err
-    assert main(["--steps", "3", *args, "--qk-norm-lr-scale", "10"]) == 2
-    assert "was made with --qk-norm-lr-scale 1.0, not 10.0" in capsys.readouterr().err
 
 
 def test_time_limit_stops_cleanly_and_still_writes_weights(tmp_path, capsys):
@@ -393,8 +405,8 @@ def test_head_dtype_reaches_the_training_decode_and_not_the_evaluation(tmp_path,
     (["--path", "mixed", "--arc-share", "1.5"], "a share between 0 and 1"),
     (["--relative-weight", "-1"], "--relative-weight is -1.0: give a weight >= 0"),
     (["--relative-weight", "nan"], "--relative-weight is nan: give a weight >= 0"),
-    (["--qk-norm-lr-scale", "0"], "--qk-norm-lr-scale is 0.0: give a factor > 0"),
-    (["--qk-norm-lr-scale", "inf"], "--qk-norm-lr-scale is inf: give a factor > 0"),
+    (["--init-logit-scale", "0"], "--init-logit-scale is 0.0: give a factor > 0"),
+    (["--init-logit-scale", "nan"], "--init-logit-scale is nan: give a factor > 0"),
 ])
 def test_bad_training_settings_exit_2_with_one_sentence(tmp_path, capsys, bad, message):
     args = ["--out", str(tmp_path / "w.safetensors"), "--steps", "1", "--batch", "1", "--frames", "2", "--size", "28",

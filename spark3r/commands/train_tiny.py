@@ -22,8 +22,7 @@ weights (a shallower trunk is grown by `grow_depth`) with VGGT's losses:
   the iterations alike; a resumed run must keep the same `--relative-weight`;
 - depth and points: VGGT's aleatoric loss conf * |err| - alpha * log(conf) (alpha 0.2) plus the plain |err| and a
   3-scale gradient-matching term (VGGT uses a normal loss for points; the gradient term is used for both here).
-AdamW with linear warm-up and cosine decay to 5 % of `--lr` (the attentions' q/k-norm gains at `--qk-norm-lr-scale`
-times it: they bound how sharp attention over many frames can get); the trunk runs in bf16 on CUDA (heads in fp32 as
+AdamW with linear warm-up and cosine decay to 5 % of `--lr`; the trunk runs in bf16 on CUDA (heads in fp32 as
 upstream), gradients are clipped. Schedule progress is max(step / --steps, time / --minutes), so a time-limited run
 still decays its learning rate to the end. A checkpoint beside `--out` (`<out stem>.ckpt.pt`) is written every
 `--checkpoint-every` steps and at the end; rerunning the same command resumes from it (--minutes counts the total
@@ -99,9 +98,9 @@ def build_parser() -> ArgumentParser:
                         help="weight of the camera loss (default %(default)s)")
     parser.add_argument("--relative-weight", type=float, default=TrainConfig.relative_weight,
                         help="weight of the relative-pose loss of frame pairs (default %(default)s: off)")
-    parser.add_argument("--qk-norm-lr-scale", type=float, default=TrainConfig.qk_norm_lr_scale,
-                        help="learning-rate factor of the attentions' q/k-norm gains (default %(default)s: as the rest; "
-                             "a resumed run must keep it)")
+    parser.add_argument("--init-logit-scale", type=float, default=TrainConfig.init_logit_scale,
+                        help="multiply the --init weights' global attention logits by this factor before training "
+                             "(default %(default)s: as they are; above 1 sharpens attention over long clips)")
     parser.add_argument("--log-every", type=int, default=TrainConfig.log_every)
     parser.add_argument("--eval-every", type=int, default=TrainConfig.eval_every,
                         help="steps between evaluations on the --held-out clips")
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         size=args.size, seed=args.seed,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         camera_weight=args.camera_weight, relative_weight=args.relative_weight,
-        qk_norm_lr_scale=args.qk_norm_lr_scale, minutes=args.minutes,
+        init_logit_scale=args.init_logit_scale, minutes=args.minutes,
         log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, workers=args.workers, compile=args.compile, head_dtype=args.head_dtype,
         held_out=args.held_out),

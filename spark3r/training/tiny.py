@@ -175,7 +175,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     camera_weight: float = 5.0
     relative_weight: float = 0.0
-    qk_norm_lr_scale: float = 1.0
+    init_logit_scale: float = 1.0
     minutes: float | None = None
     log_every: int = 100
     eval_every: int = 1000
@@ -186,7 +186,7 @@ class TrainConfig:
     held_out: str = HELD_OUT_SPEC
 
     RESUME_KEYS = ("batch", "frames", "max_frames", "frames_per_step", "path", "arc_share", "size", "seed",
-                   "relative_weight", "qk_norm_lr_scale")
+                   "relative_weight")
 
     def check(self) -> None:
         for name in ("steps", "batch", "frames", "size", "log_every", "eval_every", "checkpoint_every"):
@@ -208,9 +208,9 @@ class TrainConfig:
         if not self.relative_weight >= 0:
             raise ParameterError(f"`relative_weight` is {self.relative_weight}: give a weight >= 0 (0 leaves the "
                                  "relative-pose loss out)", "relative_weight")
-        if not (math.isfinite(self.qk_norm_lr_scale) and self.qk_norm_lr_scale > 0):
-            raise ParameterError(f"`qk_norm_lr_scale` is {self.qk_norm_lr_scale}: give a factor > 0 (1 trains the "
-                                 "q/k-norm gains at the learning rate of the rest)", "qk_norm_lr_scale")
+        if not (math.isfinite(self.init_logit_scale) and self.init_logit_scale > 0):
+            raise ParameterError(f"`init_logit_scale` is {self.init_logit_scale}: give a factor > 0 (1 starts from "
+                                 "the `init` weights as they are)", "init_logit_scale")
         if self.head_dtype not in HEAD_DTYPES:
             raise ParameterError(f"`head_dtype` {self.head_dtype} is not one of {', '.join(HEAD_DTYPES)}",
                                  "head_dtype")
@@ -247,26 +247,24 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> int:
     return path.stat().st_size
 
 
-QK_NORM_GAIN = re.compile(r"\.attn\.[qk]_norm\.weight$")
+def scale_global_logits(model: nn.Module, factor: float) -> None:
+    """Multiply every global attention's logits q.k / sqrt(d) by `factor`, in place: its q-norm's weight and bias (q =
+    weight * normalised + bias). Above 1 the attention over a clip sharpens; 1 leaves the model as it is."""
+    if factor == 1.0:
+        return
+    with torch.no_grad():
+        for block in model.aggregator.global_blocks:
+            block.attn.q_norm.weight.mul_(factor)
+            block.attn.q_norm.bias.mul_(factor)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, qk_norm_lr_scale: float = 1.0) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices and conv kernels, none on biases, norms, LayerScale and tokens.
-    With qk_norm_lr_scale != 1 the gains of every attention's q- and k-norm form a third group (no decay) whose
-    learning rate is that factor times the others' (`lr_scale`). They bound the attention logits: after LayerNorm
-    |q| = |k| = sqrt(d), so q.k / sqrt(d) is at most sqrt(d) times the product of the largest gains (biases aside),
-    and attention over many frames can only sharpen as they grow."""
-    decay, no_decay, gains = [], [], []
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices and conv kernels, none on biases, norms, LayerScale and tokens."""
+    decay, no_decay = [], []
     for name, parameter in model.named_parameters():
-        if qk_norm_lr_scale != 1.0 and QK_NORM_GAIN.search(name):
-            gains.append(parameter)
-            continue
         skip = parameter.ndim < 2 or "token" in name or "pos_embed" in name
         (no_decay if skip else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if gains:
-        groups.append({"params": gains, "weight_decay": 0.0, "lr_scale": qk_norm_lr_scale})
-    return groups
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def load_checkpoint(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
@@ -320,12 +318,12 @@ def train(config: TrainConfig, device: torch.device = torch.device("cpu"),
     # training batch of 384 frames in chunks of 8 launches the heads' small kernels 48 times over
     model.config = replace(model.config, frame_chunk_frames=sys.maxsize, head_chunk_frames=sys.maxsize)
     eval_model = load_model(MODEL, weights=None, device=device, dtype=dtype, seed=config.seed)
-    groups = parameter_groups(model, config.weight_decay, config.qk_norm_lr_scale)
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95),
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95),
                                   **({"fused": True} if device.type == "cuda" else {}))
     start, seconds_before = load_checkpoint(config, model, optimizer)
     if start == 0 and config.init is not None:
         initial_weights(config.init, model)
+        scale_global_logits(model, config.init_logit_scale)
     if config.compile:
         compile_model(model)
     count, held_out_seed, held_out_path = parse_synthetic_spec(config.held_out)
@@ -371,7 +369,7 @@ def train(config: TrainConfig, device: torch.device = torch.device("cpu"),
             break
         progress = max(step / config.steps, seconds / limit if limit else 0.0)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, progress, config.lr, config.warmup) * group.get("lr_scale", 1.0)
+            group["lr"] = learning_rate(step, progress, config.lr, config.warmup)
         images, targets = render_step(arrays, size, device)
         with camera_iterations(model) as pose_iterations:
             outputs = model(images)
