@@ -11,12 +11,16 @@ held-out walks at each --lengths N and reports, per length:
     python benchmarks/tiny_attention.py --weights benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors \
         --out benchmarks/results/attention-vggt-tiny-long-s4.json
 
+--logit-scale T multiplies every global attention's logits by T first (`scale_global_logits`): does sharper attention
+alone bring the long clips back?
+
 The attention is recomputed from the layer's q and k (after qk-norm and RoPE) beside the dense attention, which still
 produces the layer's output, so the outputs are the dense model's. Markdown beside --out.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from spark3r.models.registry import get_entry
 from spark3r.reduce.patch import AttentionPatch
 from spark3r.training.evaluation import MODEL, clips_batch, predict
 from spark3r.training.losses import relative_to_first
+from spark3r.training.tiny import scale_global_logits
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -113,7 +118,9 @@ def markdown(result: dict) -> str:
     lengths = [str(length) for length in result["lengths"]]
     prefix = result["lengths"][0]
     lines = [f"# Longer clips, same frames: vggt-tiny on the first {prefix} frames of {result['clips']}", "",
-             f"`{result['command']}` (git {result['commit']}, {result['device_name']}); weights {result['weights']}. "
+             f"`{result['command']}` (git {result['commit']}, {result['device_name']}); weights {result['weights']}"
+             + (f", global attention logits x {result['logit_scale']:g}" if result.get("logit_scale", 1.0) != 1.0
+                else "") + ". "
              f"Frames 1-{prefix - 1} of the same walks, run as the first frames of clips of each length.", "",
              "| clip length | " + " | ".join(lengths) + " |", "|---|" + "---:|" * len(lengths),
              "| rotation error of frames 1-%d (deg) | " % (prefix - 1)
@@ -140,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clips", default="synthetic:4:1000:walk")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--patches", type=int, default=8, help="patch queries per frame besides the camera token")
+    parser.add_argument("--logit-scale", type=float, default=1.0,
+                        help="multiply the global attention logits by this factor (default %(default)s: as trained)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--out", help="result JSON (default benchmarks/results/attention-vggt-tiny.json)")
@@ -147,8 +156,11 @@ def main(argv: list[str] | None = None) -> dict:
     lengths = sorted(args.lengths)
     if lengths[0] < 2:
         parser.error(f"--lengths {lengths[0]}: give lengths of at least 2 frames")
+    if not (math.isfinite(args.logit_scale) and args.logit_scale > 0):
+        parser.error(f"--logit-scale {args.logit_scale}: give a factor > 0")
     device = resolve_device(args.device)
     model = load_model(MODEL, weights=args.weights, device=device, dtype=resolve_dtype(args.dtype, device))
+    scale_global_logits(model, args.logit_scale)
     clips = open_clips(args.clips, preprocess=get_entry(MODEL).recipe(), frames=lengths[-1], device=device)
     images, targets = clips_batch(clips, device)
     truth = relative_to_first(targets.extrinsics.double().cpu())
@@ -162,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         pose[str(length)] = pose_errors(extrinsics.cpu(), truth, lengths[0])
         attention[str(length)] = [stats[layer] for layer in range(layers)]
     result = {**provenance.record(__file__, argv, device), "weights": args.weights, "clips": args.clips,
-              "lengths": lengths, "patches": args.patches, "global_layers": layers,
+              "logit_scale": args.logit_scale, "lengths": lengths, "patches": args.patches, "global_layers": layers,
               "tokens_per_frame": model.adapter.layout(images[:, :1]).tokens_per_frame, "pose": pose,
               "attention": attention}
     provenance.publish(args.out, HERE / "results" / "attention-vggt-tiny.json", result, markdown(result))

@@ -83,3 +83,20 @@ def test_a_cpu_run_keeps_the_dense_outputs_and_writes_its_table(tmp_path, one_th
     truth = bench.relative_to_first(targets.extrinsics.double())
     assert result["pose"]["3"] == pytest.approx(bench.pose_errors(dense, truth, 3), rel=1e-6)
     assert "| rotation error of frames 1-2 (deg) |" in out.with_suffix(".md").read_text()
+
+
+def test_logit_scale_runs_the_model_with_sharper_global_attention(tmp_path, one_thread):
+    out = tmp_path / "sharper.json"
+    result = bench.main(["--weights", "none", "--clips", "synthetic:1:1000:walk", "--lengths", "3", "--patches", "2",
+                         "--logit-scale", "3", "--device", "cpu", "--out", str(out)])
+    model = spark3r.load_model("vggt-tiny", weights="none")
+    with torch.no_grad():  # logits x 3 by hand: the q-norm's affine map of every global layer
+        for block in model.aggregator.global_blocks:
+            block.attn.q_norm.weight.mul_(3.0)
+            block.attn.q_norm.bias.mul_(3.0)
+    clips = bench.open_clips("synthetic:1:1000:walk", preprocess=bench.get_entry("vggt-tiny").recipe(), frames=3)
+    images, targets = bench.clips_batch(clips, torch.device("cpu"))
+    sharper = bench.pose_errors(predict(model, images, chunk=1)[1], bench.relative_to_first(
+        targets.extrinsics.double()), 3)
+    assert result["logit_scale"] == 3.0 and result["pose"]["3"] == pytest.approx(sharper, rel=1e-6)
+    assert "global attention logits x 3" in out.with_suffix(".md").read_text()
