@@ -108,7 +108,8 @@ def build_parser() -> ArgumentParser:
                         help="synthetic:N:SEED clips (SEED < 10^9) for the periodic evaluation (default %(default)s)")
     parser.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     parser.add_argument("--workers", type=int, help="scene-sampling workers (default: 0 on CPU, up to 8 on CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (the DPT heads stay eager)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the transformer blocks (the DPT heads stay eager)")
     parser.add_argument("--head-dtype", choices=HEAD_DTYPES, default=TrainConfig.head_dtype,
                         help="dtype of the DPT heads in training: fp32 (as upstream) or compute (the trunk's --dtype, "
                              "bf16 on CUDA) (default %(default)s; the camera head stays fp32)")
