@@ -1,5 +1,6 @@
 """Does a longer clip hurt the long-clip vggt-tiny on the frames it already had? Runs the first N frames of the same
-held-out walks at each --lengths N and reports, per length:
+held-out walks at each --lengths N (the walks are generated once at the longest length: a generated walk's path
+depends on its length) and reports, per length:
 
 * the rotation error (deg, against frame 0) of frames 1..P-1 and the error of consecutive-frame rotations over them,
   P = the shortest length (the same frames at every length, so only the added context differs);
@@ -30,7 +31,6 @@ from torch import Tensor
 
 from spark3r.commands.arguments import resolve_device, resolve_dtype
 from spark3r.data.clips import open_clips
-from spark3r.evaluate.metrics import rotation_angle_deg
 from spark3r.models.base import FrameLayout
 from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry
@@ -42,6 +42,7 @@ from spark3r.training.tiny import scale_global_logits
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import provenance  # noqa: E402
+import tiny_drift  # noqa: E402
 
 # (label, lowest frame distance, highest) of the attention bins besides frame 0
 DISTANCES = (("own frame", 0, 0), ("1-2 frames away", 1, 2), ("3-8 frames away", 3, 8), ("further", 9, None))
@@ -106,12 +107,10 @@ def record_attention(prefix: int, queries_per_frame: int, stats: dict[int, dict[
 
 
 def pose_errors(extrinsics: Tensor, truth: Tensor, prefix: int) -> dict[str, float]:
-    """Rotation error against frame 0 of frames 1..prefix-1, and of their consecutive-frame rotations (deg)."""
-    predicted = relative_to_first(extrinsics.double())[:, :prefix]
-    truth = truth[:, :prefix]
-    step = lambda cameras: cameras[:, 1:, :, :3] @ cameras[:, :-1, :, :3].transpose(-1, -2)  # noqa: E731
-    return {"rotation_deg": float(rotation_angle_deg(predicted[:, 1:, :, :3], truth[:, 1:, :, :3]).mean()),
-            "consecutive_deg": float(rotation_angle_deg(step(predicted), step(truth)).mean())}
+    """Rotation error against frame 0 of frames 1..prefix-1, and of their consecutive-frame rotations (deg)
+    (`tiny_drift.drift` over the first `prefix` frames)."""
+    measured = tiny_drift.drift(relative_to_first(extrinsics.double())[:, :prefix], truth[:, :prefix], [(1, prefix)])
+    return {"rotation_deg": measured["by_index"][f"1-{prefix - 1}"], "consecutive_deg": measured["consecutive"]}
 
 
 def markdown(result: dict) -> str:
@@ -119,11 +118,10 @@ def markdown(result: dict) -> str:
     prefix = result["lengths"][0]
     lines = [f"# Longer clips, same frames: vggt-tiny on the first {prefix} frames of {result['clips']}", "",
              f"`{result['command']}` (git {result['commit']}, {result['device_name']}); weights {result['weights']}"
-             + (f", global attention logits x {result['logit_scale']:g}" if result.get("logit_scale", 1.0) != 1.0
-                else "") + ". "
+             + (f", global attention logits x {result['logit_scale']:g}" if result["logit_scale"] != 1.0 else "") + ". "
              f"Frames 1-{prefix - 1} of the same walks, run as the first frames of clips of each length.", "",
              "| clip length | " + " | ".join(lengths) + " |", "|---|" + "---:|" * len(lengths),
-             "| rotation error of frames 1-%d (deg) | " % (prefix - 1)
+             f"| rotation error of frames 1-{prefix - 1} (deg) | "
              + " | ".join(f"{result['pose'][n]['rotation_deg']:.2f}" for n in lengths) + " |",
              "| consecutive-frame rotation error (deg) | "
              + " | ".join(f"{result['pose'][n]['consecutive_deg']:.2f}" for n in lengths) + " |", "",
