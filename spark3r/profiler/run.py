@@ -158,7 +158,7 @@ def profile_levels(layout: FrameLayout, options: ProfileOptions) -> tuple[Profil
 
 class PhaseTimer:
     """Wall seconds per phase (`phases`, each starting at 0); synchronises CUDA at both ends so GPU work lands in the
-    right phase."""
+    right phase. Each phase is also a torch.profiler range named after it (benchmarks/profile_layers.py --trace)."""
 
     def __init__(self, device: torch.device, phases: tuple[str, ...] = PHASES):
         self.device = device
@@ -169,7 +169,8 @@ class PhaseTimer:
         self._sync()
         start = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(phase):
+                yield
         finally:
             self._sync()
             self.seconds[phase] += time.perf_counter() - start
