@@ -14,14 +14,12 @@ import argparse
 import difflib
 import json
 import re
-import shlex
 import sys
 import textwrap
 from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import block_profile  # noqa: E402  (its parser: a block profile's own arguments)
 import profile_head_dtype  # noqa: E402  (its `decide` is the one place the head-dtype rule is written)
 import profile_screening  # noqa: E402  (its GOAL_SPEARMAN: the bar a profile shortcut is held to)
 import speed_all  # noqa: E402  (its `setting`: what a results file was measured with)
@@ -184,14 +182,22 @@ def compute_heads_section(results: Path) -> str:
         lines.append(f"| {models[row['model']]} | {row['frames']} | "
                      + " | ".join(f"{row[f'bf16 vs fp32 {key}']:.1e} | {row[f'bf16 with bf16 heads vs fp32 {key}']:.1e}"
                                   for key in keys) + " | measured, random images |")
-    times = data["times_s"]
-    head_frames = block_profile.parser().parse_args(shlex.split(data["command"])[2:]).head_frames
-    lines += ["", prose(f"The heads of {head_frames} VGGT-1B frames take {times['heads, compute dtype']:.3f} s in the "
-                        f"compute dtype against {times['heads, shipped']:.3f} s in fp32."
-                        if "heads, compute dtype" in times else
-                        "Their time in the compute dtype is not measured yet (`benchmarks/block_profile.py` now times "
-                        "it).")]
+    heads = {}
+    for name in HEADS_TIME_FILES:
+        run = load(results, name)
+        row = next(row for row in run["rows"] if row.get("kind") == "speed" and row["frames"] == 1000)
+        heads[speed_all.setting(run["settings"], "head_dtype")] = (row, run["settings"]["device_name"], name)
+    (fp32, device, fp32_name), (compute, _, compute_name) = heads["fp32"], heads["compute"]
+    lines += ["", prose(
+        f"Time: the heads of {MODEL_NAMES[fp32['model']]} + paper rule at {fp32['frames']} frames take "
+        f"{compute['stages_s']['heads']:.2f} s in the compute dtype against {fp32['stages_s']['heads']:.2f} s in fp32, "
+        f"{compute['end_to_end_s']:.1f} s against {fp32['end_to_end_s']:.1f} s end to end (measured whole, {device}, "
+        f"`{compute_name}` and `{fp32_name}`).")]
     return "\n".join(lines)
+
+
+# the two speed_all runs that differ only in --head-dtype (their heads stage is the compute-dtype time)
+HEADS_TIME_FILES = ("speed-all-h100.json", "speed-all-h100-compute-heads.json")
 
 
 # every run of benchmarks/speed_all.py the README's speed table shows, in this order
