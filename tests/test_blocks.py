@@ -14,6 +14,7 @@ from spark3r.models.blocks import (
     LayerScale,
     RotaryPositionEmbedding2D,
     SwiGLUFFN,
+    frame_map,
     merge_heads,
     patch_positions,
     project_heads,
@@ -379,3 +380,31 @@ def test_chunked_norm1_under_autocast_gives_the_qkv_projection_the_same_input(mo
         whole = block.norm1(x)
         assert normed.dtype == torch.bfloat16 and whole.dtype == torch.float32
         torch.testing.assert_close(block.attn.qkv(normed), block.attn.qkv(whole), rtol=0, atol=0)
+
+
+def test_frame_map_chunks_flattened_frames_of_every_batch_item_alike():
+    """frame_map stitches per-chunk outputs (tensor, tuple and dict) into [B, S, ...] equal to one call over every
+    frame, and its chunks hold `chunk` frames whatever B is (profile-layers decodes 5 levels x 8 frames as 8-frame
+    chunks, the dense run's shape, not as 40-frame ones)."""
+    generator = torch.Generator().manual_seed(0)
+    taps = [torch.randn(5, 8, 3, 4, generator=generator), torch.randn(5, 8, 3, 2, generator=generator)]
+    sizes = []
+
+    def heads(chunk):
+        sizes.append(chunk[0].shape[0])
+        first, second = chunk
+        return {"sum": first.sum(-1), "pair": (first[..., :2] * second, second.amax(-1))}
+
+    out = frame_map(heads, taps, chunk=8)
+    assert sizes == [8] * 5
+    first, second = taps
+    torch.testing.assert_close(out["sum"], first.sum(-1), rtol=0, atol=0)
+    torch.testing.assert_close(out["pair"][0], first[..., :2] * second, rtol=0, atol=0)
+    torch.testing.assert_close(out["pair"][1], second.amax(-1), rtol=0, atol=0)
+
+    sizes.clear()
+    odd = frame_map(lambda chunk: heads(chunk)["sum"], [tap[:, :7] for tap in taps], chunk=8)
+    assert sizes == [8] * 4 + [3]  # 35 frames of 5 items x 7: chunks straddle the items
+    torch.testing.assert_close(odd, first[:, :7].sum(-1), rtol=0, atol=0)
+    sizes.clear()
+    assert frame_map(lambda chunk: heads(chunk)["sum"], taps, chunk=None).shape == (5, 8, 3) and sizes == [40]

@@ -12,6 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from spark3r.errors import Spark3rError
@@ -116,19 +117,33 @@ def inference_chunk(x: Tensor, period: int = 1) -> int | None:
 
 def chunked_map(fn, length: int, chunk: int, dim: int = 1, dtype: torch.dtype | None = None):
     """fn over slices of `chunk` positions of a dimension of `length`, stitched into preallocated outputs: fn(slice)
-    returns a tensor (or a tuple of them) whose `dim` holds that slice's positions. dtype: the outputs' dtype (default:
-    fn's)."""
-    outputs = None
+    returns a tensor, or a tuple or dict of them, whose `dim` holds that slice's positions -> the same structure over
+    all `length` positions. dtype: the outputs' dtype (default: fn's)."""
+    outputs = spec = None
     for start in range(0, length, chunk):
         index = slice(start, min(start + chunk, length))
-        parts = fn(index)
-        parts = parts if isinstance(parts, tuple) else (parts,)
+        parts, spec = tree_flatten(fn(index))
         if outputs is None:
             outputs = [torch.empty((*part.shape[:dim], length, *part.shape[dim + 1:]), dtype=dtype or part.dtype,
                                    device=part.device) for part in parts]
         for output, part in zip(outputs, parts):
             output[(slice(None),) * dim + (index,)] = part
-    return outputs[0] if len(outputs) == 1 else tuple(outputs)
+    return tree_unflatten(outputs, spec)
+
+
+def frame_map(fn, tensors: list[Tensor], chunk: int | None):
+    """fn over chunks of at most `chunk` frames (all at once for None) of tensors [B, S, ...] sharing B and S, with the
+    batch items and frames flattened together: fn(list of [n, ...]) returns a tensor, or a tuple or dict of them,
+    [n, ...] -> the same structure [B, S, ...]. Every chunk but the last holds `chunk` frames at any B, so a compiled
+    head runs the same graph at every batch size (profile-layers decodes its levels as one batch)."""
+    batch, frames = tensors[0].shape[:2]
+    flat = [tensor.flatten(0, 1) for tensor in tensors]
+    total = batch * frames
+    if chunk is None or chunk >= total:
+        out = fn(flat)
+    else:
+        out = chunked_map(lambda index: fn([tensor[index] for tensor in flat]), total, chunk, dim=0)
+    return tree_map(lambda tensor: tensor.unflatten(0, (batch, frames)), out)
 
 
 COMPILE_CACHE_SIZE = 64

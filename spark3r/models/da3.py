@@ -51,6 +51,7 @@ from spark3r.models.blocks import (
     active_compute_dtype,
     compiled_for,
     compute_autocast,
+    frame_map,
     head_autocast,
     no_autocast,
     patch_positions,
@@ -258,15 +259,10 @@ class DualDPT(nn.Module):
     def forward(self, taps: list[Tensor], image_size: tuple[int, int], patch_start_idx: int = 1,
                 rays: bool = False) -> dict[str, Tensor]:
         """taps: 4 tensors [B, S, P, dim_in], patch tokens from `patch_start_idx`, any dtype -> dict of [B, S, ...];
-        frames run in chunks of 8, each cast to fp32 on its own (1000 frames of taps stay in their dtype)."""
-        frames = taps[0].shape[1]
+        frames run in chunks of 8 (`frame_map`), each cast to fp32 on its own (1000 frames of taps stay in their dtype)."""
         forward_frames = compiled_for(self, type(self).forward_frames)
-        chunks = []
-        for start in range(0, frames, HEAD_CHUNK_FRAMES):
-            chunk = [t[:, start : start + HEAD_CHUNK_FRAMES, patch_start_idx:] for t in taps]
-            out = forward_frames(self, [c.flatten(0, 1).float() for c in chunk], image_size, rays)
-            chunks.append({key: value.unflatten(0, chunk[0].shape[:2]) for key, value in out.items()})
-        return {key: torch.cat([c[key] for c in chunks], dim=1) for key in chunks[0]}
+        return frame_map(lambda chunk: forward_frames(self, [tap[:, patch_start_idx:].float() for tap in chunk],
+                                                      image_size, rays), taps, HEAD_CHUNK_FRAMES)
 
 
 class CameraDec(nn.Module):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spark3r.errors import Spark3rError
-from spark3r.models.blocks import compiled_for
+from spark3r.models.blocks import compiled_for, frame_map
 
 INT_MAX_ELEMENTS = 1610612736  # F.interpolate overflows above this many output elements; split the batch
 
@@ -169,7 +169,7 @@ class DPTHead(nn.Module):
     """VGGT's DPT head: four token taps -> dense prediction at image resolution.
 
     forward(taps, image_size, patch_start_idx): taps are 4 tensors [B, S, P, dim_in] (patch tokens from
-    `patch_start_idx`), any dtype (cast to the head's dtype per chunk of frames) ->
+    `patch_start_idx`), any dtype (cast to the head's dtype per chunk of `frames_chunk_size` frames, `frame_map`) ->
     (values [B, S, H, W, output_dim - 1], confidence [B, S, H, W]), or features [B, S, F, H', W'] if feature_only.
     `compile_backend` (see blocks.compile_model) runs `forward_frames` compiled.
     """
@@ -250,20 +250,10 @@ class DPTHead(nn.Module):
 
     def forward(self, taps: Sequence[Tensor], image_size: tuple[int, int], patch_start_idx: int,
                 frames_chunk_size: int | None = 8) -> Tensor | tuple[Tensor, Tensor]:
-        batch, frames = taps[0].shape[:2]
-        chunk = frames if not frames_chunk_size else frames_chunk_size
         forward_frames = compiled_for(self, type(self).forward_frames)
-        values, confidences = [], []
-        for start in range(0, frames, chunk):
-            stop = min(start + chunk, frames)
-            chunk_taps = [t[:, start:stop, patch_start_idx:].flatten(0, 1) for t in taps]
-            out = forward_frames(self, chunk_taps, image_size)
-            if self.feature_only:
-                values.append(out.unflatten(0, (batch, stop - start)))
-                continue
-            value, confidence = activate_head(out, self.activation, self.conf_activation)
-            values.append(value.unflatten(0, (batch, stop - start)))
-            confidences.append(confidence.unflatten(0, (batch, stop - start)))
-        if self.feature_only:
-            return torch.cat(values, dim=1)
-        return torch.cat(values, dim=1), torch.cat(confidences, dim=1)
+
+        def chunk_out(chunk: list[Tensor]) -> Tensor | tuple[Tensor, Tensor]:
+            out = forward_frames(self, [tap[:, patch_start_idx:] for tap in chunk], image_size)
+            return out if self.feature_only else activate_head(out, self.activation, self.conf_activation)
+
+        return frame_map(chunk_out, list(taps), frames_chunk_size)

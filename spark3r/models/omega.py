@@ -47,6 +47,7 @@ from spark3r.models.blocks import (
     active_compute_dtype,
     compiled_for,
     compute_autocast,
+    frame_map,
     expand_special,
     head_autocast,
     no_autocast,
@@ -403,17 +404,13 @@ class VGGTOmega(ReconstructionModel):
         grid_h, grid_w = state.extras["grid"]
         image_size = (grid_h * config.patch_size, grid_w * config.patch_size)
         taps = [state.taps[layer] for layer in config.taps]
-        frames = taps[0].shape[1]
-        depths, confs = [], []
         with no_autocast(state.tokens.device.type):
             pose_enc = self.camera_head(state.extras["camera_tokens"])
         with head_autocast(state.tokens.device.type, head_dtype):
-            for start in range(0, frames, HEAD_CHUNK_FRAMES):
-                chunk = [t[:, start : start + HEAD_CHUNK_FRAMES, config.n_special :] for t in taps]
-                depth, conf = self.dense_head([c.flatten(0, 1).float() for c in chunk], image_size)
-                depths.append(depth.unflatten(0, chunk[0].shape[:2]))
-                confs.append(conf.unflatten(0, chunk[0].shape[:2]))
-        depth, depth_conf = torch.cat(depths, dim=1).float(), torch.cat(confs, dim=1).float()
+            depth, depth_conf = frame_map(
+                lambda chunk: self.dense_head([tap[:, config.n_special:].float() for tap in chunk], image_size),
+                taps, HEAD_CHUNK_FRAMES)
+        depth, depth_conf = depth.float(), depth_conf.float()
         with no_autocast(state.tokens.device.type):
             extrinsics, intrinsics = pose_encoding_to_extrinsics_intrinsics(pose_enc, image_size)
             points = unproject_pixel_indices(depth, intrinsics, se3_inverse(extrinsics))

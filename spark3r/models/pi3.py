@@ -40,6 +40,7 @@ from spark3r.models.blocks import (
     RotaryPositionEmbedding2D,
     active_compute_dtype,
     compute_autocast,
+    frame_map,
     head_autocast,
     no_autocast,
     patch_positions,
@@ -312,12 +313,9 @@ class Pi3(ReconstructionModel):
         pixel heads in `head_dtype` (`decode_frames`), the points and cameras assembled in fp32."""
         self.check_finished(state)
         hidden = state.taps[self.num_steps - 1]
-        batch, frames = hidden.shape[:2]
         pos = state.extras["pos"][None]
-        flat = hidden.flatten(0, 1)
-        chunks = [self.decode_frames(flat[i : i + HEAD_CHUNK_FRAMES], pos, state.extras["grid"], head_dtype)
-                  for i in range(0, batch * frames, HEAD_CHUNK_FRAMES)]
-        out = {key: torch.cat([c[key] for c in chunks]).unflatten(0, (batch, frames)) for key in chunks[0]}
+        out = frame_map(lambda chunk: self.decode_frames(chunk[0], pos, state.extras["grid"], head_dtype), [hidden],
+                        HEAD_CHUNK_FRAMES)
         local_points, camera_poses = out["local_points"], out["camera_poses"]
         with no_autocast(hidden.device.type):
             points = torch.einsum("bsij,bshwj->bshwi", camera_poses[..., :3, :3], local_points)
