@@ -10,6 +10,7 @@ from spark3r.models.blocks import (
     compiled_for,
     project_tokens,
     residual_mlp,
+    rope_tables,
     token_qkv_heads,
 )
 from spark3r.models.loading import load_model
@@ -117,3 +118,43 @@ def test_the_dense_heads_of_da3_and_omega_compile_whole_and_equal_eager(name, si
     assert (head, type(head).forward_frames) in asked  # the head's chunks go through compiled_for
     for key in ("depth", "depth_conf", "points"):
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_qkv_reads_the_rope_tables_instead_of_computing_cos_and_sin_per_element():
+    """Traced, RoPE's cached tables cannot be read, so inductor fused cos, sin and pow into the qk-norm + RoPE kernel, per
+    element of q and k (14-16 ms of a VGGT-1B block at 1000 frames, benchmarks/results/block-profile-vggt-1b-1000.md);
+    qkv_heads hands the tables in. Under bf16 autocast, q reaches RoPE in fp32 (q_norm's output), so fp32 tables."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = tiny("auto")
+    compile_model(model, capture)
+    clip = images(3)
+    with torch.inference_mode():
+        eager = tiny("auto")(clip)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(clip)
+        compiled = model(clip)
+    qkv = [gm for gm in graphs if any("qkv" in node.name for node in gm.graph.find_nodes(op="placeholder"))]
+    assert len(qkv) >= 2  # the frame and the global blocks' token_qkv_heads (at least)
+    traced = [getattr(node.target, "__name__", str(node.target)) for gm in qkv for node in gm.graph.nodes]
+    assert "mul" in traced and not {"cos", "sin", "pow"} & set(traced), "RoPE tables recomputed in a compiled graph"
+    for key in OUTPUTS:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("qk_to_v_dtype", [False, True])
+def test_rope_tables_come_in_the_dtype_q_reaches_rope_in(qk_to_v_dtype):
+    model = tiny()
+    attn = model.aggregator.global_blocks[0].attn
+    attn.qk_to_v_dtype = qk_to_v_dtype
+    x = torch.randn(1, 2 * 69, 128)
+    pos = model.prepare(images(2)).extras["pos"]
+    assert rope_tables(attn, x, pos)[0].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q_dtype = token_qkv_heads(attn, x, None)[2].dtype if qk_to_v_dtype else attn.q_norm(
+            attn.qkv(x)[..., :64]).dtype
+        assert rope_tables(attn, x, pos)[0].dtype == q_dtype

@@ -45,7 +45,8 @@ class RotaryPositionEmbedding2D(nn.Module):
     Positions may cover one period of the sequence: pos [n, 2] or [B, n, 2] with n dividing N, token i taking
     position i mod n (a global layer passes one frame's positions, which repeat frame after frame). The cos/sin
     tables [B or 1, n, 2, D / 4] are cached per (positions tensor, head dim, dtype); the entry dies with the tensor,
-    so positions must not be changed in place.
+    so positions must not be changed in place. `qkv_heads` looks them up outside torch.compile and hands them to the
+    compiled part (`rope_tables`).
     """
 
     def __init__(self, base: float = 100.0):
@@ -64,7 +65,8 @@ class RotaryPositionEmbedding2D(nn.Module):
         return angles.cos(), angles.sin()
 
     def tables(self, pos: Tensor, head_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """`compute_tables`, cached per positions tensor (recomputed inside torch.compile, which fuses them)."""
+        """`compute_tables`, cached per positions tensor (recomputed when traced by torch.compile, where no cache can
+        be read: inductor then computes cos and sin per element of q and k, so `qkv_heads` passes them in)."""
         if torch.compiler.is_compiling():
             return self.compute_tables(pos, head_dim, dtype)
         key = (head_dim, dtype, torch.is_inference_mode_enabled())
@@ -73,9 +75,11 @@ class RotaryPositionEmbedding2D(nn.Module):
             per_pos[key] = self.compute_tables(pos, head_dim, dtype)
         return per_pos[key]
 
-    def forward(self, x: Tensor, pos: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, out_dtype: torch.dtype | None = None,
+                tables: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """x [B, h, N, D], pos [n, 2] or [B, n, 2] (y, x), n dividing N -> [B, h, N, D] in `out_dtype` (default
-        x's dtype); the rotation runs in x's dtype and is rounded to `out_dtype` once. Without autograd or
+        x's dtype); the rotation runs in x's dtype and is rounded to `out_dtype` once. tables: `tables(pos, D,
+        x.dtype)` looked up by the caller (looked up here when None or of another dtype). Without autograd or
         torch.compile (which fuses the plain form) it writes straight into the output, with no temporary concat."""
         batch, heads, tokens, head_dim = x.shape
         period = pos.shape[-2]
@@ -84,7 +88,9 @@ class RotaryPositionEmbedding2D(nn.Module):
                 f"RoPE got {tokens} tokens of head dim {head_dim} with {period} positions: pass positions whose "
                 f"count divides the token count, and a head dim divisible by 4"
             )
-        cos, sin = self.tables(pos, head_dim, x.dtype)
+        if tables is None or tables[0].dtype != x.dtype:
+            tables = self.tables(pos, head_dim, x.dtype)
+        cos, sin = tables
         if pos.dim() == 3:
             cos, sin = cos[:, None, None], sin[:, None, None]
         pairs = x.unflatten(-1, (2, 2, head_dim // 4)).unflatten(2, (tokens // period, period))
@@ -194,13 +200,29 @@ def qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Te
     period = 1 if pos is None else pos.shape[-2]
     chunk = inference_chunk(x, period) if rope is None or isinstance(rope, RotaryPositionEmbedding2D) else None
     heads = compiled_for(attn, token_qkv_heads)
+    tables = rope_tables(attn, x, pos)
     if chunk is None or x.shape[1] % period:
-        return heads(attn, x, pos)
-    return chunked_map(lambda index: heads(attn, x[:, index], pos), x.shape[1], chunk, dim=2)
+        return heads(attn, x, pos, tables)
+    return chunked_map(lambda index: heads(attn, x[:, index], pos, tables), x.shape[1], chunk, dim=2)
 
 
-def token_qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """`qkv_heads` in one pass: x [B, N, C] -> q, k, v [B, h, N, D]."""
+def rope_tables(attn: nn.Module, x: Tensor, pos: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """The cos/sin tables our RoPE rotates q and k of `token_qkv_heads` with (None without our RoPE): looked up in the
+    RoPE module's cache in the dtype q reaches RoPE in, which the qkv projection (the autocast dtype, else x's) and
+    q_norm give (`qk_to_v_dtype`: v's). Passed into the compiled part as inputs, they are read, not recomputed."""
+    rope = getattr(attn, "rope", None)
+    if not isinstance(rope, RotaryPositionEmbedding2D) or pos is None:
+        return None
+    head_dim = x.shape[-1] // attn.num_heads
+    dtype = active_compute_dtype(x.device.type, x.dtype)
+    if not getattr(attn, "qk_to_v_dtype", False):
+        dtype = attn.q_norm(torch.empty(0, head_dim, dtype=dtype, device=x.device)).dtype
+    return rope.tables(pos, head_dim, dtype)
+
+
+def token_qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None,
+                    tables: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`qkv_heads` in one pass: x [B, N, C] -> q, k, v [B, h, N, D]; tables: `rope_tables`."""
     batch, tokens, width = x.shape
     heads = attn.num_heads
     qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
@@ -211,7 +233,7 @@ def token_qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tu
     out_dtype = active_compute_dtype(x.device.type, q.dtype)
     rope = getattr(attn, "rope", None)
     if isinstance(rope, RotaryPositionEmbedding2D) and pos is not None:
-        return rope(q, pos, out_dtype), rope(k, pos, out_dtype), v
+        return rope(q, pos, out_dtype, tables), rope(k, pos, out_dtype, tables), v
     if rope is not None and pos is not None:
         q, k = rope(q, pos), rope(k, pos)
     return q.to(out_dtype), k.to(out_dtype), v
