@@ -4,7 +4,8 @@
 
 Runs `python -m spark3r.commands.train_tiny --evaluate WEIGHTS --clips CLIPS --frames FRAMES --json` in this process and
 writes what it prints (the metrics per clip length), with the command, commit and device (and the sha256 of a weights
-file).
+file). --logit-scale T evaluates the weights with every global attention's logits multiplied by T
+(`scale_global_logits`, as `tiny_attention.py --logit-scale` and `train_tiny --init-logit-scale`).
 """
 from __future__ import annotations
 
@@ -14,11 +15,17 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import sys
+import tempfile
 from pathlib import Path
 
-from spark3r.files import write_json
+from safetensors.torch import save_file
+
 from spark3r.commands import train_tiny
+from spark3r.files import write_json
+from spark3r.models.loading import load_model
+from spark3r.training.tiny import scale_global_logits
 
 _spec = importlib.util.spec_from_file_location("benchmarks_provenance",
                                               Path(__file__).resolve().parent / "provenance.py")
@@ -35,18 +42,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 on CUDA; fp32 to compare with a "
                                                         "CPU evaluation)")
+    parser.add_argument("--logit-scale", type=float, default=1.0,
+                        help="multiply every global attention's logits by this factor first")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eval-vggt-tiny.json"))
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.logit_scale) and args.logit_scale > 0):
+        parser.error(f"--logit-scale {args.logit_scale}: give a factor > 0")
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        code = train_tiny.main(["--evaluate", args.weights, "--clips", args.clips, "--frames", args.frames,
-                                "--device", args.device, "--dtype", args.dtype, "--json"])
+    with tempfile.TemporaryDirectory() as scratch:
+        evaluated = args.weights
+        if args.logit_scale != 1.0:
+            model = load_model("vggt-tiny", weights=args.weights, device="cpu")
+            scale_global_logits(model, args.logit_scale)
+            evaluated = str(Path(scratch) / "vggt-tiny-scaled.safetensors")
+            save_file(model.state_dict(), evaluated)
+        with contextlib.redirect_stdout(printed):
+            code = train_tiny.main(["--evaluate", evaluated, "--clips", args.clips, "--frames", args.frames,
+                                    "--device", args.device, "--dtype", args.dtype, "--json"])
     if code != 0:
         return code
     weights = Path(args.weights)
     identity = {"weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()} if weights.is_file() else {}
     write_json(args.out, {**provenance.record(__file__, argv, args.device), **identity,
-                          **json.loads(printed.getvalue())})
+                          "logit_scale": args.logit_scale, **json.loads(printed.getvalue())})
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

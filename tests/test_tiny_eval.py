@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import torch
+
 from safetensors.torch import save_file
 
 import spark3r
@@ -33,3 +35,26 @@ def test_passes_the_dtype_to_the_evaluation(tmp_path, monkeypatch):
     out = tmp_path / "e.json"
     assert bench.main(["--weights", "none", "--dtype", "fp32", "--device", "cuda", "--out", str(out)]) == 1
     assert seen[0][seen[0].index("--dtype") + 1] == "fp32" and seen[0][seen[0].index("--device") + 1] == "cuda"
+
+
+def test_logit_scale_evaluates_weights_whose_global_q_norms_are_scaled(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    weights = tmp_path / "w.safetensors"
+    state = spark3r.load_model("vggt-tiny", weights="none", seed=3).state_dict()
+    save_file({key: value.contiguous() for key, value in state.items()}, weights)
+    evaluated = {}
+
+    def evaluate(argv):
+        evaluated.update(load_file(argv[argv.index("--evaluate") + 1]))
+        print(json.dumps({"lengths": {}}))
+        return 0
+
+    monkeypatch.setattr(bench.train_tiny, "main", evaluate)
+    out = tmp_path / "e.json"
+    assert bench.main(["--weights", str(weights), "--logit-scale", "2.5", "--out", str(out)]) == 0
+    scaled = {key for key in state if key.startswith("aggregator.global_blocks.") and ".attn.q_norm." in key}
+    assert len(scaled) == 2 * 12  # weight and bias of each of the 12 global layers' q-norm
+    for key, value in state.items():
+        torch.testing.assert_close(evaluated[key], value * 2.5 if key in scaled else value, rtol=0, atol=0)
+    assert json.loads(out.read_text())["logit_scale"] == 2.5
