@@ -256,8 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
             for label, fn in (("frame block", frame_run), ("global block", global_run), ("heads", decode)):
                 times[f"{label}, compiled: first call"] = first_call(device, fn)
                 times[f"{label}, compiled"] = timed(device, fn, args.repeats)
+            compute_heads = lambda: model.decode(state, images, model.compute_dtype)  # noqa: E731
+            times["heads, compute dtype, compiled: first call"] = first_call(device, compute_heads)
+            times["heads, compute dtype, compiled"] = timed(device, compute_heads, args.repeats)
             result["kernels"]["frame block, compiled"] = kernel_table(device, frame_run)
             result["kernels"]["global block, compiled"] = kernel_table(device, global_run)
+            result["kernels"]["heads, compute dtype, compiled"] = kernel_table(device, compute_heads)
             handle.remove()
     print("\n".join(f"{key}: {value}" for key, value in times.items()), flush=True)
     if not args.skip_noise:
