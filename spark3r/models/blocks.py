@@ -138,14 +138,14 @@ def chunked_map(fn, length: int, chunk: int, dim: int = 1, dtype: torch.dtype | 
 
 
 def frame_map(fn, tensors: list[Tensor], chunk: int | None):
-    """fn over chunks of at most `chunk` frames (all at once for None) of tensors [B, S, ...] sharing B and S, with the
-    batch items and frames flattened together: fn(list of [n, ...]) returns a tensor, or a tuple or dict of them,
-    [n, ...] -> the same structure [B, S, ...]. Every chunk but the last holds `chunk` frames at any B, so a compiled
-    head runs the same graph at every batch size (profile-layers decodes its levels as one batch)."""
+    """fn over chunks of at most `chunk` frames (all at once for None or 0) of tensors [B, S, ...] sharing B and S,
+    with the batch items and frames flattened together: fn(list of [n, ...]) returns a tensor, or a tuple or dict of
+    them, [n, ...] -> the same structure [B, S, ...]. Every chunk but the last holds `chunk` frames at any B, so a
+    compiled head runs the same graph at every batch size (profile-layers decodes its levels as one batch)."""
     batch, frames = tensors[0].shape[:2]
     flat = [tensor.flatten(0, 1) for tensor in tensors]
     total = batch * frames
-    if chunk is None or chunk >= total:
+    if not chunk or chunk >= total:
         out = fn(flat)
     else:
         out = chunked_map(lambda index: fn([tensor[index] for tensor in flat]), total, chunk, dim=0)

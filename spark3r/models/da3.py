@@ -259,7 +259,8 @@ class DualDPT(nn.Module):
     def forward(self, taps: list[Tensor], image_size: tuple[int, int], patch_start_idx: int = 1,
                 rays: bool = False) -> dict[str, Tensor]:
         """taps: 4 tensors [B, S, P, dim_in], patch tokens from `patch_start_idx`, any dtype -> dict of [B, S, ...];
-        frames run in chunks of 8 (`frame_map`), each cast to fp32 on its own (1000 frames of taps stay in their dtype)."""
+        frames run in chunks of 8 (`frame_map`), each cast to fp32 on its own (1000 frames of taps stay in their
+        dtype)."""
         forward_frames = compiled_for(self, type(self).forward_frames)
         return frame_map(lambda chunk: forward_frames(self, [tap[:, patch_start_idx:].float() for tap in chunk],
                                                       image_size, rays), taps, HEAD_CHUNK_FRAMES)
