@@ -370,7 +370,9 @@ def test_benchmark_smoke_run(tmp_path, monkeypatch):
                              str(tmp_path / "trace.txt"), "--out", str(out)])
     assert [(options.head_dtype, options.resume) for options in profiled] == [("compute", "alternate")]
     trace = (tmp_path / "trace.txt").read_text()
-    assert "Self CPU" in trace and "aten::scaled_dot_product_attention" in trace  # the profiled clip's operators
+    # the profiled clip's operators, and the phases as ranges (the 50 rows with the most self time: the matrix
+    # products and the phases lead it; a small operator such as the SDPA wrapper may fall off)
+    assert "Self CPU" in trace and "aten::addmm" in trace and "decode" in trace and "resume" in trace
     assert result["seconds_by_clip"] == [result["seconds"]]
     assert json.loads(out.read_text())["global_layers"] == 12
     assert result["seconds"]["resume"] > 0 and result["seconds"]["decode"] > 0
