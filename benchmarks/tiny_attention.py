@@ -139,13 +139,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def logit_scale(text: str) -> float:
+    """argparse type of --logit-scale (here and in tiny_eval.py): a finite factor > 0."""
+    factor = float(text)
+    if not (math.isfinite(factor) and factor > 0):
+        raise argparse.ArgumentTypeError(f"{text}: give a factor > 0")
+    return factor
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default="auto", help="vggt-tiny weights (default: the shipped ones)")
     parser.add_argument("--clips", default="synthetic:4:1000:walk")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--patches", type=int, default=8, help="patch queries per frame besides the camera token")
-    parser.add_argument("--logit-scale", type=float, default=1.0,
+    parser.add_argument("--logit-scale", type=logit_scale, default=1.0,
                         help="multiply the global attention logits by this factor (default %(default)s: as trained)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="fp32")
@@ -154,8 +162,6 @@ def main(argv: list[str] | None = None) -> dict:
     lengths = sorted(args.lengths)
     if lengths[0] < 2:
         parser.error(f"--lengths {lengths[0]}: give lengths of at least 2 frames")
-    if not (math.isfinite(args.logit_scale) and args.logit_scale > 0):
-        parser.error(f"--logit-scale {args.logit_scale}: give a factor > 0")
     device = resolve_device(args.device)
     model = load_model(MODEL, weights=args.weights, device=device, dtype=resolve_dtype(args.dtype, device))
     scale_global_logits(model, args.logit_scale)

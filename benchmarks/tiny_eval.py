@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import io
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +30,8 @@ _spec = importlib.util.spec_from_file_location("benchmarks_provenance",
                                               Path(__file__).resolve().parent / "provenance.py")
 provenance = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(provenance)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny_attention  # noqa: E402  (its --logit-scale type)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,12 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 on CUDA; fp32 to compare with a "
                                                         "CPU evaluation)")
-    parser.add_argument("--logit-scale", type=float, default=1.0,
+    parser.add_argument("--logit-scale", type=tiny_attention.logit_scale, default=1.0,
                         help="multiply every global attention's logits by this factor first")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eval-vggt-tiny.json"))
     args = parser.parse_args(argv)
-    if not (math.isfinite(args.logit_scale) and args.logit_scale > 0):
-        parser.error(f"--logit-scale {args.logit_scale}: give a factor > 0")
     printed = io.StringIO()
     with tempfile.TemporaryDirectory() as scratch:
         evaluated = args.weights
