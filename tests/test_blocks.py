@@ -14,12 +14,14 @@ from spark3r.models.blocks import (
     LayerScale,
     RotaryPositionEmbedding2D,
     SwiGLUFFN,
+    chunked_map,
     frame_map,
     merge_heads,
     patch_positions,
     project_heads,
     qkv_heads,
     swiglu_hidden,
+    written,
 )
 from spark3r.models.dinov2 import DinoVisionTransformer
 
@@ -315,7 +317,7 @@ def test_long_sequences_without_autograd_run_in_chunks_with_the_same_values(monk
     block.mlp.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[1]))
     with torch.no_grad():
         chunked = block(x, pos=pos)
-    assert calls == [14, 14, 7]
+    assert calls == [7, 14, 14]  # the last, short chunk first: its outputs give the outputs' shapes and dtypes
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
     expected = [[attention_reference(block.attn, layer_norm(x[b].numpy(), *(p.detach().numpy() for p in
                  (block.norm1.weight, block.norm1.bias)), 1e-5), np.tile(pos.numpy(), (5, 1)).astype(np.float64))]
@@ -354,7 +356,7 @@ def test_a_large_batch_without_autograd_runs_a_few_sequences_at_a_time_with_the_
             rows = block(x, pos=pos)
         handle.remove()
         monkeypatch.undo()
-        assert calls == [2, 2, 1]
+        assert calls == [1, 2, 2]
         torch.testing.assert_close(rows, whole, rtol=0, atol=1e-12)
 
 
@@ -367,19 +369,45 @@ def test_project_heads_in_token_chunks_equals_one_pass(monkeypatch):
     attn.proj.register_forward_hook(lambda module, args, result: calls.append(args[0].shape[1]))
     with torch.no_grad():
         chunked = project_heads(attn, out)
-    assert calls == [16, 16, 13]
+    assert calls == [13, 16, 16]
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
 
 
-def test_chunked_norm1_under_autocast_gives_the_qkv_projection_the_same_input(monkeypatch):
+def test_norm1_reaches_the_attention_in_the_autocast_dtype_with_the_same_qkv_input(monkeypatch):
+    """norm1(x) is stored in bf16 under bf16 autocast, whole and in chunks: the qkv projection casts its input to bf16
+    anyway, so its output equals the one from the fp32 norm, to the bit."""
     block = Block(32, 2, init_values=0.1, qk_norm=True)
     x = torch.randn(1, 40, 32)
-    monkeypatch.setattr("spark3r.models.blocks.INFERENCE_TOKEN_CHUNK", 16)
+    inputs = []
+    block.attn.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        normed = block.normed_input(x, 16)
         whole = block.norm1(x)
-        assert normed.dtype == torch.bfloat16 and whole.dtype == torch.float32
-        torch.testing.assert_close(block.attn.qkv(normed), block.attn.qkv(whole), rtol=0, atol=0)
+        block(x)
+        monkeypatch.setattr("spark3r.models.blocks.INFERENCE_TOKEN_CHUNK", 16)
+        block(x)
+        assert whole.dtype == torch.float32
+        for normed in inputs:
+            assert normed.dtype == torch.bfloat16
+            torch.testing.assert_close(block.attn.qkv(normed), block.attn.qkv(whole), rtol=0, atol=0)
+    assert len(inputs) == 2
+
+
+def test_chunked_map_lets_parts_write_into_the_outputs():
+    """Parts that write into their views (as the compiled ones do) and parts that return their values stitch the same
+    outputs, a tuple of two dtypes along dim 1; the last slice, which returns, runs first."""
+    source = torch.arange(2 * 10 * 3, dtype=torch.float64).reshape(2, 10, 3)
+    calls = []
+
+    def part(index, out):
+        calls.append((index.start, out is None))
+        value = (source[:, index] * 2, source[:, index].long())
+        return written(value, out)
+
+    doubled, as_long = chunked_map(part, 10, 4)
+    assert calls == [(8, True), (0, False), (4, False)]
+    assert torch.equal(doubled, source * 2) and as_long.dtype == torch.int64 and torch.equal(as_long, source.long())
+    returned = chunked_map(lambda index, out: (source[:, index] * 2, source[:, index].long()), 10, 4)
+    assert torch.equal(returned[0], doubled) and torch.equal(returned[1], as_long)
 
 
 def test_frame_map_chunks_flattened_frames_of_every_batch_item_alike():
@@ -404,7 +432,7 @@ def test_frame_map_chunks_flattened_frames_of_every_batch_item_alike():
 
     sizes.clear()
     odd = frame_map(lambda chunk: heads(chunk)["sum"], [tap[:, :7] for tap in taps], chunk=8)
-    assert sizes == [8] * 4 + [3]  # 35 frames of 5 items x 7: chunks straddle the items
+    assert sizes == [3] + [8] * 4  # 35 frames of 5 items x 7: chunks straddle the items; the last runs first
     torch.testing.assert_close(odd, first[:, :7].sum(-1), rtol=0, atol=0)
     sizes.clear()
     assert frame_map(lambda chunk: heads(chunk)["sum"], taps, chunk=None).shape == (5, 8, 3) and sizes == [40]

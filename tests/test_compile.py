@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 from spark3r.models.blocks import (
     compile_model,
     compiled_for,
+    normed_tokens,
     project_tokens,
     residual_mlp,
     rope_tables,
@@ -42,8 +43,12 @@ def test_each_compiled_part_traces_as_one_graph_without_breaks():
     x = torch.randn(1, 2 * 69, 128, generator=torch.Generator().manual_seed(2))
     pos = model.prepare(images(2)).extras["pos"]
     taps = [torch.randn(2, 64, 256, generator=torch.Generator().manual_seed(3)) for _ in range(4)]
-    parts = [(token_qkv_heads, (block.attn, x, pos)), (residual_mlp, (block, x, x)),
-             (project_tokens, (block.attn, torch.randn(1, 2, 2 * 69, 64))),
+    attended = torch.randn(1, 2, 2 * 69, 64)
+    qkv = [torch.empty(1, 2, 2 * 69, 64) for _ in range(3)]
+    parts = [(normed_tokens, (block, x)), (normed_tokens, (block, x, torch.empty_like(x))),
+             (token_qkv_heads, (block.attn, x, pos)), (token_qkv_heads, (block.attn, x, pos, None, qkv)),
+             (residual_mlp, (block, x, x)), (residual_mlp, (block, x, x, torch.empty_like(x))),
+             (project_tokens, (block.attn, attended)), (project_tokens, (block.attn, attended, torch.empty_like(x))),
              (type(model.depth_head).forward_frames, (model.depth_head, taps, (112, 112)))]
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         for fn, args in parts:
@@ -57,10 +62,10 @@ def test_every_layer_shares_the_graphs_of_its_shape():
     counters.clear()
     with torch.inference_mode():
         model(images(3))
-    # token_qkv_heads, project_tokens and residual_mlp for the frame and the global blocks, the same three for the
-    # camera trunk (no RoPE), a chunk of each DPT head (2 and 4 outputs): 11. Compiled per layer, the 12 + 12 trunk
-    # blocks alone would make 72.
-    assert counters["stats"]["unique_graphs"] <= 11
+    # normed_tokens, token_qkv_heads, project_tokens and residual_mlp for the frame and the global blocks, the same
+    # four for the camera trunk (no RoPE), a chunk of each DPT head (2 and 4 outputs): 14. Compiled per layer, the
+    # 12 + 12 trunk blocks alone would make 96.
+    assert counters["stats"]["unique_graphs"] <= 14
 
 
 @pytest.mark.parametrize("chunked", [False, True])

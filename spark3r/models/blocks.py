@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from spark3r.errors import Spark3rError
@@ -121,20 +121,40 @@ def inference_chunk(x: Tensor, period: int = 1) -> int | None:
     return None if torch.is_grad_enabled() or tokens <= chunk else chunk
 
 
-def chunked_map(fn, length: int, chunk: int, dim: int = 1, dtype: torch.dtype | None = None):
-    """fn over slices of `chunk` positions of a dimension of `length`, stitched into preallocated outputs: fn(slice)
-    returns a tensor, or a tuple or dict of them, whose `dim` holds that slice's positions -> the same structure over
-    all `length` positions. dtype: the outputs' dtype (default: fn's)."""
-    outputs = spec = None
-    for start in range(0, length, chunk):
-        index = slice(start, min(start + chunk, length))
-        parts, spec = tree_flatten(fn(index))
-        if outputs is None:
-            outputs = [torch.empty((*part.shape[:dim], length, *part.shape[dim + 1:]), dtype=dtype or part.dtype,
-                                   device=part.device) for part in parts]
-        for output, part in zip(outputs, parts):
-            output[(slice(None),) * dim + (index,)] = part
+def chunked_map(fn, length: int, chunk: int, dim: int = 1):
+    """fn over slices of `chunk` positions of a dimension of `length`, into preallocated outputs -> a tensor, or a
+    tuple or dict of them, over all `length` positions in `dim`.
+
+    fn(index, None) returns the outputs of positions `index`; fn(index, out) may instead write them into `out`, views
+    of the outputs there, and return None (compiled parts do, `written`: the copy fuses into the kernel computing
+    them, so no slice is stored twice). The last slice runs first: its outputs give the shapes and dtypes."""
+    starts = range(0, length, chunk)
+    last = slice(starts[-1], length)
+    parts, spec = tree_flatten(fn(last, None))
+    outputs = [torch.empty((*part.shape[:dim], length, *part.shape[dim + 1:]), dtype=part.dtype, device=part.device)
+               for part in parts]
+
+    def views(index: slice) -> list[Tensor]:
+        return [output[(slice(None),) * dim + (index,)] for output in outputs]
+
+    written(parts, views(last))
+    for start in starts[:-1]:
+        index = slice(start, start + chunk)
+        out = views(index)
+        parts = fn(index, tree_unflatten(out, spec))
+        if parts is not None:
+            written(tree_leaves(parts), out)
     return tree_unflatten(outputs, spec)
+
+
+def written(value, out):
+    """A part's result: `value` (a tensor, or a tuple or list of them) where out is None, else None after copying it
+    into `out`, tensors of the same structure. Compiled, the copy is the store of the kernel computing `value`."""
+    if out is None:
+        return value
+    for target, part in zip(tree_leaves(out), tree_leaves(value), strict=True):
+        target.copy_(part)
+    return None
 
 
 def frame_map(fn, tensors: list[Tensor], chunk: int | None):
@@ -148,13 +168,13 @@ def frame_map(fn, tensors: list[Tensor], chunk: int | None):
     if not chunk or chunk >= total:
         out = fn(flat)
     else:
-        out = chunked_map(lambda index: fn([tensor[index] for tensor in flat]), total, chunk, dim=0)
+        out = chunked_map(lambda index, _: fn([tensor[index] for tensor in flat]), total, chunk, dim=0)
     return tree_map(lambda tensor: tensor.unflatten(0, (batch, frames)), out)
 
 
 COMPILE_CACHE_SIZE = 64
-"""Graphs dynamo may keep per compiled part: one per input shape and block kind (frame rows, global chunks, their
-remainders, encoder and head blocks), not one per layer."""
+"""Graphs dynamo may keep per compiled part: one per input shape, block kind (frame rows, global chunks, their
+remainders, encoder and head blocks) and form (returning, or writing into a chunk of the output), not one per layer."""
 
 
 @functools.cache
@@ -174,10 +194,12 @@ def compiled_for(module: nn.Module, fn):
 
 def compile_model(model: nn.Module, backend: str | None = "inductor") -> nn.Module:
     """Run the compilable parts of `model` through torch.compile with `backend` (None: eagerly again): in every Block,
-    qkv + qk-norm + RoPE (`token_qkv_heads`), the output projection (`project_tokens`) and the residuals + MLP
-    (`residual_mlp`); in a DPT head (VGGT's DPTHead, DA3's DualDPT, VGGT-Omega's DenseHead), each chunk of frames.
-    The attention itself stays F.scaled_dot_product_attention (or a reduction's) and convolutions stay cuDNN's. Each
-    part compiles one graph per input shape, shared by all layers. Outputs differ from eager ones by rounding only.
+    norm1 (`normed_tokens`), qkv + qk-norm + RoPE (`token_qkv_heads`), the output projection (`project_tokens`) and
+    the residuals + MLP (`residual_mlp`), each returning its result or writing it into a chunk of a preallocated one
+    (`written`); in a DPT head (VGGT's DPTHead, DA3's DualDPT, VGGT-Omega's DenseHead), each chunk of frames. The
+    attention itself stays F.scaled_dot_product_attention (or a reduction's) and convolutions stay cuDNN's. Each part
+    compiles one graph per input shape (and output strides), shared by all layers. Outputs differ from eager ones by
+    rounding only.
     Sets `compile_backend` on every module whose class declares it."""
     for module in model.modules():
         if hasattr(type(module), "compile_backend"):
@@ -203,7 +225,7 @@ def qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Te
     tables = rope_tables(attn, x, pos)
     if chunk is None or x.shape[1] % period:
         return heads(attn, x, pos, tables)
-    return chunked_map(lambda index: heads(attn, x[:, index], pos, tables), x.shape[1], chunk, dim=2)
+    return chunked_map(lambda index, out: heads(attn, x[:, index], pos, tables, out), x.shape[1], chunk, dim=2)
 
 
 def rope_tables(attn: nn.Module, x: Tensor, pos: Tensor | None) -> tuple[Tensor, Tensor] | None:
@@ -221,8 +243,8 @@ def rope_tables(attn: nn.Module, x: Tensor, pos: Tensor | None) -> tuple[Tensor,
 
 
 def token_qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None,
-                    tables: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """`qkv_heads` in one pass: x [B, N, C] -> q, k, v [B, h, N, D]; tables: `rope_tables`."""
+                    tables: tuple[Tensor, Tensor] | None = None, out: tuple[Tensor, Tensor, Tensor] | None = None):
+    """`qkv_heads` in one pass: x [B, N, C] -> q, k, v [B, h, N, D] (or written into `out`); tables: `rope_tables`."""
     batch, tokens, width = x.shape
     heads = attn.num_heads
     qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
@@ -233,10 +255,10 @@ def token_qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None,
     out_dtype = active_compute_dtype(x.device.type, q.dtype)
     rope = getattr(attn, "rope", None)
     if isinstance(rope, RotaryPositionEmbedding2D) and pos is not None:
-        return rope(q, pos, out_dtype, tables), rope(k, pos, out_dtype, tables), v
-    if rope is not None and pos is not None:
+        q, k = rope(q, pos, out_dtype, tables), rope(k, pos, out_dtype, tables)
+    elif rope is not None and pos is not None:
         q, k = rope(q, pos), rope(k, pos)
-    return q.to(out_dtype), k.to(out_dtype), v
+    return written((q.to(out_dtype), k.to(out_dtype), v), out)
 
 
 def merge_heads(out: Tensor) -> Tensor:
@@ -245,21 +267,21 @@ def merge_heads(out: Tensor) -> Tensor:
     return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
 
-def project_tokens(attn: nn.Module, out: Tensor) -> Tensor:
-    """attn.proj(merge_heads(out)): [B, h, n, D] -> [B, n, C]."""
-    return attn.proj(merge_heads(out))
+def project_tokens(attn: nn.Module, attended: Tensor, out: Tensor | None = None) -> Tensor | None:
+    """attn.proj(merge_heads(attended)): [B, h, n, D] -> [B, n, C] (or written into `out`)."""
+    return written(attn.proj(merge_heads(attended)), out)
 
 
-def project_heads(attn: nn.Module, out: Tensor) -> Tensor:
-    """The post-attention math of `attn`: attention output [B, h, N, D] -> attn.proj(merge_heads(out)) [B, N, C].
+def project_heads(attn: nn.Module, attended: Tensor) -> Tensor:
+    """The post-attention math of `attn`: attention output [B, h, N, D] -> attn.proj(merge_heads(attended)) [B, N, C].
 
     Long sequences without autograd merge and project `inference_chunk` tokens at a time into one output, so no merged
     copy of the whole output is made."""
-    chunk = inference_chunk(out.transpose(1, 2))
+    chunk = inference_chunk(attended.transpose(1, 2))
     project = compiled_for(attn, project_tokens)
     if chunk is None:
-        return project(attn, out)
-    return chunked_map(lambda index: project(attn, out[:, :, index]), out.shape[2], chunk)
+        return project(attn, attended)
+    return chunked_map(lambda index, out: project(attn, attended[:, :, index], out), attended.shape[2], chunk)
 
 
 class Attention(nn.Module):
@@ -350,15 +372,24 @@ class LayerScale(nn.Module):
 FFN_LAYERS = {"mlp": Mlp, "swiglu": SwiGLUFFN}
 
 
-def residual_mlp(block: nn.Module, x: Tensor, branch: Tensor) -> Tensor:
+def residual_mlp(block: nn.Module, x: Tensor, branch: Tensor, out: Tensor | None = None) -> Tensor | None:
     """The rest of `block` once its attention branch is known: y = x + ls1(branch), then y + ls2(mlp(norm2(y))).
-    x, branch [B, n, C] -> [B, n, C]."""
+    x, branch [B, n, C] -> [B, n, C] (or written into `out`)."""
     x = x + block.ls1(branch)
-    return x + block.ls2(block.mlp(block.norm2(x)))
+    return written(x + block.ls2(block.mlp(block.norm2(x))), out)
+
+
+def normed_tokens(block: nn.Module, x: Tensor, out: Tensor | None = None) -> Tensor | None:
+    """block.norm1(x) in the autocast dtype if one is active (the qkv projection casts its input to it anyway, so q, k
+    and v are unchanged; compiled, the norm and the cast are one kernel): x [B, n, C] -> [B, n, C] (or written into
+    `out`)."""
+    normed = block.norm1(x)
+    return written(normed.to(active_compute_dtype(x.device.type, normed.dtype)), out)
 
 
 class Block(nn.Module):
     """Pre-norm ViT block: x + ls1(attn(norm1(x), pos)), then x + ls2(mlp(norm2(x))). x [B, N, C] -> [B, N, C].
+    norm1(x) reaches the attention in the autocast dtype if one is active (`normed_tokens`).
 
     Without autograd, a batch of more than INFERENCE_TOKEN_CHUNK tokens runs a few sequences at a time
     (`forward_rows`), and one long sequence runs norm1, and the residuals + MLP (`residual_mlp`), over
@@ -399,18 +430,20 @@ class Block(nn.Module):
         batch, tokens = x.shape[:2]
         if batch > 1 and batch * tokens > INFERENCE_TOKEN_CHUNK and not torch.is_grad_enabled():
             return self.forward_rows(x, pos)
-        chunk = inference_chunk(x)
-        residual = compiled_for(self, residual_mlp)
-        if chunk is None:
-            return residual(self, x, self.attn(self.norm1(x), pos=pos))
-        branch = self.attn(self.normed_input(x, chunk), pos=pos)
-        return chunked_map(lambda index: residual(self, x[:, index], branch[:, index]), x.shape[1], chunk)
+        return self.forward_sequences(x, pos)
 
-    def normed_input(self, x: Tensor, chunk: int) -> Tensor:
-        """norm1(x) over `chunk` tokens at a time, stored in the autocast dtype if one is active (the qkv projection
-        casts its input to it anyway, so q, k and v are unchanged): half the memory of a whole fp32 norm1(x)."""
-        return chunked_map(lambda index: self.norm1(x[:, index]), x.shape[1], chunk,
-                           dtype=active_compute_dtype(x.device.type, None))
+    def forward_sequences(self, x: Tensor, pos: Tensor | None, out: Tensor | None = None) -> Tensor | None:
+        """The block over x [B, N, C] -> [B, N, C] (or written into `out`): one pass, or for one long sequence
+        without autograd, its token-wise parts over `inference_chunk` tokens at a time."""
+        normed = compiled_for(self, normed_tokens)
+        residual = compiled_for(self, residual_mlp)
+        chunk = inference_chunk(x)
+        if chunk is None:
+            return residual(self, x, self.attn(normed(self, x), pos=pos), out)
+        branch = self.attn(chunked_map(lambda index, part: normed(self, x[:, index], part), x.shape[1], chunk),
+                           pos=pos)
+        return written(chunked_map(lambda index, part: residual(self, x[:, index], branch[:, index], part),
+                                   x.shape[1], chunk), out)
 
     def forward_rows(self, x: Tensor, pos: Tensor | None) -> Tensor:
         """The block over x [B, N, C] a few sequences at a time (each attends within itself, so this is exact), at
@@ -418,8 +451,9 @@ class Block(nn.Module):
         MLP hidden whole. pos [B, N, 2] is split with x; [N, 2] or [1, N, 2] is shared."""
         batch, tokens = x.shape[:2]
         per_row_pos = pos is not None and pos.dim() == 3 and pos.shape[0] == batch
-        return chunked_map(lambda index: self(x[index], pos[index] if per_row_pos else pos), batch,
-                           max(1, INFERENCE_TOKEN_CHUNK // tokens), dim=0)
+        return chunked_map(lambda index, out: self.forward_sequences(x[index], pos[index] if per_row_pos else pos,
+                                                                     out),
+                           batch, max(1, INFERENCE_TOKEN_CHUNK // tokens), dim=0)
 
 
 def init_weights(model: nn.Module) -> nn.Module:
