@@ -17,12 +17,13 @@
 #   RUN=/root/s4 MINUTES=10 INIT=benchmarks/checkpoints/vggt-tiny-long-stage3.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=4 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
 #       bash benchmarks/train_tiny_long.sh
-# Stage 5 (next), from stage 4's weights with a new seed and the relative-pose loss. Its first try, at commit d5890dc,
-# stopped at step 0 compiling the DPT heads with dynamic shapes (results/train-vggt-tiny-long-s5-crash.log). Sharper
-# global attention (INIT_LOGIT_SCALE, against stage 4's attention diluted over long clips) is left out: it helped the
-# first 32 frames of a long clip but not the whole clip, untrained or after a 120-step probe
-# (results/attention-vggt-tiny-long.md, eval-vggt-tiny-long-s4-logits-x1.7.json, eval-logit-probe-x*.json):
-#   RUN=/root/s5 MINUTES=15 INIT=benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors MAX_FRAMES=256 \
+# Stage 5, from stage 4's weights with a new seed and the relative-pose loss, ran 7 min on one H100 at commit 6c62ecf
+# (results/train-vggt-tiny-long-s5.log; its first try, at commit d5890dc, stopped at step 0 compiling the DPT heads
+# with dynamic shapes: results/train-vggt-tiny-long-s5-crash.log). Sharper global attention (INIT_LOGIT_SCALE, against
+# stage 4's attention diluted over long clips) is left out: it helped the first 32 frames of a long clip but not the
+# whole clip, untrained or after a 120-step probe (results/attention-vggt-tiny-long.md,
+# eval-vggt-tiny-long-s4-logits-x1.7.json, eval-logit-probe-x*.json):
+#   RUN=/root/s5 MINUTES=7 INIT=benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=5 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
 #       RELATIVE_WEIGHT=5 bash benchmarks/train_tiny_long.sh
 # ARC_SHARE=0.25 makes a quarter of the steps short arcs (stage 2 had arcs in 3% of its steps and lost them).
