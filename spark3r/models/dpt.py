@@ -58,9 +58,14 @@ def sincos_embed(positions: Tensor, channels: int, omega_0: float = 100.0, freq_
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
+@torch.compiler.assume_constant_result
 def uv_pos_embed(height: int, width: int, channels: int, aspect_ratio: float, dtype: torch.dtype,
                  device: torch.device, freq_dtype=torch.float64) -> Tensor:
-    """UV positional embedding [channels, height, width]: first half from u (x), second half from v (y)."""
+    """UV positional embedding [channels, height, width]: first half from u (x), second half from v (y).
+
+    A compiled head takes it as a constant of its graph, computed once when traced: otherwise inductor fuses its
+    float64 sin and cos into the add, per element of every frame (19% of VGGT-1B's compiled bf16 heads on an H100,
+    benchmarks/results/block-profile-vggt-1b-1000-h100-write.md)."""
     grid = uv_grid(width, height, aspect_ratio, dtype, device).reshape(-1, 2)
     embed = torch.cat([sincos_embed(grid[:, 0], channels // 2, freq_dtype=freq_dtype),
                        sincos_embed(grid[:, 1], channels // 2, freq_dtype=freq_dtype)], dim=-1)
