@@ -56,7 +56,7 @@ from spark3r.commands.arguments import command
 from spark3r.data.clip import Clip
 from spark3r.data.clips import open_clips
 from spark3r.errors import Spark3rError
-from spark3r.evaluate.deviation import DEFAULT_WEIGHTS, output_deviation
+from spark3r.evaluate.deviation import DEFAULT_WEIGHTS, DenseReference
 from spark3r.evaluate.metrics import camera_metrics, depth_metrics
 from spark3r.models.base import FlopConfig
 from spark3r.models.loading import find_weights, find_weights_file, load_model
@@ -341,10 +341,11 @@ def measure(model, clips: list[Clip], schedules: dict[str, Schedule], score_weig
         images = clip.images[None]
         dense = finite_outputs(model(images))
         rows = {"dense": ground_truth_errors(dense, clip) if ground_truth else {}}
+        reference = DenseReference(dense)
         for key, (_, schedule) in distinct.items():
             with reduced(model, schedule):
                 outputs = {name: value for name, value in model(images).items() if name in dense}
-            row = output_deviation(dense, outputs, score_weights)
+            row = reference.deviation(outputs, score_weights)
             row["cameras"] = sum(score_weights.get(term, DEFAULT_WEIGHTS[term]) * row[term]
                                  for term in CAMERA_TERMS if term in row)
             if ground_truth:

@@ -39,44 +39,76 @@ def output_deviation(dense: Mapping[str, torch.Tensor], reduced: Mapping[str, to
                      weights: Mapping[str, float] | None = None) -> dict[str, float]:
     """Relative deviation of `reduced` from `dense` per output term, and their weighted sum `score` (module docstring).
 
-    weights: overrides of DEFAULT_WEIGHTS by term name.
+    weights: overrides of DEFAULT_WEIGHTS by term name. To compare many reduced runs with one dense run, build its
+    `DenseReference` once.
     """
-    weights = _weights(weights)
-    keys = [key for key in SHAPES if key in dense and key in reduced]
-    if not keys:
-        raise Spark3rError(f"the dense and reduced outputs share none of {', '.join(SHAPES)}: nothing to compare")
-    dense = {key: _checked(dense[key], key, "dense") for key in keys}
-    reduced = {key: _checked(reduced[key], key, "reduced") for key in keys}
-    for key in keys:
-        if dense[key].shape != reduced[key].shape:
-            raise Spark3rError(f"the dense and reduced {key!r} outputs differ in shape ({tuple(dense[key].shape)} vs "
-                               f"{tuple(reduced[key].shape)}): run both on the same clip")
+    return DenseReference(dense).deviation(reduced, weights)
 
-    terms: dict[str, torch.Tensor] = {}
-    if "depth" in keys:
-        terms["depth"] = _relative_norm(reduced["depth"] - dense["depth"], dense["depth"], order=1)
-    if "points" in keys:
-        dense_points, reduced_points = dense["points"], reduced["points"]
+
+class DenseReference:
+    """One dense run's outputs, prepared once for `output_deviation` against many reduced runs: checked float64
+    copies, points and cameras relative to frame 0, and the scene scale (a median over every dense depth pixel, the
+    slowest part of a comparison on a GPU), per set of keys the runs share."""
+
+    def __init__(self, dense: Mapping[str, torch.Tensor]):
+        self.dense = dense
+        self._prepared: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+
+    def deviation(self, reduced: Mapping[str, torch.Tensor],
+                  weights: Mapping[str, float] | None = None) -> dict[str, float]:
+        """`output_deviation(dense, reduced, weights)`."""
+        weights = _weights(weights)
+        keys = tuple(key for key in SHAPES if key in self.dense and key in reduced)
+        if not keys:
+            raise Spark3rError(f"the dense and reduced outputs share none of {', '.join(SHAPES)}: nothing to compare")
+        dense = self.prepared(keys)
+        reduced = {key: _checked(reduced[key], key, "reduced") for key in keys}
+        for key in keys:
+            if dense[key].shape != reduced[key].shape:
+                raise Spark3rError(f"the dense and reduced {key!r} outputs differ in shape ({tuple(dense[key].shape)} "
+                                   f"vs {tuple(reduced[key].shape)}): run both on the same clip")
+
+        terms: dict[str, torch.Tensor] = {}
+        if "depth" in keys:
+            terms["depth"] = _relative_norm(reduced["depth"] - dense["depth"], dense["depth"], order=1)
+        if "points" in keys:
+            reduced_points = reduced["points"]
+            if "extrinsics" in keys:
+                reduced_points = _to_first_camera(reduced_points, reduced["extrinsics"])
+            terms["points"] = _relative_norm(reduced_points - dense["first_camera_points"],
+                                             dense["first_camera_points"], order=2)
         if "extrinsics" in keys:
-            dense_points, reduced_points = _to_first_camera(dense_points, dense["extrinsics"]), \
-                _to_first_camera(reduced_points, reduced["extrinsics"])
-        terms["points"] = _relative_norm(reduced_points - dense_points, dense_points, order=2)
-    if "extrinsics" in keys:
-        dense_cameras = _relative_to_first(dense["extrinsics"])
-        reduced_cameras = _relative_to_first(reduced["extrinsics"])
-        dense_centers, reduced_centers = camera_centers(dense_cameras), camera_centers(reduced_cameras)
-        scale = _scene_scale(dense, dense_centers)
-        terms["camera_center"] = (reduced_centers - dense_centers).square().sum(-1).mean(-1).sqrt() / scale
-        angle = rotation_angle_deg(reduced_cameras[:, 1:, :, :3], dense_cameras[:, 1:, :, :3])
-        terms["camera_rotation_deg"] = angle.mean(-1) if angle.shape[-1] else torch.zeros_like(scale)
-    if "intrinsics" in keys:
-        focal = torch.stack([dense["intrinsics"][..., 0, 0], dense["intrinsics"][..., 1, 1]], -1)
-        reduced_focal = torch.stack([reduced["intrinsics"][..., 0, 0], reduced["intrinsics"][..., 1, 1]], -1)
-        terms["focal"] = ((reduced_focal - focal).abs() / focal.abs().clamp(min=1e-12)).flatten(1).mean(-1)
+            reduced_cameras = _relative_to_first(reduced["extrinsics"])
+            reduced_centers = camera_centers(reduced_cameras)
+            terms["camera_center"] = ((reduced_centers - dense["centers"]).square().sum(-1).mean(-1).sqrt()
+                                      / dense["scale"])
+            angle = rotation_angle_deg(reduced_cameras[:, 1:, :, :3], dense["cameras"][:, 1:, :, :3])
+            terms["camera_rotation_deg"] = angle.mean(-1) if angle.shape[-1] else torch.zeros_like(dense["scale"])
+        if "intrinsics" in keys:
+            focal = dense["focal"]
+            reduced_focal = torch.stack([reduced["intrinsics"][..., 0, 0], reduced["intrinsics"][..., 1, 1]], -1)
+            terms["focal"] = ((reduced_focal - focal).abs() / focal.abs().clamp(min=1e-12)).flatten(1).mean(-1)
 
-    deviation = {name: float(value.mean()) for name, value in terms.items()}
-    deviation["score"] = sum(weights[name] * value for name, value in deviation.items())
-    return deviation
+        deviation = {name: float(value.mean()) for name, value in terms.items()}
+        deviation["score"] = sum(weights[name] * value for name, value in deviation.items())
+        return deviation
+
+    def prepared(self, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The dense outputs of `keys` (float64, checked) and what every comparison on those keys derives from them
+        alone: "first_camera_points", "cameras", "centers", "scale", "focal"."""
+        if keys not in self._prepared:
+            dense = {key: _checked(self.dense[key], key, "dense") for key in keys}
+            if "points" in keys:
+                dense["first_camera_points"] = _to_first_camera(dense["points"], dense["extrinsics"]) \
+                    if "extrinsics" in keys else dense["points"]
+            if "extrinsics" in keys:
+                dense["cameras"] = _relative_to_first(dense["extrinsics"])
+                dense["centers"] = camera_centers(dense["cameras"])
+                dense["scale"] = _scene_scale(dense, dense["centers"])
+            if "intrinsics" in keys:
+                dense["focal"] = torch.stack([dense["intrinsics"][..., 0, 0], dense["intrinsics"][..., 1, 1]], -1)
+            self._prepared[keys] = dense
+        return self._prepared[keys]
 
 
 def _weights(overrides: Mapping[str, float] | None) -> dict[str, float]:
@@ -129,8 +161,7 @@ def _scene_scale(dense: dict[str, torch.Tensor], centers: torch.Tensor) -> torch
     if "depth" in dense:
         scale = dense["depth"].flatten(1).abs().median(dim=1).values
     elif "points" in dense:
-        points = _to_first_camera(dense["points"], dense["extrinsics"])
-        scale = points.flatten(1, -2).norm(dim=-1).median(dim=1).values
+        scale = dense["first_camera_points"].flatten(1, -2).norm(dim=-1).median(dim=1).values
     else:
         scale = centers.square().sum(-1).mean(-1).sqrt()
     return torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from spark3r.errors import ParameterError
-from spark3r.evaluate.deviation import output_deviation
+from spark3r.evaluate.deviation import DenseReference
 from spark3r.models.base import FrameLayout, ReconstructionModel, TrunkState
 from spark3r.models.blocks import compute_autocast
 from spark3r.profiler.format import Profile
@@ -193,7 +193,7 @@ class AttentionCapture:
 @dataclass
 class DenseRun:
     """The dense forward of one clip: states entering each global layer's block, attention captures, outputs decoded
-    in `head_dtype` (every level of the clip is decoded in it too)."""
+    in `head_dtype` (every level of the clip is decoded in it too), and those outputs prepared for comparisons."""
 
     images: Tensor
     layout: FrameLayout
@@ -201,6 +201,10 @@ class DenseRun:
     captures: dict[int, AttentionCapture]
     outputs: dict[str, Tensor]
     head_dtype: torch.dtype = torch.float32
+    reference: DenseReference = field(init=False)
+
+    def __post_init__(self):
+        self.reference = DenseReference(self.outputs)
 
 
 def dense_run(model: ReconstructionModel, images: Tensor, timer: PhaseTimer,
@@ -315,7 +319,7 @@ def end_to_end(model: ReconstructionModel, run: DenseRun, start_layer: int, redu
     decode_phase = "decode" if phase == "resume" else phase
     with timer(decode_phase):
         outputs = model.decode(final, run.images.expand(len(states), *run.images.shape[1:]), run.head_dtype)
-        return [output_deviation(run.outputs, split_outputs(outputs, index), weights) for index in range(len(states))]
+        return [run.reference.deviation(split_outputs(outputs, index), weights) for index in range(len(states))]
 
 
 def sample_schedules(count: int, layers: int, kv_levels: int, query_levels: int,
@@ -353,7 +357,7 @@ def profile_clip(model: ReconstructionModel, images: Tensor, options: ProfileOpt
     timer = PhaseTimer(images.device)
     with torch.inference_mode():
         run = dense_run(model, images[None], timer, options.decode_dtype(model))
-        metrics = [*LOCAL_METRICS, *output_deviation(run.outputs, run.outputs, options.score_weights)]
+        metrics = [*LOCAL_METRICS, *run.reference.deviation(run.outputs, options.score_weights)]
         layers = model.adapter.num_global_layers
         kv_levels, query_levels = len(options.kv_keep), len(options.query_merge)
         arrays = {f"{kind}_{metric}": np.zeros((layers, levels))

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from spark3r.data.clip import Clip
 from spark3r.data.clips import fit_clips, open_clips
 from spark3r.errors import ParameterError
-from spark3r.evaluate.deviation import output_deviation
+from spark3r.evaluate.deviation import DenseReference
 from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry
 from spark3r.profiler.format import Profile
@@ -64,12 +64,12 @@ def measure(profile: Profile, schedules: list[Schedule], clips: list[Clip], *, d
               disable=not progress, leave=False) as bar:
         for column, clip in enumerate(clips):
             images = clip.images.to(device)[None]
-            dense = {key: value.float() for key, value in finite_outputs(model(images)).items()}
+            dense = DenseReference({key: value.float() for key, value in finite_outputs(model(images)).items()})
             bar.update(1)
             for row, schedule in enumerate(schedules):
                 with reduced(model, schedule):
-                    outputs = {key: value.float() for key, value in model(images).items() if key in dense}
-                deviation = output_deviation(dense, outputs, score_weights)
+                    outputs = {key: value.float() for key, value in model(images).items() if key in dense.dense}
+                deviation = dense.deviation(outputs, score_weights)
                 if metric not in deviation:
                     raise ParameterError(f"verifying measures end-to-end deviation, which has no {metric!r}: use "
                                          f"`metric` {' or '.join(sorted(deviation))}", "metric")
