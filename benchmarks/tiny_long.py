@@ -264,20 +264,21 @@ def device_gap(report: dict, reference: dict) -> float:
     return max(abs(model[f][key] - old[f][key]) / abs(old[f][key]) for f in model for key, _, _ in COMPARED)
 
 
-def drift_lines(result: dict) -> list[str]:
-    """benchmarks/tiny_drift.py's result: where the pose error at the longest length comes from."""
+def drift_lines(name: str) -> list[str]:
+    """benchmarks/tiny_drift.py's result `name`: where the pose error at the longest length comes from."""
+    result = json.loads((RESULTS / name).read_text())
     model, truth = result["rows"]["model"], result["truth_turn"]
     first, last = next(iter(truth)), list(truth)[-1]
     noisy = model["consecutive"] > 2 * result["truth_consecutive"]
     return [
-        f"Where the {result['frames']}-frame rotation error comes from (`drift-vggt-tiny-long-s4-256.md`, "
+        f"Where the {result['frames']}-frame rotation error comes from (`{name[:-5]}.md`, "
         f"{result['clips']}): against frame 0 it grows from {model['by_index'][first]:.1f} deg at frames {first} to "
         f"{model['by_index'][last]:.1f} deg at frames {last}, where the true cameras have turned "
         f"{truth[last]:.0f} deg from frame 0. The rotation between consecutive frames is off by "
         f"{model['consecutive']:.1f} deg on average, against a true turn of {result['truth_consecutive']:.2f} deg per "
         "frame: " + ("besides the drift away from frame 0, neighbouring poses disagree by several times the true "
                      "motion between them, so a loss on the relative pose of nearby frames is one lever to try."
-                     if noisy else "small against the true motion, so the error is a smooth drift.")]
+                     if noisy else "within twice the true motion, so most of the error is a smooth drift away from frame 0.")]
 
 
 def stage4() -> list[str]:
@@ -325,7 +326,7 @@ def stage4() -> list[str]:
         f"The same evaluation of stage 4 on the H100 in fp32 (`eval-vggt-tiny-long-s4-h100.json`) differs from the "
         f"CPU's by at most {gap:.0e} (relative) on every metric above.", "",
         "### Stage 4: the issue's bars", "", *bars(reports["stage 4"]), "",
-        *drift_lines(json.loads((RESULTS / "drift-vggt-tiny-long-s4-256.json").read_text())), "",
+        *drift_lines("drift-vggt-tiny-long-s4-256.json"), "",
         f"On 8-frame arcs ({arcs['clips']}, {arcs['device_name']}) AUC@30 is {by_length(arcs)[8]['auc30']:.3f} "
         f"(stage 3: {by_length(arcs3)[8]['auc30']:.3f}).", "",
         "### Stage 4: sensitivity at 32 frames", "", *sensitivity("profile-vggt-tiny-long-s4-32.json"), "",
@@ -365,6 +366,7 @@ def stage5() -> list[str]:
         "`eval-vggt-tiny-long-s5-h100.json`; stage 4's fp32 evaluations on the two devices differ by at most "
         f"{gap:.0e}, relative):", "", *stages_compared(reports), "",
         "### Stage 5: the issue's bars", "", *bars(reports["stage 5"]), "",
+        *drift_lines("drift-vggt-tiny-long-s5-256.json"), "",
         "Against the shipped stage 2, stage 5 is worse in " + (f"{len(worse2)} place(s): " + "; ".join(worse2)
                                                                if worse2 else "no place") + ". "
         "Against stage 4, in " + (f"{len(worse4)} place(s): " + "; ".join(worse4) if worse4 else "no place") + ". "
