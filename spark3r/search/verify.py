@@ -64,12 +64,12 @@ def measure(profile: Profile, schedules: list[Schedule], clips: list[Clip], *, d
               disable=not progress, leave=False) as bar:
         for column, clip in enumerate(clips):
             images = clip.images.to(device)[None]
-            dense = DenseReference({key: value.float() for key, value in finite_outputs(model(images)).items()})
+            reference = DenseReference({key: value.float() for key, value in finite_outputs(model(images)).items()})
             bar.update(1)
             for row, schedule in enumerate(schedules):
                 with reduced(model, schedule):
-                    outputs = {key: value.float() for key, value in model(images).items() if key in dense.dense}
-                deviation = dense.deviation(outputs, score_weights)
+                    outputs = {key: value.float() for key, value in model(images).items() if key in reference.dense}
+                deviation = reference.deviation(outputs, score_weights)
                 if metric not in deviation:
                     raise ParameterError(f"verifying measures end-to-end deviation, which has no {metric!r}: use "
                                          f"`metric` {' or '.join(sorted(deviation))}", "metric")
