@@ -188,3 +188,22 @@ def test_rope_tables_come_in_the_dtype_q_reaches_rope_in(qk_to_v_dtype):
         q_dtype = token_qkv_heads(attn, x, None)[2].dtype if qk_to_v_dtype else attn.q_norm(
             attn.qkv(x)[..., :64]).dtype
         assert rope_tables(attn, x, pos)[0].dtype == q_dtype
+
+
+def test_inductor_writes_chunks_into_the_outputs_as_eager_computes_them(monkeypatch):
+    """The writing forms under inductor itself (the other tests trace with the "eager" backend): a global-layer-like
+    sequence in token chunks, so the compiled norm, qkv, projection and residual store into views of the outputs at
+    nonzero offsets (q, k, v along dim 2, the others along dim 1), equals the eager block."""
+    from spark3r.models.blocks import Block, RotaryPositionEmbedding2D, patch_positions
+
+    block = Block(32, 2, mlp_ratio=2.0, init_values=0.5, qk_norm=True, rope=RotaryPositionEmbedding2D()).eval()
+    generator = torch.Generator().manual_seed(12)
+    for parameter in block.parameters():
+        parameter.data = torch.randn(parameter.shape, generator=generator) * 0.2
+    pos = patch_positions(2, 3, 1, "cpu")  # 7 tokens per frame
+    sequence = torch.randn(1, 5 * 7, 32, generator=generator)
+    monkeypatch.setattr("spark3r.models.blocks.INFERENCE_TOKEN_CHUNK", 14)  # chunks of 2, 2 and 1 frames
+    with torch.inference_mode():
+        eager = block(sequence, pos=pos)
+        compiled = compile_model(block, "inductor")(sequence, pos=pos)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
