@@ -26,6 +26,12 @@
 #   RUN=/root/s5 MINUTES=7 INIT=benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=5 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
 #       RELATIVE_WEIGHT=5 bash benchmarks/train_tiny_long.sh
+# Stage 6 (next): stage 5's weights trained on with the same settings and a new seed, for the minutes stage 5 did not
+# get (7 of the 15 planned); what is left at 256 frames is a smooth drift from frame 0, not neighbour noise
+# (results/drift-vggt-tiny-long-s5-256.md):
+#   RUN=/root/s6 MINUTES=10 INIT=benchmarks/checkpoints/vggt-tiny-long-stage5.safetensors MAX_FRAMES=256 \
+#       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=6 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
+#       RELATIVE_WEIGHT=5 bash benchmarks/train_tiny_long.sh
 # ARC_SHARE=0.25 makes a quarter of the steps short arcs (stage 2 had arcs in 3% of its steps and lost them).
 # HEAD_DTYPE=compute runs the DPT heads under autocast to the trunk's bf16 in training (default fp32, as upstream).
 # COMPILE=1 compiles the transformer blocks (train_tiny --compile; the DPT heads stay eager).
