@@ -26,7 +26,6 @@ from spark3r.commands.arguments import resolve_device
 from spark3r.models.blocks import compile_model, compute_autocast
 from spark3r.models.loading import load_model
 from spark3r.models.registry import build_model
-from spark3r.models.vggt import run_per_frame
 from spark3r.schedule import apply_schedule
 
 HERE = Path(__file__).resolve().parent
@@ -213,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def frame_run(block=frame_block):
         with compute_autocast(device.type, torch.bfloat16):
-            return run_per_frame(block, tokens, pos, config.frame_chunk_frames)
+            return block(tokens, pos=pos)
 
     with torch.inference_mode():
         result["kernels"]["frame block"] = kernel_table(device, frame_run)

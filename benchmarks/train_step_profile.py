@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     model = load_model("vggt-tiny", weights=args.weights, device=device, dtype=resolve_dtype("auto", device)).train()
-    model.config = replace(model.config, frame_chunk_frames=sys.maxsize, head_chunk_frames=sys.maxsize)
+    model.config = replace(model.config, encoder_chunk_frames=sys.maxsize, head_chunk_frames=sys.maxsize)
     if args.compile:
         compile_model(model)
     optimizer = torch.optim.AdamW(parameter_groups(model, TrainConfig.weight_decay), lr=1e-5, betas=(0.9, 0.95),

@@ -229,11 +229,11 @@ def test_foundation_benchmark_smoke_run(tmp_path):
     assert all(row["seconds"] >= 0 for row in rows)
 
 
-def test_chunked_encoder_and_frame_blocks_match_one_pass(tiny, images):
-    """frame_chunk_frames = 3 over 4 frames (one full and one short chunk) gives the unchunked outputs."""
+def test_chunked_encoder_matches_one_pass(tiny, images):
+    """encoder_chunk_frames = 3 over 4 frames (one full and one short chunk) gives the unchunked outputs."""
     import dataclasses
 
-    chunked = VGGT(dataclasses.replace(VGGT_TINY, frame_chunk_frames=3)).eval()
+    chunked = VGGT(dataclasses.replace(VGGT_TINY, encoder_chunk_frames=3)).eval()
     chunked.load_state_dict(tiny.state_dict())
     with torch.no_grad():
         expected, out = tiny(images), chunked(images)

@@ -43,8 +43,9 @@ from spark3r.models.registry import ModelEntry, register
 class VGGTConfig:
     """One VGGT size. encoder: "dinov2" (ViT-L/14 reg4, as released) or "conv" (patchify only, for toy models).
 
-    head_chunk_frames / frame_chunk_frames: frames per chunk of the DPT heads / of the per-frame trunk stages (patch
-    encoder and frame blocks), which bound their peak memory on long clips; chunking leaves the math unchanged.
+    head_chunk_frames / encoder_chunk_frames: frames per chunk of the DPT heads / of the patch encoder (all its blocks
+    run on one chunk of frames before the next), which bound their peak memory on long clips; chunking leaves the math
+    unchanged. The frame blocks bound theirs themselves (`Block.forward_rows`).
     """
 
     name: str = "vggt-1b"
@@ -65,7 +66,7 @@ class VGGTConfig:
     camera_heads: int = 16
     camera_iterations: int = 4
     head_chunk_frames: int = 8
-    frame_chunk_frames: int = 128
+    encoder_chunk_frames: int = 128
 
     @property
     def n_special(self) -> int:
@@ -84,20 +85,6 @@ def enumerate_chunks(x: Tensor, chunk: int):
     """(first index, x[first: first + chunk]) over dim 0 of x, in order."""
     for first in range(0, x.shape[0], chunk):
         yield first, x[first: first + chunk]
-
-
-def run_per_frame(block: nn.Module, x: Tensor, pos: Tensor, chunk_frames: int) -> Tensor:
-    """A per-frame block over frames x [F, P, C] in chunks of `chunk_frames` frames -> [F, P, C]; one call when
-    F <= chunk_frames, else the chunks' outputs are written into one preallocated tensor."""
-    if x.shape[0] <= chunk_frames:
-        return block(x, pos=pos)
-    out = None
-    for first, chunk in enumerate_chunks(x, chunk_frames):
-        part = block(chunk, pos=pos)
-        if out is None:
-            out = part.new_empty(x.shape[0], *part.shape[1:])
-        out[first: first + len(chunk)] = part
-    return out
 
 
 class Aggregator(nn.Module):
@@ -237,7 +224,7 @@ class VGGT(ReconstructionModel):
         images = check_images(images, self.config.patch_size)
         height, width = images.shape[-2:]
         with compute_autocast(images.device.type, self.compute_dtype):
-            tokens = self.aggregator.embed(images, self.config.frame_chunk_frames)
+            tokens = self.aggregator.embed(images, self.config.encoder_chunk_frames)
         pos = patch_positions(height // self.config.patch_size, width // self.config.patch_size,
                               self.config.n_special, images.device)
         return TrunkState(tokens=tokens, extras={"pos": pos})
@@ -256,8 +243,7 @@ class VGGT(ReconstructionModel):
                 layer, is_global = divmod(step, 2)
                 if not is_global:
                     block = self.aggregator.frame_blocks[layer]
-                    out = run_per_frame(block, tokens.reshape(batch * frames, per_frame, width), pos,
-                                        self.config.frame_chunk_frames)
+                    out = block(tokens.reshape(batch * frames, per_frame, width), pos=pos)
                 else:
                     block = self.aggregator.global_blocks[layer]
                     out = block(tokens.reshape(batch, frames * per_frame, width), pos=pos)

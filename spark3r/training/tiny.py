@@ -316,7 +316,7 @@ def train(config: TrainConfig, device: torch.device = torch.device("cpu"),
                        head_dtype=config.head_dtype).train()
     # whole batches through the per-frame stages and heads: chunks bound inference memory on long clips, but a
     # training batch of 384 frames in chunks of 8 launches the heads' small kernels 48 times over
-    model.config = replace(model.config, frame_chunk_frames=sys.maxsize, head_chunk_frames=sys.maxsize)
+    model.config = replace(model.config, encoder_chunk_frames=sys.maxsize, head_chunk_frames=sys.maxsize)
     eval_model = load_model(MODEL, weights=None, device=device, dtype=dtype, seed=config.seed)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95),
                                   **({"fused": True} if device.type == "cuda" else {}))
