@@ -37,6 +37,22 @@ def images(frames: int, seed: int = 1) -> torch.Tensor:
     return torch.rand(1, frames, 3, 112, 112, generator=torch.Generator().manual_seed(seed))
 
 
+def capturing_backend():
+    """A torch.compile backend that runs each traced graph as traced and keeps it: (graphs, backend)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return graphs, backend
+
+
+def op_names(graphs) -> set[str]:
+    """The names of the operators called in traced graphs."""
+    return {getattr(node.target, "__name__", str(node.target)) for gm in graphs for node in gm.graph.nodes}
+
+
 def test_each_compiled_part_traces_as_one_graph_without_breaks():
     model = tiny()
     block = model.aggregator.global_blocks[0]
@@ -129,12 +145,7 @@ def test_compiled_qkv_reads_the_rope_tables_instead_of_computing_cos_and_sin_per
     """Traced, RoPE's cached tables cannot be read, so inductor fused cos, sin and pow into the qk-norm + RoPE kernel, per
     element of q and k (14-16 ms of a VGGT-1B block at 1000 frames, benchmarks/results/block-profile-vggt-1b-1000.md);
     qkv_heads hands the tables in. Under bf16 autocast, q reaches RoPE in fp32 (q_norm's output), so fp32 tables."""
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, capture = capturing_backend()
     model = tiny("auto")
     compile_model(model, capture)
     clip = images(3)
@@ -145,8 +156,8 @@ def test_compiled_qkv_reads_the_rope_tables_instead_of_computing_cos_and_sin_per
         compiled = model(clip)
     qkv = [gm for gm in graphs if any("qkv" in node.name for node in gm.graph.find_nodes(op="placeholder"))]
     assert len(qkv) >= 2  # the frame and the global blocks' token_qkv_heads (at least)
-    traced = [getattr(node.target, "__name__", str(node.target)) for gm in qkv for node in gm.graph.nodes]
-    assert "mul" in traced and not {"cos", "sin", "pow"} & set(traced), "RoPE tables recomputed in a compiled graph"
+    traced = op_names(qkv)
+    assert "mul" in traced and not {"cos", "sin", "pow"} & traced, "RoPE tables recomputed in a compiled graph"
     for key in OUTPUTS:
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-6, atol=1e-6)
 
@@ -156,12 +167,7 @@ def test_compiled_qkv_reads_the_rope_tables_instead_of_computing_cos_and_sin_per
 def test_compiled_dpt_heads_take_the_uv_embedding_as_a_constant(name, size):
     """Traced, the UV position embedding's sin and cos were fused into the add per element of every frame (19% of the
     compiled bf16 heads of VGGT-1B on an H100); `uv_pos_embed` is a constant of the graph instead."""
-    graphs = []
-
-    def capture(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, capture = capturing_backend()
     model = build_model(name, "cpu").eval().requires_grad_(False)
     clip = torch.rand(1, 2, 3, *size, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
@@ -170,7 +176,7 @@ def test_compiled_dpt_heads_take_the_uv_embedding_as_a_constant(name, size):
         compiled = model(clip)
     heads = [gm for gm in graphs if any("conv" in str(node.target) for node in gm.graph.nodes)]
     assert heads
-    traced = {getattr(node.target, "__name__", str(node.target)) for gm in heads for node in gm.graph.nodes}
+    traced = op_names(heads)
     assert "add" in traced and not {"sin", "cos"} & traced, "UV embedding recomputed in a compiled head"
     for key in ("depth", "depth_conf"):
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-6, atol=1e-6)

@@ -143,7 +143,7 @@ def chunked_map(fn, length: int, chunk: int, dim: int = 1):
         out = views(index)
         parts = fn(index, tree_unflatten(out, spec))
         if parts is not None:
-            written(tree_leaves(parts), out)
+            written(parts, out)
     return tree_unflatten(outputs, spec)
 
 
