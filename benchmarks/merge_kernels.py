@@ -1,6 +1,8 @@
 """Kernels for the steps of query merging, timed beside each other on one global layer's random q, k, v at --frames
 frames, each checked against the torch path on the same inputs:
 
+* the keys' similarity metric (their mean over heads as unit rows): the torch path (`merge.torch_key_metric`: the mean,
+  then the normalisation) and the fused kernel (`fused.key_metric`, k read once);
 * the source -> destination similarity and its max: the torch path (`merge.torch_best_destinations`) at the shipped
   SIMILARITY_CHUNK_ELEMENTS and at larger chunks, and the fused Triton kernel (`fused.best_destinations`, no
   similarity matrix written) as shipped (autotuned over `fused.BEST_DESTINATIONS_BLOCKS`) and at each of those tilings;
@@ -30,7 +32,6 @@ from unittest import mock
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from spark3r.commands.arguments import DTYPES, resolve_device
 from spark3r.models.registry import build_model
@@ -99,20 +100,38 @@ def peak_seconds(device: torch.device, fn, repeats: int) -> tuple[float, float |
 
 
 def layer_inputs(model, layout, reduction, device, dtype) -> dict:
-    """One global layer's random q [1, h, N, D], its unit metric (keys averaged over heads), the slots and the first
+    """One global layer's random q and k [1, h, N, D], its unit metric (keys averaged over heads), the slots and the first
     full group's sources and destinations [1, G, n, d] as `merge.group_slots` takes them."""
     attn = model.adapter.modules(model)[0]
     q, k = speed.random_heads(attn, layout, 2, device, dtype, torch.Generator(device).manual_seed(0))
-    metric = k.mean(dim=1)
-    del k
+    metric = merge.key_metric(k)
     slot = merge.merge_slots(metric, layout, reduction)
     cell = merge.merge_cell(layout, reduction)
     groups, group = merge.group_spans(layout.frames, reduction.group_frames)[0]
     size = group * layout.tokens_per_frame
-    unit = F.normalize(metric.float(), dim=-1).to(dtype)[:, : groups * size].reshape(1, groups, size, -1)
+    unit = metric[:, : groups * size].reshape(1, groups, size, -1)
     destinations, sources = merge.group_positions(layout, group, cell, device)
-    return {"q": q, "slot": slot, "n_q": merge.query_count(layout, reduction), "sources": unit[:, :, sources],
+    return {"q": q, "k": k, "slot": slot, "n_q": merge.query_count(layout, reduction), "sources": unit[:, :, sources],
             "destinations": unit[:, :, destinations], "layout": layout, "reduction": reduction}
+
+
+def metric_rows(inputs: dict, device, repeats: int) -> list[dict]:
+    """The keys' metric by the torch path and by the fused kernel: time, extra memory, and against the torch path the
+    largest difference and the share of equal entries."""
+    k = inputs["k"]
+    reference = merge.torch_key_metric(k)
+    kernels = {"torch path (mean, then normalise)": merge.torch_key_metric}
+    fused = fused_module(device)
+    if fused is not None:
+        kernels["fused Triton kernel"] = fused.key_metric
+    rows = []
+    for name, fn in kernels.items():
+        metric = fn(k)
+        seconds, extra = peak_seconds(device, lambda: fn(k), repeats)
+        rows.append({"kernel": name, "seconds": seconds, "extra_gib": extra,
+                     "max_abs_diff": (metric.float() - reference.float()).abs().max().item(),
+                     "same": (metric == reference).float().mean().item()})
+    return rows
 
 
 def similarity_rows(inputs: dict, device, repeats: int) -> list[dict]:
@@ -202,7 +221,12 @@ def markdown(result: dict) -> str:
              f"{result['dtype']}, {result['created']}). One global layer's random q [1, {result['heads']}, "
              f"{result['tokens']}, {result['head_dim']}], {result['queries']} merged queries; medians of "
              f"{result['repeats']} calls after a warm-up, each step measured alone.", "",
-             f"Similarity and max over one span of {result['groups']} groups ({result['sources']} sources x "
+             "The keys' metric (mean over heads as unit rows):", "",
+             "| kernel | time (ms) | extra memory (GiB) | max abs diff vs torch path | equal entries |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {row['kernel']} | {1e3 * row['seconds']:.2f} | {gib(row['extra_gib'])} | "
+              f"{row['max_abs_diff']:.2e} | {row['same']:.4f} |" for row in result.get("metric", [])]
+    lines += ["", f"Similarity and max over one span of {result['groups']} groups ({result['sources']} sources x "
              f"{result['destinations']} destinations each):", "",
              "| kernel | time (ms) | extra memory (GiB) | max abs diff vs torch path | same index |",
              "|---|---:|---:|---:|---:|"]
@@ -254,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
               "tokens": layout.tokens, "head_dim": attn.head_dim, "queries": inputs["n_q"],
               "groups": inputs["sources"].shape[1], "sources": inputs["sources"].shape[2],
               "destinations": inputs["destinations"].shape[2],
+              "metric": metric_rows(inputs, device, args.repeats),
               "similarity": similarity_rows(inputs, device, args.repeats),
               "merge": merge_rows(inputs, device, args.repeats), "unmerge": unmerge_rows(inputs, device, args.repeats),
               "layer_deviation": layer_deviation(inputs, device)}

@@ -116,9 +116,32 @@ def test_bf16_similarity_is_rounded_as_the_torch_path_rounds_it(fused):
     assert (exact.max(dim=-1).values - chosen).max() <= 2**-7  # a near-tie at worst: within one bf16 step near 1
 
 
+@pytest.mark.parametrize("heads, dim", [(4, 64), (3, 48)])  # 48: masked lanes; 3 heads: a mean that is not a shift
+def test_key_metric_is_the_float64_unit_mean_over_heads(fused, heads, dim):
+    """k [B, h, N, D] as qkv_heads leaves it (a permuted view, last dim contiguous), 150 tokens: not a multiple of the
+    kernel's 64-token blocks."""
+    qkv = torch.randn(2, 150, 3, heads, dim, generator=torch.Generator().manual_seed(20))
+    k = qkv.permute(2, 0, 3, 1, 4)[1]
+    mean = k.double().mean(dim=1)
+    expected = mean / mean.norm(dim=-1, keepdim=True)
+    metric = fused.key_metric(k)
+    assert metric.shape == (2, 150, dim) and metric.dtype == torch.float32
+    torch.testing.assert_close(metric.double(), expected, rtol=0, atol=1e-6)
+
+
+def test_bf16_key_metric_rounds_as_the_torch_path(fused):
+    """The mean is rounded to bf16 (as k.mean leaves it), then normalised in fp32 and rounded again: the torch path's
+    two roundings, so the entries agree but where fp32 sums in another order round across a bf16 step."""
+    k = torch.randn(1, 16, 300, 64, generator=torch.Generator().manual_seed(21)).bfloat16()
+    metric, plain = fused.key_metric(k), merge.torch_key_metric(k)
+    assert metric.dtype == torch.bfloat16
+    assert (metric == plain).double().mean() >= 0.99
+    assert (metric.double() - plain.double()).abs().max() <= 2**-8  # one bf16 step of a unit vector's entry at most
+
+
 def slots_of(layout: FrameLayout, reduction: Reduction, seed: int) -> tuple[torch.Tensor, int]:
     keys = torch.randn(1, layout.tokens, 16, generator=torch.Generator().manual_seed(seed))
-    return merge.merge_slots(keys, layout, reduction), merge.query_count(layout, reduction)
+    return merge.merge_slots(merge.unit_rows(keys), layout, reduction), merge.query_count(layout, reduction)
 
 
 LAYOUT = FrameLayout(frames=6, n_special=2, grid_h=4, grid_w=6)  # 156 tokens

@@ -39,6 +39,7 @@ def test_the_script_times_each_candidate_and_records_it(tmp_path):
     assert [row["kernel"] for row in result["similarity"]] == ["torch, chunk 2^26", "torch, chunk 2^28",
                                                                "torch, chunk 2^30"]
     assert all(row["max_abs_diff"] == 0 and row["same_index"] == 1 for row in result["similarity"])
+    assert [(row["kernel"], row["same"]) for row in result["metric"]] == [("torch path (mean, then normalise)", 1)]
     assert [row["merge"] for row in result["merge"]] == list(bench.MERGES)
     assert all(row["seconds"] > 0 and row["max_abs_diff"] < 1e-5 for row in result["merge"])
     assert [row["equal"] for row in result["unmerge"]] == [True, True]
@@ -62,6 +63,7 @@ def test_the_fused_kernels_get_their_rows_and_the_layer_deviation(tmp_path, monk
     assert len(fused_rows) == 1 + len(fused.BEST_DESTINATIONS_BLOCKS)  # autotuned, then each tiling
     assert all(row["same_index"] == 1 and row["max_abs_diff"] < 1e-6 for row in fused_rows)
     assert next(row for row in result["merge"] if row["merge"] == "fused Triton kernel")["max_abs_diff"] < 1e-6
+    assert result["metric"][1]["kernel"] == "fused Triton kernel" and result["metric"][1]["max_abs_diff"] < 1e-6
     deviation = result["layer_deviation"]
     assert deviation["fused_vs_torch_rel_l2"] < 1e-6 and deviation["torch_vs_fp32_rel_l2"] < 1e-6  # fp32 run
     assert "fused path against the torch path" in (tmp_path / "mk.md").read_text()

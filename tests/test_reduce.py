@@ -251,7 +251,7 @@ def test_merge_reaches_about_n_over_r_and_keeps_special_tokens():
         assert abs(count - layout.tokens / merge) <= 0.01 * layout.tokens / merge
     small = FrameLayout(frames=5, n_special=2, grid_h=4, grid_w=4)
     q, k, v = qkv(small, batch=1, heads=1)
-    slot = merge_module.merge_slots(k.mean(1), small, Reduction(query_merge=3, group_frames=5))
+    slot = merge_module.merge_slots(merge_module.key_metric(k), small, Reduction(query_merge=3, group_frames=5))
     specials = [token(small, f, t) for f in range(1, small.frames) for t in range(small.n_special)]
     firsts = list(range(small.tokens_per_frame))
     owners = slot[0, specials + firsts].tolist()

@@ -8,7 +8,7 @@ from torch import Tensor
 from spark3r.errors import Spark3rError
 from spark3r.models.base import FrameLayout
 from spark3r.reduce.kv import kv_count, select_kv
-from spark3r.reduce.merge import merge_queries, merge_slots, query_count, unmerge
+from spark3r.reduce.merge import key_metric, merge_queries, merge_slots, query_count, unit_rows, unmerge
 from spark3r.reduce.reduction import Reduction
 
 
@@ -48,7 +48,7 @@ def merged_attention(qkv: list[Tensor], layout: FrameLayout, reduction: Reductio
     if n_q < layout.tokens:
         if reduction.similarity == "input" and x is None:
             raise Spark3rError("similarity 'input' needs the attention input x: pass x or use similarity 'key'")
-        slot = merge_slots(x if reduction.similarity == "input" else k.mean(dim=1), layout, reduction)
+        slot = merge_slots(unit_rows(x) if reduction.similarity == "input" else key_metric(k), layout, reduction)
     if kv_count(layout, reduction) < layout.tokens:
         k, v = select_kv(k, v, layout, reduction)
     if slot is None:

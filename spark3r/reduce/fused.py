@@ -1,5 +1,6 @@
-"""Fused Triton kernels of query merging, for CUDA tensors: each source's best destination without writing the
-similarity matrix, and the mean of each slot's queries.
+"""Fused Triton kernels of query merging, for CUDA tensors: the keys' similarity metric (their mean over heads as unit
+rows) in one pass, each source's best destination without writing the similarity matrix, and the mean of each slot's
+queries.
 
 `spark3r.reduce.merge` calls them on CUDA tensors when Triton imports and runs its torch path otherwise; each kernel
 computes what that path computes, up to the order of fp32 sums (tests/test_fused.py runs them in Triton's interpreter
@@ -58,6 +59,25 @@ def _rounding_threshold(x, dtype: tl.constexpr):
     step = tl.where(halfway > 0, 1, -1)
     above = (halfway.to(tl.uint32, bitcast=True) + step).to(tl.float32, bitcast=True)  # the next fp32 up
     return tl.where((bits & 1) == 0, halfway, above)
+
+
+@triton.jit
+def _key_metric_kernel(k, metric, n_tokens, heads, dim, stride_b, stride_h, stride_n,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program: BLOCK_N tokens of one batch item; their keys summed over heads in fp32, the mean rounded to the key
+    dtype (as k.mean(dim=1) leaves it), then divided by its fp32 norm and rounded again."""
+    batch = tl.program_id(1).to(tl.int64)
+    tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (tokens[:, None] < n_tokens) & (dims[None, :] < dim)
+    rows = k + batch * stride_b + tokens[:, None].to(tl.int64) * stride_n + dims[None, :]
+    total = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for head in range(0, heads):
+        total += tl.load(rows + head * stride_h, mask=mask, other=0.0).to(tl.float32)
+    mean = _rounded(total * (1.0 / heads), metric.dtype.element_ty)
+    unit = mean / tl.maximum(tl.sqrt(tl.sum(mean * mean, axis=1)), 1e-12)[:, None]
+    out = metric + (batch * n_tokens + tokens[:, None]) * dim + dims[None, :]
+    tl.store(out, _rounded(unit, metric.dtype.element_ty).to(metric.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -124,6 +144,19 @@ def _merge_kernel(q, order, starts, counts, merged, n_tokens, n_q, heads, head_d
 def supports(tensor: Tensor) -> bool:
     """True when the kernels take `tensor` (a metric [..., n, d] or heads [B, h, N, D]): dtype and last dim."""
     return tensor.dtype in DTYPES and tensor.shape[-1] <= MAX_DIM
+
+
+def key_metric(k: Tensor) -> Tensor:
+    """The keys' similarity metric: k [B, h, N, D] (last dim contiguous) -> their mean over heads as unit rows
+    [B, N, D] in k's dtype, read once (the torch path reads k, then the mean twice)."""
+    batch, heads, tokens, head_dim = k.shape
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    metric = k.new_empty(batch, tokens, head_dim)
+    grid = (triton.cdiv(tokens, 64), batch)
+    _key_metric_kernel[grid](k, metric, tokens, heads, head_dim, k.stride(0), k.stride(1), k.stride(2),
+                             BLOCK_N=64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4)
+    return metric
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) that `best_destinations` times on a GPU, once per shape (triton.autotune);

@@ -8,12 +8,16 @@ Frames are cut into groups of `group_frames` (the last group may be shorter). In
   of a metric: keys averaged over heads, or the attention input); the M sources with the highest similarity merge
   into their destination (mean), M = g*P - ceil(g*P / r_Q), capped by the number of sources.
 
+The metric is a unit row per token (`key_metric`: the keys averaged over heads; `unit_rows`: any other, e.g. the
+attention input).
+
 The merging is described by `slot` [B, N]: the index of the merged query each token belongs to. Merging averages the
 queries of one slot; un-merging copies each slot's output back to all of its tokens. Shapes depend only on the layout
 and the reduction.
 
-On CUDA tensors the similarity + max and the merge run as fused Triton kernels (`spark3r.reduce.fused`), which compute
-what the torch paths here (`torch_best_destinations`, `torch_merge_queries`) compute, up to the order of fp32 sums;
+On CUDA tensors the key metric, the similarity + max and the merge run as fused Triton kernels
+(`spark3r.reduce.fused`), which compute what the torch paths here (`torch_key_metric`, `torch_best_destinations`,
+`torch_merge_queries`) compute, up to the order of fp32 sums;
 elsewhere, without Triton, or with SPARK3R_FUSED=0 in the environment, the torch paths run.
 """
 from __future__ import annotations
@@ -79,8 +83,15 @@ def query_count(layout: FrameLayout, reduction: Reduction) -> int:
     )
 
 
+@functools.lru_cache(maxsize=64)
 def group_positions(layout: FrameLayout, group: int, cell: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Positions of the destinations [n_dst] and sources [n_src] inside a group of `group` frames (frame-major)."""
+    """Positions of the destinations [n_dst] and sources [n_src] inside a group of `group` frames (frame-major); made
+    once per layout, group, cell and device (read, never written; ordinary tensors even under inference mode)."""
+    with torch.inference_mode(False):
+        return _group_positions(layout, group, cell, device)
+
+
+def _group_positions(layout: FrameLayout, group: int, cell: int, device: torch.device) -> tuple[Tensor, Tensor]:
     tokens_per_frame, n_special = layout.tokens_per_frame, layout.n_special
     rows = torch.arange(layout.grid_h, device=device)
     cols = torch.arange(layout.grid_w, device=device)
@@ -111,6 +122,25 @@ def fused_kernels(tensor: Tensor) -> ModuleType | None:
         return None
     fused = _fused_module()
     return fused if fused is not None and fused.supports(tensor) else None
+
+
+def unit_rows(metric: Tensor) -> Tensor:
+    """metric [..., d] as unit rows (normalised in fp32), in its dtype."""
+    return F.normalize(metric.float(), dim=-1).to(metric.dtype)
+
+
+def key_metric(k: Tensor) -> Tensor:
+    """The keys' similarity metric: k [B, h, N, D] -> their mean over heads as unit rows [B, N, D]; the fused kernel on
+    CUDA, else `torch_key_metric`."""
+    fused = fused_kernels(k)
+    if fused is not None:
+        return fused.key_metric(k)
+    return torch_key_metric(k)
+
+
+def torch_key_metric(k: Tensor) -> Tensor:
+    """`key_metric` in torch: unit_rows(k.mean(dim=1))."""
+    return unit_rows(k.mean(dim=1))
 
 
 def best_destinations(sources: Tensor, destinations: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,9 +185,9 @@ def group_slots(metric: Tensor, layout: FrameLayout, group: int, cell: int, merg
 
 
 def merge_slots(metric: Tensor, layout: FrameLayout, reduction: Reduction) -> Tensor:
-    """The merged query of every token: metric [B, N, d] -> slot [B, N] long in [0, query_count)."""
+    """The merged query of every token: metric [B, N, d] unit rows (`key_metric`, `unit_rows`) -> slot [B, N] long in
+    [0, query_count)."""
     batch, tokens, width = metric.shape
-    metric = F.normalize(metric.float(), dim=-1).to(metric.dtype)
     cell = merge_cell(layout, reduction)
     slots, start, first_slot = [], 0, 0
     for groups, group in group_spans(layout.frames, reduction.group_frames):
