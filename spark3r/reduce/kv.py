@@ -13,6 +13,7 @@ and the reduction, so shapes are static.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -98,29 +99,39 @@ def kv_index(keys: Tensor, layout: FrameLayout, reduction: Reduction) -> Tensor:
 
     Order: the special tokens of every frame, then the patches of whole frames, then the chosen patches of the others.
     """
-    device = keys.device
-    tokens_per_frame, n_special = layout.tokens_per_frame, layout.n_special
-    frames = torch.arange(layout.frames, device=device)
-    special = (frames[:, None] * tokens_per_frame + torch.arange(n_special, device=device)).flatten()
-    patch_offsets = torch.arange(n_special, tokens_per_frame, device=device)
-    if reduction.kv_method == "frame_stride":
-        whole = frames[:: reduction.kv_factor]
-        partial = frames[:0]
-    else:
-        start = 1 if reduction.keep_reference_frame else 0
-        whole, partial = frames[:start], frames[start:]
-    whole_patches = (whole[:, None] * tokens_per_frame + patch_offsets).flatten()
-    fixed = torch.cat([special, whole_patches])
+    fixed = fixed_kv_index(layout, reduction, keys.device)
+    if reduction.kv_method != "key_norm":
+        return fixed
+    partial = torch.arange(1 if reduction.keep_reference_frame else 0, layout.frames, device=keys.device)
     if len(partial) == 0:
         return fixed
-    if reduction.kv_method == "key_norm":
-        chosen = key_norm_patches(layout, reduction, partial, keys)
-        batch, heads = keys.shape[:2]
-        chosen = (chosen + (partial[:, None] * tokens_per_frame + n_special)).flatten(2)
-        return torch.cat([fixed.expand(batch, heads, -1), chosen], dim=-1)
-    pick = grid_patches if reduction.kv_method == "grid" else random_patches
-    chosen = pick(layout, reduction, partial) + (partial[:, None] * tokens_per_frame + n_special)
-    return torch.cat([fixed, chosen.flatten()])
+    chosen = key_norm_patches(layout, reduction, partial, keys)
+    batch, heads = keys.shape[:2]
+    chosen = (chosen + (partial[:, None] * layout.tokens_per_frame + layout.n_special)).flatten(2)
+    return torch.cat([fixed.expand(batch, heads, -1), chosen], dim=-1)
+
+
+@functools.lru_cache(maxsize=256)
+def fixed_kv_index(layout: FrameLayout, reduction: Reduction, device: torch.device) -> Tensor:
+    """The kept K/V that do not depend on the keys [n]: all of them but for key_norm, whose per-head patches follow;
+    made once per layout, reduction and device (read, never written; ordinary tensors even under inference mode)."""
+    with torch.inference_mode(False):
+        tokens_per_frame, n_special = layout.tokens_per_frame, layout.n_special
+        frames = torch.arange(layout.frames, device=device)
+        special = (frames[:, None] * tokens_per_frame + torch.arange(n_special, device=device)).flatten()
+        patch_offsets = torch.arange(n_special, tokens_per_frame, device=device)
+        if reduction.kv_method == "frame_stride":
+            whole, partial = frames[:: reduction.kv_factor], frames[:0]
+        else:
+            start = 1 if reduction.keep_reference_frame else 0
+            whole, partial = frames[:start], frames[start:]
+        whole_patches = (whole[:, None] * tokens_per_frame + patch_offsets).flatten()
+        fixed = torch.cat([special, whole_patches])
+        if len(partial) == 0 or reduction.kv_method == "key_norm":
+            return fixed
+        pick = grid_patches if reduction.kv_method == "grid" else random_patches
+        chosen = pick(layout, reduction, partial) + (partial[:, None] * tokens_per_frame + n_special)
+        return torch.cat([fixed, chosen.flatten()])
 
 
 def select_kv(k: Tensor, v: Tensor, layout: FrameLayout, reduction: Reduction) -> tuple[Tensor, Tensor]:
