@@ -309,6 +309,8 @@ GOAL_SPEEDUP = {"vggt-1b": 40.0}  # over dense at GOAL_FRAMES; GOAL_SPEEDUP_OTHE
 GOAL_SPEEDUP_OTHERS = 30.0
 GOAL_SELECT_MERGE = 0.05  # selection + merging over the reduced attention
 GOAL_PROFILE_S = {"vggt-1b": 300.0}  # profile-layers on the goal workload
+GOAL_PREDICTION = 0.10  # each schedule's time within this of the FLOP model at the dense row's per-stage rates
+GOAL_CEILING_SHARE = 0.60  # each stage at GOAL_FRAMES at or above this share of its ceiling time
 
 
 def separate_calls(row: dict, other: dict) -> bool:
@@ -339,6 +341,22 @@ def goal_rows(results: dict) -> list[tuple[str, str, str]]:
         goals.append((f"{model}: selection + merging at most {GOAL_SELECT_MERGE:.0%} of the reduced attention",
                       f"largest {max(shares):.3f}" if shares else "n/a",
                       verdict[None if not shares else max(shares) <= GOAL_SELECT_MERGE]))
+        predictions = sorted((frames, row["end_to_end_s"] / row["predicted"]["dense_rate_end_to_end_s"])
+                             for (name, frames, schedule), row in speed_rows.items()
+                             if name == model and schedule != "dense" and row.get("end_to_end_s")
+                             and row["predicted"]["dense_rate_end_to_end_s"])
+        goals.append((f"{model}: each schedule's time within {GOAL_PREDICTION:.0%} of the FLOP model at the dense "
+                      "row's per-stage rates", ", ".join(f"{frames}: {ratio:.2f}x" for frames, ratio in predictions)
+                      or "n/a", verdict[None if not predictions else
+                                        all(abs(ratio - 1) <= GOAL_PREDICTION for _, ratio in predictions)]))
+        shares = {(schedule, stage): share for (name, frames, schedule), row in speed_rows.items()
+                  if name == model and frames == GOAL_FRAMES
+                  for stage, share in (row["predicted"]["ceiling_fraction"] or {}).items() if stage in speed.END_TO_END}
+        below = [f"{schedule} {stage} {share:.1%}" for (schedule, stage), share in sorted(shares.items())
+                 if share < GOAL_CEILING_SHARE]
+        goals.append((f"{model}, {GOAL_FRAMES} frames: every stage at or above {GOAL_CEILING_SHARE:.0%} of its "
+                      "ceiling time, or a sentence on what bounds it", ("below: " + ", ".join(below)) if below else
+                      ("all at or above" if shares else "n/a"), verdict[None if not shares else not below]))
         # an assembled dense row's peak is its largest part's, a lower bound: only dense rows run whole compare. Rows
         # from separate calls are flagged: the allocator's resident memory differs by a few MB between processes
         pairs = [(frames, row["peak_gib"], speed_rows[(model, frames, "dense")]["peak_gib"],
