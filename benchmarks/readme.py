@@ -207,7 +207,8 @@ SPEED_ALL_RUNS = ("speed-all-eager.json", "speed-all.json", "speed-all-h100.json
                   "speed-all-h100-compute-heads-write.json", "speed-all-h100-compute-heads-write-rerun.json",
                   "speed-all-h100-compute-heads-uv.json", "speed-all-h100-fp32-heads-e216bab.json",
                   "speed-all-h100-compute-heads-e216bab.json",
-                  "speed-all-h100-profile-alternate-compute-heads-reference.json")
+                  "speed-all-h100-profile-alternate-compute-heads-reference.json",
+                  "speed-all-h100-fp32-heads-metric.json")
 
 
 def speed_all_lines(results: Path, earlier_peaks: dict[str, float]) -> list[str]:
