@@ -22,6 +22,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_head_dtype  # noqa: E402  (its `decide` is the one place the head-dtype rule is written)
 import profile_screening  # noqa: E402  (its GOAL_SPEARMAN: the bar a profile shortcut is held to)
+import models  # noqa: E402  (its PAPER_SPEEDUP: the paper's own speed-ups)
 import speed_all  # noqa: E402  (its `setting`: what a results file was measured with)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,8 +30,6 @@ README = REPO / "README.md"
 RESULTS = REPO / "benchmarks" / "results"
 MARKERS = re.compile(r"(<!-- results:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 OPENING = re.compile(r"<!-- results:([a-z0-9-]+) -->")
-H100_USABLE_GIB = 79.6  # what an 80 GB H100 gives PyTorch
-PAPER_VGGT_SPEEDUP = "26-28x on an H20"  # the paper's end-to-end speed-up of VGGT-1B at about 1000 frames
 
 MODEL_NAMES = {"vggt-1b": "VGGT-1B", "pi3": "pi3", "da3-giant": "DA3-giant", "vggt-omega": "VGGT-Omega"}
 
@@ -97,68 +96,27 @@ def stale_sections(text: str, rebuilt: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------- speed and memory
 
 
-def _row(results: Path, name: str, frames: int, **match) -> dict:
-    rows = [row for row in load(results, name)["rows"] if row["frames"] == frames
-            and all(row.get(key) == value for key, value in match.items())]
-    if len(rows) != 1:
-        raise ReadmeError(f"{name} has {len(rows)} rows at {frames} frames matching {match}, not one")
-    return rows[0]
-
-
 @section("speed")
 def speed_section(results: Path) -> str:
-    speed = load(results, "speed-vggt-1b.json")
-    dense = _row(results, "speed-vggt-1b.json", 1000, schedule="dense")
-    paper = _row(results, "speed-vggt-1b.json", 1000, schedule="vggt-1b-paper")
-    models = ("pi3", "da3-giant", "vggt-omega")
-    families = [load(results, f"models-{model}.json") for model in models]
-    rows = [_row(results, f"models-{model}.json", 1000) for model in models]
-    whole = load(results, "whole-reduced-peaks-1000.json")
-    whole_rows = {row["model"]: row for row in whole["rows"] if row["frames"] == 1000}
-    peaks = {model: whole_rows[model]["peak_gib"] for model in ("vggt-1b", "pi3", "vggt-omega", "da3-giant")}
-    how_whole = (f"measured whole (`{whole['command']}`)" if whole["command"] else
-                 "measured whole, by a one-off script that is not in the repository (`benchmarks/whole_peaks.py` "
-                 "now does the same)")
-    largest = max(peaks, key=peaks.get)
-    profile = load(results, "profile-vggt-1b-1clip.json")
-    per_clip = sum(profile["seconds_per_clip"]) / len(profile["seconds_per_clip"])
-    clips_goal = 8
-    decode = profile["seconds"]["decode"] / profile["wall_seconds"]
-    levels = len(profile["kv_keep"]) + len(profile["query_merge"])
-    devices = {gpu(family) for family in families}
-    speedups = " / ".join(f"{row['speedup']:.1f}x" for row in rows)
-    flop_speedups = " / ".join(f"{row['flop_speedup']:.0f}x" for row in rows)
-    assert len(devices) == 1, devices
-    lines = [
-        "| what | result | how |",
-        "|---|---|---|",
-        f"| dense VGGT-1B, 1000 frames at {speed['size']} px ({gpu(speed)}) | {dense['end_to_end_s']:.0f} s end to "
-        "end, "
-        f"{dense['peak_gib']:.1f} GiB peak | assembled: one frame block and one global block timed, each counted "
-        "24 times, plus the encoder and heads; the peak is the largest of the parts' peaks (`speed-vggt-1b.json`) |",
-        f"| VGGT-1B + paper rule, 1000 frames ({gpu(speed)}) | {paper['end_to_end_s']:.1f} s end to end: "
-        f"**{paper['speedup_end_to_end']:.1f}x** over dense, aggregator {paper['speedup_aggregator']:.1f}x "
-        f"(FLOP model: {paper['flop_speedup']:.0f}x; paper: {PAPER_VGGT_SPEEDUP}); select+merge "
-        f"{paper['stages_s']['select+merge'] / paper['end_to_end_s']:.1%} of the time | the reduced run measured "
-        "whole; the dense side assembled as above (`speed-vggt-1b.json`) |",
-        f"| {' / '.join(MODEL_NAMES[m] for m in models)} + paper rule, 1000 frames ({devices.pop()}) | "
-        f"**{speedups}** over dense (paper {' / '.join(row['paper_speedup'] for row in rows)}; FLOP model "
-        f"{flop_speedups}) | assembled on both sides: the encoder, every "
-        "non-global step, one global step per distinct reduction and the heads (timed at 100 frames, scaled) "
-        "(`models-*.json`) |",
-        f"| peak memory, paper rule run whole at 1000 frames ({gpu(whole)}) | "
-        + ", ".join(f"{MODEL_NAMES[model]} {peak:.1f}{' GiB' if index == 0 else ''}"
-                    for index, (model, peak) in enumerate(peaks.items()))
-        + (f" (all under an 80 GB H100's {H100_USABLE_GIB} GiB, not yet run on one)"
-           if peaks[largest] < H100_USABLE_GIB else f" ({MODEL_NAMES[largest]} over an 80 GB H100's "
-                                                      f"{H100_USABLE_GIB} GiB)")
-        + f" | {how_whole} (`whole-reduced-peaks-1000.json`) |",
-        f"| profile-layers on VGGT-1B, {profile['global_layers']} layers x {levels} levels, {profile['frames']} frames "
-        f"({gpu(profile)}) | {per_clip:.0f} s per clip (goal: {clips_goal} clips in {profile['goal_seconds']:.0f} s, "
-        f"missed by {clips_goal * per_clip / profile['goal_seconds']:.1f}x; {decode:.0%} of it is fp32 head decoding) "
-        f"| measured, {profile['clips']} clip (`profile-vggt-1b-1clip.json`) |",
-    ]
-    return "\n".join(lines + speed_all_lines(results, peaks))
+    """The latest run of each configuration of the one-GPU benchmark (`speed_all_lines`), then where the earlier runs
+    are."""
+    latest = dict(speed_all_lines(results))
+    lines = ["| what | result | how |", "|---|---|---|", *(latest[key] for key in sorted(latest, key=speed_order))]
+    earlier = [name for name in SPEED_ALL_RUNS if (results / name).is_file()]
+    return "\n".join(lines + ["", prose(
+        "Each row is the latest run of its configuration (model, schedule, blocks, heads, GPU; for profiles the "
+        "options). Every run, in the order measured, with its stages, ceilings and the issue's goals: "
+        + ", ".join(f"`{name[:-5]}.md`" for name in earlier) + " in `benchmarks/results/`.")])
+
+
+def speed_order(key: tuple) -> tuple:
+    """Speed rows (dense, then paper rule; compiled and fp32 heads first) before profiles, by model family."""
+    if key[0] == "speed":
+        _, model, schedule, blocks, head_dtype, device = key
+        return (0, list(MODEL_NAMES).index(model), schedule != "dense", blocks != "compiled", head_dtype != "fp32",
+                device)
+    _, model, options, blocks, device = key
+    return (1, list(MODEL_NAMES).index(model), options, blocks != "compiled", device)
 
 
 HEADS_NOISE_FILE = "block-profile-vggt-1b-1000-h100.json"  # the first block profile with bf16-head noise rows
@@ -197,7 +155,7 @@ def compute_heads_section(results: Path) -> str:
 
 
 # the two speed_all runs that differ only in --head-dtype (their heads stage is the compute-dtype time)
-HEADS_TIME_FILES = ("speed-all-h100.json", "speed-all-h100-compute-heads.json")
+HEADS_TIME_FILES = ("speed-all-h100-fp32-heads-e216bab.json", "speed-all-h100-compute-heads-e216bab.json")
 
 
 # every run of benchmarks/speed_all.py the README's speed table shows, in this order
@@ -211,48 +169,47 @@ SPEED_ALL_RUNS = ("speed-all-eager.json", "speed-all.json", "speed-all-h100.json
                   "speed-all-h100-fp32-heads-metric.json")
 
 
-def speed_all_lines(results: Path, earlier_peaks: dict[str, float]) -> list[str]:
-    """Table rows for the 1000-frame rows and profiles of the one-GPU benchmark (SPEED_ALL_RUNS), each with the FLOP
-    model's time at the measured ceilings, a paper row's speed-up over the dense row of its file, and beside the
-    earlier whole run's peak of the same model."""
+def speed_all_lines(results: Path) -> list[tuple[tuple, str]]:
+    """(configuration, table row) for the 1000-frame rows and profiles of every run of the one-GPU benchmark
+    (SPEED_ALL_RUNS, in the order measured): each with the FLOP model's time at the measured ceilings, and a paper
+    row's speed-up over the dense row of its file beside the FLOP model's and the paper's own."""
     lines = []
     for name in SPEED_ALL_RUNS:
         if not (results / name).is_file():
             continue
         data = load(results, name)
         blocks = data["settings"].get("blocks", "eager")
-        heads = "" if speed_all.setting(data["settings"], "head_dtype") == "fp32" else (
-            ", dense heads in the compute dtype (opt-in)")
+        head_dtype = speed_all.setting(data["settings"], "head_dtype")
+        heads = "" if head_dtype == "fp32" else ", dense heads in the compute dtype (opt-in)"
+        device = data["settings"]["device_name"]
         for row in data["rows"]:
             if row.get("kind") != "speed" or row["frames"] != 1000 or row.get("out_of_memory"):
                 continue
-            earlier = earlier_peaks.get(row["model"])
             ceiling = (row.get("predicted") or {}).get("ceiling_end_to_end_s")
-            lines.append(
+            paper = models.PAPER_SPEEDUP.get(row["model"])
+            lines.append((("speed", row["model"], row["schedule"], blocks, head_dtype, device),
                 f"| {MODEL_NAMES[row['model']]} {'+ paper rule' if row['schedule'] == 'paper' else row['schedule']}, "
-                f"1000 frames, {blocks} blocks{heads} ({data['settings']['device_name']}, "
-                "`benchmarks/speed_all.py`) | "
+                f"1000 frames, {blocks} blocks{heads} ({device}, `benchmarks/speed_all.py`) | "
                 f"{row['end_to_end_s']:.1f} s end to end"
                 + (f" (the FLOP model at the measured ceilings: {ceiling:.1f} s)" if ceiling else "")
-                + (f", {row['speedup']:.1f}x over dense (FLOP model: {row['flop_speedup']:.1f}x)"
+                + (f", {row['speedup']:.1f}x over dense (FLOP model: {row['flop_speedup']:.1f}x"
+                   + (f"; paper: {paper}" if paper else "") + ")"
                    if row["schedule"] != "dense" and row.get("speedup") else "")
                 + f", {row['peak_gib']:.1f} GiB peak"
                 + (" (its largest measured part's: a lower bound)" if row["how"] != "measured whole" else "")
-                + (f" (the earlier whole run above: {earlier:.1f} GiB)" if earlier is not None
-                   and row["schedule"] != "dense" else "")
                 + f" | {row['how']} at {row['measured_by']['commit'][:7]} (`{name}`; stages and goals in "
-                f"`{name[:-5]}.md`) |")
+                f"`{name[:-5]}.md`) |"))
         options = speed_all.setting(data["settings"], "profile_options")
         for row in data["rows"]:
             if row.get("kind") == "profile":
-                lines.append(
+                lines.append((("profile", row["model"], options, blocks, device),
                     f"| profile-layers on {MODEL_NAMES[row['model']]}, {row['global_layers']} layers x "
                     f"{row['kv_levels'] + row['query_levels']} levels, {row['clips']} x {row['frames']} frames, "
-                    f"{blocks} blocks{f' (`{options}`)' if options else ''} ({data['settings']['device_name']}, "
+                    f"{blocks} blocks{f' (`{options}`)' if options else ''} ({device}, "
                     "`benchmarks/speed_all.py`) | "
                     f"{row['seconds_per_clip']:.0f} s per clip; {row['goal_clips']} clips: {row['goal_clips_s']:.0f} s"
                     + (" (the first clip compiles its shapes)" if blocks == "compiled" else "")
-                    + f" | {row['how']} at {row['measured_by']['commit'][:7]} (`{name}`) |")
+                    + f" | {row['how']} at {row['measured_by']['commit'][:7]} (`{name}`) |"))
     return lines
 
 

@@ -27,10 +27,11 @@ def test_a_changed_result_file_or_readme_fails_the_check(tmp_path, capsys):
     copy.write_text((REPO / "README.md").read_text())
     assert readme.main(["--check", "--readme", str(copy), "--results", str(results)]) == 0
 
-    speed = json.loads((results / "speed-vggt-1b.json").read_text())
-    row = next(r for r in speed["rows"] if r["frames"] == 1000 and r["schedule"] == "vggt-1b-paper")
+    latest = results / readme.SPEED_ALL_RUNS[-1]  # the newest run: its rows are the README's
+    speed = json.loads(latest.read_text())
+    row = next(r for r in speed["rows"] if r["kind"] == "speed" and r["frames"] == 1000)
     row["end_to_end_s"] = 30.0
-    (results / "speed-vggt-1b.json").write_text(json.dumps(speed))
+    latest.write_text(json.dumps(speed))
     assert readme.main(["--check", "--readme", str(copy), "--results", str(results)]) == 1
     assert "disagrees with benchmarks/results/ in speed" in capsys.readouterr().err
     assert readme.main(["--readme", str(copy), "--results", str(results)]) == 0  # regenerating repairs it
@@ -151,7 +152,7 @@ def test_head_dtype_section_follows_the_benchmark_decision(tmp_path):
 
 
 def test_speed_rows_of_the_one_gpu_benchmark_at_1000_frames_only(tmp_path):
-    assert readme.speed_all_lines(tmp_path, {}) == []  # no file, no row
+    assert readme.speed_all_lines(tmp_path) == []  # no file, no row
     rows = [{"kind": "speed", "model": model, "frames": frames, "schedule": schedule, "end_to_end_s": seconds,
              "peak_gib": peak, "how": how, "measured_by": {"commit": "0123456789abcdef"},
              "predicted": {"ceiling_end_to_end_s": ceiling}, "speedup": speedup, "flop_speedup": 41.0}
@@ -167,19 +168,31 @@ def test_speed_rows_of_the_one_gpu_benchmark_at_1000_frames_only(tmp_path):
                                                          "rows": rows + [profile]}))
     (tmp_path / "speed-all-eager.json").write_text(json.dumps({"settings": {"device_name": "NVIDIA H200"},
                                                                "rows": rows[:1]}))
-    lines = readme.speed_all_lines(tmp_path, {"vggt-1b": 49.8})
+    lines = [line for _, line in readme.speed_all_lines(tmp_path)]
     assert lines == [
         "| VGGT-1B + paper rule, 1000 frames, eager blocks (NVIDIA H200, `benchmarks/speed_all.py`) | 12.0 s end to "
-        "end (the FLOP model at the measured ceilings: 7.1 s), 40.1x over dense (FLOP model: 41.0x), 40.0 GiB peak "
-        "(the earlier whole run above: 49.8 GiB) | measured whole at 0123456 (`speed-all-eager.json`; stages and goals "
-        "in `speed-all-eager.md`) |",
+        "end (the FLOP model at the measured ceilings: 7.1 s), 40.1x over dense (FLOP model: 41.0x; paper: 26-28x), "
+        "40.0 GiB peak | measured whole at 0123456 (`speed-all-eager.json`; stages and goals in `speed-all-eager.md`) |",
         "| VGGT-1B + paper rule, 1000 frames, compiled blocks (NVIDIA H200, `benchmarks/speed_all.py`) | 12.0 s end "
-        "to end (the FLOP model at the measured ceilings: 7.1 s), 40.1x over dense (FLOP model: 41.0x), 40.0 GiB peak "
-        "(the earlier whole run above: 49.8 GiB) | measured whole at 0123456 (`speed-all.json`; stages and goals in "
-        "`speed-all.md`) |",
+        "to end (the FLOP model at the measured ceilings: 7.1 s), 40.1x over dense (FLOP model: 41.0x; paper: "
+        "26-28x), 40.0 GiB peak | measured whole at 0123456 (`speed-all.json`; stages and goals in `speed-all.md`) |",
         "| VGGT-1B dense, 1000 frames, compiled blocks (NVIDIA H200, `benchmarks/speed_all.py`) | 480.0 s end to end, "
         "47.9 GiB peak (its largest measured part's: a lower bound) | assembled at 0123456 (`speed-all.json`; stages "
         "and goals in `speed-all.md`) |",
         "| profile-layers on VGGT-1B, 24 layers x 10 levels, 1 x 32 frames, compiled blocks (NVIDIA H200, "
         "`benchmarks/speed_all.py`) | 150 s per clip; 8 clips: 1203 s (the first clip compiles its shapes) | 1 clip(s) "
         "measured, 8 extrapolated from the mean clip at fedcba9 (`speed-all.json`) |"]
+
+    # a later run of the same configuration (SPEED_ALL_RUNS order) replaces its row in the README's table
+    later = dict(rows[0], end_to_end_s=9.0, measured_by={"commit": "abcdef0123"})
+    (tmp_path / "speed-all-h100.json").write_text(json.dumps({"settings": {"device_name": "NVIDIA H200",
+                                                                           "blocks": "compiled"}, "rows": [later]}))
+    table = readme.speed_section(tmp_path)
+    compiled_paper = next(line for line in table.splitlines()
+                          if line.startswith("| VGGT-1B + paper rule, 1000 frames, compiled blocks"))
+    assert "9.0 s end to end" in compiled_paper and "at abcdef0 (`speed-all-h100.json`" in compiled_paper
+    assert table.count("| VGGT-1B + paper rule, 1000 frames, compiled blocks") == 1
+    assert table.index("| VGGT-1B dense") < table.index("| VGGT-1B + paper rule, 1000 frames, compiled blocks") < \
+        table.index("| VGGT-1B + paper rule, 1000 frames, eager blocks") < table.index("| profile-layers")
+    assert "`speed-all-eager.md`, `speed-all.md`, `speed-all-h100.md` in `benchmarks/results/`" in " ".join(
+        table.split())
