@@ -172,7 +172,8 @@ def test_speed_rows_of_the_one_gpu_benchmark_at_1000_frames_only(tmp_path):
     assert lines == [
         "| VGGT-1B + paper rule, 1000 frames, eager blocks (NVIDIA H200, `benchmarks/speed_all.py`) | 12.0 s end to "
         "end (the FLOP model at the measured ceilings: 7.1 s), 40.1x over dense (FLOP model: 41.0x; paper: 26-28x), "
-        "40.0 GiB peak | measured whole at 0123456 (`speed-all-eager.json`; stages and goals in `speed-all-eager.md`) |",
+        "40.0 GiB peak | measured whole at 0123456 (`speed-all-eager.json`; stages and goals in "
+        "`speed-all-eager.md`) |",
         "| VGGT-1B + paper rule, 1000 frames, compiled blocks (NVIDIA H200, `benchmarks/speed_all.py`) | 12.0 s end "
         "to end (the FLOP model at the measured ceilings: 7.1 s), 40.1x over dense (FLOP model: 41.0x; paper: "
         "26-28x), 40.0 GiB peak | measured whole at 0123456 (`speed-all.json`; stages and goals in `speed-all.md`) |",
