@@ -95,8 +95,8 @@ def record_attention(prefix: int, queries_per_frame: int, stats: dict[int, dict[
     1..prefix-1 (`mass_by_distance`, the effective number of tokens attended, the mean largest probability) and
     returns the dense attention."""
     def attention_for(layer: int, layout: FrameLayout):
-        def attend(qkv: list[Tensor], x: Tensor) -> Tensor:
-            q, k, v = qkv
+        def attend(heads, x: Tensor, chunk: int | None) -> Tensor:
+            q, k, v = heads(slice(None))
             probabilities = attention_rows(q, k, layout, query_tokens(layout, queries_per_frame), prefix)
             stats[layer] = {**mass_by_distance(frame_mass(probabilities, layout)),
                             "effective tokens": float(effective_count(probabilities).mean()),

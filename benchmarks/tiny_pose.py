@@ -71,7 +71,8 @@ def windowed_global_attention(model: nn.Module, layout: FrameLayout, window: int
     """Inside the block, every global attention layer runs `window_attention`."""
     adapter = model.adapter
     with AttentionPatch(model, adapter, range(adapter.num_global_layers),
-                        lambda layer, current: lambda qkv, x: window_attention(*qkv, current, window)) as patch:
+                        lambda layer, current: lambda heads, x, chunk: window_attention(*heads(slice(None)), current,
+                                                                                      window)) as patch:
         patch.set_layout(layout)
         yield
 

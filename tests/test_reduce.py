@@ -11,8 +11,10 @@ from spark3r.models.base import FrameLayout
 from spark3r.reduce import (
     KV_METHODS, Reduction, apply_reductions, kv_count, kv_index, merged_attention, query_count, reduced_attention,
 )
+from spark3r.reduce import attention as reduce_attention
 from spark3r.reduce import merge as merge_module
-from spark3r.reduce.kv import grid_steps
+from spark3r.reduce import patch as reduce_patch
+from spark3r.reduce.kv import grid_steps, select_kv, span_kv
 from spark3r.schedule import apply_schedule, load_schedule, reduced
 from support import load_benchmark
 
@@ -627,7 +629,8 @@ def test_projecting_the_merged_outputs_equals_projecting_every_token(tiny, image
     layers = range(tiny.adapter.num_global_layers)
     with torch.no_grad():
         with AttentionPatch(tiny, tiny.adapter, layers,
-                            lambda layer, layout: lambda qkv, x: reduced_attention(qkv, layout, reduction, x)):
+                            lambda layer, layout: lambda heads, x, chunk: reduced_attention(heads(slice(None)), layout,
+                                                                                            reduction, x)):
             projected_after = tiny(images)
         with apply_reductions(tiny, {layer: reduction for layer in layers}):
             projected_first = tiny(images)
@@ -635,3 +638,86 @@ def test_projecting_the_merged_outputs_equals_projecting_every_token(tiny, image
     assert projected_first.keys() == projected_after.keys()
     for name in projected_first:
         torch.testing.assert_close(projected_first[name], projected_after[name], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- spans of a long sequence
+
+SPAN_LAYOUT = FrameLayout(frames=11, n_special=2, grid_h=4, grid_w=6)  # 286 tokens
+
+
+@pytest.mark.parametrize("method", sorted(KV_METHODS))
+@pytest.mark.parametrize("merge, keep_reference, similarity", [(3, True, "key"), (2, False, "input"), (1, True, "key")])
+def test_spans_make_the_rows_one_pass_makes(method, merge, keep_reference, similarity):
+    """Groups of 3 frames, spans of 6 frames (two groups) and a last span of 5 (a short last group): the merged
+    queries, kept keys/values (per head for key_norm) and slots equal one pass over whole tensors, in float64; heads
+    is asked for each span's tokens, never the whole."""
+    reduction = Reduction(kv_keep=0.25, kv_method=method, keep_reference_frame=keep_reference, query_merge=merge,
+                          group_frames=3, similarity=similarity)
+    q, k, v = qkv(SPAN_LAYOUT)
+    x = torch.randn(2, SPAN_LAYOUT.tokens, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    whole, whole_slot = merged_attention([q, k, v], SPAN_LAYOUT, reduction, x=x)
+    asked = []
+
+    def heads(index):
+        asked.append((index.start, index.stop))
+        return [t[:, :, index] for t in (q, k, v)]
+
+    chunk = 6 * SPAN_LAYOUT.tokens_per_frame // reduce_attention.SPAN_CHUNKS
+    assert reduce_attention.span_frames(SPAN_LAYOUT, reduction, chunk) == 6
+    spanned, slot = reduce_attention.spanned_attention(heads, SPAN_LAYOUT, reduction, 6, x=x)
+    assert asked == [(0, 6 * 26), (6 * 26, 11 * 26)]
+    torch.testing.assert_close(spanned, whole, rtol=0, atol=1e-12)
+    assert (slot is None) == (whole_slot is None) and (slot is None or torch.equal(slot, whole_slot))
+
+
+def test_span_frames_are_whole_merge_groups_within_the_chunk():
+    merging, pruning = Reduction(query_merge=2, group_frames=3), Reduction(kv_keep=0.5)
+    frame = SPAN_LAYOUT.tokens_per_frame
+    span_frames, chunks = reduce_attention.span_frames, reduce_attention.SPAN_CHUNKS
+    assert span_frames(SPAN_LAYOUT, merging, None) is None  # no chunk: one pass
+    assert span_frames(SPAN_LAYOUT, merging, 8 * frame // chunks) == 6  # two groups of 3 fit in 8 frames
+    assert span_frames(SPAN_LAYOUT, merging, 2 * frame // chunks) == 3  # at least one group
+    assert span_frames(SPAN_LAYOUT, pruning, 2 * frame // chunks) == 2  # no merging: whole frames
+    assert span_frames(SPAN_LAYOUT, merging, 12 * frame // chunks) is None  # one span would hold every frame
+
+
+@pytest.mark.parametrize("method", ["frame_stride", "key_norm"])
+def test_a_long_sequence_runs_its_reduced_layers_in_spans_with_the_same_outputs(tiny, images, monkeypatch, method):
+    """The patched model with 1-frame token chunks (spans of SPAN_CHUNKS frames: two 2-frame groups) against one pass
+    (the 6 frames fit in one default chunk): the same outputs; the spanned path ran."""
+    reduction = Reduction(kv_keep=0.5, kv_method=method, query_merge=2, group_frames=2)
+    layers = {layer: reduction for layer in range(tiny.adapter.num_global_layers)}
+    with apply_reductions(tiny, layers), torch.no_grad():
+        whole = tiny(images)
+        calls = []
+        spanned = reduce_attention.spanned_attention
+        monkeypatch.setattr(reduce_patch, "spanned_attention",
+                            lambda *args, **kwargs: calls.append(args[3]) or spanned(*args, **kwargs))
+        per_frame = tiny.adapter.layout(images).tokens_per_frame
+        monkeypatch.setattr("spark3r.models.blocks.INFERENCE_TOKEN_CHUNK", per_frame)
+        assert reduce_attention.SPAN_CHUNKS == 4
+        chunked = tiny(images)
+    assert calls == [4] * tiny.adapter.num_global_layers
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(KV_METHODS))
+@pytest.mark.parametrize("keep_reference", [True, False])
+def test_span_kv_puts_each_kept_key_where_one_pass_puts_it(method, keep_reference):
+    """The kept keys and values of spans of 4, 4 and 3 frames, written at their positions, are select_kv's on the
+    whole tensors, row for row and in its order (an attention over them would hide a misordering)."""
+    reduction = Reduction(kv_keep=0.25, kv_method=method, keep_reference_frame=keep_reference)
+    _, k, v = qkv(SPAN_LAYOUT)
+    expected_k, expected_v = select_kv(k, v, SPAN_LAYOUT, reduction)
+    kept_k, kept_v = torch.full_like(expected_k, float("nan")), torch.full_like(expected_v, float("nan"))
+    per_frame = SPAN_LAYOUT.tokens_per_frame
+    for start in (0, 4, 8):
+        index = slice(start * per_frame, min(start + 4, SPAN_LAYOUT.frames) * per_frame)
+        positions, keys, values = span_kv(k[:, :, index], v[:, :, index], SPAN_LAYOUT, reduction, start)
+        if positions.dim() == 1:
+            kept_k[:, :, positions], kept_v[:, :, positions] = keys, values
+        else:
+            kept_k.scatter_(2, positions[..., None].expand_as(keys), keys)
+            kept_v.scatter_(2, positions[..., None].expand_as(values), values)
+    assert torch.equal(kept_k, expected_k) and torch.equal(kept_v, expected_v)

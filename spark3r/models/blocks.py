@@ -218,14 +218,28 @@ def qkv_heads(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> tuple[Te
     autocast dtype (our RoPE rounds to it once; another `rope(x, pos)` module is cast after), as the attention would
     cast them anyway; qk-norm and RoPE still run in the dtype qk-norm returns (fp32 under CUDA autocast, as upstream).
     """
-    rope = getattr(attn, "rope", None)
-    period = 1 if pos is None else pos.shape[-2]
-    chunk = inference_chunk(x, period) if rope is None or isinstance(rope, RotaryPositionEmbedding2D) else None
+    chunk = qkv_chunk(attn, x, pos)
     heads = compiled_for(attn, token_qkv_heads)
     tables = rope_tables(attn, x, pos)
-    if chunk is None or x.shape[1] % period:
+    if chunk is None:
         return heads(attn, x, pos, tables)
     return chunked_map(lambda index, out: heads(attn, x[:, index], pos, tables, out), x.shape[1], chunk, dim=2)
+
+
+def rope_period(pos: Tensor | None) -> int:
+    """Tokens after which RoPE positions repeat: pos [..., n, 2] -> n (a frame's in a global layer), 1 without."""
+    return 1 if pos is None else pos.shape[-2]
+
+
+def qkv_chunk(attn: nn.Module, x: Tensor, pos: Tensor | None = None) -> int | None:
+    """Tokens per slice (a multiple of `rope_period`) in which `qkv_heads` runs over x [B, N, C], or None where it
+    runs whole: under autograd, when N fits in one chunk, when N is not whole periods, or with another RoPE module
+    (whose positions may not repeat)."""
+    rope = getattr(attn, "rope", None)
+    period = rope_period(pos)
+    if not (rope is None or isinstance(rope, RotaryPositionEmbedding2D)) or x.shape[1] % period:
+        return None
+    return inference_chunk(x, period)
 
 
 def rope_tables(attn: nn.Module, x: Tensor, pos: Tensor | None) -> tuple[Tensor, Tensor] | None:

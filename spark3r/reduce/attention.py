@@ -2,13 +2,17 @@
 attention, the baseline without any cross-frame attention."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from spark3r.errors import Spark3rError
 from spark3r.models.base import FrameLayout
-from spark3r.reduce.kv import kv_count, select_kv
-from spark3r.reduce.merge import key_metric, merge_queries, merge_slots, query_count, unit_rows, unmerge
+from spark3r.reduce.kv import kv_count, select_kv, span_kv
+from spark3r.reduce.merge import key_metric, merge_cell, merge_queries, merge_slots, query_count, unit_rows, unmerge
 from spark3r.reduce.reduction import Reduction
 
 
@@ -55,6 +59,68 @@ def merged_attention(qkv: list[Tensor], layout: FrameLayout, reduction: Reductio
         return F.scaled_dot_product_attention(q, k, v), None
     q = merge_queries(q, slot, n_q)
     return F.scaled_dot_product_attention(q, k, v), slot
+
+
+SPAN_CHUNKS = 4
+"""A span of a long reduced layer holds up to this many token chunks (`qkv_chunk`): few spans per layer (each merges
+and selects in one set of kernel launches; 6 spans of 180 frames for VGGT-1B at 1000), while q, k and v of a span stay
+a small part of the whole (under a fifth there)."""
+
+
+def span_frames(layout: FrameLayout, reduction: Reduction, chunk: int | None) -> int | None:
+    """Frames per span for `spanned_attention` when the layer's q, k and v are made `chunk` tokens at a time: the most
+    whole merge groups (whole frames when queries do not merge) within SPAN_CHUNKS chunks, at least one; None (one
+    pass) without a chunk, or when one span would hold every frame."""
+    if chunk is None:
+        return None
+    unit = min(reduction.group_frames, layout.frames) if query_count(layout, reduction) < layout.tokens else 1
+    frames = max(1, SPAN_CHUNKS * chunk // (unit * layout.tokens_per_frame)) * unit
+    return frames if frames < layout.frames else None
+
+
+def spanned_attention(heads: Callable[[slice], list[Tensor]], layout: FrameLayout, reduction: Reduction,
+                      frames_per_span: int, x: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """`merged_attention` with q, k and v produced a span of `frames_per_span` frames at a time (whole merge groups):
+    heads(index) -> [q, k, v], each [B, h, n, D], of the tokens `index`. Each span's queries merge and its kept keys
+    and values are selected before the next span is made, so the layer never holds q, k and v whole, only the merged
+    queries and kept keys/values; they are the rows `merged_attention` makes, in its order."""
+    n_q, n_kv, tokens_per_frame = query_count(layout, reduction), kv_count(layout, reduction), layout.tokens_per_frame
+    merging, pruning = n_q < layout.tokens, n_kv < layout.tokens
+    if merging and reduction.similarity == "input" and x is None:
+        raise Spark3rError("similarity 'input' needs the attention input x: pass x or use similarity 'key'")
+    cell = merge_cell(layout, reduction)
+    merged = kept_k = kept_v = slot = None
+    first_query = 0
+    for start in range(0, layout.frames, frames_per_span):
+        span = dataclasses.replace(layout, frames=min(frames_per_span, layout.frames - start))
+        index = slice(start * tokens_per_frame, (start + span.frames) * tokens_per_frame)
+        q, k, v = heads(index)
+        if merged is None:
+            batch, num_heads, _, head_dim = q.shape
+            merged = q.new_empty(batch, num_heads, n_q, head_dim)
+            kept_k, kept_v = (t.new_empty(batch, num_heads, n_kv, head_dim) for t in (k, v))
+            slot = torch.empty(batch, layout.tokens, dtype=torch.long, device=q.device) if merging else None
+        if merging:
+            local = merge_slots(unit_rows(x[:, index]) if reduction.similarity == "input" else key_metric(k), span,
+                                reduction, cell)
+            count = query_count(span, reduction, cell)
+            merged[:, :, first_query:first_query + count] = merge_queries(q, local, count)
+            slot[:, index] = local + first_query
+            first_query += count
+        else:
+            merged[:, :, index] = q
+        if pruning:
+            positions, keys, values = span_kv(k, v, layout, reduction, start)
+            if positions.dim() == 1:
+                kept_k.index_copy_(2, positions, keys)
+                kept_v.index_copy_(2, positions, values)
+            else:  # key_norm: per-head positions
+                positions = positions[..., None].expand(-1, -1, -1, head_dim)
+                kept_k.scatter_(2, positions, keys)
+                kept_v.scatter_(2, positions, values)
+        else:
+            kept_k[:, :, index], kept_v[:, :, index] = k, v
+    return F.scaled_dot_product_attention(merged, kept_k, kept_v), slot
 
 
 def frame_attention(q: Tensor, k: Tensor, v: Tensor, layout: FrameLayout) -> Tensor:

@@ -13,6 +13,7 @@ and the reduction, so shapes are static.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -132,6 +133,42 @@ def fixed_kv_index(layout: FrameLayout, reduction: Reduction, device: torch.devi
         pick = grid_patches if reduction.kv_method == "grid" else random_patches
         chosen = pick(layout, reduction, partial) + (partial[:, None] * tokens_per_frame + n_special)
         return torch.cat([fixed, chosen.flatten()])
+
+
+@functools.lru_cache(maxsize=1024)
+def span_fixed_kv(layout: FrameLayout, reduction: Reduction, start: int, frames: int,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
+    """The entries of `fixed_kv_index` among frames [start, start + frames): (their positions in it [m], their token
+    indices within those frames [m]); made once per span on the CPU (no device sync), read, never written."""
+    with torch.inference_mode(False):
+        index = fixed_kv_index(layout, reduction, torch.device("cpu"))
+        first = start * layout.tokens_per_frame
+        inside = ((index >= first) & (index < first + frames * layout.tokens_per_frame)).nonzero().flatten()
+        return inside.to(device), (index[inside] - first).to(device)
+
+
+def span_kv(k: Tensor, v: Tensor, layout: FrameLayout, reduction: Reduction,
+            start: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The kept keys and values among frames start.. of the clip `layout`: k, v [B, h, n, D] of whole frames from
+    `start` -> (their positions in `kv_index`'s order: [m], or [B, h, m] for key_norm; keys and values [B, h, m, D])."""
+    frames = k.shape[2] // layout.tokens_per_frame
+    positions, tokens = span_fixed_kv(layout, reduction, start, frames, k.device)
+    keys, values = k.index_select(2, tokens), v.index_select(2, tokens)
+    first_partial = max(start, 1 if reduction.keep_reference_frame else 0)
+    if reduction.kv_method != "key_norm" or first_partial >= start + frames:
+        return positions, keys, values
+    span = dataclasses.replace(layout, frames=frames)
+    local = torch.arange(first_partial - start, frames, device=k.device)
+    chosen = key_norm_patches(span, reduction, local, k)  # [B, h, F, k] patches of the span's partial frames
+    per_frame = chosen.shape[-1]
+    tokens = (chosen + (local[:, None] * layout.tokens_per_frame + layout.n_special)).flatten(2)
+    after = len(fixed_kv_index(layout, reduction, torch.device("cpu"))) + (first_partial - (
+        1 if reduction.keep_reference_frame else 0)) * per_frame  # the chosen patches of earlier frames come first
+    batch, heads = k.shape[:2]
+    gathered = tokens[..., None].expand(-1, -1, -1, k.shape[-1])
+    return (torch.cat([positions.expand(batch, heads, -1),
+                       torch.arange(after, after + tokens.shape[-1], device=k.device).expand(batch, heads, -1)], -1),
+            torch.cat([keys, k.gather(2, gathered)], 2), torch.cat([values, v.gather(2, gathered)], 2))
 
 
 def select_kv(k: Tensor, v: Tensor, layout: FrameLayout, reduction: Reduction) -> tuple[Tensor, Tensor]:

@@ -74,9 +74,10 @@ def merged_per_group(layout: FrameLayout, reduction: Reduction, group: int, cell
     return max(0, min(sources, tokens - math.ceil(tokens / reduction.query_merge)))
 
 
-def query_count(layout: FrameLayout, reduction: Reduction) -> int:
-    """Number of queries after merging; `layout.tokens` means nothing merges."""
-    cell = merge_cell(layout, reduction)
+def query_count(layout: FrameLayout, reduction: Reduction, cell: int | None = None) -> int:
+    """Number of queries after merging; `layout.tokens` means nothing merges. `cell`: the destination cells' edge
+    (default `merge_cell(layout, reduction)`; a span of a longer clip gives the clip's)."""
+    cell = merge_cell(layout, reduction) if cell is None else cell
     return sum(
         count * (group * layout.tokens_per_frame - merged_per_group(layout, reduction, group, cell))
         for count, group in group_spans(layout.frames, reduction.group_frames)
@@ -184,11 +185,11 @@ def group_slots(metric: Tensor, layout: FrameLayout, group: int, cell: int, merg
     return slots
 
 
-def merge_slots(metric: Tensor, layout: FrameLayout, reduction: Reduction) -> Tensor:
+def merge_slots(metric: Tensor, layout: FrameLayout, reduction: Reduction, cell: int | None = None) -> Tensor:
     """The merged query of every token: metric [B, N, d] unit rows (`key_metric`, `unit_rows`) -> slot [B, N] long in
-    [0, query_count)."""
+    [0, query_count). `cell` as in `query_count`."""
     batch, tokens, width = metric.shape
-    cell = merge_cell(layout, reduction)
+    cell = merge_cell(layout, reduction) if cell is None else cell
     slots, start, first_slot = [], 0, 0
     for groups, group in group_spans(layout.frames, reduction.group_frames):
         size = group * layout.tokens_per_frame

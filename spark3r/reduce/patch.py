@@ -1,12 +1,14 @@
 """Patching a model's global attention, and restoring it bit for bit: with reductions (`patch_attention`; the
 schedule's `apply_schedule` is one use of it) or with frame-only attention (`frame_only_patch`).
 
-Each patched attention module gets an instance-level `forward` (qkv_heads -> the layer's attention -> project_heads,
-on the merged queries, then un-merged when the layer merges queries);
+Each patched attention module gets an instance-level `forward` (q, k, v from qkv_heads -> the layer's attention ->
+project_heads, on the merged queries, then un-merged when the layer merges queries);
 `remove()` deletes it, so the class forward runs again. The frame layout of the clip comes from a forward pre-hook on
 the model root reading its images argument, or from `handle.set_layout(layout)` for callers that run trunk steps
 directly. A layer whose reduction keeps everything at the current layout runs the class forward unchanged. Under
 autocast, q, k and v are cast to the autocast dtype before selection and merging (the attention would cast them anyway).
+A long sequence without autograd makes q, k and v a span of whole merge groups at a time (`spanned_attention`), so a
+reduced layer holds only the merged queries and kept keys/values, never q, k and v whole as the dense layer does.
 """
 from __future__ import annotations
 
@@ -16,23 +18,25 @@ from torch import Tensor, nn
 
 from spark3r.errors import Spark3rError
 from spark3r.models.base import Adapter, FrameLayout
-from spark3r.models.blocks import active_compute_dtype, project_heads, qkv_heads
-from spark3r.reduce.attention import frame_attention, is_dense, merged_attention
+from spark3r.models.blocks import active_compute_dtype, project_heads, qkv_chunk, qkv_heads, rope_period
+from spark3r.reduce.attention import frame_attention, is_dense, merged_attention, span_frames, spanned_attention
 from spark3r.reduce.merge import unmerge
 from spark3r.reduce.reduction import Reduction
 
-# ([q, k, v], x) -> out [B, h, N, D], or (out [B, h, n, D], slot [B, N] or None) where slot maps the n merged queries
-# back to the tokens (projected first, then un-merged); may empty the list
-Attend = Callable[[list[Tensor], Tensor], Tensor | tuple[Tensor, Tensor | None]]
+# (heads, x, chunk) -> out [B, h, N, D], or (out [B, h, n, D], slot [B, N] or None) where slot maps the n merged
+# queries back to the tokens (projected first, then un-merged). heads(index) -> [q, k, v] of the tokens `index` (a
+# slice of whole frames); chunk: tokens per call for a long sequence (None: take slice(None), one call)
+Attend = Callable[[Callable[[slice], list[Tensor]], Tensor, int | None], Tensor | tuple[Tensor, Tensor | None]]
 
 
 class AttentionPatch:
     """A live patch of global attention layers `layers`. Use `remove()` (or `with patch:`) to restore the model.
 
     attention_for(layer, layout) -> None (that layer runs its class forward on this layout) or the function that
-    computes its attention from [q, k, v], each [B, heads, N, head_dim] (after qk-norm and RoPE, in the compute dtype),
-    and the attention input x [B, N, C] (an `Attend`). The patched forward keeps no other reference to q, k and v, so a
-    function that empties the list can free each as soon as it has used it (`merged_attention` does).
+    computes its attention (an `Attend`) from heads(index) -> [q, k, v], each [B, heads, n, head_dim] (after qk-norm
+    and RoPE, in the compute dtype) of the tokens `index`, the attention input x [B, N, C], and the tokens per call for
+    a long sequence without autograd (else None). The patched forward keeps no reference to q, k and v, so a function
+    that empties the list can free each as soon as it has used it (`merged_attention` does).
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, layers: Iterable[int],
@@ -92,7 +96,9 @@ class AttentionPatch:
             if attend is None:
                 return dense_forward(attn, x, pos=pos)
             dtype = active_compute_dtype(x.device.type, x.dtype)
-            out = attend([t.to(dtype) for t in qkv_heads(attn, x, pos)], x)
+            chunk = qkv_chunk(attn, x, pos)
+            out = attend(lambda index: [t.to(dtype) for t in qkv_heads(attn, x[:, index], pos)], x,
+                         chunk if chunk and layout.tokens_per_frame % rope_period(pos) == 0 else None)
             out, slot = out if isinstance(out, tuple) else (out, None)
             out = project_heads(attn, out)
             return out if slot is None else unmerge(out, slot)
@@ -122,14 +128,21 @@ class ReductionHandle(AttentionPatch):
         reduction = self.reduction(layer, layout.frames)
         if is_dense(layout, reduction):
             return None
-        return lambda qkv, x: merged_attention(qkv, layout, reduction, x=x)
+
+        def attend(heads: Callable[[slice], list[Tensor]], x: Tensor, chunk: int | None):
+            frames = span_frames(layout, reduction, chunk)
+            if frames is None:
+                return merged_attention(heads(slice(None)), layout, reduction, x=x)
+            return spanned_attention(heads, layout, reduction, frames, x=x)
+
+        return attend
 
 
 def frame_only_patch(model: nn.Module, adapter: Adapter | None = None) -> AttentionPatch:
     """Patch every global attention layer of `model` to attend within each frame only (`frame_attention`)."""
     adapter = adapter_of(model, adapter)
     return AttentionPatch(model, adapter, range(adapter.num_global_layers),
-                          lambda layer, layout: lambda qkv, x: frame_attention(*qkv, layout))
+                          lambda layer, layout: lambda heads, x, chunk: frame_attention(*heads(slice(None)), layout))
 
 
 def adapter_of(model: nn.Module, adapter: Adapter | None) -> Adapter:
