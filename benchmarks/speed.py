@@ -40,17 +40,15 @@ from spark3r.files import write_json
 from spark3r.models.blocks import compile_model
 from spark3r.models.registry import build_model
 from spark3r.reduce import (
-    key_metric,
     kv_count,
     merge_queries,
     merge_slots,
     model_flops,
     query_count,
     select_kv,
-    unit_rows,
     unmerge,
 )
-from spark3r.reduce.attention import is_dense
+from spark3r.reduce.attention import is_dense, merge_metric
 from spark3r.reduce.flops import linear_flops_per_token
 from spark3r.schedule import apply_schedule, load_schedule
 
@@ -209,13 +207,13 @@ def select_merge_timing(attn, layout, reduction, repeats, device, dtype) -> dict
     n_q, prune = query_count(layout, reduction), kv_count(layout, reduction) < layout.tokens
     kept_k, kept_v = select_kv(k, v, layout, reduction) if prune else (k, v)
     merging = n_q < layout.tokens
-    metric = (unit_rows(x) if x is not None else key_metric(k)) if merging else None
+    metric = merge_metric(reduction, k, x) if merging else None
     slot = merge_slots(metric, layout, reduction) if merging else None
     merged = merge_queries(q, slot, n_q) if merging else q
     out = F.scaled_dot_product_attention(merged, kept_k, kept_v)
     projected = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)  # un-merged after the projection, as rows
     steps = {"select K/V": (lambda: select_kv(k, v, layout, reduction)) if prune else None,
-             "metric": (lambda: unit_rows(x) if x is not None else key_metric(k)) if merging else None,
+             "metric": (lambda: merge_metric(reduction, k, x)) if merging else None,
              "slots": (lambda: merge_slots(metric, layout, reduction)) if merging else None,
              "merge queries": (lambda: merge_queries(q, slot, n_q)) if merging else None,
              "attention": lambda: F.scaled_dot_product_attention(merged, kept_k, kept_v),

@@ -48,17 +48,23 @@ def merged_attention(qkv: list[Tensor], layout: FrameLayout, reduction: Reductio
             f"{layout.tokens_per_frame} tokens = {layout.tokens}: set the layout of the clip being run"
         )
     n_q = query_count(layout, reduction)
-    slot = None
-    if n_q < layout.tokens:
-        if reduction.similarity == "input" and x is None:
-            raise Spark3rError("similarity 'input' needs the attention input x: pass x or use similarity 'key'")
-        slot = merge_slots(unit_rows(x) if reduction.similarity == "input" else key_metric(k), layout, reduction)
+    slot = merge_slots(merge_metric(reduction, k, x), layout, reduction) if n_q < layout.tokens else None
     if kv_count(layout, reduction) < layout.tokens:
         k, v = select_kv(k, v, layout, reduction)
     if slot is None:
         return F.scaled_dot_product_attention(q, k, v), None
     q = merge_queries(q, slot, n_q)
     return F.scaled_dot_product_attention(q, k, v), slot
+
+
+def merge_metric(reduction: Reduction, k: Tensor, x: Tensor | None) -> Tensor:
+    """The unit rows query merging compares: the keys' mean over heads (k [B, h, n, D] -> [B, n, D]), or for similarity
+    "input" the attention input's (x [B, n, C] -> [B, n, C])."""
+    if reduction.similarity != "input":
+        return key_metric(k)
+    if x is None:
+        raise Spark3rError("similarity 'input' needs the attention input x: pass x or use similarity 'key'")
+    return unit_rows(x)
 
 
 SPAN_CHUNKS = 4
@@ -86,8 +92,6 @@ def spanned_attention(heads: Callable[[slice], list[Tensor]], layout: FrameLayou
     queries and kept keys/values; they are the rows `merged_attention` makes, in its order."""
     n_q, n_kv, tokens_per_frame = query_count(layout, reduction), kv_count(layout, reduction), layout.tokens_per_frame
     merging, pruning = n_q < layout.tokens, n_kv < layout.tokens
-    if merging and reduction.similarity == "input" and x is None:
-        raise Spark3rError("similarity 'input' needs the attention input x: pass x or use similarity 'key'")
     cell = merge_cell(layout, reduction)
     merged = kept_k = kept_v = slot = None
     first_query = 0
@@ -101,8 +105,7 @@ def spanned_attention(heads: Callable[[slice], list[Tensor]], layout: FrameLayou
             kept_k, kept_v = (t.new_empty(batch, num_heads, n_kv, head_dim) for t in (k, v))
             slot = torch.empty(batch, layout.tokens, dtype=torch.long, device=q.device) if merging else None
         if merging:
-            local = merge_slots(unit_rows(x[:, index]) if reduction.similarity == "input" else key_metric(k), span,
-                                reduction, cell)
+            local = merge_slots(merge_metric(reduction, k, None if x is None else x[:, index]), span, reduction, cell)
             count = query_count(span, reduction, cell)
             merged[:, :, first_query:first_query + count] = merge_queries(q, local, count)
             slot[:, index] = local + first_query
