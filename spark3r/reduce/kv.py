@@ -39,6 +39,12 @@ def grid_steps(factor: int, grid_h: int, grid_w: int) -> tuple[int, int]:
     return min(best[0], grid_h), min(best[1], grid_w)
 
 
+def first_partial_frame(reduction: Reduction) -> int:
+    """The first frame whose patches are chosen rather than kept whole (grid, random and key_norm): 1 with
+    `keep_reference_frame`, else 0."""
+    return 1 if reduction.keep_reference_frame else 0
+
+
 def patches_per_frame(layout: FrameLayout, reduction: Reduction) -> int:
     """Patches kept in a frame that is not kept whole (grid, random and key_norm)."""
     if reduction.kv_method == "grid":
@@ -53,7 +59,7 @@ def kv_count(layout: FrameLayout, reduction: Reduction) -> int:
     if reduction.kv_method == "frame_stride":
         return frames * layout.n_special + math.ceil(frames / reduction.kv_factor) * patches
     per_frame = patches_per_frame(layout, reduction)
-    whole = 1 if reduction.keep_reference_frame else 0
+    whole = first_partial_frame(reduction)
     return frames * layout.n_special + whole * patches + (frames - whole) * per_frame
 
 
@@ -103,7 +109,7 @@ def kv_index(keys: Tensor, layout: FrameLayout, reduction: Reduction) -> Tensor:
     fixed = fixed_kv_index(layout, reduction, keys.device)
     if reduction.kv_method != "key_norm":
         return fixed
-    partial = torch.arange(1 if reduction.keep_reference_frame else 0, layout.frames, device=keys.device)
+    partial = torch.arange(first_partial_frame(reduction), layout.frames, device=keys.device)
     if len(partial) == 0:
         return fixed
     chosen = key_norm_patches(layout, reduction, partial, keys)
@@ -124,7 +130,7 @@ def fixed_kv_index(layout: FrameLayout, reduction: Reduction, device: torch.devi
         if reduction.kv_method == "frame_stride":
             whole, partial = frames[:: reduction.kv_factor], frames[:0]
         else:
-            start = 1 if reduction.keep_reference_frame else 0
+            start = first_partial_frame(reduction)
             whole, partial = frames[:start], frames[start:]
         whole_patches = (whole[:, None] * tokens_per_frame + patch_offsets).flatten()
         fixed = torch.cat([special, whole_patches])
@@ -154,7 +160,7 @@ def span_kv(k: Tensor, v: Tensor, layout: FrameLayout, reduction: Reduction,
     frames = k.shape[2] // layout.tokens_per_frame
     positions, tokens = span_fixed_kv(layout, reduction, start, frames, k.device)
     keys, values = k.index_select(2, tokens), v.index_select(2, tokens)
-    first_partial = max(start, 1 if reduction.keep_reference_frame else 0)
+    first_partial = max(start, first_partial_frame(reduction))
     if reduction.kv_method != "key_norm" or first_partial >= start + frames:
         return positions, keys, values
     span = dataclasses.replace(layout, frames=frames)
@@ -162,8 +168,9 @@ def span_kv(k: Tensor, v: Tensor, layout: FrameLayout, reduction: Reduction,
     chosen = key_norm_patches(span, reduction, local, k)  # [B, h, F, k] patches of the span's partial frames
     per_frame = chosen.shape[-1]
     tokens = (chosen + (local[:, None] * layout.tokens_per_frame + layout.n_special)).flatten(2)
-    after = len(fixed_kv_index(layout, reduction, torch.device("cpu"))) + (first_partial - (
-        1 if reduction.keep_reference_frame else 0)) * per_frame  # the chosen patches of earlier frames come first
+    # the chosen patches of earlier frames come first
+    after = len(fixed_kv_index(layout, reduction, torch.device("cpu"))) + (
+        first_partial - first_partial_frame(reduction)) * per_frame
     batch, heads = k.shape[:2]
     gathered = tokens[..., None].expand(-1, -1, -1, k.shape[-1])
     return (torch.cat([positions.expand(batch, heads, -1),

@@ -89,22 +89,18 @@ def group_positions(layout: FrameLayout, group: int, cell: int, device: torch.de
     """Positions of the destinations [n_dst] and sources [n_src] inside a group of `group` frames (frame-major); made
     once per layout, group, cell and device (read, never written; ordinary tensors even under inference mode)."""
     with torch.inference_mode(False):
-        return _group_positions(layout, group, cell, device)
-
-
-def _group_positions(layout: FrameLayout, group: int, cell: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    tokens_per_frame, n_special = layout.tokens_per_frame, layout.n_special
-    rows = torch.arange(layout.grid_h, device=device)
-    cols = torch.arange(layout.grid_w, device=device)
-    is_cell = ((rows[:, None] % cell == 0) & (cols[None, :] % cell == 0)).flatten()
-    by_role = torch.argsort(is_cell.int(), dim=0, descending=True, stable=True)
-    cell_patches, other_patches = by_role[: cell_count(layout, cell)], by_role[cell_count(layout, cell):]
-    others = torch.arange(1, group, device=device)[:, None] * tokens_per_frame
-    destinations = torch.cat([
-        torch.arange(tokens_per_frame, device=device),
-        (others + torch.cat([torch.arange(n_special, device=device), cell_patches + n_special])).flatten(),
-    ])
-    return destinations, (others + other_patches + n_special).flatten()
+        tokens_per_frame, n_special = layout.tokens_per_frame, layout.n_special
+        rows = torch.arange(layout.grid_h, device=device)
+        cols = torch.arange(layout.grid_w, device=device)
+        is_cell = ((rows[:, None] % cell == 0) & (cols[None, :] % cell == 0)).flatten()
+        by_role = torch.argsort(is_cell.int(), dim=0, descending=True, stable=True)
+        cell_patches, other_patches = by_role[: cell_count(layout, cell)], by_role[cell_count(layout, cell):]
+        others = torch.arange(1, group, device=device)[:, None] * tokens_per_frame
+        destinations = torch.cat([
+            torch.arange(tokens_per_frame, device=device),
+            (others + torch.cat([torch.arange(n_special, device=device), cell_patches + n_special])).flatten(),
+        ])
+        return destinations, (others + other_patches + n_special).flatten()
 
 
 @functools.cache
