@@ -26,17 +26,18 @@
 #   RUN=/root/s5 MINUTES=7 INIT=benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=5 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
 #       RELATIVE_WEIGHT=5 bash benchmarks/train_tiny_long.sh
-# Stage 6 (next): stage 5's weights trained on with the same settings and a new seed, for the minutes stage 5 did not
-# get (7 of the 15 planned); what is left at 256 frames is a smooth drift from frame 0, not neighbour noise
-# (results/drift-vggt-tiny-long-s5-256.md):
-#   RUN=/root/s6 MINUTES=10 INIT=benchmarks/checkpoints/vggt-tiny-long-stage5.safetensors MAX_FRAMES=256 \
+# Stage 6: stage 5's weights with the relative-pose loss reaching pairs 64 and 128 frames apart, for the drift from
+# frame 0 that stage 5 left at 256 frames (results/drift-vggt-tiny-long-s5-256.md: frames 90-106 degrees from frame 0,
+# long-range chaining); stage 5 itself had plateaued (22.1 -> 23.8 degrees at 256 frames over its last 1000 steps):
+#   RUN=/root/s6 MINUTES=8 INIT=benchmarks/checkpoints/vggt-tiny-long-stage5.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=6 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
-#       RELATIVE_WEIGHT=5 bash benchmarks/train_tiny_long.sh
+#       RELATIVE_WEIGHT=5 RELATIVE_OFFSETS=1,2,4,8,16,32,64,128 bash benchmarks/train_tiny_long.sh
 # ARC_SHARE=0.25 makes a quarter of the steps short arcs (stage 2 had arcs in 3% of its steps and lost them).
 # HEAD_DTYPE=compute runs the DPT heads under autocast to the trunk's bf16 in training (default fp32, as upstream).
 # COMPILE=1 compiles the transformer blocks (train_tiny --compile; the DPT heads stay eager).
 # RELATIVE_WEIGHT=W adds W times the relative-pose loss of frame pairs (train_tiny --relative-weight; default 0: off;
 # a resumed stage must keep the same W).
+# RELATIVE_OFFSETS=D1,D2,... sets the frame offsets of those pairs (train_tiny --relative-offsets; default 1,2,...,32).
 # INIT_LOGIT_SCALE=T multiplies INIT's global attention logits by T before training (train_tiny --init-logit-scale):
 # sharper attention over long clips (tiny_attention.py --logit-scale measures it on trained weights).
 # WORKERS=N sets the scene-sampling workers (default up to 8; give fewer when two runs share the machine).
@@ -49,6 +50,6 @@ setsid python3 -m spark3r.commands.train_tiny --init "${INIT:?give INIT=the weig
     --held-out synthetic:16:999:walk --lr "${LR:-3e-4}" --warmup "${WARMUP:-200}" --steps 100000 \
     --minutes "${MINUTES:-13}" --eval-every 500 --checkpoint-every 250 --log-every 100 --seed "${SEED:-1}" \
     ${ARC_SHARE:+--arc-share "$ARC_SHARE"} ${HEAD_DTYPE:+--head-dtype "$HEAD_DTYPE"} ${COMPILE:+--compile} \
-    --relative-weight "${RELATIVE_WEIGHT:-0}" \
+    --relative-weight "${RELATIVE_WEIGHT:-0}" ${RELATIVE_OFFSETS:+--relative-offsets "$RELATIVE_OFFSETS"} \
     --init-logit-scale "${INIT_LOGIT_SCALE:-1}" ${WORKERS:+--workers "$WORKERS"} --out "$RUN/vggt-tiny.safetensors" >>"$RUN/train.log" 2>&1 < /dev/null &
 echo "training in the background: $RUN/train.log"

@@ -219,6 +219,9 @@ def test_training_loss_adds_the_relative_loss_only_with_its_weight(clips):
     weighted, parts = training_loss(outputs, poses, targets, camera_weight=5.0, relative_weight=0.5)
     assert relative > 0 and torch.allclose(weighted, loss + 0.5 * relative)
     assert torch.equal(parts, torch.stack([camera, depth, points, relative]))
+    neighbours = relative_pose_loss(poses, targets.pose_enc, (1,))
+    _, parts = training_loss(outputs, poses, targets, camera_weight=5.0, relative_weight=0.5, relative_offsets=(1,))
+    assert neighbours != relative and parts[3] == neighbours
 
 
 def test_learning_rate_warms_up_then_decays_to_five_percent():
@@ -347,6 +350,8 @@ def test_training_writes_strictly_loadable_fp16_weights_and_resumes(tmp_path, ca
     assert "was made with --batch 1, not 2" in capsys.readouterr().err
     assert main(["--steps", "3", *args, "--relative-weight", "0.5"]) == 2
     assert "was made with --relative-weight 0.0, not 0.5" in capsys.readouterr().err
+    assert main(["--steps", "3", *args, "--relative-offsets", "1,64"]) == 2
+    assert "was made with --relative-offsets (1, 2, 4, 8, 16, 32), not (1, 64)" in capsys.readouterr().err
 
 
 def test_time_limit_stops_cleanly_and_still_writes_weights(tmp_path, capsys):
@@ -372,12 +377,12 @@ def test_training_compiles_its_blocks_with_dynamic_shapes_and_leaves_the_heads_e
 def test_training_with_the_relative_loss_logs_it(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "w.safetensors"), "--steps", "1", "--batch", "1", "--frames", "2", "--size",
                  "28", "--held-out", "synthetic:1:999", "--device", "cpu", "--log-every", "1",
-                 "--relative-weight", "0.5"]) == 0
+                 "--relative-weight", "0.5", "--relative-offsets", "1,64"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 1/1"))
     relative = float(line.split(" relative ")[1].split(")")[0])
     assert math.isfinite(relative) and relative > 0
     settings = torch.load(tmp_path / "w.ckpt.pt", weights_only=True)["settings"]
-    assert settings["relative_weight"] == 0.5
+    assert settings["relative_weight"] == 0.5 and settings["relative_offsets"] == (1, 64)
 
 
 def test_head_dtype_reaches_the_training_decode_and_not_the_evaluation(tmp_path, capsys, monkeypatch):
@@ -405,6 +410,8 @@ def test_head_dtype_reaches_the_training_decode_and_not_the_evaluation(tmp_path,
     (["--path", "mixed", "--arc-share", "1.5"], "a share between 0 and 1"),
     (["--relative-weight", "-1"], "--relative-weight is -1.0: give a weight >= 0"),
     (["--relative-weight", "nan"], "--relative-weight is nan: give a weight >= 0"),
+    (["--relative-offsets", "1,0"], "--relative-offsets is (1, 0): give frame offsets >= 1"),
+    (["--relative-offsets", "1,x"], "--relative-offsets 1,x: give whole frame offsets"),
     (["--init-logit-scale", "0"], "--init-logit-scale is 0.0: give a factor > 0"),
     (["--init-logit-scale", "nan"], "--init-logit-scale is nan: give a factor > 0"),
 ])

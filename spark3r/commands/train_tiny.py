@@ -18,8 +18,8 @@ weights (a shallower trunk is grown by `grow_depth`) with VGGT's losses:
 - camera: L1 on pose_enc (translation, quaternion xyzw, field of view; FoV weighted 0.5) of every refinement iteration
   of the camera head, iteration i of n weighted 0.6^(n-1-i), times `--camera-weight`;
 - relative pose (off by default): with `--relative-weight W` > 0, plus W times the loss of the relative poses of frame
-  pairs (i, i + d), d in 1, 2, 4, ..., 32 (chordal distance of the rotations + L1 of the translations), weighted over
-  the iterations alike; a resumed run must keep the same `--relative-weight`;
+  pairs (i, i + d), d in `--relative-offsets` (1, 2, 4, ..., 32 by default; chordal distance of the rotations + L1 of
+  the translations), weighted over the iterations alike; a resumed run must keep the same weight and offsets;
 - depth and points: VGGT's aleatoric loss conf * |err| - alpha * log(conf) (alpha 0.2) plus the plain |err| and a
   3-scale gradient-matching term (VGGT uses a normal loss for points; the gradient term is used for both here).
 AdamW with linear warm-up and cosine decay to 5 % of `--lr`; the trunk runs in bf16 on CUDA (heads in fp32 as
@@ -98,6 +98,8 @@ def build_parser() -> ArgumentParser:
                         help="weight of the camera loss (default %(default)s)")
     parser.add_argument("--relative-weight", type=float, default=TrainConfig.relative_weight,
                         help="weight of the relative-pose loss of frame pairs (default %(default)s: off)")
+    parser.add_argument("--relative-offsets", default=",".join(map(str, TrainConfig.relative_offsets)),
+                        help="frame offsets of the relative-pose loss's pairs (default %(default)s)")
     parser.add_argument("--init-logit-scale", type=float, default=TrainConfig.init_logit_scale,
                         help="multiply the --init weights' global attention logits by this factor before training "
                              "(default %(default)s: as they are; above 1 sharpens attention over long clips)")
@@ -133,6 +135,15 @@ def frame_counts(text: str | None, default: str) -> list[int]:
     return counts
 
 
+def frame_offsets(text: str) -> tuple[int, ...]:
+    """`--relative-offsets` as a tuple of whole numbers ("1,2,4,8,16,32,64,128"); the config checks that each is >= 1."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise Spark3rError(f"--relative-offsets {text}: give whole frame offsets separated by commas, e.g. "
+                           "1,2,4,8,16,32,64,128") from None
+
+
 def run_evaluation(args) -> int:
     device = resolve_device(args.device)
     lengths = frame_counts(args.frames, DEFAULT_EVAL_FRAMES)
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         size=args.size, seed=args.seed,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         camera_weight=args.camera_weight, relative_weight=args.relative_weight,
-        init_logit_scale=args.init_logit_scale, minutes=args.minutes,
+        relative_offsets=frame_offsets(args.relative_offsets), init_logit_scale=args.init_logit_scale, minutes=args.minutes,
         log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, workers=args.workers, compile=args.compile, head_dtype=args.head_dtype,
         held_out=args.held_out),

@@ -4,9 +4,10 @@
   divided by the mean distance of the clip's points from camera 0;
 - camera: L1 on pose_enc (translation, quaternion xyzw, field of view; FoV weighted 0.5) of every refinement iteration
   of the camera head, iteration i of n weighted 0.6^(n-1-i);
-- relative pose (opt-in, `relative_weight`): of the pairs (i, i + d) of a clip for d in 1, 2, 4, ..., 32, the chordal
-  distance of the relative rotation R_{i+d} R_i^T and the L1 of the relative translation, weighted over iterations
-  as the camera loss; invariant to a rigid motion of the predicted world, unlike the per-frame loss;
+- relative pose (opt-in, `relative_weight`): of the pairs (i, i + d) of a clip for d in `relative_offsets` (1, 2, 4,
+  ..., 32 by default), the chordal distance of the relative rotation R_{i+d} R_i^T and the L1 of the relative
+  translation, weighted over iterations as the camera loss; invariant to a rigid motion of the predicted world, unlike
+  the per-frame loss;
 - depth and points: VGGT's aleatoric loss conf * |err| - alpha * log(conf) (alpha 0.2) plus the plain |err| and a
   3-scale gradient-matching term (VGGT uses a normal loss for points; the gradient term is used for both here).
 """
@@ -218,15 +219,17 @@ def camera_iterations(model: nn.Module) -> Iterator[list[Tensor]]:
 
 
 def training_loss(outputs: dict[str, Tensor], pose_iterations: list[Tensor], targets: Targets,
-                  camera_weight: float, relative_weight: float = 0.0) -> tuple[Tensor, Tensor]:
+                  camera_weight: float, relative_weight: float = 0.0,
+                  relative_offsets: tuple[int, ...] = RELATIVE_OFFSETS) -> tuple[Tensor, Tensor]:
     """(total loss, [camera, depth, points, relative] parts, unweighted) of one batch: camera_weight * camera +
-    relative_weight * relative + depth + points. relative_weight 0 skips the relative-pose loss (its part is 0)."""
+    relative_weight * relative (over the frame pairs `relative_offsets` apart) + depth + points. relative_weight 0
+    skips the relative-pose loss (its part is 0)."""
     camera = camera_loss(pose_iterations, targets.pose_enc)
     depth = dense_loss(outputs["depth"][..., None], outputs["depth_conf"], targets.depth[..., None], targets.valid)
     points = dense_loss(outputs["points"], outputs["points_conf"], targets.points, targets.valid)
     total = camera_weight * camera + depth + points
     relative = camera.new_zeros(())
     if relative_weight:
-        relative = relative_pose_loss(pose_iterations, targets.pose_enc)
+        relative = relative_pose_loss(pose_iterations, targets.pose_enc, relative_offsets)
         total = total + relative_weight * relative
     return total, torch.stack([camera, depth, points, relative]).detach()

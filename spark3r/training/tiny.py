@@ -31,7 +31,7 @@ from spark3r.files import atomic_save
 from spark3r.models.base import HEAD_DTYPES
 from spark3r.models.loading import load_model
 from spark3r.training.evaluation import MODEL, evaluate
-from spark3r.training.losses import camera_iterations, scene_targets, training_loss
+from spark3r.training.losses import RELATIVE_OFFSETS, camera_iterations, scene_targets, training_loss
 from spark3r.training.steps import SCENE_PATHS, TRAIN_SEED_BASE, StepScenes, StepShape, render_step
 
 HELD_OUT_SPEC = "synthetic:16:999"
@@ -175,6 +175,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     camera_weight: float = 5.0
     relative_weight: float = 0.0
+    relative_offsets: tuple[int, ...] = RELATIVE_OFFSETS
     init_logit_scale: float = 1.0
     minutes: float | None = None
     log_every: int = 100
@@ -186,7 +187,7 @@ class TrainConfig:
     held_out: str = HELD_OUT_SPEC
 
     RESUME_KEYS = ("batch", "frames", "max_frames", "frames_per_step", "path", "arc_share", "size", "seed",
-                   "relative_weight")
+                   "relative_weight", "relative_offsets")
 
     def check(self) -> None:
         for name in ("steps", "batch", "frames", "size", "log_every", "eval_every", "checkpoint_every"):
@@ -208,6 +209,9 @@ class TrainConfig:
         if not self.relative_weight >= 0:
             raise ParameterError(f"`relative_weight` is {self.relative_weight}: give a weight >= 0 (0 leaves the "
                                  "relative-pose loss out)", "relative_weight")
+        if not self.relative_offsets or min(self.relative_offsets) < 1:
+            raise ParameterError(f"`relative_offsets` is {self.relative_offsets}: give frame offsets >= 1 (e.g. 1, 2, "
+                                 "4, ..., 128)", "relative_offsets")
         if not (math.isfinite(self.init_logit_scale) and self.init_logit_scale > 0):
             raise ParameterError(f"`init_logit_scale` is {self.init_logit_scale}: give a factor > 0 (1 starts from "
                                  "the `init` weights as they are)", "init_logit_scale")
@@ -274,7 +278,7 @@ def load_checkpoint(config: TrainConfig, model: nn.Module, optimizer: torch.opti
         return 0, 0.0
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     for key in TrainConfig.RESUME_KEYS:
-        # .get with the default: checkpoints older than arc_share and relative_weight
+        # .get with the default: checkpoints older than arc_share, relative_weight and relative_offsets
         made_with = checkpoint["settings"].get(key, getattr(TrainConfig, key))
         if made_with != getattr(config, key):
             raise ParameterError(f"checkpoint {path} was made with `{key}` {made_with}, not "
@@ -373,7 +377,8 @@ def train(config: TrainConfig, device: torch.device = torch.device("cpu"),
         images, targets = render_step(arrays, size, device)
         with camera_iterations(model) as pose_iterations:
             outputs = model(images)
-        loss, parts = training_loss(outputs, pose_iterations, targets, config.camera_weight, config.relative_weight)
+        loss, parts = training_loss(outputs, pose_iterations, targets, config.camera_weight, config.relative_weight,
+                                      config.relative_offsets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad)
