@@ -32,7 +32,7 @@ from spark3r.models.base import TrunkState
 from spark3r.models.registry import build_model
 from spark3r.reduce import Reduction, apply_reductions
 from spark3r.reduce.flops import model_flops
-from spark3r.schedule import apply_schedule, load_schedule, paper_schedule
+from spark3r.schedule import apply_schedule, load_schedule, paper_schedule, shipped_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("benchmarks_foundation", REPO / "benchmarks" / "foundation.py")
@@ -48,10 +48,11 @@ PAPER_SPEEDUP = {"vggt-1b": "26-28x", "pi3": "23-25x", "da3-giant": "16-18x", "v
 
 
 def paper_rule(model):
-    """The paper's hand-set schedule of `model`: the shipped YAML, or (tiny models) the middle third sensitive."""
+    """The paper's hand-set schedule of `model`: the one shipped in the package, or (models without one) the middle
+    third sensitive."""
     name, layers = model.adapter.model_name, model.adapter.num_global_layers
-    path = REPO / "schedules" / f"{name}-paper.yaml"
-    if path.is_file():
+    path = shipped_schedule(name)
+    if path is not None:
         return load_schedule(path)
     return paper_schedule(name, layers, list(range(layers // 3, 2 * layers // 3)))
 

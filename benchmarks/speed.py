@@ -50,7 +50,7 @@ from spark3r.reduce import (
 )
 from spark3r.reduce.attention import is_dense, merge_metric
 from spark3r.reduce.flops import linear_flops_per_token
-from spark3r.schedule import apply_schedule, load_schedule
+from spark3r.schedule import apply_schedule, load_schedule, shipped_schedule
 
 _spec = importlib.util.spec_from_file_location("benchmarks_foundation", HERE / "foundation.py")
 foundation = importlib.util.module_from_spec(_spec)
@@ -60,7 +60,6 @@ provenance = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(provenance)
 measure, run_trunk = foundation.measure, foundation.run_trunk
 
-SCHEDULES = HERE.parent / "schedules"
 # The FLOP model's block lists (other than the global ones) by the stage that runs them. DA3's local blocks run in
 # both: those before the first local + global pair in prepare ("encoder"), the others as trunk steps.
 GROUP_STAGES = {
@@ -406,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    paths = args.schedule or [SCHEDULES / f"{args.model}-{rule}.yaml" for rule in ("paper", "uniform")]
+    paths = args.schedule or [path for rule in ("paper", "uniform") if (path := shipped_schedule(args.model, rule))]
     schedules = {path.stem: load_schedule(path) for path in paths}
 
     torch.manual_seed(args.seed)

@@ -4,12 +4,14 @@ family."""
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from spark3r.models.registry import build_model
 from spark3r.reduce import layer_attention_flops, model_flops
+from spark3r.schedule import load_schedule, shipped_schedule
 from support import load_benchmark
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -290,3 +292,13 @@ def test_the_profile_workload_counts_a_resume_after_every_global_layer_at_every_
     resumed_attention = (276 * (layer_attention_flops(flop_config, 32) + frame_block_attention)
                          + 24 * flops.other_attention)
     assert attention * 1e12 == pytest.approx(8 * (dense_attention + 8 * resumed_attention), rel=1e-12)
+
+
+def test_paper_rule_is_the_package_schedule_wherever_the_benchmark_runs(monkeypatch, tmp_path):
+    models = load_benchmark("models")
+    monkeypatch.setattr(models, "REPO", tmp_path)  # a copy of benchmarks/ without the checkout's schedules/ link
+    model = SimpleNamespace(adapter=SimpleNamespace(model_name="vggt-1b", num_global_layers=24))
+    rule = models.paper_rule(model)
+    assert rule == load_schedule(shipped_schedule("vggt-1b"))
+    assert sorted(layer for layer, reduction in enumerate(rule.reductions(1000)) if reduction.kv_keep > 0.02) == \
+        list(range(11, 17))  # the paper's sensitive tier, not the middle third 8-15 of the fallback
