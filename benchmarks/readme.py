@@ -166,7 +166,7 @@ SPEED_ALL_RUNS = ("speed-all-eager.json", "speed-all.json", "speed-all-h100.json
                   "speed-all-h100-compute-heads-uv.json", "speed-all-h100-fp32-heads-e216bab.json",
                   "speed-all-h100-compute-heads-e216bab.json",
                   "speed-all-h100-profile-alternate-compute-heads-reference.json",
-                  "speed-all-h100-fp32-heads-metric.json")
+                  "speed-all-h100-fp32-heads-metric.json", "speed-all-spans.json")
 
 
 def speed_all_lines(results: Path) -> list[tuple[tuple, str]]:
