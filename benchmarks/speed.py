@@ -140,12 +140,14 @@ def timed_run(model, images, device, assembled: bool, attention: ModuleTimer | N
         attention.take()
     if assembled:
         finished, rows = run_trunk(model, state, False, device)
+        del state
         scale = model.config.depth
         seconds["frame blocks"], seconds["global blocks"] = scale * rows[0]["seconds"], scale * rows[1]["seconds"]
         # the assembled trunk's peak (its largest block's, plus the taps it would hold) counts as the global blocks'
         stage_peaks["frame blocks"], stage_peaks["global blocks"] = [rows[0]["peak_gib"]], [rows[-1]["peak_gib"]]
     else:
         finished, scale = state, 1
+        del state  # each step's input goes once the step has run, as in the model's forward
         for step in range(model.num_steps):
             finished, step_s, peak = measure(device, lambda: model.run_steps(finished, step + 1))
             stage = "global blocks" if step in model.global_layer_steps else "frame blocks"
@@ -153,7 +155,6 @@ def timed_run(model, images, device, assembled: bool, attention: ModuleTimer | N
             stage_peaks[stage].append(peak)
     if attention is not None:
         seconds["global attention modules"] = scale * attention.take()
-    del state
     _, seconds["heads"], decode_peak = measure(device, lambda: model.decode(finished, images, model.decode_dtype()))
     stage_peaks["heads"].append(decode_peak)
     stage_peaks = {stage: max(peaks) for stage, peaks in stage_peaks.items() if peaks and None not in peaks}

@@ -124,12 +124,21 @@ class Adapter:
         return FrameLayout(frames, self.n_special, height // self.patch_size, width // self.patch_size)
 
 
-def pair_tap(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A DPT tap [..., 2C] in `dtype` from two [..., C] halves, written in place: no concatenated copy in the halves'
-    (fp32) dtype, which at 1000 frames of a giant model is 16 GB of transient memory per tap."""
-    tap = first.new_empty((*first.shape[:-1], first.shape[-1] + second.shape[-1]), dtype=dtype)
-    tap[..., : first.shape[-1]] = first
-    tap[..., first.shape[-1]:] = second
+def pair_tap(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype, transform=None,
+             order: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+    """A DPT tap [B, S, ..., 2C] in `dtype`: [first | transform(second)] of two halves [B, S, ..., C], frames taken in
+    `order` [B, S] (None: as they are), written into the tap `chunk` frames at a time (None: all at once). No
+    concatenated copy in the halves' (fp32) dtype is made, and with a chunk no transformed or reordered half is held
+    whole: at 1000 frames of a giant model each of these copies is 8-16 GB."""
+    batch, frames, width = first.shape[0], first.shape[1], first.shape[-1]
+    tap = first.new_empty((*first.shape[:-1], width + second.shape[-1]), dtype=dtype)
+    rows = torch.arange(batch, device=first.device)[:, None]
+    step = chunk or frames
+    for start in range(0, frames, step):
+        index = slice(start, start + step)
+        frames_of = (lambda half: half[:, index]) if order is None else (lambda half: half[rows, order[:, index]])
+        tap[:, index, ..., :width] = frames_of(first)  # one half's chunk at a time
+        tap[:, index, ..., width:] = frames_of(second) if transform is None else transform(frames_of(second))
     return tap
 
 
@@ -240,4 +249,9 @@ class ReconstructionModel(nn.Module):
             )
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.decode(self.run_steps(self.prepare(images)), images, self.decode_dtype())
+        """prepare, the trunk one step per run_steps call, decode: each step's input state is let go once the step
+        has run (one call over every step would keep the prepared tokens, 8 GB at 1000 frames of a giant model)."""
+        state = self.prepare(images)
+        for step in range(self.num_steps):
+            state = self.run_steps(state, step + 1)
+        return self.decode(state, images, self.decode_dtype())

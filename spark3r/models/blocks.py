@@ -121,6 +121,13 @@ def inference_chunk(x: Tensor, period: int = 1) -> int | None:
     return None if torch.is_grad_enabled() or tokens <= chunk else chunk
 
 
+def frame_chunk(batch: int, frames: int, per_frame: int) -> int | None:
+    """Frames per chunk for frame-wise work on tokens [B, S, P, C] (at most INFERENCE_TOKEN_CHUNK tokens), or None
+    where it runs whole: under autograd, or when the S frames fit in one chunk."""
+    chunk = max(1, INFERENCE_TOKEN_CHUNK // (batch * per_frame))
+    return None if torch.is_grad_enabled() or frames <= chunk else chunk
+
+
 def chunked_map(fn, length: int, chunk: int, dim: int = 1):
     """fn over slices of `chunk` positions of a dimension of `length`, into preallocated outputs -> a tensor, or a
     tuple or dict of them, over all `length` positions in `dim`.

@@ -51,6 +51,7 @@ from spark3r.models.blocks import (
     active_compute_dtype,
     compiled_for,
     compute_autocast,
+    frame_chunk,
     frame_map,
     head_autocast,
     no_autocast,
@@ -469,6 +470,7 @@ class DA3(ReconstructionModel):
         local_pos = state.extras["pos"][None]
         global_pos = state.extras["pos_global"][None]  # one frame's positions: RoPE repeats them over the frames
         restore = None if state.extras["order"] is None else torch.argsort(state.extras["order"], dim=1)
+        tap_chunk = frame_chunk(batch, frames, per_frame)
         with compute_autocast(x.device.type, self.compute_dtype):
             tap_dtype = active_compute_dtype(x.device.type, x.dtype) if self.lean else x.dtype
             for step in range(state.step, stop):
@@ -483,8 +485,7 @@ class DA3(ReconstructionModel):
                     out = block(x.reshape(batch * frames, per_frame, width), pos=rope_pos)
                 out = out.view(batch, frames, per_frame, width)
                 if index in config.out_layers:
-                    tap = pair_tap(x, self.vit.norm(out), tap_dtype)
-                    state.taps[index] = tap if restore is None else gather_frames(tap, restore)
+                    state.taps[index] = pair_tap(x, out, tap_dtype, self.vit.norm, restore, tap_chunk)
                     if index == config.out_layers[-1]:
                         camera = torch.cat([x[:, :, 0], out[:, :, 0]], dim=-1).float()
                         state.extras["camera_token"] = camera if restore is None else gather_frames(camera, restore)
