@@ -9,8 +9,8 @@ depends on its length) and reports, per length:
   effective number of frames attended (exp of the entropy of the attention mass per frame) and of tokens attended
   (the same over single keys, against the N keys of the clip), and the mean largest attention probability.
 
-    python benchmarks/tiny_attention.py --weights benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors \
-        --out benchmarks/results/attention-vggt-tiny-long-s4.json
+    python benchmarks/tiny_attention.py --weights benchmarks/checkpoints/vggt-tiny-long-stage6.safetensors \
+        --out benchmarks/results/attention-vggt-tiny-long-s6.json
 
 --logit-scale T multiplies every global attention's logits by T first (`scale_global_logits`): does sharper attention
 alone bring the long clips back?

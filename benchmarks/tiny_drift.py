@@ -2,8 +2,8 @@
 the true cameras have turned from frame 0, and the error of the rotation between consecutive frames (a smooth drift
 keeps it small; per-frame noise does not), for the model and for frame-only global attention.
 
-    python benchmarks/tiny_drift.py --weights benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors \
-        --out benchmarks/results/drift-vggt-tiny-long-s4-256.json
+    python benchmarks/tiny_drift.py --weights benchmarks/checkpoints/vggt-tiny-long-stage6.safetensors \
+        --out benchmarks/results/drift-vggt-tiny-long-s6-256.json
 
 Clips: --clips (default synthetic:4:1000:walk, held out) at --frames frames; cameras relative to frame 0 as the
 evaluation (`train_tiny --evaluate`) compares them. Markdown beside --out.

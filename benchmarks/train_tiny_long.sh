@@ -13,7 +13,7 @@
 #   RUN=/root/h2 MINUTES=15 INIT=spark3r/weights/vggt-tiny.safetensors MAX_FRAMES=256 FRAMES_PER_STEP=1024 LR=3e-4 \
 #       WARMUP=100 SEED=3 ARC_SHARE=0.25 bash benchmarks/train_tiny_long.sh
 # Stage 4 (not shipped yet), from stage 3's weights, bf16 DPT heads and compiled blocks, on an H100 (commit 9360db2);
-# its weights are benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors:
+# its weights were benchmarks/checkpoints/vggt-tiny-long-stage4.safetensors (in commit 2d28945's tree):
 #   RUN=/root/s4 MINUTES=10 INIT=benchmarks/checkpoints/vggt-tiny-long-stage3.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=4 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
 #       bash benchmarks/train_tiny_long.sh
@@ -29,6 +29,8 @@
 # Stage 6: stage 5's weights with the relative-pose loss reaching pairs 64 and 128 frames apart, for the drift from
 # frame 0 that stage 5 left at 256 frames (results/drift-vggt-tiny-long-s5-256.md: frames 90-106 degrees from frame 0,
 # long-range chaining); stage 5 itself had plateaued (22.1 -> 23.8 degrees at 256 frames over its last 1000 steps):
+# (ran at commit 2d28945 on one H100: 8 min, then resumed with MINUTES=11.3; its weights are
+# benchmarks/checkpoints/vggt-tiny-long-stage6.safetensors, results/train-vggt-tiny-long.md):
 #   RUN=/root/s6 MINUTES=8 INIT=benchmarks/checkpoints/vggt-tiny-long-stage5.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=6 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
 #       RELATIVE_WEIGHT=5 RELATIVE_OFFSETS=1,2,4,8,16,32,64,128 bash benchmarks/train_tiny_long.sh
