@@ -271,6 +271,15 @@ def worse_than(report: dict, reference: dict) -> list[str]:
     return worse
 
 
+def places(worse: list[str]) -> str:
+    """`worse_than`'s list as "N place(s): ..." or "no place"."""
+    return f"{len(worse)} place(s): " + "; ".join(worse) if worse else "no place"
+
+
+SHIPPING = ("shipping them means rerunning the 32- and 256-frame profiles, benchmarks/length_schedules.py, tiny_pose.py "
+            "and the screening on a GPU, and this report, together.")
+
+
 def device_gap(report: dict, reference: dict) -> float:
     """The largest relative difference between two evaluations of the same weights on every metric of COMPARED."""
     model, old = by_length(report), by_length(reference)
@@ -372,12 +381,8 @@ def stage5() -> list[str]:
         f"{gap:.0e}, relative):", "", *stages_compared(reports), "",
         "### Stage 5: the issue's bars", "", *bars(reports["stage 5"]), "",
         *drift_lines("drift-vggt-tiny-long-s5-256.json"), "",
-        "Against the shipped stage 2, stage 5 is worse in " + (f"{len(worse2)} place(s): " + "; ".join(worse2)
-                                                               if worse2 else "no place") + ". "
-        "Against stage 4, in " + (f"{len(worse4)} place(s): " + "; ".join(worse4) if worse4 else "no place") + ". "
-        f"Not shipped yet: its weights are kept as `{STAGE5_CHECKPOINT}`; shipping them means rerunning the "
-        "32- and 256-frame profiles, benchmarks/length_schedules.py, tiny_pose.py and the screening on a GPU, "
-        "and this report, together."]
+        f"Against the shipped stage 2, stage 5 is worse in {places(worse2)}. Against stage 4, in {places(worse4)}. "
+        f"Not shipped yet: its weights are kept as `{STAGE5_CHECKPOINT}`; {SHIPPING}"]
 
 
 STAGE6_CHECKPOINT = "benchmarks/checkpoints/vggt-tiny-long-stage6.safetensors"
@@ -413,12 +418,9 @@ def stage6() -> list[str]:
         + ".", "",
         "### Stage 6: the issue's bars", "", *bars(reports["stage 6"]), "",
         *drift_lines("drift-vggt-tiny-long-s6-256.json"), "",
-        "Against the shipped stage 2, stage 6 is worse in " + (f"{len(worse2)} place(s): " + "; ".join(worse2)
-                                                               if worse2 else "no place") + ". "
-        "Against stage 5, in " + (f"{len(worse5)} place(s): " + "; ".join(worse5) if worse5 else "no place") + ". "
+        f"Against the shipped stage 2, stage 6 is worse in {places(worse2)}. Against stage 5, in {places(worse5)}. "
         f"Not shipped yet: its weights are kept as `{STAGE6_CHECKPOINT}` (stage 4's left the tree; they are in commit "
-        "2d28945's); shipping them means rerunning the 32- and 256-frame profiles, benchmarks/length_schedules.py, "
-        "tiny_pose.py and the screening on a GPU, and this report, together."]
+        f"2d28945's); {SHIPPING}"]
 
 
 def sensitivity(name: str) -> list[str]:
