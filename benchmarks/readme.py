@@ -24,6 +24,8 @@ import profile_head_dtype  # noqa: E402  (its `decide` is the one place the head
 import profile_screening  # noqa: E402  (its GOAL_SPEARMAN: the bar a profile shortcut is held to)
 import models  # noqa: E402  (its PAPER_SPEEDUP: the paper's own speed-ups)
 import speed_all  # noqa: E402  (its `setting`: what a results file was measured with)
+import block_profile  # noqa: E402  (its `kernel_shares`: device time per kernel class)
+import speed  # noqa: E402  (its END_TO_END: the stages that add up to end to end)
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -106,7 +108,53 @@ def speed_section(results: Path) -> str:
     return "\n".join(lines + ["", prose(
         "Each row is the latest run of its configuration (model, schedule, blocks, heads, GPU; for profiles the "
         "options). Every run, in the order measured, with its stages, ceilings and the issue's goals: "
-        + ", ".join(f"`{name[:-5]}.md`" for name in earlier) + " in `benchmarks/results/`.")])
+        + ", ".join(f"`{name[:-5]}.md`" for name in earlier) + " in `benchmarks/results/`."), "",
+        *stage_bounds(results)])
+
+
+BOUNDS_RUN = "speed-all-spans.json"  # the latest run of the paper rule at 1000 frames with compiled blocks
+BOUNDS_PROFILES = {"vggt-1b": "block-profile-vggt-1b-1000-h100-write.json"}  # block_profile.py runs by model
+BOUND_PARTS = {"frame blocks": ("frame block, compiled", "compiled frame block"),  # stage: (profile part, label)
+               "global blocks": ("global block, compiled", "compiled global block"),
+               "heads": ("heads", "call of the DPT heads (fp32, eager)")}
+COMPUTE_KERNELS = ("attention", "convolution", "matrix product")
+
+
+def stage_bounds(results: Path) -> list[str]:
+    """What bounds each stage of BOUNDS_RUN's paper-rule rows at speed_all's GOAL_FRAMES that runs below its
+    GOAL_CEILING_SHARE of the ceiling (the share speed_all stored with the row): the share of the matching block-profile part's kernel time in memory-bound
+    kernels (which the FLOP model does not count), and where the compute-bound kernels alone would put the stage."""
+    if not (results / BOUNDS_RUN).is_file():
+        return []
+    run = load(results, BOUNDS_RUN)
+    items = []
+    for row in run["rows"]:
+        if row["kind"] != "speed" or row["schedule"] != "paper" or row["frames"] != speed_all.GOAL_FRAMES:
+            continue
+        name = BOUNDS_PROFILES.get(row["model"])
+        profile = load(results, name) if name else None
+        for stage in speed.END_TO_END:
+            share = row["predicted"]["ceiling_fraction"][stage]
+            part, label = BOUND_PARTS.get(stage, (None, None))
+            if share >= speed_all.GOAL_CEILING_SHARE:
+                continue
+            if profile is None or part not in profile["kernels"]:
+                items.append(f"- {row['model']} {stage}, {share:.0%} of its ceiling: not in a block profile yet.")
+                continue
+            shares = block_profile.kernel_shares(profile["kernels"][part])
+            memory = 1 - sum(shares[label] for label in COMPUTE_KERNELS)
+            tf32 = part == "heads" and profile["tf32"]["cudnn"]
+            items.append(prose(
+                f"- {row['model']} {stage}, {share:.0%} of its ceiling: {memory:.0%} of the kernel time of a {label} "
+                f"(`{name[:-5]}.md`) is in memory-bound kernels (normalisation, upsampling, elementwise and copies), "
+                f"which the FLOP model does not count; its compute-bound kernels alone would put the stage at "
+                f"{share / (1 - memory):.0%}" + (", and its convolutions run in TF32, as upstream's fp32 heads do, "
+                                                 "at half the bf16 rate" if tf32 else "") + ".", indent="  "))
+    if not items:
+        return []
+    return [prose(f"What bounds each stage below {speed_all.GOAL_CEILING_SHARE:.0%} of its ceiling at "
+                  f"{speed_all.GOAL_FRAMES} frames under the paper rule (`{BOUNDS_RUN[:-5]}.md`; the shares come from "
+                  "one profiled call of each part, measured whole):"), "", *items]
 
 
 def speed_order(key: tuple) -> tuple:

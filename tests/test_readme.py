@@ -197,3 +197,24 @@ def test_speed_rows_of_the_one_gpu_benchmark_at_1000_frames_only(tmp_path):
         table.index("| VGGT-1B + paper rule, 1000 frames, eager blocks") < table.index("| profile-layers")
     assert "`speed-all-eager.md`, `speed-all.md`, `speed-all-h100.md` in `benchmarks/results/`" in " ".join(
         table.split())
+
+
+def test_stage_bounds_name_the_memory_bound_share_of_each_slow_stage(tmp_path):
+    assert readme.stage_bounds(tmp_path) == []  # no run, no sentence
+    shares = {"encoder": 0.7, "frame blocks": 0.5, "global blocks": 0.65, "heads": 0.2}
+    rows = [{"kind": "speed", "model": model, "frames": 1000, "schedule": "paper",
+             "predicted": {"ceiling_fraction": shares}} for model in ("vggt-1b", "pi3")]
+    (tmp_path / readme.BOUNDS_RUN).write_text(json.dumps({"rows": rows}))
+    kernels = {"frame block, compiled": [{"name": "nvjet_sm90_tst_bias_TNT", "calls": 4, "ms": 60.0},
+                                         {"name": "vectorized_layer_norm_kernel", "calls": 4, "ms": 40.0}],
+               "heads": [{"name": "cudnn_generated_fprop_conv", "calls": 2, "ms": 25.0},
+                         {"name": "upsample_bilinear2d_out_frame", "calls": 2, "ms": 75.0}]}
+    (tmp_path / readme.BOUNDS_PROFILES["vggt-1b"]).write_text(json.dumps({"tf32": {"cudnn": True},
+                                                                          "kernels": kernels}))
+    text = " ".join(" ".join(readme.stage_bounds(tmp_path)).split())
+    assert "vggt-1b encoder" not in text and "global blocks" not in text  # at or above 60%
+    assert "vggt-1b frame blocks, 50% of its ceiling: 40% of the kernel time" in text
+    assert "alone would put the stage at 83%." in text  # 0.5 / 0.6
+    assert "vggt-1b heads, 20% of its ceiling: 75% of the kernel time" in text
+    assert "alone would put the stage at 80%, and its convolutions run in TF32" in text  # 0.2 / 0.25
+    assert "pi3 frame blocks, 50% of its ceiling: not in a block profile yet." in text
