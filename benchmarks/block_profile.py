@@ -1,8 +1,9 @@
-"""Where one block's time goes: the kernels of one frame block, one reduced global block and the heads of VGGT-1B at
---frames frames (torch.profiler, CUDA time per kernel name), beside variants timed whole on the same inputs: each
-SDPA backend forced, and the model compiled (`blocks.compile_model`: the first, compiling call and the compiled
-time). And the bf16 path's own noise, which decides what may become a default: bf16 against fp32 outputs of random
-VGGT-1B and of the shipped vggt-tiny, and compiled against eager in bf16.
+"""Where one block's time goes: the kernels of one encoder block (DINOv2's; vggt-tiny has none), one frame block, one
+reduced global block and the heads of VGGT-1B at --frames frames (torch.profiler, CUDA time per kernel name), beside
+variants timed whole on the same inputs: each SDPA backend forced, and the model compiled (`blocks.compile_model`: the
+first, compiling call and the compiled time, and each part's kernels compiled). And the bf16 path's own noise, which
+decides what may become a default: bf16 against fp32 outputs of random VGGT-1B and of the shipped vggt-tiny, and
+compiled against eager in bf16.
 
     python benchmarks/block_profile.py --frames 1000 --out $OUT/block-profile-vggt-1b-1000.json
 
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = torch.randn(args.frames, per_frame, config.embed_dim, device=device, generator=generator)
     pos = model.prepare(torch.rand(1, 2, 3, config.img_size, config.img_size, device=device)).extras["pos"]
     frame_block, global_block = model.aggregator.frame_blocks[0], model.aggregator.global_blocks[0]
+    encoder_blocks = model.aggregator.patch_embed.blocks  # DINOv2's (vggt-tiny has none)
     result = {**provenance.record(__file__, argv, device), "frames": args.frames, "repeats": args.repeats,
               "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
               "times_s": {}, "kernels": {}}
@@ -214,7 +216,15 @@ def main(argv: list[str] | None = None) -> dict:
         with compute_autocast(device.type, torch.bfloat16):
             return block(tokens, pos=pos)
 
+    def encoder_run():
+        with compute_autocast(device.type, torch.bfloat16):
+            return encoder_blocks[0](tokens)
+
+    encoder = [("encoder block", encoder_run)] if len(encoder_blocks) else []
     with torch.inference_mode():
+        for label, fn in encoder:
+            result["kernels"][label] = kernel_table(device, fn)
+            times[f"{label}, shipped"] = timed(device, fn, args.repeats)
         result["kernels"]["frame block"] = kernel_table(device, frame_run)
         times["frame block, shipped"] = timed(device, frame_run, args.repeats)
         for label, backend in BACKENDS.items():
@@ -252,14 +262,15 @@ def main(argv: list[str] | None = None) -> dict:
             compile_model(model)
             handle = apply_schedule(model, schedule)
             handle.set_layout(layout)
-            for label, fn in (("frame block", frame_run), ("global block", global_run), ("heads", decode)):
+            compiled = [*encoder, ("frame block", frame_run), ("global block", global_run), ("heads", decode)]
+            for label, fn in compiled:
                 times[f"{label}, compiled: first call"] = first_call(device, fn)
                 times[f"{label}, compiled"] = timed(device, fn, args.repeats)
             compute_heads = lambda: model.decode(state, images, model.compute_dtype)  # noqa: E731
             times["heads, compute dtype, compiled: first call"] = first_call(device, compute_heads)
             times["heads, compute dtype, compiled"] = timed(device, compute_heads, args.repeats)
-            result["kernels"]["frame block, compiled"] = kernel_table(device, frame_run)
-            result["kernels"]["global block, compiled"] = kernel_table(device, global_run)
+            for label, fn in compiled:
+                result["kernels"][f"{label}, compiled"] = kernel_table(device, fn)
             result["kernels"]["heads, compute dtype, compiled"] = kernel_table(device, compute_heads)
             handle.remove()
     print("\n".join(f"{key}: {value}" for key, value in times.items()), flush=True)

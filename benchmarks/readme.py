@@ -114,9 +114,12 @@ def speed_section(results: Path) -> str:
 
 BOUNDS_RUN = "speed-all-spans.json"  # the latest run of the paper rule at 1000 frames with compiled blocks
 BOUNDS_PROFILES = {"vggt-1b": "block-profile-vggt-1b-1000-h100-write.json"}  # block_profile.py runs by model
-BOUND_PARTS = {"frame blocks": ("frame block, compiled", "compiled frame block"),  # stage: (profile part, label)
-               "global blocks": ("global block, compiled", "compiled global block"),
-               "heads": ("heads", "call of the DPT heads (fp32, eager)")}
+BOUND_PARTS = {  # stage: (block-profile part, label), the first one a profile holds
+    "encoder": [("encoder block, compiled", "compiled encoder block")],
+    "frame blocks": [("frame block, compiled", "compiled frame block")],
+    "global blocks": [("global block, compiled", "compiled global block")],
+    "heads": [("heads, compiled", "compiled call of the DPT heads (fp32)"),
+              ("heads", "call of the DPT heads (fp32, eager)")]}
 COMPUTE_KERNELS = ("attention", "convolution", "matrix product")
 
 
@@ -135,15 +138,16 @@ def stage_bounds(results: Path) -> list[str]:
         profile = load(results, name) if name else None
         for stage in speed.END_TO_END:
             share = row["predicted"]["ceiling_fraction"][stage]
-            part, label = BOUND_PARTS.get(stage, (None, None))
             if share >= speed_all.GOAL_CEILING_SHARE:
                 continue
-            if profile is None or part not in profile["kernels"]:
+            part, label = next(((part, label) for part, label in BOUND_PARTS[stage]
+                                if profile is not None and part in profile["kernels"]), (None, None))
+            if part is None:
                 items.append(f"- {row['model']} {stage}, {share:.0%} of its ceiling: not in a block profile yet.")
                 continue
             shares = block_profile.kernel_shares(profile["kernels"][part])
             memory = 1 - sum(shares[label] for label in COMPUTE_KERNELS)
-            tf32 = part == "heads" and profile["tf32"]["cudnn"]
+            tf32 = stage == "heads" and profile["tf32"]["cudnn"]
             items.append(prose(
                 f"- {row['model']} {stage}, {share:.0%} of its ceiling: {memory:.0%} of the kernel time of a {label} "
                 f"(`{name[:-5]}.md`) is in memory-bound kernels (normalisation, upsampling, elementwise and copies), "

@@ -55,6 +55,25 @@ def test_a_cpu_smoke_run_writes_its_tables(tmp_path, one_thread):
     assert text.startswith("# Block profile: vggt-tiny, 4 frames") and "heads (2 frames, fp32)" in text
 
 
+def test_a_model_with_encoder_blocks_gets_an_encoder_table(tmp_path, monkeypatch, one_thread):
+    """VGGT-1B's DINOv2 has 24 blocks; vggt-tiny with one added stands in for it on the CPU."""
+    from spark3r.models.blocks import Block
+    from spark3r.models.registry import build_model
+
+    def with_encoder_block(name, device):
+        model = build_model(name, device)
+        model.aggregator.patch_embed.blocks.append(Block(model.config.embed_dim, model.config.num_heads).to(device))
+        return model
+
+    monkeypatch.setattr(profile, "build_model", with_encoder_block)
+    out = tmp_path / "block-profile.json"
+    profile.main(["--model", "vggt-tiny", "--frames", "4", "--head-frames", "2", "--repeats", "1", "--skip-noise",
+                  "--skip-compile", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert list(result["kernels"]) == ["encoder block", "frame block", "global block", "heads"]
+    assert result["kernels"]["encoder block"] and result["times_s"]["encoder block, shipped"] > 0
+
+
 def test_noise_rows_compare_bf16_and_bf16_heads_with_fp32(one_thread):
     row = profile.noise("vggt-tiny", 2, "cpu", compiled=False)
     for key in profile.OUTPUTS:

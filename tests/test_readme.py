@@ -218,3 +218,18 @@ def test_stage_bounds_name_the_memory_bound_share_of_each_slow_stage(tmp_path):
     assert "vggt-1b heads, 20% of its ceiling: 75% of the kernel time" in text
     assert "alone would put the stage at 80%, and its convolutions run in TF32" in text  # 0.2 / 0.25
     assert "pi3 frame blocks, 50% of its ceiling: not in a block profile yet." in text
+
+    # a later profile with the compiled fp32 heads and an encoder block: those parts speak for their stages
+    shares["encoder"] = 0.45
+    (tmp_path / readme.BOUNDS_RUN).write_text(json.dumps({"rows": rows}))
+    kernels["encoder block, compiled"] = [{"name": "nvjet_sm90_tst", "calls": 1, "ms": 75.0},
+                                          {"name": "triton_per_fused_native_layer_norm_0", "calls": 1, "ms": 25.0}]
+    kernels["heads, compiled"] = [{"name": "sm90_xmma_fprop_implicit_gemm", "calls": 1, "ms": 50.0},
+                                  {"name": "upsample_bilinear2d_nhwc_out_frame", "calls": 1, "ms": 50.0}]
+    (tmp_path / readme.BOUNDS_PROFILES["vggt-1b"]).write_text(json.dumps({"tf32": {"cudnn": False},
+                                                                          "kernels": kernels}))
+    text = " ".join(" ".join(readme.stage_bounds(tmp_path)).split())
+    assert "vggt-1b encoder, 45% of its ceiling: 25% of the kernel time of a compiled encoder block" in text
+    assert "alone would put the stage at 60%." in text  # 0.45 / 0.75
+    assert "vggt-1b heads, 20% of its ceiling: 50% of the kernel time of a compiled call of the DPT heads" in text
+    assert "alone would put the stage at 40%." in text and "TF32" not in text  # 0.2 / 0.5
