@@ -116,14 +116,13 @@ RoPE; norm2 + MLP) this many tokens at a time. 1000 frames then never hold a who
 def inference_chunk(x: Tensor, period: int = 1) -> int | None:
     """Tokens per chunk for the token-wise work on x [B, N, C] (a multiple of `period`, the RoPE position period), or
     None where it runs whole: under autograd, or when N fits in one chunk."""
-    batch, tokens = x.shape[:2]
-    chunk = max(1, INFERENCE_TOKEN_CHUNK // (batch * period)) * period
-    return None if torch.is_grad_enabled() or tokens <= chunk else chunk
+    periods = frame_chunk(x.shape[0], -(-x.shape[1] // period), period)
+    return None if periods is None else periods * period
 
 
 def frame_chunk(batch: int, frames: int, per_frame: int) -> int | None:
-    """Frames per chunk for frame-wise work on tokens [B, S, P, C] (at most INFERENCE_TOKEN_CHUNK tokens), or None
-    where it runs whole: under autograd, or when the S frames fit in one chunk."""
+    """Frames per chunk for frame-wise work on tokens [B, S, P, C] (at most INFERENCE_TOKEN_CHUNK tokens, at least one
+    frame), or None where it runs whole: under autograd, or when the S frames fit in one chunk."""
     chunk = max(1, INFERENCE_TOKEN_CHUNK // (batch * per_frame))
     return None if torch.is_grad_enabled() or frames <= chunk else chunk
 
