@@ -1,11 +1,13 @@
 """Where one block's time goes: the kernels of one encoder block (DINOv2's; vggt-tiny has none), one frame block, one
-reduced global block and the heads of VGGT-1B at --frames frames (torch.profiler, CUDA time per kernel name), beside
-variants timed whole on the same inputs: each SDPA backend forced, and the model compiled (`blocks.compile_model`: the
-first, compiling call and the compiled time, and each part's kernels compiled). And the bf16 path's own noise, which
+reduced global block and the heads of VGGT-1B (or of a DA3 model, --model da3-giant) at --frames frames
+(torch.profiler, CUDA time per kernel name), beside variants timed whole on the same inputs: each SDPA backend forced,
+and the model compiled (`blocks.compile_model`: the first, compiling call and the compiled time, and each part's
+kernels compiled). And the bf16 path's own noise, which
 decides what may become a default: bf16 against fp32 outputs of random VGGT-1B and of the shipped vggt-tiny, and
 compiled against eager in bf16.
 
     python benchmarks/block_profile.py --frames 1000 --out $OUT/block-profile-vggt-1b-1000.json
+    python benchmarks/block_profile.py --model da3-giant --frames 1000 --skip-noise --out $OUT/block-profile-da3-giant-1000.json
 
 Random weights (vggt-tiny: the shipped ones); random tokens of the block's input shape (random images for the heads
 and the noise runs). Times: medians of --repeats calls after a warm-up (CUDA events). The profiler tables go to the
@@ -18,6 +20,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -25,8 +28,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from spark3r.commands.arguments import resolve_device
 from spark3r.models.blocks import compile_model, compute_autocast
+from spark3r.models.da3 import DA3
 from spark3r.models.loading import load_model
 from spark3r.models.registry import build_model
+from spark3r.models.vggt import VGGT
 from spark3r.schedule import apply_schedule
 
 HERE = Path(__file__).resolve().parent
@@ -183,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--head-frames", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--model", default="vggt-1b", help="a VGGT-family model (vggt-tiny for a CPU smoke run)")
+    parser.add_argument("--model", default="vggt-1b", help="a VGGT- or DA3-family model (vggt-tiny or da3-tiny for a CPU smoke run)")
     parser.add_argument("--noise-frames", type=int, default=16)
     parser.add_argument("--skip-noise", action="store_true")
     parser.add_argument("--skip-compile", action="store_true")
@@ -193,20 +198,52 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Parts(NamedTuple):
+    """One model's blocks as block_profile runs them: random tokens [frames, per_frame, C] of the trunk's shape, one
+    frame block and the global blocks (by global layer) with the RoPE positions each takes, the encoder blocks run
+    per frame without positions (empty where the encoder is not a stack of blocks), and the heads' image size."""
+
+    tokens: torch.Tensor
+    frame_block: torch.nn.Module
+    frame_pos: torch.Tensor | None
+    global_blocks: list[torch.nn.Module]
+    global_pos: torch.Tensor | None
+    encoder_blocks: list[torch.nn.Module]
+    image_size: tuple[int, int]
+
+
+def model_parts(model, frames: int, device) -> Parts:
+    """VGGT's aggregator (frame_blocks / global_blocks, DINOv2 patch_embed.blocks as the encoder) or DA3's DINOv2
+    (the blocks before the first pair are the encoder, a frame block is an even block from alt_start on)."""
+    if isinstance(model, VGGT):
+        size = (model.config.img_size,) * 2
+    elif isinstance(model, DA3):
+        size = model.config.default_size
+    else:
+        raise SystemExit(f"block_profile runs VGGT- and DA3-family models, not {type(model).__name__}")
+    probe = model.prepare(torch.rand(1, 2, 3, *size, device=device))
+    _, _, per_frame, width = probe.tokens.shape
+    generator = torch.Generator(device).manual_seed(0)
+    tokens = torch.randn(frames, per_frame, width, device=device, generator=generator)
+    if isinstance(model, VGGT):
+        aggregator, pos = model.aggregator, probe.extras["pos"]
+        return Parts(tokens, aggregator.frame_blocks[0], pos, list(aggregator.global_blocks), pos,
+                     list(aggregator.patch_embed.blocks), size)
+    config, blocks = model.config, model.vit.blocks
+    frame_index = next(i for i in range(config.alt_start, config.depth) if i not in config.global_blocks)
+    return Parts(tokens, blocks[frame_index], probe.extras["pos"][None], [blocks[i] for i in config.global_blocks],
+                 probe.extras["pos_global"][None], list(blocks[:model.first_step_block]), size)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(0)
     model = build_model(args.model, device).eval().requires_grad_(False)
     model.compute_dtype = torch.bfloat16
-    config = model.config
-    grid = config.img_size // config.patch_size
-    per_frame = config.n_special + grid * grid
-    generator = torch.Generator(device).manual_seed(0)
-    tokens = torch.randn(args.frames, per_frame, config.embed_dim, device=device, generator=generator)
-    pos = model.prepare(torch.rand(1, 2, 3, config.img_size, config.img_size, device=device)).extras["pos"]
-    frame_block, global_block = model.aggregator.frame_blocks[0], model.aggregator.global_blocks[0]
-    encoder_blocks = model.aggregator.patch_embed.blocks  # DINOv2's (vggt-tiny has none)
+    parts = model_parts(model, args.frames, device)
+    tokens, pos = parts.tokens, parts.frame_pos
+    frame_block, encoder_blocks = parts.frame_block, parts.encoder_blocks
     result = {**provenance.record(__file__, argv, device), "frames": args.frames, "repeats": args.repeats,
               "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
               "times_s": {}, "kernels": {}}
@@ -231,25 +268,25 @@ def main(argv: list[str] | None = None) -> dict:
             times[f"frame block, SDPA {label}"] = timed(device, with_backend(backend, frame_run), args.repeats)
 
         schedule = models.paper_rule(model)
-        layout = model.adapter.layout(torch.empty(1, args.frames, 3, config.img_size, config.img_size, device="meta"))
+        layout = model.adapter.layout(torch.empty(1, args.frames, 3, *parts.image_size, device="meta"))
         reductions = schedule.reductions(args.frames)
         layer = max(range(len(reductions)), key=lambda index: reductions[index].kv_factor)
-        global_block = model.aggregator.global_blocks[layer]
+        global_block = parts.global_blocks[layer]
         result["global layer"], result["global reduction"] = layer, repr(reductions[layer])
-        sequence = tokens.reshape(1, -1, config.embed_dim)
+        sequence = tokens.reshape(1, -1, tokens.shape[-1])
         handle = apply_schedule(model, schedule)
         handle.set_layout(layout)
 
         def global_run():
             with compute_autocast(device.type, torch.bfloat16):
-                return global_block(sequence, pos=pos)
+                return global_block(sequence, pos=parts.global_pos)
 
         result["kernels"]["global block"] = kernel_table(device, global_run)
         times["global block, shipped"] = timed(device, global_run, args.repeats)
         for label, backend in BACKENDS.items():
             times[f"global block, SDPA {label}"] = timed(device, with_backend(backend, global_run), args.repeats)
 
-        images = torch.rand(1, args.head_frames, 3, config.img_size, config.img_size, device=device)
+        images = torch.rand(1, args.head_frames, 3, *parts.image_size, device=device)
         handle.remove()
         state = model.run_steps(model.prepare(images))
         decode = lambda: model.decode(state, images)  # noqa: E731

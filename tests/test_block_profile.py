@@ -82,3 +82,21 @@ def test_noise_rows_compare_bf16_and_bf16_heads_with_fp32(one_thread):
     # the heads in bf16 move depth and points further from fp32; the camera head stays fp32 in both
     assert row["bf16 with bf16 heads vs fp32 depth"] > row["bf16 vs fp32 depth"]
     assert row["bf16 with bf16 heads vs fp32 pose_enc"] == row["bf16 vs fp32 pose_enc"]
+
+
+def test_a_da3_model_runs_its_own_blocks(tmp_path, one_thread):
+    """DA3's DINOv2 blocks: the encoder blocks before the first pair, an even block from alt_start on as the frame
+    block (local RoPE), an odd one as the global block; the heads at the model's default size."""
+    out = tmp_path / "block-profile.json"
+    profile.main(["--model", "da3-tiny", "--frames", "4", "--head-frames", "2", "--repeats", "1", "--skip-noise",
+                  "--skip-compile", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert list(result["kernels"]) == ["encoder block", "frame block", "global block", "heads"]
+    from spark3r.models.registry import build_model
+    model = build_model("da3-tiny", "cpu")
+    parts = profile.model_parts(model, 4, "cpu")
+    blocks = list(model.vit.blocks)
+    config = model.config
+    assert blocks.index(parts.frame_block) == 4 and [blocks.index(b) for b in parts.global_blocks] == [3, 5, 7, 9]
+    assert len(parts.encoder_blocks) == config.global_blocks[0] - 1 and parts.image_size == config.default_size
+    assert parts.tokens.shape == (4, 1 + (42 // 14) * (56 // 14), config.embed_dim)
