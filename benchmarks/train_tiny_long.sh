@@ -34,6 +34,12 @@
 #   RUN=/root/s6 MINUTES=8 INIT=benchmarks/checkpoints/vggt-tiny-long-stage5.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=3e-4 WARMUP=100 SEED=6 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
 #       RELATIVE_WEIGHT=5 RELATIVE_OFFSETS=1,2,4,8,16,32,64,128 bash benchmarks/train_tiny_long.sh
+# Stage 7: stage 6's weights trained on with stage 6's settings, a new seed and a lower peak learning rate, 12 min on
+# one H100 at commit c6bac26 (results/train-vggt-tiny-long-s7.log; its weights are
+# benchmarks/checkpoints/vggt-tiny-long-stage7.safetensors; stage 5's left the tree, they are in commit a37238a's):
+#   RUN=/root/s7 MINUTES=12 INIT=benchmarks/checkpoints/vggt-tiny-long-stage6.safetensors MAX_FRAMES=256 \
+#       FRAMES_PER_STEP=1024 LR=2e-4 WARMUP=100 SEED=7 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
+#       RELATIVE_WEIGHT=5 RELATIVE_OFFSETS=1,2,4,8,16,32,64,128 bash benchmarks/train_tiny_long.sh
 # ARC_SHARE=0.25 makes a quarter of the steps short arcs (stage 2 had arcs in 3% of its steps and lost them).
 # HEAD_DTYPE=compute runs the DPT heads under autocast to the trunk's bf16 in training (default fp32, as upstream).
 # COMPILE=1 compiles the transformer blocks (train_tiny --compile; the DPT heads stay eager).
