@@ -155,6 +155,7 @@ def timed_run(model, images, device, assembled: bool, attention: ModuleTimer | N
             stage_peaks[stage].append(peak)
     if attention is not None:
         seconds["global attention modules"] = scale * attention.take()
+    finished = finished.heads_only()  # as the model's forward: the residual stream goes before the heads
     _, seconds["heads"], decode_peak = measure(device, lambda: model.decode(finished, images, model.decode_dtype()))
     stage_peaks["heads"].append(decode_peak)
     stage_peaks = {stage: max(peaks) for stage, peaks in stage_peaks.items() if peaks and None not in peaks}

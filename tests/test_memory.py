@@ -9,7 +9,7 @@ from torch import nn
 from spark3r.data import open_clips
 from spark3r.models.base import pair_tap
 from spark3r.models.registry import build_model, get_entry
-from support import PeakBytes
+from support import PeakBytes, load_benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,3 +61,55 @@ def test_a_chunked_tap_holds_no_whole_copy_of_its_halves():
     chunk_bytes = half_bytes // 20  # 2 of 40 frames of one float64 half
     assert tap.numel() * tap.element_size() == half_bytes  # 2C float32 = C float64
     assert half_bytes <= memory.peak <= half_bytes + 4 * chunk_bytes
+
+
+@pytest.mark.parametrize("name", ["vggt-tiny", "pi3-tiny", "da3-tiny", "vggt-omega-tiny"])
+def test_forward_lets_the_residual_stream_go_before_the_heads(name):
+    """The heads read the taps and extras only: the finished tokens are not alive while they run, and the outputs
+    equal those of a decode given the whole finished state."""
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    images = open_clips("synthetic:1:7", preprocess=get_entry(name).recipe(), frames=3)[0].images[None]
+    finished, alive_in_heads = [], []
+    run_steps, decode = model.run_steps, model.decode
+
+    def remembered(state, stop=None):
+        state = run_steps(state, stop)
+        if state.step == model.num_steps:
+            finished.append(weakref.ref(state.tokens))
+        return state
+
+    def watched(state, *args):
+        alive_in_heads.append(finished[-1]() is not None)
+        return decode(state, *args)
+
+    model.run_steps, model.decode = remembered, watched
+    with torch.no_grad():
+        out = model(images)
+        whole = decode(run_steps(model.prepare(images)), images)
+    assert alive_in_heads == [False]
+    assert out.keys() == whole.keys() and all(torch.equal(out[key], whole[key]) for key in out)
+
+
+def test_the_speed_benchmark_times_the_heads_without_the_residual_stream():
+    """benchmarks/speed.py's timed_run measures the forward's memory: the finished tokens are gone in the heads too."""
+    speed = load_benchmark("speed")
+    model = build_model("vggt-tiny").eval()
+    images = open_clips("synthetic:1:7", preprocess=get_entry("vggt-tiny").recipe(), frames=3)[0].images[None]
+    finished, alive_in_heads = [], []
+    run_steps, decode = model.run_steps, model.decode
+
+    def remembered(state, stop=None):
+        state = run_steps(state, stop)
+        if state.step == model.num_steps:
+            finished.append(weakref.ref(state.tokens))
+        return state
+
+    def watched(state, *args):
+        alive_in_heads.append(finished[-1]() is not None)
+        return decode(state, *args)
+
+    model.run_steps, model.decode = remembered, watched
+    with torch.no_grad():
+        speed.timed_run(model, images, torch.device("cpu"), assembled=False, attention=None)
+    assert alive_in_heads == [False]
