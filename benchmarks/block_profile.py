@@ -57,25 +57,38 @@ def kernel_table(device, fn, rows: int = 25) -> list[dict]:
     return [{"name": event.key[:90], "calls": event.count, "ms": self_us(event) / 1e3} for event in averages[:rows]]
 
 
-# kernel classes by name, first match wins (cuDNN's fused attention kernels also say "fprop")
+# kernel classes by name, first match wins (cuDNN's fused attention kernels also say "fprop"); the first three are
+# compute-bound (COMPUTE_KERNELS)
 KERNEL_CLASSES = (("attention", ("sdpa", "flash", "fmha", "attention")),
                   ("convolution", ("fprop", "dgrad", "conv")),
                   ("matrix product", ("gemm", "nvjet", "addmm", "aten::mm", "bmm", "matmul")),
                   ("normalisation (+ fused RoPE)", ("layer_norm",)),
-                  ("upsampling", ("upsample",)))
+                  ("upsampling", ("upsample", "_unsafe_index")))
+COMPUTE_KERNELS = tuple(label for label, _ in KERNEL_CLASSES[:3])
 OTHER_KERNELS = "other (elementwise, copies)"
+FUSED_POINTWISE = ("triton_poi", "triton_red", "triton_per")
+"""Inductor's generated pointwise and reduction kernels: memory-bound whatever ops their names list (a conv's bias
+and ReLU fused into an upsampling kernel is named after the convolution)."""
 
 
 def kernel_class(name: str) -> str:
-    """The class of a profiled kernel's name (KERNEL_CLASSES, else OTHER_KERNELS)."""
+    """The class of a profiled kernel's name (KERNEL_CLASSES, else OTHER_KERNELS); an inductor pointwise or reduction
+    kernel (FUSED_POINTWISE) is never a compute-bound class."""
     lowered = name.lower()
-    return next((label for label, keys in KERNEL_CLASSES if any(key in lowered for key in keys)), OTHER_KERNELS)
+    classes = KERNEL_CLASSES[len(COMPUTE_KERNELS):] if lowered.startswith(FUSED_POINTWISE) else KERNEL_CLASSES
+    return next((label for label, keys in classes if any(key in lowered for key in keys)), OTHER_KERNELS)
+
+
+NOT_KERNELS = ("Command Buffer Full", "Lazy Function Loading")
+"""Rows the CUDA profiler adds for time the host waited (a full launch queue, a module loaded), not run on the GPU."""
 
 
 def table_kernels(rows: list[dict]) -> set[tuple[str, int, float]]:
-    """(name, calls, ms) of a table's kernel rows: an aten:: op row repeats the time of its kernels, and a compiled
-    kernel's launch and the kernel itself show as two equal rows. A CPU profile has op rows only: those."""
-    kernels = {(row["name"], row["calls"], row["ms"]) for row in rows if not row["name"].startswith("aten::")}
+    """(name, calls, ms) of a table's kernel rows: an aten:: op row repeats the time of its kernels, a compiled
+    kernel's launch and the kernel itself show as two equal rows, and NOT_KERNELS are waits. A CPU profile has op rows
+    only: those."""
+    kernels = {(row["name"], row["calls"], row["ms"]) for row in rows
+               if not row["name"].startswith("aten::") and row["name"] not in NOT_KERNELS}
     return kernels or {(row["name"], row["calls"], row["ms"]) for row in rows}
 
 
