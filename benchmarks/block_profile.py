@@ -46,9 +46,12 @@ OUTPUTS = ("depth", "points", "pose_enc")
 
 
 def kernel_table(device, fn, rows: int = 25) -> list[dict]:
-    """One profiled fn() call: the `rows` kernels / ops with the most self time on the device (CUDA time; CPU time off
-    CUDA), each {"name", "calls", "ms"}. On CUDA an aten:: op's row repeats the time of the kernels it launched."""
+    """One profiled fn() call after an unprofiled one (which autotunes the Triton kernels and loads the modules): the
+    `rows` kernels / ops with the most self time on the device (CUDA time; CPU time off CUDA), each {"name", "calls",
+    "ms"}. On CUDA an aten:: op's row repeats the time of the kernels it launched."""
     cuda = device.type == "cuda"
+    fn()
+    synchronize(device)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
         synchronize(device)
