@@ -379,8 +379,8 @@ def tiny_model_section(results: Path) -> str:
     return "\n".join(lines)
 
 
-BEST_UNSHIPPED_TINY = ("stage 6", "eval-vggt-tiny-long-s6-cpu.json",
-                       "benchmarks/checkpoints/vggt-tiny-long-stage6.safetensors")
+BEST_UNSHIPPED_TINY = ("stage 7", "eval-vggt-tiny-long-s7-cpu.json",
+                       "benchmarks/checkpoints/vggt-tiny-long-stage7.safetensors")
 
 
 @section("tiny-long")
