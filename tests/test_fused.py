@@ -190,3 +190,15 @@ def test_the_fused_path_is_taken_only_on_cuda_for_the_dtypes_it_takes(fused):
     assert fused.supports(torch.zeros(2, 64, dtype=torch.bfloat16))
     assert not fused.supports(torch.zeros(2, 64, dtype=torch.float64))
     assert not fused.supports(torch.zeros(2, 1024))  # the attention input as the metric: wider than the kernels hold
+
+
+def test_slot_members_list_each_slots_tokens_in_token_order(fused):
+    """order / starts / counts against a loop over the slots: each slot's tokens, ascending (the stable sort)."""
+    slot = torch.randint(0, 7, (2, 50), generator=torch.Generator().manual_seed(11))
+    order, starts, counts = fused.slot_members(slot, 7)
+    assert order.dtype == starts.dtype == counts.dtype == torch.int32
+    for batch in range(2):
+        for index in range(7):
+            members = [token for token in range(50) if slot[batch, token] == index]
+            start, count = starts[batch, index].item(), counts[batch, index].item()
+            assert count == len(members) and order[batch, start:start + count].tolist() == members

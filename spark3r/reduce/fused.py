@@ -201,8 +201,8 @@ def slot_members(slot: Tensor, n_q: int) -> tuple[Tensor, Tensor, Tensor]:
     counts = torch.zeros(slot.shape[0], n_q, dtype=torch.int32, device=slot.device)
     counts.scatter_add_(1, slot, torch.ones(slot.shape, dtype=torch.int32, device=slot.device))
     starts = (counts.cumsum(1, dtype=torch.int32) - counts).contiguous()
-    order = torch.argsort(slot, dim=1, stable=True).to(torch.int32)
-    return order, starts, counts
+    order = torch.argsort(slot.to(torch.int32), dim=1, stable=True).to(torch.int32)  # 32-bit keys: half the radix
+    return order, starts, counts                                                      # passes of long ones
 
 
 def merge_queries(q: Tensor, slot: Tensor, n_q: int) -> Tensor:
