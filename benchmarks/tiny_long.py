@@ -392,35 +392,46 @@ STAGE6_COMMAND = (f"RUN=/root/s6 MINUTES=8 INIT={STAGE5_CHECKPOINT} MAX_FRAMES=2
                   "RELATIVE_OFFSETS=1,2,4,8,16,32,64,128 bash benchmarks/train_tiny_long.sh")
 
 
+def later_stage(stage: int, previous_tag: str, intro: str, commands: list[str], closing: str) -> list[str]:
+    """The section of a stage trained on from the stage before it, from its result files: `intro`, the `commands`,
+    its training log's held-out evaluations, the fp32 evaluation beside the shipped stage 2 and the stage before
+    (`eval-vggt-tiny-long-<previous_tag>.json`), the bf16 one on the GPU, the issue's bars, the drift, where it is
+    worse than either, then `closing`."""
+    label, previous = f"stage {stage}", f"stage {stage - 1}"
+    log = RESULTS / f"train-vggt-tiny-long-s{stage}.log"
+    reports = {name: json.loads((RESULTS / f"eval-vggt-tiny-long-{tag}.json").read_text())
+               for name, tag in (("stage 2", "s2-cpu"), (previous, previous_tag), (label, f"s{stage}-cpu"))}
+    on_gpu = by_length(json.loads((RESULTS / f"eval-vggt-tiny-long-s{stage}-h100.json").read_text()))
+    worse2, worse_previous = (worse_than(reports[label], reports[name]) for name in ("stage 2", previous))
+    return [
+        intro, "", "```bash", *commands, "```", "",
+        f"Log `{log.name}` ({trained(log)}). Its periodic held-out evaluation at 256 frames "
+        "(synthetic:16:999:walk, bf16):", "",
+        *held_out_table(held_out_evals(log)), "",
+        ended_at(f"Stage {stage - 1}", RESULTS / f"train-vggt-tiny-long-s{stage - 1}.log"), "",
+        f"Stages 2, {stage - 1} and {stage} on the held-out walks ({reports[label]['clips']}, dense, fp32; stage "
+        f"{stage} {reports[label]['device_name']}, `eval-vggt-tiny-long-s{stage}-cpu.json`):", "",
+        *stages_compared(reports), "",
+        f"In bf16 on the H100 (`eval-vggt-tiny-long-s{stage}-h100.json`, 8 and {max(on_gpu)} frames) stage {stage} "
+        "has rotation error " + " and ".join(f"{on_gpu[f]['rotation_deg']:.2f} deg, AUC@30 {on_gpu[f]['auc30']:.3f} "
+                                             f"at {f}" for f in sorted(on_gpu)) + ".", "",
+        f"### Stage {stage}: the issue's bars", "", *bars(reports[label]), "",
+        *drift_lines(f"drift-vggt-tiny-long-s{stage}-256.json"), "",
+        f"Against the shipped stage 2, stage {stage} is worse in {places(worse2)}. Against stage {stage - 1}, in "
+        f"{places(worse_previous)}. " + closing]
+
+
 def stage6() -> list[str]:
     """Stage 6 from stage 5's weights with the relative-pose loss reaching pairs 64 and 128 frames apart, 11.3 min on
-    one H100; not shipped yet."""
-    log = RESULTS / "train-vggt-tiny-long-s6.log"
-    reports = {label: json.loads((RESULTS / f"eval-vggt-tiny-long-{tag}.json").read_text())
-               for label, tag in (("stage 2", "s2-cpu"), ("stage 5", "s5-h100"), ("stage 6", "s6-cpu"))}
-    on_gpu = json.loads((RESULTS / "eval-vggt-tiny-long-s6-h100.json").read_text())
-    worse2, worse5 = (worse_than(reports["stage 6"], reports[label]) for label in ("stage 2", "stage 5"))
-    long = max(by_length(reports["stage 6"]))
-    bf16 = by_length(on_gpu)
-    return [
+    one H100; not shipped."""
+    return later_stage(6, "s5-h100", (
         "Stage 5 had plateaued at 256 frames and its drift analysis put the error on the frames far from frame 0 "
         f"(above). Stage 6 trains stage 5's weights on with the relative-pose pairs reaching {64} and {128} frames "
         "apart as well (`--relative-offsets`; stage 5 stopped at 32), a new seed, otherwise stage 5's settings, on one "
         "NVIDIA H100 (commit 2d28945): 8 min, then resumed from its checkpoint with the limit raised to 11.3 min (the "
-        "learning rate follows the minutes, so it rose again to about 4e-5 and decayed).", "",
-        "```bash", STAGE6_COMMAND, "# then the same with MINUTES=11.3", "```", "",
-        f"Log `train-vggt-tiny-long-s6.log` ({trained(log)}). Its periodic held-out evaluation at 256 frames "
-        "(synthetic:16:999:walk, bf16):", "",
-        *held_out_table(held_out_evals(log)), "", ended_at("Stage 5", RESULTS / "train-vggt-tiny-long-s5.log"), "",
-        f"Stages 2, 5 and 6 on the held-out walks ({reports['stage 6']['clips']}, dense, fp32; stage 6 "
-        f"{reports['stage 6']['device_name']}, `eval-vggt-tiny-long-s6-cpu.json`):", "", *stages_compared(reports), "",
-        f"In bf16 on the H100 (`eval-vggt-tiny-long-s6-h100.json`, 8 and {long} frames) stage 6 has rotation error "
-        + " and ".join(f"{bf16[f]['rotation_deg']:.2f} deg, AUC@30 {bf16[f]['auc30']:.3f} at {f}" for f in sorted(bf16))
-        + ".", "",
-        "### Stage 6: the issue's bars", "", *bars(reports["stage 6"]), "",
-        *drift_lines("drift-vggt-tiny-long-s6-256.json"), "",
-        f"Against the shipped stage 2, stage 6 is worse in {places(worse2)}. Against stage 5, in {places(worse5)}. "
-        f"Not shipped: its weights are kept as `{STAGE6_CHECKPOINT}`, which stage 7 starts from."]
+        "learning rate follows the minutes, so it rose again to about 4e-5 and decayed)."),
+        [STAGE6_COMMAND, "# then the same with MINUTES=11.3"],
+        f"Not shipped: its weights are kept as `{STAGE6_CHECKPOINT}`, which stage 7 starts from.")
 
 
 STAGE7_CHECKPOINT = "benchmarks/checkpoints/vggt-tiny-long-stage7.safetensors"
@@ -432,32 +443,15 @@ STAGE7_COMMAND = (f"RUN=/root/s7 MINUTES=12 INIT={STAGE6_CHECKPOINT} MAX_FRAMES=
 def stage7() -> list[str]:
     """Stage 7: stage 6's weights trained on with its settings, a new seed and a lower peak learning rate, 12 min on
     one H100; not shipped yet."""
-    log, log6 = RESULTS / "train-vggt-tiny-long-s7.log", RESULTS / "train-vggt-tiny-long-s6.log"
-    reports = {label: json.loads((RESULTS / f"eval-vggt-tiny-long-{tag}.json").read_text())
-               for label, tag in (("stage 2", "s2-cpu"), ("stage 6", "s6-cpu"), ("stage 7", "s7-cpu"))}
-    on_gpu = json.loads((RESULTS / "eval-vggt-tiny-long-s7-h100.json").read_text())
-    worse2, worse6 = (worse_than(reports["stage 7"], reports[label]) for label in ("stage 2", "stage 6"))
-    long = max(by_length(reports["stage 7"]))
-    first6, first7 = held_out_evals(log6)[0], held_out_evals(log)[0]
-    bf16 = by_length(on_gpu)
-    return [
+    first6 = held_out_evals(RESULTS / "train-vggt-tiny-long-s6.log")[0]
+    first7 = held_out_evals(RESULTS / "train-vggt-tiny-long-s7.log")[0]
+    return later_stage(7, "s6-cpu", (
         "Stage 7 trains stage 6's weights on with stage 6's settings, a new seed and a peak learning rate of 2e-4 "
         "instead of 3e-4, 12 min on one NVIDIA H100 (commit c6bac26): at 3e-4 stage 6 "
         f"first lost ground ({first6['rotation_deg']:.2f} deg at step {first6['step']} against stage 5's end), at 2e-4 "
-        f"stage 7 stood at {first7['rotation_deg']:.2f} deg at step {first7['step']}.", "",
-        "```bash", STAGE7_COMMAND, "```", "",
-        f"Log `train-vggt-tiny-long-s7.log` ({trained(log)}). Its periodic held-out evaluation at 256 frames "
-        "(synthetic:16:999:walk, bf16):", "",
-        *held_out_table(held_out_evals(log)), "", ended_at("Stage 6", log6), "",
-        f"Stages 2, 6 and 7 on the held-out walks ({reports['stage 7']['clips']}, dense, fp32; stage 7 "
-        f"{reports['stage 7']['device_name']}, `eval-vggt-tiny-long-s7-cpu.json`):", "", *stages_compared(reports), "",
-        f"In bf16 on the H100 (`eval-vggt-tiny-long-s7-h100.json`, 8 and {long} frames) stage 7 has rotation error "
-        + " and ".join(f"{bf16[f]['rotation_deg']:.2f} deg, AUC@30 {bf16[f]['auc30']:.3f} at {f}" for f in sorted(bf16))
-        + ".", "",
-        "### Stage 7: the issue's bars", "", *bars(reports["stage 7"]), "",
-        *drift_lines("drift-vggt-tiny-long-s7-256.json"), "",
-        f"Against the shipped stage 2, stage 7 is worse in {places(worse2)}. Against stage 6, in {places(worse6)}. "
-        f"Not shipped yet: its weights are kept as `{STAGE7_CHECKPOINT}`; {SHIPPING}"]
+        f"stage 7 stood at {first7['rotation_deg']:.2f} deg at step {first7['step']}."),
+        [STAGE7_COMMAND],
+        f"Not shipped yet: its weights are kept as `{STAGE7_CHECKPOINT}`; {SHIPPING}")
 
 
 def sensitivity(name: str) -> list[str]:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_forward_lets_the_prepared_tokens_go_after_the_first_step(name):
     torch.manual_seed(0)
     model = build_model(name).eval()
-    images = open_clips("synthetic:1:7", preprocess=get_entry(name).recipe(), frames=3)[0].images[None]
+    images = clip_images(name)
     prepared, alive_at_last_layer = [], []
     prepare = model.prepare
 
@@ -63,13 +63,8 @@ def test_a_chunked_tap_holds_no_whole_copy_of_its_halves():
     assert half_bytes <= memory.peak <= half_bytes + 4 * chunk_bytes
 
 
-@pytest.mark.parametrize("name", ["vggt-tiny", "pi3-tiny", "da3-tiny", "vggt-omega-tiny"])
-def test_forward_lets_the_residual_stream_go_before_the_heads(name):
-    """The heads read the taps and extras only: the finished tokens are not alive while they run, and the outputs
-    equal those of a decode given the whole finished state."""
-    torch.manual_seed(0)
-    model = build_model(name).eval()
-    images = open_clips("synthetic:1:7", preprocess=get_entry(name).recipe(), frames=3)[0].images[None]
+def watch_finished_tokens(model) -> list[bool]:
+    """Patch `model` so that each decode call appends whether the tokens of the last finished trunk state are alive."""
     finished, alive_in_heads = [], []
     run_steps, decode = model.run_steps, model.decode
 
@@ -84,9 +79,24 @@ def test_forward_lets_the_residual_stream_go_before_the_heads(name):
         return decode(state, *args)
 
     model.run_steps, model.decode = remembered, watched
+    return alive_in_heads
+
+
+def clip_images(name: str):
+    return open_clips("synthetic:1:7", preprocess=get_entry(name).recipe(), frames=3)[0].images[None]
+
+
+@pytest.mark.parametrize("name", ["vggt-tiny", "pi3-tiny", "da3-tiny", "vggt-omega-tiny"])
+def test_forward_lets_the_residual_stream_go_before_the_heads(name):
+    """The heads read the taps and extras only: the finished tokens are not alive while they run, and the outputs
+    equal those of a decode given the whole finished state."""
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    images = clip_images(name)
     with torch.no_grad():
+        whole = model.decode(model.run_steps(model.prepare(images)), images)
+        alive_in_heads = watch_finished_tokens(model)
         out = model(images)
-        whole = decode(run_steps(model.prepare(images)), images)
     assert alive_in_heads == [False]
     assert out.keys() == whole.keys() and all(torch.equal(out[key], whole[key]) for key in out)
 
@@ -95,21 +105,7 @@ def test_the_speed_benchmark_times_the_heads_without_the_residual_stream():
     """benchmarks/speed.py's timed_run measures the forward's memory: the finished tokens are gone in the heads too."""
     speed = load_benchmark("speed")
     model = build_model("vggt-tiny").eval()
-    images = open_clips("synthetic:1:7", preprocess=get_entry("vggt-tiny").recipe(), frames=3)[0].images[None]
-    finished, alive_in_heads = [], []
-    run_steps, decode = model.run_steps, model.decode
-
-    def remembered(state, stop=None):
-        state = run_steps(state, stop)
-        if state.step == model.num_steps:
-            finished.append(weakref.ref(state.tokens))
-        return state
-
-    def watched(state, *args):
-        alive_in_heads.append(finished[-1]() is not None)
-        return decode(state, *args)
-
-    model.run_steps, model.decode = remembered, watched
+    alive_in_heads = watch_finished_tokens(model)
     with torch.no_grad():
-        speed.timed_run(model, images, torch.device("cpu"), assembled=False, attention=None)
+        speed.timed_run(model, clip_images("vggt-tiny"), torch.device("cpu"), assembled=False, attention=None)
     assert alive_in_heads == [False]
