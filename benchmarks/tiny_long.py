@@ -392,11 +392,12 @@ STAGE6_COMMAND = (f"RUN=/root/s6 MINUTES=8 INIT={STAGE5_CHECKPOINT} MAX_FRAMES=2
                   "RELATIVE_OFFSETS=1,2,4,8,16,32,64,128 bash benchmarks/train_tiny_long.sh")
 
 
-def later_stage(stage: int, previous_tag: str, intro: str, commands: list[str], closing: str) -> list[str]:
+def later_stage(stage: int, previous_tag: str, intro: str, commands: list[str], closing: str,
+                sections: list[str] = ()) -> list[str]:
     """The section of a stage trained on from the stage before it, from its result files: `intro`, the `commands`,
     its training log's held-out evaluations, the fp32 evaluation beside the shipped stage 2 and the stage before
-    (`eval-vggt-tiny-long-<previous_tag>.json`), the bf16 one on the GPU, the issue's bars, the drift, where it is
-    worse than either, then `closing`."""
+    (`eval-vggt-tiny-long-<previous_tag>.json`), the bf16 one on the GPU, the issue's bars, the drift, any further
+    `sections`, where it is worse than either, then `closing`."""
     label, previous = f"stage {stage}", f"stage {stage - 1}"
     log = RESULTS / f"train-vggt-tiny-long-s{stage}.log"
     reports = {name: json.loads((RESULTS / f"eval-vggt-tiny-long-{tag}.json").read_text())
@@ -416,7 +417,7 @@ def later_stage(stage: int, previous_tag: str, intro: str, commands: list[str], 
         "has rotation error " + " and ".join(f"{on_gpu[f]['rotation_deg']:.2f} deg, AUC@30 {on_gpu[f]['auc30']:.3f} "
                                              f"at {f}" for f in sorted(on_gpu)) + ".", "",
         f"### Stage {stage}: the issue's bars", "", *bars(reports[label]), "",
-        *drift_lines(f"drift-vggt-tiny-long-s{stage}-256.json"), "",
+        *drift_lines(f"drift-vggt-tiny-long-s{stage}-256.json"), "", *sections,
         f"Against the shipped stage 2, stage {stage} is worse in {places(worse2)}. Against stage {stage - 1}, in "
         f"{places(worse_previous)}. " + closing]
 
@@ -451,14 +452,17 @@ def stage7() -> list[str]:
         f"first lost ground ({first6['rotation_deg']:.2f} deg at step {first6['step']} against stage 5's end), at 2e-4 "
         f"stage 7 stood at {first7['rotation_deg']:.2f} deg at step {first7['step']}."),
         [STAGE7_COMMAND],
-        f"Not shipped yet: its weights are kept as `{STAGE7_CHECKPOINT}`; {SHIPPING}")
+        f"Not shipped yet: its weights are kept as `{STAGE7_CHECKPOINT}`; {SHIPPING}",
+        ["### Stage 7: sensitivity at 32 frames", "", *sensitivity("profile-vggt-tiny-long-s7-32.json"), "",
+         "### Stage 7: sensitivity at 256 frames", "", *sensitivity("profile-vggt-tiny-long-s7-256.json", STAGE7_CHECKPOINT), ""])
 
 
-def sensitivity(name: str) -> list[str]:
+def sensitivity(name: str, weights: str = "auto") -> list[str]:
+    """The per-layer scores and asymmetry of profile result `name`, or how to measure it with `weights`."""
     path = RESULTS / name
     if not path.is_file():
         frames = re.search(r"-(\d+)\.json$", name).group(1)
-        return [f"Not measured yet (`{name}`, on a GPU: `profile-layers --model vggt-tiny --weights auto --calib "
+        return [f"Not measured yet (`{name}`, on a GPU: `profile-layers --model vggt-tiny --weights {weights} --calib "
                 f"synthetic:4:2000:walk --frames {frames} --additivity 0 --device cuda`; on 2 CPU cores one clip "
                 "takes about half an hour at 256 frames)."]
     profile = json.loads(path.read_text())
