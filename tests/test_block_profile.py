@@ -3,6 +3,7 @@ regenerated from their result file, and a CPU smoke run."""
 import json
 
 import pytest
+import torch
 from support import BENCHMARKS, load_benchmark
 
 profile = load_benchmark("block_profile")
@@ -55,7 +56,10 @@ def test_a_cpu_smoke_run_writes_its_tables(tmp_path, one_thread):
                   "--skip-compile", "--device", "cpu", "--out", str(out)])
     result = json.loads(out.read_text())
     assert set(result["kernels"]) == {"frame block", "global block", "heads"}
-    assert {"heads, shipped", "heads, compute dtype"} <= set(result["times_s"])
+    assert {"heads, shipped", "heads, compute dtype", "heads, cuDNN autotuned"} <= set(result["times_s"])
+    # no cuDNN on the CPU: the same kernels, the same outputs; the flag is restored after
+    assert result["autotuned heads vs shipped"] == {key: 0.0 for key in profile.OUTPUTS}
+    assert torch.backends.cudnn.benchmark is False
     text = out.with_suffix(".md").read_text()
     assert text.startswith("# Block profile: vggt-tiny, 4 frames") and "heads (2 frames, fp32)" in text
 
@@ -110,7 +114,6 @@ def test_a_da3_model_runs_its_own_blocks(tmp_path, one_thread):
 def test_a_kernel_table_profiles_the_second_call_only():
     """The first call autotunes Triton kernels and loads modules (1149 autotuning launches of the merge kernel filled
     an eager global block's table before this): it runs unprofiled."""
-    import torch
     calls = []
     a = torch.randn(8, 8)
 
