@@ -1,10 +1,10 @@
 """Where one block's time goes: the kernels of one encoder block (DINOv2's; vggt-tiny has none), one frame block, one
 reduced global block and the heads of VGGT-1B (or of a DA3 model, --model da3-giant) at --frames frames
 (torch.profiler, CUDA time per kernel name), beside variants timed whole on the same inputs: each SDPA backend forced,
-and the model compiled (`blocks.compile_model`: the first, compiling call and the compiled time, and each part's
-kernels compiled). And the bf16 path's own noise, which
-decides what may become a default: bf16 against fp32 outputs of random VGGT-1B and of the shipped vggt-tiny, and
-compiled against eager in bf16.
+the heads with cuDNN's autotuned convolution algorithms (and their outputs' distance from the shipped ones), and the
+model compiled (`blocks.compile_model`: the first, compiling call and the compiled time, and each part's kernels
+compiled). And the bf16 path's own noise, which decides what may become a default: bf16 against fp32 outputs of
+random VGGT-1B and of the shipped vggt-tiny, and compiled against eager in bf16.
 
     python benchmarks/block_profile.py --frames 1000 --out $OUT/block-profile-vggt-1b-1000.json
     python benchmarks/block_profile.py --model da3-giant --frames 1000 --skip-noise --out $OUT/block-profile-da3-giant-1000.json
