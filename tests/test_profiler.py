@@ -186,6 +186,13 @@ def test_alternate_resumes_every_other_level_from_the_strongest():
     assert resumed_columns(1, "alternate") == []
 
 
+def test_ends_resumes_the_mildest_and_the_strongest_level_of_each_kind():
+    assert resumed_columns(6, "ends") == [1, 5]  # keep 1/2 and 1/32: the three between are estimated
+    assert resumed_columns(4, "ends") == [1, 3]
+    assert resumed_columns(2, "ends") == [1]
+    assert resumed_columns(1, "ends") == []
+
+
 def test_strongest_resumes_only_the_strongest_level_of_each_kind():
     assert resumed_columns(6, "strongest") == [5]  # keep 1/32 of 1, 1/2 ... 1/32
     assert resumed_columns(4, "strongest") == [3]  # merge 4 of 1 ... 4

@@ -137,8 +137,8 @@ def build_parser() -> ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--resume-levels", default="all", choices=RESUMES,
                         help="levels resumed end to end: all; alternate (every other level of each kind from the "
-                             "strongest, and the mildest: 5 of the default 8); or strongest (the strongest level of "
-                             "each kind: 2 of 8). The others come from their local deviation scaled by the resumed "
+                             "strongest, and the mildest: 5 of the default 8); ends (the mildest and the strongest of "
+                             "each kind: 4 of 8); or strongest (the strongest level of each kind: 2 of 8). The others come from their local deviation scaled by the resumed "
                              "levels' end-to-end / local ratio; benchmarks/results/profile-screening-*.md measures "
                              "what it keeps (default: %(default)s)")
     parser.add_argument("--out", default=None, help="output folder (default: profiles/<model>/)")

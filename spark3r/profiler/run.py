@@ -12,10 +12,11 @@ K/V levels keep queries dense and query levels keep K/V dense. The dense level (
 (it must be exactly 0) and is 0 end to end by definition.
 
 `ProfileOptions.resume` screens levels: "alternate" resumes end to end only every other level of each kind, counted
-from the strongest, and the mildest (5 of the default 8 resumes per layer); "strongest" only the strongest level of
-each kind (2 of 8). The others get each end-to-end metric as their local deviation times that metric's ratio of end-to-
-end to local deviation at the resumed levels around them (same layer and kind), interpolated linearly over the level
-index and held flat beyond the resumed ones (`estimate_from_local`).
+from the strongest, and the mildest (5 of the default 8 resumes per layer); "ends" the mildest and the strongest of
+each kind (4 of 8); "strongest" only the strongest level of each kind (2 of 8). The others get each end-to-end metric
+as their local deviation times that metric's ratio of end-to-end to local deviation at the resumed levels around them
+(same layer and kind), interpolated linearly over the level index and held flat beyond the resumed ones
+(`estimate_from_local`).
 benchmarks/profile_screening.py measures how well it keeps the layer ranking (results: profile-screening-*.md).
 
 The heads decode in fp32 as upstream, or with the dense heads in the trunk's compute dtype (`ProfileOptions.head_dtype`;
@@ -45,7 +46,7 @@ from spark3r.profiler.format import Profile
 from spark3r.reduce import DEFAULT_KV_METHOD, Reduction, apply_reductions, kv_count, query_count
 
 LOCAL_METRICS = ("local_rel_l2", "local_cos")
-RESUMES = ("all", "alternate", "strongest")
+RESUMES = ("all", "alternate", "ends", "strongest")
 PHASES = ("dense", "cache", "local", "resume", "decode", "additivity")
 
 
@@ -60,8 +61,8 @@ class ProfileOptions:
     head_dtype: "fp32" (the heads decode as upstream) or "compute" (the dense heads under autocast to the model's
     compute dtype, as the trunk runs), for the dense reference and every level alike.
     resume: "all" (every level resumed end to end), "alternate" (every other level of each kind from the strongest,
-    and the mildest) or "strongest" (the strongest level of each kind); the others are estimated from their local
-    deviation (`resumed_columns`, `estimate_from_local`).
+    and the mildest), "ends" (the mildest and the strongest of each kind) or "strongest" (the strongest level of each
+    kind); the others are estimated from their local deviation (`resumed_columns`, `estimate_from_local`).
     """
 
     kv_keep: tuple[float, ...]
@@ -105,9 +106,12 @@ class ProfileOptions:
 def resumed_columns(columns: int, resume: str) -> list[int]:
     """The level columns of one kind that are resumed end to end, of `columns` (column 0 the dense level, never
     resumed): all of 1..columns-1; for "alternate" every other one counted from the strongest (columns-1, columns-3,
-    ...) and the mildest (1), so that every estimated level lies between two resumed ones; for "strongest" columns-1."""
+    ...) and the mildest (1), so that every estimated level lies between two resumed ones; for "ends" the mildest and
+    the strongest (1, columns-1); for "strongest" columns-1."""
     if resume == "alternate":
         return sorted({*range(columns - 1, 0, -2), *([1] if columns > 1 else [])})
+    if resume == "ends":
+        return sorted({1, columns - 1}) if columns > 1 else []
     if resume == "strongest":
         return [columns - 1] if columns > 1 else []
     return list(range(1, columns))
