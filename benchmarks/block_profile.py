@@ -221,7 +221,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--head-frames", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--model", default="vggt-1b", help="a VGGT- or DA3-family model (vggt-tiny or da3-tiny for a CPU smoke run)")
+    parser.add_argument("--model", default="vggt-1b",
+                        help="a VGGT- or DA3-family model (vggt-tiny or da3-tiny for a CPU smoke run)")
     parser.add_argument("--noise-frames", type=int, default=16)
     parser.add_argument("--skip-noise", action="store_true")
     parser.add_argument("--skip-compile", action="store_true")

@@ -454,7 +454,8 @@ def stage7() -> list[str]:
         [STAGE7_COMMAND],
         f"Not shipped yet: its weights are kept as `{STAGE7_CHECKPOINT}`; {SHIPPING}",
         ["### Stage 7: sensitivity at 32 frames", "", *sensitivity("profile-vggt-tiny-long-s7-32.json"), "",
-         "### Stage 7: sensitivity at 256 frames", "", *sensitivity("profile-vggt-tiny-long-s7-256.json", STAGE7_CHECKPOINT), ""])
+         "### Stage 7: sensitivity at 256 frames", "",
+         *sensitivity("profile-vggt-tiny-long-s7-256.json", STAGE7_CHECKPOINT), ""])
 
 
 def sensitivity(name: str, weights: str = "auto") -> list[str]:

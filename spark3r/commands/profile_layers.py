@@ -138,9 +138,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--resume-levels", default="all", choices=RESUMES,
                         help="levels resumed end to end: all; alternate (every other level of each kind from the "
                              "strongest, and the mildest: 5 of the default 8); ends (the mildest and the strongest of "
-                             "each kind: 4 of 8); or strongest (the strongest level of each kind: 2 of 8). The others come from their local deviation scaled by the resumed "
-                             "levels' end-to-end / local ratio; benchmarks/results/profile-screening-*.md measures "
-                             "what it keeps (default: %(default)s)")
+                             "each kind: 4 of 8); or strongest (the strongest level of each kind: 2 of 8). The others "
+                             "come from their local deviation scaled by the resumed levels' end-to-end / local ratio; "
+                             "benchmarks/results/profile-screening-*.md measures what it keeps (default: %(default)s)")
     parser.add_argument("--out", default=None, help="output folder (default: profiles/<model>/)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout instead of the table")
     add_runtime_args(parser)
