@@ -7,7 +7,8 @@ compiled). And the bf16 path's own noise, which decides what may become a defaul
 random VGGT-1B and of the shipped vggt-tiny, and compiled against eager in bf16.
 
     python benchmarks/block_profile.py --frames 1000 --out $OUT/block-profile-vggt-1b-1000.json
-    python benchmarks/block_profile.py --model da3-giant --frames 1000 --skip-noise --out $OUT/block-profile-da3-giant-1000.json
+    python benchmarks/block_profile.py --model da3-giant --frames 1000 --skip-noise \\
+        --out $OUT/block-profile-da3-giant-1000.json
 
 Random weights (vggt-tiny: the shipped ones); random tokens of the block's input shape (random images for the heads
 and the noise runs). Times: medians of --repeats calls after a warm-up (CUDA events). The profiler tables go to the

@@ -125,8 +125,9 @@ BOUND_PARTS = {  # stage: (block-profile part, label), the first one a profile h
 
 def stage_bounds(results: Path) -> list[str]:
     """What bounds each stage of BOUNDS_RUN's paper-rule rows at speed_all's GOAL_FRAMES that runs below its
-    GOAL_CEILING_SHARE of the ceiling (the share speed_all stored with the row): the share of the matching block-profile part's kernel time in memory-bound
-    kernels (which the FLOP model does not count), and where the compute-bound kernels alone would put the stage."""
+    GOAL_CEILING_SHARE of the ceiling (the share speed_all stored with the row): the share of the matching
+    block-profile part's kernel time in memory-bound kernels (which the FLOP model does not count), and where the
+    compute-bound kernels alone would put the stage."""
     if not (results / BOUNDS_RUN).is_file():
         return []
     run = load(results, BOUNDS_RUN)

@@ -136,7 +136,8 @@ def frame_counts(text: str | None, default: str) -> list[int]:
 
 
 def frame_offsets(text: str) -> tuple[int, ...]:
-    """`--relative-offsets` as a tuple of whole numbers ("1,2,4,8,16,32,64,128"); the config checks that each is >= 1."""
+    """`--relative-offsets` as a tuple of whole numbers ("1,2,4,8,16,32,64,128"); the config checks that each is
+    >= 1."""
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         size=args.size, seed=args.seed,
         lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
         camera_weight=args.camera_weight, relative_weight=args.relative_weight,
-        relative_offsets=frame_offsets(args.relative_offsets), init_logit_scale=args.init_logit_scale, minutes=args.minutes,
+        relative_offsets=frame_offsets(args.relative_offsets), init_logit_scale=args.init_logit_scale,
+        minutes=args.minutes,
         log_every=args.log_every, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, workers=args.workers, compile=args.compile, head_dtype=args.head_dtype,
         held_out=args.held_out),
