@@ -126,14 +126,17 @@ def _best_destinations_kernel(src, dst, values, indices, n_src, n_dst, dim,
 
 
 @triton.jit
-def _merge_kernel(q, order, starts, counts, merged, n_tokens, n_q, heads, head_dim, stride_b, stride_h, stride_n,
-                  BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: BLOCK_Q slots of one (batch, head); sums each slot's tokens (listed in `order`) in fp32."""
+def _merge_kernel(q, order, starts, counts, by_count, merged, n_tokens, n_q, heads, head_dim, stride_b, stride_h,
+                  stride_n, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program: BLOCK_Q slots of one (batch, head), taken in `by_count` order (so the slots of a program have
+    about as many tokens, and its loop over the largest count wastes few lanes); sums each slot's tokens (listed in
+    `order`) in fp32."""
     pair = tl.program_id(1)
     batch, head = (pair // heads).to(tl.int64), (pair % heads).to(tl.int64)
-    slots = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    ranks = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    valid = ranks < n_q
+    slots = tl.load(by_count + batch * n_q + ranks, mask=valid, other=0).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
-    valid = slots < n_q
     start = tl.load(starts + batch * n_q + slots, mask=valid, other=0)
     count = tl.load(counts + batch * n_q + slots, mask=valid, other=0)
     base = q + batch * stride_b + head * stride_h
@@ -204,14 +207,17 @@ def best_destinations(sources: Tensor, destinations: Tensor,
     return values.reshape(*lead, n_src), indices.reshape(*lead, n_src)
 
 
-def slot_members(slot: Tensor, n_q: int) -> tuple[Tensor, Tensor, Tensor]:
+def slot_members(slot: Tensor, n_q: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The tokens of each slot, listed: slot [B, N] -> (order [B, N] int32: tokens sorted by slot, starts [B, n_q]
-    and counts [B, n_q] int32: where each slot's tokens begin in `order` and how many there are)."""
+    and counts [B, n_q] int32: where each slot's tokens begin in `order` and how many there are, by_count [B, n_q]
+    int32: the slots by decreasing count)."""
     counts = torch.zeros(slot.shape[0], n_q, dtype=torch.int32, device=slot.device)
     counts.scatter_add_(1, slot, torch.ones(slot.shape, dtype=torch.int32, device=slot.device))
     starts = (counts.cumsum(1, dtype=torch.int32) - counts).contiguous()
-    order = torch.argsort(slot.to(torch.int32), dim=1, stable=True).to(torch.int32)  # 32-bit keys: half the radix
-    return order, starts, counts                                                      # passes of long ones
+    # 32-bit keys: half the radix passes of long ones
+    order = torch.argsort(slot.to(torch.int32), dim=1, stable=True).to(torch.int32)
+    by_count = torch.argsort(counts, dim=1, descending=True).to(torch.int32)
+    return order, starts, counts, by_count
 
 
 def merge_queries(q: Tensor, slot: Tensor, n_q: int) -> Tensor:
@@ -220,9 +226,10 @@ def merge_queries(q: Tensor, slot: Tensor, n_q: int) -> Tensor:
     batch, heads, tokens, head_dim = q.shape
     if q.stride(-1) != 1:
         q = q.contiguous()
-    order, starts, counts = slot_members(slot, n_q)
+    order, starts, counts, by_count = slot_members(slot, n_q)
     merged = q.new_empty(batch, heads, n_q, head_dim)
     grid = (triton.cdiv(n_q, 64), batch * heads)
-    _merge_kernel[grid](q, order, starts, counts, merged, tokens, n_q, heads, head_dim, q.stride(0), q.stride(1),
-                        q.stride(2), BLOCK_Q=64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4)
+    _merge_kernel[grid](q, order, starts, counts, by_count, merged, tokens, n_q, heads, head_dim, q.stride(0),
+                        q.stride(1), q.stride(2), BLOCK_Q=64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                        num_warps=4)
     return merged
