@@ -81,62 +81,50 @@ def _key_metric_kernel(k, metric, n_tokens, heads, dim, stride_b, stride_h, stri
 
 
 @triton.jit
-def _similarity_block(src_block, dst, group, start, n_dst, dim, dims, BLOCK_N: tl.constexpr,
-                      PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Similarities [BLOCK_M, BLOCK_N] in fp32 of a block of sources to the destinations start.. of one group; -inf
-    past the last destination."""
-    cols = start + tl.arange(0, BLOCK_N)
-    dst_block = tl.load(dst + (group * n_dst + cols[:, None]) * dim + dims[None, :],
-                        mask=(cols[:, None] < n_dst) & (dims[None, :] < dim), other=0.0)
-    if UPCAST:
-        src_block, dst_block = src_block.to(tl.float32), dst_block.to(tl.float32)
-    similarity = tl.dot(src_block, tl.trans(dst_block), input_precision=PRECISION)
-    return tl.where(cols[None, :] < n_dst, similarity, float("-inf"))
-
-
-@triton.jit
 def _best_destinations_kernel(src, dst, values, indices, n_src, n_dst, dim,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One program: BLOCK_M sources of one group against all of its destinations, in two passes.
+    """One program: BLOCK_M sources of one group against all of its destinations, a running max over blocks.
 
     The torch path rounds each similarity to the input dtype before its max, so ties (common in bf16) go to the lowest
-    index among the destinations whose rounded similarity is the largest. Pass 1 keeps an elementwise running max,
-    reduced over the columns once at the end; the max's rounding threshold marks exactly the similarities that round to
-    the rounded max, and pass 2 recomputes the similarities and keeps the lowest marked column. The matrix products run
-    twice (at a metric width of 64 they are not what bounds the kernel); no row reduction runs per block."""
+    index among the destinations whose rounded similarity is the largest. Here a block's fp32 max is rounded once per
+    row, and that lowest index is the first column at or above its rounding threshold: one comparison per similarity
+    instead of rounding each."""
     group = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     src_block = tl.load(src + (group * n_src + rows[:, None]) * dim + dims[None, :],
                         mask=(rows[:, None] < n_src) & (dims[None, :] < dim), other=0.0)
-    running = tl.full((BLOCK_M, BLOCK_N), float("-inf"), tl.float32)
+    best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    best_index = tl.zeros((BLOCK_M,), tl.int32)
     for start in range(0, n_dst, BLOCK_N):
-        running = tl.maximum(running, _similarity_block(src_block, dst, group, start, n_dst, dim, dims, BLOCK_N,
-                                                        PRECISION, UPCAST))
-    best = tl.max(running, axis=1)
-    threshold = _rounding_threshold(best, values.dtype.element_ty)[:, None]
-    first = tl.full((BLOCK_M, BLOCK_N), n_dst, tl.int32)
-    for start in range(0, n_dst, BLOCK_N):
-        similarity = _similarity_block(src_block, dst, group, start, n_dst, dim, dims, BLOCK_N, PRECISION, UPCAST)
-        first = tl.minimum(first, tl.where(similarity >= threshold, start + tl.arange(0, BLOCK_N)[None, :], n_dst))
-    tl.store(values + group * n_src + rows, _rounded(best, values.dtype.element_ty).to(values.dtype.element_ty),
-             mask=rows < n_src)
-    tl.store(indices + group * n_src + rows, tl.min(first, axis=1).to(tl.int64), mask=rows < n_src)
+        cols = start + tl.arange(0, BLOCK_N)
+        dst_block = tl.load(dst + (group * n_dst + cols[:, None]) * dim + dims[None, :],
+                            mask=(cols[:, None] < n_dst) & (dims[None, :] < dim), other=0.0)
+        if UPCAST:
+            src_block, dst_block = src_block.to(tl.float32), dst_block.to(tl.float32)
+        similarity = tl.dot(src_block, tl.trans(dst_block), input_precision=PRECISION)
+        similarity = tl.where(cols[None, :] < n_dst, similarity, float("-inf"))
+        block_max = tl.max(similarity, axis=1)
+        threshold = _rounding_threshold(block_max, values.dtype.element_ty)
+        block_index = tl.min(tl.where(similarity >= threshold[:, None], cols[None, :], n_dst), axis=1)
+        block_best = _rounded(block_max, values.dtype.element_ty)
+        better = block_best > best  # strict: ties keep the lowest destination index, as torch.max does
+        best = tl.where(better, block_best, best)
+        best_index = tl.where(better, block_index, best_index)
+    tl.store(values + group * n_src + rows, best.to(values.dtype.element_ty), mask=rows < n_src)
+    tl.store(indices + group * n_src + rows, best_index.to(tl.int64), mask=rows < n_src)
 
 
 @triton.jit
-def _merge_kernel(q, order, starts, counts, by_count, merged, n_tokens, n_q, heads, head_dim, stride_b, stride_h,
-                  stride_n, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: BLOCK_Q slots of one (batch, head), taken in `by_count` order (so the slots of a program have
-    about as many tokens, and its loop over the largest count wastes few lanes); sums each slot's tokens (listed in
-    `order`) in fp32."""
+def _merge_kernel(q, order, starts, counts, merged, n_tokens, n_q, heads, head_dim, stride_b, stride_h, stride_n,
+                  BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program: BLOCK_Q slots of one (batch, head); sums each slot's tokens (listed in `order`) in fp32."""
     pair = tl.program_id(1)
     batch, head = (pair // heads).to(tl.int64), (pair % heads).to(tl.int64)
-    ranks = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    valid = ranks < n_q
-    slots = tl.load(by_count + batch * n_q + ranks, mask=valid, other=0).to(tl.int64)
+    slots = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     dims = tl.arange(0, BLOCK_D)
+    valid = slots < n_q
     start = tl.load(starts + batch * n_q + slots, mask=valid, other=0)
     count = tl.load(counts + batch * n_q + slots, mask=valid, other=0)
     base = q + batch * stride_b + head * stride_h
@@ -207,17 +195,14 @@ def best_destinations(sources: Tensor, destinations: Tensor,
     return values.reshape(*lead, n_src), indices.reshape(*lead, n_src)
 
 
-def slot_members(slot: Tensor, n_q: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def slot_members(slot: Tensor, n_q: int) -> tuple[Tensor, Tensor, Tensor]:
     """The tokens of each slot, listed: slot [B, N] -> (order [B, N] int32: tokens sorted by slot, starts [B, n_q]
-    and counts [B, n_q] int32: where each slot's tokens begin in `order` and how many there are, by_count [B, n_q]
-    int32: the slots by decreasing count)."""
+    and counts [B, n_q] int32: where each slot's tokens begin in `order` and how many there are)."""
     counts = torch.zeros(slot.shape[0], n_q, dtype=torch.int32, device=slot.device)
     counts.scatter_add_(1, slot, torch.ones(slot.shape, dtype=torch.int32, device=slot.device))
     starts = (counts.cumsum(1, dtype=torch.int32) - counts).contiguous()
-    # 32-bit keys: half the radix passes of long ones
-    order = torch.argsort(slot.to(torch.int32), dim=1, stable=True).to(torch.int32)
-    by_count = torch.argsort(counts, dim=1, descending=True).to(torch.int32)
-    return order, starts, counts, by_count
+    order = torch.argsort(slot.to(torch.int32), dim=1, stable=True).to(torch.int32)  # 32-bit keys: half the radix
+    return order, starts, counts                                                      # passes of long ones
 
 
 def merge_queries(q: Tensor, slot: Tensor, n_q: int) -> Tensor:
@@ -226,10 +211,9 @@ def merge_queries(q: Tensor, slot: Tensor, n_q: int) -> Tensor:
     batch, heads, tokens, head_dim = q.shape
     if q.stride(-1) != 1:
         q = q.contiguous()
-    order, starts, counts, by_count = slot_members(slot, n_q)
+    order, starts, counts = slot_members(slot, n_q)
     merged = q.new_empty(batch, heads, n_q, head_dim)
     grid = (triton.cdiv(n_q, 64), batch * heads)
-    _merge_kernel[grid](q, order, starts, counts, by_count, merged, tokens, n_q, heads, head_dim, q.stride(0),
-                        q.stride(1), q.stride(2), BLOCK_Q=64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                        num_warps=4)
+    _merge_kernel[grid](q, order, starts, counts, merged, tokens, n_q, heads, head_dim, q.stride(0), q.stride(1),
+                        q.stride(2), BLOCK_Q=64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), num_warps=4)
     return merged
