@@ -40,6 +40,12 @@
 #   RUN=/root/s7 MINUTES=12 INIT=benchmarks/checkpoints/vggt-tiny-long-stage6.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=2e-4 WARMUP=100 SEED=7 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
 #       RELATIVE_WEIGHT=5 RELATIVE_OFFSETS=1,2,4,8,16,32,64,128 bash benchmarks/train_tiny_long.sh
+# Stage 8: stage 7's weights trained on with its settings, a new seed and a peak learning rate of 1.5e-4, 11 min on
+# one H100 at commit a84dfe5 (results/train-vggt-tiny-long-s8.log; its weights are
+# benchmarks/checkpoints/vggt-tiny-long-stage8.safetensors; stage 6's left the tree, they are in commit 86b5d36's):
+#   RUN=/root/s8 MINUTES=11 INIT=benchmarks/checkpoints/vggt-tiny-long-stage7.safetensors MAX_FRAMES=256 \
+#       FRAMES_PER_STEP=1024 LR=1.5e-4 WARMUP=100 SEED=8 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
+#       RELATIVE_WEIGHT=5 RELATIVE_OFFSETS=1,2,4,8,16,32,64,128 bash benchmarks/train_tiny_long.sh
 # ARC_SHARE=0.25 makes a quarter of the steps short arcs (stage 2 had arcs in 3% of its steps and lost them).
 # HEAD_DTYPE=compute runs the DPT heads under autocast to the trunk's bf16 in training (default fp32, as upstream).
 # COMPILE=1 compiles the transformer blocks (train_tiny --compile; the DPT heads stay eager).
