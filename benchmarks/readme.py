@@ -109,7 +109,7 @@ def speed_section(results: Path) -> str:
         "Each row is the latest run of its configuration (model, schedule, blocks, heads, GPU; for profiles the "
         "options). Every run, in the order measured, with its stages, ceilings and the issue's goals: "
         + ", ".join(f"`{name[:-5]}.md`" for name in earlier) + " in `benchmarks/results/`."), "",
-        *stage_bounds(results)])
+        *stage_bounds(results), *autotuned_heads(results)])
 
 
 BOUNDS_RUN = "speed-all-memory.json"  # the latest run of the paper rule at 1000 frames with compiled blocks
@@ -160,6 +160,33 @@ def stage_bounds(results: Path) -> list[str]:
     return [prose(f"What bounds each stage below {speed_all.GOAL_CEILING_SHARE:.0%} of its ceiling at "
                   f"{speed_all.GOAL_FRAMES} frames under the paper rule (`{BOUNDS_RUN[:-5]}.md`; the shares come from "
                   "one profiled call of each part, measured whole):"), "", *items]
+
+
+AUTOTUNE_PROFILES = {"vggt-1b": "block-profile-vggt-1b-1000-a84dfe5.json",  # block_profile.py runs that timed
+                     "da3-giant": "block-profile-da3-giant-1000-a84dfe5.json"}  # the autotuned heads, by model
+
+
+def autotuned_heads(results: Path) -> list[str]:
+    """Whether cuDNN's autotuned convolution algorithms speed up the compiled fp32 heads (AUTOTUNE_PROFILES): the
+    times with and without, the outputs' largest relative distance, and what follows for the default."""
+    runs = {model: load(results, name) for model, name in AUTOTUNE_PROFILES.items() if (results / name).is_file()}
+    if not runs:
+        return []
+    gains = {model: run["times_s"]["heads, compiled"] / run["times_s"]["heads, compiled, cuDNN autotuned"] - 1
+             for model, run in runs.items()}
+    distance = max(max(run["autotuned heads vs shipped"].values()) for run in runs.values())
+    times = "; ".join(f"{model} {run['times_s']['heads, compiled, cuDNN autotuned']:.3f} s against "
+                      f"{run['times_s']['heads, compiled']:.3f} s (`{AUTOTUNE_PROFILES[model][:-5]}.md`, "
+                      f"{gpu(run)})" for model, run in runs.items())
+    within = max(gains.values()) < 0.03
+    outputs = ("the outputs are identical" if distance == 0 else
+               f"the outputs differ by at most {distance:.1e} (relative L2)")
+    return ["", prose("cuDNN's autotuned convolution algorithms (`torch.backends.cudnn.benchmark`) "
+                      + ("leave the compiled fp32 heads within 3% of their time" if within else
+                         "speed up the compiled fp32 heads by " + ", ".join(f"{gain:.0%} ({model})"
+                                                                            for model, gain in gains.items()))
+                      + f", one call measured whole: {times}; {outputs}, so "
+                      + ("the heads keep cuDNN's default algorithms." if within else "they could become the default."))]
 
 
 def speed_order(key: tuple) -> tuple:

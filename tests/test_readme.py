@@ -233,3 +233,22 @@ def test_stage_bounds_name_the_memory_bound_share_of_each_slow_stage(tmp_path):
     assert "alone would put the stage at 60%." in text  # 0.45 / 0.75
     assert "vggt-1b heads, 20% of its ceiling: 50% of the kernel time of a compiled call of the DPT heads" in text
     assert "alone would put the stage at 40%." in text and "TF32" not in text  # 0.2 / 0.5
+
+
+def test_autotuned_heads_say_whether_cudnn_benchmark_pays(tmp_path):
+    assert readme.autotuned_heads(tmp_path) == []  # no profile, no sentence
+
+    def profile(autotuned, distance):
+        return json.dumps({"device_name": "NVIDIA H100 80GB HBM3", "autotuned heads vs shipped": {"depth": distance},
+                           "times_s": {"heads, compiled": 0.2, "heads, compiled, cuDNN autotuned": autotuned}})
+
+    (tmp_path / readme.AUTOTUNE_PROFILES["vggt-1b"]).write_text(profile(0.199, 0.0))
+    text = " ".join(" ".join(readme.autotuned_heads(tmp_path)).split())
+    assert "leave the compiled fp32 heads within 3% of their time" in text
+    assert "vggt-1b 0.199 s against 0.200 s" in text and "H100" in text
+    assert "the outputs are identical, so the heads keep cuDNN's default algorithms." in text
+
+    (tmp_path / readme.AUTOTUNE_PROFILES["vggt-1b"]).write_text(profile(0.16, 2e-7))
+    text = " ".join(" ".join(readme.autotuned_heads(tmp_path)).split())
+    assert "speed up the compiled fp32 heads by 25% (vggt-1b)" in text  # 0.2 / 0.16 - 1
+    assert "the outputs differ by at most 2.0e-07 (relative L2), so they could become the default." in text
