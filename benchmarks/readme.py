@@ -321,7 +321,15 @@ def head_dtype_section(results: Path) -> str:
     return "\n".join(lines)
 
 
-SCREENING_RUNS = ("profile-screening-vggt-tiny-32.json", "profile-screening-vggt-tiny-256.json")
+SCREENING_RUNS = ("profile-screening-vggt-tiny-32.json", "profile-screening-vggt-tiny-256.json",
+                  "profile-screening-vggt-tiny-s8-32.json")
+
+
+def screened_weights(data: dict) -> str:
+    """The weights a profile_screening run profiled: "shipped weights", or the file's name."""
+    words = data["profile_command"].split()
+    weights = words[words.index("--weights") + 1]
+    return "shipped weights" if weights == "auto" else f"`{Path(weights).name}`"
 
 
 @section("profile-screening")
@@ -331,7 +339,8 @@ def profile_screening_section(results: Path) -> str:
     how = "measured: profile-layers run on the same clips with every level resumed and screened"
     lines = [prose("On the trained vggt-tiny, against resuming every level (each column one run of "
                    "`benchmarks/profile_screening.py`; its markdown beside the JSON in `benchmarks/results/`):"), "",
-             "| | " + " | ".join(f"{data['frames']} frames, {data['device_name']}" for data in runs) + " | how |",
+             "| | " + " | ".join(f"{data['frames']} frames, {screened_weights(data)}, {data['device_name']}"
+                                 for data in runs) + " | how |",
              "|---|" + "---:|" * len(runs) + "---|"]
 
     def row(label: str, cell) -> str:
@@ -358,13 +367,16 @@ def profile_screening_section(results: Path) -> str:
                       per_screen(resume, lambda data, screen: worst_estimate(screen, kind)))]
     verdicts, bar = [], profile_screening.GOAL_SPEARMAN
     for resume in resumes:
-        screens = [screen_of(data, resume) for data in runs if screen_of(data, resume) is not None]
-        lowest = min(r["spearman"] for screen in screens for r in screen["rows"])
-        saved = ", ".join(f"{1 - screen['seconds'] / data['all_s']:.0%} at {data['frames']} frames"
+        lows = [(data, min(r["spearman"] for r in screen["rows"])) for data in runs
+                if (screen := screen_of(data, resume)) is not None]
+        saved = ", ".join(f"{1 - screen['seconds'] / data['all_s']:.0%} at {data['frames']} frames "
+                          f"({screened_weights(data)})"
                           for data in runs if (screen := screen_of(data, resume)) is not None)
-        verdicts.append(f"`--resume-levels {resume}` keeps every level's layer ranking at Spearman {lowest:.3f} or "
-                        f"more ({'at or above' if lowest >= bar else 'below'} the bar of {bar}) and saves {saved} of "
-                        "resume + decode.")
+        verdicts.append(f"`--resume-levels {resume}` keeps every level's layer ranking at Spearman "
+                        + ", ".join(f"{low:.3f} or more at {data['frames']} frames ({screened_weights(data)})"
+                                    for data, low in lows)
+                        + f" (at or above the bar of {bar} in {sum(low >= bar for _, low in lows)} of {len(lows)} "
+                        f"runs) and saves {saved} of resume + decode.")
     lines += ["", prose(" ".join(verdicts) + " Screening stays opt-in: it is measured on vggt-tiny only.")]
     return "\n".join(lines)
 

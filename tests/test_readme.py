@@ -252,3 +252,22 @@ def test_autotuned_heads_say_whether_cudnn_benchmark_pays(tmp_path):
     text = " ".join(" ".join(readme.autotuned_heads(tmp_path)).split())
     assert "speed up the compiled fp32 heads by 25% (vggt-1b)" in text  # 0.2 / 0.16 - 1
     assert "the outputs differ by at most 2.0e-07 (relative L2), so they could become the default." in text
+
+
+def test_screening_section_names_each_runs_weights_and_how_many_runs_hold_the_bar(tmp_path):
+    def run(frames, weights, spearman, seconds):
+        rows = [{"kind": "kv", "level": 0.5, "resumed": True, "spearman": 1.0, "max_rel_diff": 0.0},
+                {"kind": "kv", "level": 0.25, "resumed": False, "spearman": spearman, "max_rel_diff": 0.5}]
+        return json.dumps({"frames": frames, "device_name": "CPU", "all_s": 100.0, "all_wall_s": 120.0,
+                           "profile_command": f"profile-layers --model vggt-tiny --weights {weights} --frames {frames}",
+                           "screens": [{"resume": "alternate", "seconds": seconds, "wall_s": 70.0, "rows": rows}]})
+
+    for name, data in zip(readme.SCREENING_RUNS, (run(32, "auto", 0.993, 60.0), run(256, "auto", 0.995, 80.0),
+                                                  run(32, "ckpt/stage8.safetensors", 0.986, 50.0))):
+        (tmp_path / name).write_text(data)
+    text = " ".join(readme.profile_screening_section(tmp_path).split())
+    assert "| | 32 frames, shipped weights, CPU | 256 frames, shipped weights, CPU | 32 frames, `stage8.safetensors`, " \
+           "CPU | how |" in text
+    assert ("Spearman 0.993 or more at 32 frames (shipped weights), 0.995 or more at 256 frames (shipped weights), "
+            "0.986 or more at 32 frames (`stage8.safetensors`) (at or above the bar of 0.99 in 2 of 3 runs)") in text
+    assert "saves 40% at 32 frames (shipped weights), 20% at 256 frames (shipped weights), 50% at 32 frames" in text
