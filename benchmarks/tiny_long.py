@@ -473,7 +473,9 @@ def stage8() -> list[str]:
         f"({last7['auc30']:.3f} at step {last7['step']})."),
         [STAGE8_COMMAND],
         f"Not shipped yet: its weights are kept as `{STAGE8_CHECKPOINT}`; {SHIPPING}",
-        ["### Stage 8: sensitivity at 32 frames", "", *sensitivity("profile-vggt-tiny-long-s8-32.json"), "",
+        ["### Stage 8: ATE against the size of the trajectory (not one of the issue's bars)", "",
+         *spread_table(json.loads((RESULTS / "eval-vggt-tiny-long-s8-cpu.json").read_text())), "",
+         "### Stage 8: sensitivity at 32 frames", "", *sensitivity("profile-vggt-tiny-long-s8-32.json"), "",
          "### Stage 8: sensitivity at 256 frames", "",
          *sensitivity("profile-vggt-tiny-long-s8-256.json", STAGE8_CHECKPOINT), ""])
 
