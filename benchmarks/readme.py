@@ -185,7 +185,7 @@ def autotuned_heads(results: Path) -> list[str]:
                       + ("leave the compiled fp32 heads within 3% of their time" if within else
                          "speed up the compiled fp32 heads by " + ", ".join(f"{gain:.0%} ({model})"
                                                                             for model, gain in gains.items()))
-                      + f", one call measured whole: {times}; {outputs}, so "
+                      + f", medians of whole calls: {times}; {outputs}, so "
                       + ("the heads keep cuDNN's default algorithms." if within else "they could become the default."))]
 
 
