@@ -231,7 +231,7 @@ def main(argv=None) -> dict:
     held_out = load_clips(args.held_out, args, device)
     clock("clips")
     # measured rows, per clip, of these weights in this dtype on this device: a rerun resumes from them
-    _, weights_sha = tiny.weights_digest(args.model, args.weights)
+    _, weights_sha = provenance.weights_digest(args.model, args.weights)
     measured = work / "measured" / hashlib.sha256(json.dumps([weights_sha, args.dtype, device.type]).encode()
                                                   ).hexdigest()[:12]
 
@@ -292,7 +292,8 @@ def main(argv=None) -> dict:
                   "schedules": [{key: r[key] for key in ("flops_fraction", "predicted")}
                                 | {"measured": r["measured"]["score"]} for r in random_rows]}
     result = {
-        **provenance.record(__file__, argv, device), "commands": commands,
+        **provenance.record(__file__, argv, device), **provenance.weights_identity(args.model, args.weights),
+        "commands": commands,
         "settings": {key: getattr(args, key) for key in ("model", "weights", "profile_frames", "kv_frames", "kv_keep",
                                                           "query_merge", "calib", "replica", "held_out", "frames",
                                                           "budget_scales", "verify", "random", "seed", "dtype")},

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
             profiles[resume] = load_profile(out)
     device = resolve_device(profile_layers.build_parser().parse_args(common).device)
     full = profiles["all"]
-    result = {**provenance.record(__file__, argv, device), "model": args.model,
+    result = {**provenance.record(__file__, argv, device), **provenance.weights_identity(args.model, args.weights),
+              "model": args.model,
               "frames": args.frames, "profile_command": "profile-layers " + " ".join(common),
               "all_s": seconds(full), "all_wall_s": full.timings.get("wall"),
               "screens": [{"resume": resume, "rows": compare(full, profiles[resume]),

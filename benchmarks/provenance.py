@@ -2,11 +2,14 @@
 
 `record(script, argv, device)` gives {"command", "commit", "device_name", "torch", "created"}; the commit says
 " + uncommitted changes" when tracked files differed from it, so a result of a clean tree is recognisable.
+`weights_digest(model, weights)` names the weights a run loaded and their sha256, so a result says which weights it
+measured even after the shipped ones change (`--weights auto` alone does not).
 `write_result(out, result, text)` writes a result's JSON and its markdown beside it.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import shlex
@@ -17,6 +20,8 @@ from pathlib import Path
 import torch
 
 from spark3r.files import write_atomic, write_json
+from spark3r.models.loading import find_weights, find_weights_file
+from spark3r.models.registry import get_entry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,6 +69,21 @@ def record(script: str, argv: list[str] | None, device: torch.device | str) -> d
     return {"command": command_line(script, argv), "commit": git_commit(), "device_name": device_name(device),
             "torch": torch.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def weights_digest(model: str, weights: str) -> tuple[str | None, str]:
+    """(weights file, its sha256) of a run of `model` with `--weights weights`; (None, "random") for random weights."""
+    if weights == "none":
+        return None, "random"
+    path = (find_weights(get_entry(model)) if weights == "auto" else find_weights_file(weights)).resolve()
+    shown = path.relative_to(Path.cwd().resolve()) if path.is_relative_to(Path.cwd().resolve()) else path
+    return str(shown), hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def weights_identity(model: str, weights: str) -> dict:
+    """{"weights_sha256": ...} of a run's weights, the field every result of trained weights carries; {} if random."""
+    _, sha = weights_digest(model, weights)
+    return {} if sha == "random" else {"weights_sha256": sha}
 
 
 def write_result(out: Path, result: dict, text: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib.util
 import io
 import json
@@ -60,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "--device", args.device, "--dtype", args.dtype, "--json"])
     if code != 0:
         return code
-    weights = Path(args.weights)
-    identity = {"weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()} if weights.is_file() else {}
-    write_json(args.out, {**provenance.record(__file__, argv, args.device), **identity,
+    write_json(args.out, {**provenance.record(__file__, argv, args.device),
+                          **provenance.weights_identity("vggt-tiny", args.weights),
                           "logit_scale": args.logit_scale, **json.loads(printed.getvalue())})
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

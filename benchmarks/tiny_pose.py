@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
             gaps = variant_gaps
         rows[kind].append({kind: value, **means, "gap_1_3_median": variant_gaps[0]["error_median"]})
         print(f"{kind} = {value:g}: " + ", ".join(f"{key} {means[key]:.4f}" for key, _, _ in METRICS), flush=True)
-    result = {**provenance.record(__file__, argv, device), "clips": args.clips, "frames": args.frames,
+    result = {**provenance.record(__file__, argv, device), **provenance.weights_identity(MODEL, args.weights),
+              "clips": args.clips, "frames": args.frames,
               "weights": args.weights, "gaps": gaps, "temperatures": rows["t"], "windows": rows["window"]}
     default = provenance.REPO / "benchmarks" / "results" / f"tiny-pose-{args.frames}.json"
     provenance.publish(args.out, default, result, markdown(result))

@@ -59,7 +59,7 @@ from spark3r.errors import Spark3rError
 from spark3r.evaluate.deviation import DEFAULT_WEIGHTS, DenseReference
 from spark3r.evaluate.metrics import camera_metrics, depth_metrics
 from spark3r.models.base import FlopConfig
-from spark3r.models.loading import find_weights, find_weights_file, load_model
+from spark3r.models.loading import load_model
 from spark3r.models.registry import get_entry, resolve_model_name
 from spark3r.profiler.aggregate import spearman
 from spark3r.files import write_json
@@ -156,15 +156,6 @@ def run_json(name: str, entry: Callable[[list[str]], int], argv: list[str]) -> d
     if code:
         raise Spark3rError(f"{name} {shlex.join(argv)} exited with code {code}: see its message above")
     return json.loads(stdout.getvalue())
-
-
-def weights_digest(model: str, weights: str) -> tuple[str | None, str]:
-    """(weights file, its sha256) of a run; (None, "random") for random weights."""
-    if weights == "none":
-        return None, "random"
-    path = (find_weights(get_entry(model)) if weights == "auto" else find_weights_file(weights)).resolve()
-    shown = path.relative_to(Path.cwd().resolve()) if path.is_relative_to(Path.cwd().resolve()) else path
-    return str(shown), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def profile_argv(args, calib: str, out: Path) -> list[str]:
@@ -422,7 +413,7 @@ class Runner:
 
     def __init__(self, args):
         self.args = args
-        self.weights_file, self.weights_sha256 = weights_digest(args.model, args.weights)
+        self.weights_file, self.weights_sha256 = provenance.weights_digest(args.model, args.weights)
         options = [self.weights_sha256, *profile_argv(args, "", Path())]
         self.work = Path(args.work) / hashlib.sha256(json.dumps(options).encode()).hexdigest()[:12]
         self.reused = self.work.exists()  # then profile-layers reads the clips it already profiled from there

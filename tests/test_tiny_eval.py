@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,14 @@ def test_writes_the_evaluation_with_command_commit_device_and_weights_hash(tmp_p
     assert set(result["lengths"]["2"]["results"]) == {"model", "frame_only", "trivial"}
     assert bench.main(["--weights", "none", "--clips", "synthetic:1:1000", "--frames", "2", "--out", str(out)]) == 0
     assert "weights_sha256" not in json.loads(out.read_text())
+
+
+def test_names_the_bundled_weights_by_their_hash_when_run_with_auto(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.train_tiny, "main", lambda argv: print("{}") or 0)  # the evaluation itself: above
+    out = tmp_path / "eval.json"
+    assert bench.main(["--weights", "auto", "--out", str(out)]) == 0
+    bundled = Path(spark3r.__file__).parent / "weights" / "vggt-tiny.safetensors"
+    assert json.loads(out.read_text())["weights_sha256"] == hashlib.sha256(bundled.read_bytes()).hexdigest()
 
 
 def test_passes_the_dtype_to_the_evaluation(tmp_path, monkeypatch):
