@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_noise:
         result["noise"] = [noise("vggt-tiny", 32, device, compiled=False),
                            noise(args.model, args.noise_frames, device, compiled=not args.skip_compile)]
+        result.update(provenance.weights_identity("vggt-tiny", "auto"))  # the noise rows' trained weights
     provenance.publish(args.out, HERE / "results" / f"block-profile-{args.model}-{args.frames}.json", result,
                        markdown(result))
     return result

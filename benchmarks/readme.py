@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
+import hashlib
 import json
 import re
 import sys
@@ -207,7 +209,7 @@ def compute_heads_section(results: Path) -> str:
     """What `--head-dtype compute` costs in fidelity: each model's relative L2 distance from fp32 outputs with the
     trunk in bf16, and with the dense heads in bf16 too (block_profile's noise rows)."""
     data = load(results, HEADS_NOISE_FILE)
-    models = {"vggt-tiny": "vggt-tiny (shipped weights)", "vggt-1b": "VGGT-1B (random weights)"}
+    models = {"vggt-tiny": f"vggt-tiny ({tiny_weights(data)} weights)", "vggt-1b": "VGGT-1B (random weights)"}
     keys = ("depth", "points")
     lines = [prose(
         "`--head-dtype compute` (on `reconstruct` and `evaluate-schedule`; from Python `load_model(..., "
@@ -323,13 +325,35 @@ def head_dtype_section(results: Path) -> str:
 
 SCREENING_RUNS = ("profile-screening-vggt-tiny-32.json", "profile-screening-vggt-tiny-256.json",
                   "profile-screening-vggt-tiny-s8-32.json")
+BUNDLED_TINY = REPO / "spark3r" / "weights" / "vggt-tiny.safetensors"
+TINY_STAGES = {  # vggt-tiny's trained weights by sha256 (stages: benchmarks/results/train-vggt-tiny-long.md)
+    "ba992cafff3df7fe91d7a65af5515f098f0c1dc26998388b07d01ab92738cc09": "the 6 + 6 model",
+    "a4a0e13b956e6956ab86e2c08ea68c18f6e296002ac6c137de2633d6787a07d7": "stage 1",
+    "5099ea1298fc34029c023bc5073bbcb765f8716e72f7335664920a5fbcd561a7": "stage 2",
+    "06ac28a2b90c5a97704347d6a8f2bd0322852d2dba619d9fd871f30497f31e56": "stage 7",
+    "8a90c92d72b2620b7508ccc39a85cdaa84bec1b18fff13d9488d0e4b8c464998": "stage 8",
+}
+
+
+@functools.cache
+def bundled_tiny_sha() -> str:
+    return hashlib.sha256(BUNDLED_TINY.read_bytes()).hexdigest()
+
+
+def tiny_weights(data: dict, weights: str = "auto") -> str:
+    """The trained vggt-tiny weights a result measured, by its weights_sha256 ("stage 8, shipped", "stage 2"); for a
+    record without one, the file `weights` it named, or "weights not recorded"."""
+    sha = data.get("weights_sha256")
+    if sha is None:
+        return "weights not recorded" if weights == "auto" else f"`{Path(weights).name}`"
+    name = TINY_STAGES.get(sha, f"weights {sha[:12]}")
+    return f"{name}, shipped" if sha == bundled_tiny_sha() else name
 
 
 def screened_weights(data: dict) -> str:
-    """The weights a profile_screening run profiled: "shipped weights", or the file's name."""
+    """The weights a profile_screening run profiled (`tiny_weights` of the --weights its profile command names)."""
     words = data["profile_command"].split()
-    weights = words[words.index("--weights") + 1]
-    return "shipped weights" if weights == "auto" else f"`{Path(weights).name}`"
+    return tiny_weights(data, words[words.index("--weights") + 1])
 
 
 @section("profile-screening")
@@ -394,7 +418,8 @@ def tiny_model_section(results: Path) -> str:
     frames = evaluation["frames"][0]
     length = evaluation["lengths"][str(frames)]
     scores = length["results"]
-    lines = [prose(f"Evaluated on {length['count']} held-out clips of {frames} frames at {length['size'][0]} px, "
+    lines = [prose(f"vggt-tiny ({tiny_weights(evaluation)}) evaluated on {length['count']} held-out clips of {frames} "
+                   f"frames at {length['size'][0]} px, "
                    f"`{evaluation['clips']}` "
                    f"(`{evaluation['command']}`, {evaluation['device_name']}; "
                    "`benchmarks/results/eval-vggt-tiny.json`):"),
@@ -419,17 +444,18 @@ def tiny_model_section(results: Path) -> str:
     return "\n".join(lines)
 
 
-BEST_UNSHIPPED_TINY = ("stage 8", "eval-vggt-tiny-long-s8-cpu.json",
-                       "benchmarks/checkpoints/vggt-tiny-long-stage8.safetensors")
+SHIPPED_TINY_EVAL = "eval-vggt-tiny-long-s8-cpu.json"  # the bundled weights by length (its weights_sha256 says so)
+EARLIER_TINY_EVAL = "eval-vggt-tiny-long-s2-cpu.json"  # stage 2, bundled before them: the same clips on the same CPU
 
 
 @section("tiny-long")
 def tiny_long_section(results: Path) -> str:
-    evaluation = load(results, "eval-vggt-tiny-long.json")
-    training = evaluation["training"]
-    lines = [prose(f"Dense quality by clip length on {next(iter(evaluation['lengths'].values()))['count']} held-out "
-                   f"walks `{evaluation['clips']}` (`{evaluation['command']}`, {evaluation['device_name']}; "
-                   "`benchmarks/results/eval-vggt-tiny-long.json`, report `train-vggt-tiny-long.md`):"),
+    evaluation, earlier = load(results, SHIPPED_TINY_EVAL), load(results, EARLIER_TINY_EVAL)
+    lines = [prose(f"Dense quality by clip length of vggt-tiny ({tiny_weights(evaluation)}) on "
+                   f"{next(iter(evaluation['lengths'].values()))['count']} held-out walks `{evaluation['clips']}` "
+                   f"(`{evaluation['command']}`, {evaluation['device_name']}; "
+                   f"`benchmarks/results/{SHIPPED_TINY_EVAL}`, "
+                   "report `train-vggt-tiny-long.md`):"),
              "",
              "| frames | | " + " | ".join(label for _, label, _ in TINY_COLUMNS) + " | how |",
              "|---:|---|" + "---:|" * len(TINY_COLUMNS) + "---|"]
@@ -440,26 +466,22 @@ def tiny_long_section(results: Path) -> str:
                                                              for key, _, digits in TINY_COLUMNS) + " | measured |")
     model = {int(f): entry["results"]["model"] for f, entry in evaluation["lengths"].items()}
     frame_only = {int(f): entry["results"]["frame_only"] for f, entry in evaluation["lengths"].items()}
+    before = {int(f): entry["results"]["model"] for f, entry in earlier["lengths"].items()}
     short, long = min(model), max(model)
     held = [f for f in sorted(model) if model[f]["ate"] <= 2 * model[short]["ate"]]
     carried = [f for f in sorted(model) if frame_only[f]["ate"] >= 3 * model[f]["ate"]]
+    pose = (f"Pose stays within 2x of its {short}-frame ATE at every length" if max(held) == long else
+            f"Pose stays within 2x of its {short}-frame ATE up to {max(held)} frames and not beyond (ATE "
+            f"{model[long]['ate'] / model[short]['ate']:.0f}x and rotation error "
+            f"{model[long]['rotation_deg'] / model[short]['rotation_deg']:.1f}x at {long} frames)")
     lines += ["", prose(
         f"Depth AbsRel at {long} frames is {model[long]['abs_rel'] / model[short]['abs_rel']:.2f}x its {short}-frame "
-        f"value. Pose stays within 2x of its {short}-frame ATE up to {max(held)} frames and not beyond (ATE "
-        f"{model[long]['ate'] / model[short]['ate']:.0f}x at {long} frames, AUC@30 {model[long]['auc30']:.2f}); "
-        f"frame-only global attention is at least 3x worse in ATE at {_join([str(f) for f in carried]) or 'no length'} "
-        f"frames{' only' if carried and len(carried) < len(model) else ''}. The shipped weights were trained on clips of "
-        f"at most {training['max_frames']} frames ({training['stages']} stages, `benchmarks/results/{training['report']}`)"
-        + (f": at {long} frames their pose is not yet good enough to judge schedules by." if model[long]["auc30"] < 0.4
-           or model[long]["ate"] > 2 * model[short]["ate"] else "."))]
-    label, name, checkpoint = BEST_UNSHIPPED_TINY
-    best = {int(f): entry["results"]["model"] for f, entry in load(results, name)["lengths"].items()}
-    lines += ["", prose(
-        f"The best weights trained since, {label} (`{checkpoint}`, not shipped: shipping them means rerunning the "
-        f"long-clip profiles and schedule studies), reach at {long} frames a rotation error of "
-        f"{best[long]['rotation_deg']:.1f} deg against {model[long]['rotation_deg']:.1f}, ATE {best[long]['ate']:.3f} "
-        f"against {model[long]['ate']:.3f} and AUC@30 {best[long]['auc30']:.2f} against {model[long]['auc30']:.2f} "
-        f"(`{name}`), still {best[long]['ate'] / best[short]['ate']:.0f}x their {short}-frame ATE.")]
+        f"value. {pose}; AUC@30 at {long} frames is {model[long]['auc30']:.2f}. Frame-only global attention is at "
+        f"least 3x worse in ATE at {_join([str(f) for f in carried]) or 'no length'} frames"
+        f"{' only' if carried and len(carried) < len(model) else ''}. {tiny_weights(earlier).capitalize()}, bundled "
+        f"before, had at {long} frames a rotation error of {before[long]['rotation_deg']:.1f} deg against "
+        f"{model[long]['rotation_deg']:.1f} now, ATE {before[long]['ate']:.3f} against {model[long]['ate']:.3f} and "
+        f"AUC@30 {before[long]['auc30']:.2f} against {model[long]['auc30']:.2f} (`{EARLIER_TINY_EVAL}`).")]
     return "\n".join(lines)
 
 
@@ -468,10 +490,7 @@ def tiny_long_section(results: Path) -> str:
 LENGTH_1B_FILE = "length-1b-speed.json"
 LENGTH_FILES = {  # the first that exists, with what the reader should know of it
     "length-schedules.json": ".",
-    "length-schedules-96.json": " (on 2 CPU cores, at 96 frames, where the shipped model's own pose is better than at "
-                                "256; the issue's run at 256 frames on the GPU replaces it).",
-    "length-schedules-cpu-small.json": " (a small CPU run of the mechanics on the earlier 6 + 6 vggt-tiny; the GPU run "
-                                       "on the shipped model replaces it).",
+    "length-schedules-cpu-small.json": " (a small CPU run of the mechanics; the GPU run replaces it).",
 }
 LENGTH_METRICS = (("score", "deviation"), ("abs_rel", "AbsRel"), ("ate", "ATE"), ("auc30", "AUC@30"))
 
@@ -482,7 +501,8 @@ def length_section(results: Path) -> str:
     data = load(results, name)
     settings, fit, prediction = data["settings"], data["length_model"]["held_out"], data["prediction"]
     frames, clips = settings["frames"], data["budgets"][0]["versus"]["searched vs paper"]["score"]["clips"]
-    lines = [prose(f"{data['global_layers']}-layer {settings['model']} profiled at {settings['profile_frames']} "
+    lines = [prose(f"{data['global_layers']}-layer {settings['model']} ({tiny_weights(data, settings['weights'])}) "
+                   f"profiled at {settings['profile_frames']} "
                    f"frames, searched and measured at {frames} frames on {clips} held-out clips `{settings['held_out']}` "
                    f"(`{data['command']}`, {data['device_name']}; `benchmarks/results/{name}`, with the paired tests "
                    f"in `{name.removesuffix('.json')}.md`):"), "",
@@ -515,8 +535,6 @@ def length_section(results: Path) -> str:
         + f". The issue's goal (at most 0.75x both at the tightest budget, "
         f"never significantly worse) is {'met' if goal else 'not met'} here"
         + LENGTH_FILES[name] + dense_pose_sentence(data))]
-    if name == "length-schedules.json" and (results / "length-schedules-96.json").is_file():
-        lines += ["", length_96_line(load(results, "length-schedules-96.json"))]
     return "\n".join(lines + length_1b_lines(results))
 
 
@@ -528,19 +546,6 @@ def dense_pose_sentence(data: dict) -> str:
     return (f" The dense model's own pose at {data['settings']['frames']} frames is weak (ATE {dense['ate']:.2f}, "
             f"AUC@30 {dense['auc30']:.2f}; the long-clip vggt-tiny issue), so the deviation from dense decides here "
             "and the ground-truth columns say little.")
-
-
-def length_96_line(data: dict) -> str:
-    """One line on the 96-frame run, where the shipped model's pose is better, beside the GPU run."""
-    ratios = {budget["scale"]: {versus: budget["versus"][f"searched vs {versus}"]["score"]["ratio"]
-                                for versus in ("paper", "uniform")} for budget in data["budgets"]}
-    shown = [scale for scale in sorted(ratios) if scale <= 1]
-    return prose(
-        f"At {data['settings']['frames']} frames, where the shipped model's own pose is better (dense ATE "
-        f"{data['dense']['ate']:.2f}, AUC@30 {data['dense']['auc30']:.2f}; `benchmarks/results/length-schedules-96.json`, "
-        f"{data['device_name']}), the searched schedule deviates "
-        + ", ".join(f"{ratios[scale]['paper']:.2f}x the paper rule's and {ratios[scale]['uniform']:.2f}x the uniform's "
-                    f"at {scale:g}x" for scale in shown) + ".")
 
 
 def length_1b_lines(results: Path) -> list[str]:

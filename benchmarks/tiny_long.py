@@ -170,7 +170,7 @@ def stages_compared(reports: dict[str, dict]) -> list[str]:
 
 
 def stage3(arcs_before: dict[str, dict]) -> list[str]:
-    """Stage 3, two runs side by side from the shipped weights: the same model, and the model with 4 heads of 32
+    """Stage 3, two runs side by side from stage 2's weights: the same model, and the model with 4 heads of 32
     channels (warm-started by split_heads); not shipped. arcs_before: the 8-frame arc evaluations of stages 1 and 2."""
     logs = {label: held_out_evals(RESULTS / f"train-vggt-tiny-long-{tag}.log") for label, tag in STAGE3_RUNS}
     reports = {label: json.loads((RESULTS / f"eval-vggt-tiny-long-{tag}.json").read_text())
@@ -201,9 +201,9 @@ def stage3(arcs_before: dict[str, dict]) -> list[str]:
     moved = {name: ("better" if (new[key] > old[key]) == (key == "auc30") else "worse") + f" ({old[key]:.{digits}f} "
              f"-> {new[key]:.{digits}f})" for key, name, digits in COMPARED}
     return [
-        "Both from the shipped (stage 2) weights, clips of 2-256 frames with a quarter of the steps short arcs "
+        "Both from stage 2's weights (shipped then), clips of 2-256 frames with a quarter of the steps short arcs "
         "(`ARC_SHARE=0.25`), run at once on one H200 for 15 min each (each had about half of it):", "",
-        "```bash", "# commit 0976556",
+        "```bash", "# commit 0976556 (its spark3r/weights/vggt-tiny.safetensors: stage 2)",
         "COMMON=\"MINUTES=15 INIT=spark3r/weights/vggt-tiny.safetensors MAX_FRAMES=256 FRAMES_PER_STEP=1024 LR=3e-4 "
         "WARMUP=100 SEED=3 ARC_SHARE=0.25 WORKERS=7\"",
         "env RUN=/root/h2 $COMMON bash benchmarks/train_tiny_long.sh",
@@ -212,7 +212,7 @@ def stage3(arcs_before: dict[str, dict]) -> list[str]:
         f"Logs `train-vggt-tiny-long-s3-h2.log` ({trained(RESULTS / 'train-vggt-tiny-long-s3-h2.log')}) and "
         f"`train-vggt-tiny-long-s3-h4.log` ({trained(RESULTS / 'train-vggt-tiny-long-s3-h4.log')}). Their periodic "
         "held-out evaluation at 256 frames (synthetic:16:999:walk, bf16):", "", *lines, "",
-        f"Stage 2's last evaluation on the same clips (step {shipped['step']}, the shipped weights): rotation error "
+        f"Stage 2's last evaluation on the same clips (step {shipped['step']}, stage 2's weights): rotation error "
         f"{shipped['rotation_deg']:.2f} deg, translation {shipped['translation']:.3f}, AUC@30 {shipped['auc30']:.3f}. "
         f"Stage 3 with 2 heads ends at {two[-1]['rotation_deg']:.2f} deg, AUC@30 {two[-1]['auc30']:.3f}"
         + (", its rotation error falling at every evaluation." if falling else "."),
@@ -223,7 +223,7 @@ def stage3(arcs_before: dict[str, dict]) -> list[str]:
          f"{by_step['2 heads'][common]['rotation_deg']:.2f}, "
          f"and in the same minutes they ran {four[-1]['step']} steps against {two[-1]['step']}, ending at "
          f"{four[-1]['rotation_deg']:.2f} deg."), "",
-        f"Stage 2 (shipped) and both stage-3 runs on the held-out walks ({before['clips']}, dense, each "
+        f"Stage 2 and both stage-3 runs on the held-out walks ({before['clips']}, dense, each "
         f"{before['device_name']}):", "",
         *stages_compared({"stage 2": before, **{f"stage 3, {label}": report for label, report in reports.items()}}),
         "",
@@ -276,10 +276,6 @@ def places(worse: list[str]) -> str:
     return f"{len(worse)} place(s): " + "; ".join(worse) if worse else "no place"
 
 
-SHIPPING = ("shipping them means rerunning the 32- and 256-frame profiles, benchmarks/length_schedules.py, tiny_pose.py "
-            "and the screening on a GPU, and this report, together.")
-
-
 def device_gap(report: dict, reference: dict) -> float:
     """The largest relative difference between two evaluations of the same weights on every metric of COMPARED."""
     model, old = by_length(report), by_length(reference)
@@ -305,7 +301,7 @@ def drift_lines(name: str) -> list[str]:
 
 def stage4() -> list[str]:
     """Stage 4 from stage 3's 2-head weights on one H100, with the DPT heads in bf16 and the blocks compiled; not
-    shipped yet."""
+    shipped."""
     log = RESULTS / "train-vggt-tiny-long-s4.log"
     evals, rates = held_out_evals(log), step_rates(log)
     eager = json.loads((RESULTS / "train-step-profile.json").read_text())
@@ -348,8 +344,8 @@ def stage4() -> list[str]:
         f"(stage 3: {by_length(arcs3)[8]['auc30']:.3f}).", "",
         "### Stage 4: sensitivity at 32 frames", "", *sensitivity("profile-vggt-tiny-long-s4-32.json"), "",
         "### Stage 4: sensitivity at 256 frames", "", *sensitivity("profile-vggt-tiny-long-s4-256.json"), "",
-        (f"Not shipped yet: stage 4 is worse than the shipped stage 2 in {len(worse)} place(s): " + "; ".join(worse)
-         + ". " if worse else "Better than the shipped stage 2 at every length and metric above. ")
+        (f"Not shipped: stage 4 is worse than stage 2 in {len(worse)} place(s): " + "; ".join(worse)
+         + ". " if worse else "Better than stage 2 at every length and metric above. ")
         + f"Its weights were kept as `{STAGE4_CHECKPOINT}` for stage 5 to start from (in commit 2d28945's tree; removed "
           "once stage 6 came)."]
 
@@ -361,7 +357,7 @@ STAGE5_COMMAND = (f"RUN=/root/s5 MINUTES=7 INIT={STAGE4_CHECKPOINT} MAX_FRAMES=2
 
 
 def stage5() -> list[str]:
-    """Stage 5 from stage 4's weights with the relative-pose loss, 7 min on one H100; not shipped yet."""
+    """Stage 5 from stage 4's weights with the relative-pose loss, 7 min on one H100; not shipped."""
     log = RESULTS / "train-vggt-tiny-long-s5.log"
     reports = {label: json.loads((RESULTS / f"eval-vggt-tiny-long-{tag}.json").read_text())
                for label, tag in (("stage 2", "s2-cpu"), ("stage 4", "s4"), ("stage 5", "s5-h100"))}
@@ -381,7 +377,7 @@ def stage5() -> list[str]:
         f"{gap:.0e}, relative):", "", *stages_compared(reports), "",
         "### Stage 5: the issue's bars", "", *bars(reports["stage 5"]), "",
         *drift_lines("drift-vggt-tiny-long-s5-256.json"), "",
-        f"Against the shipped stage 2, stage 5 is worse in {places(worse2)}. Against stage 4, in {places(worse4)}. "
+        f"Against stage 2, stage 5 is worse in {places(worse2)}. Against stage 4, in {places(worse4)}. "
         f"Not shipped: its weights were kept as `{STAGE5_CHECKPOINT}` for stage 6 to start from (in commit a37238a's "
         "tree; removed once stage 7 came)."]
 
@@ -395,7 +391,7 @@ STAGE6_COMMAND = (f"RUN=/root/s6 MINUTES=8 INIT={STAGE5_CHECKPOINT} MAX_FRAMES=2
 def later_stage(stage: int, previous_tag: str, intro: str, commands: list[str], closing: str,
                 sections: list[str] = ()) -> list[str]:
     """The section of a stage trained on from the stage before it, from its result files: `intro`, the `commands`,
-    its training log's held-out evaluations, the fp32 evaluation beside the shipped stage 2 and the stage before
+    its training log's held-out evaluations, the fp32 evaluation beside stage 2 and the stage before
     (`eval-vggt-tiny-long-<previous_tag>.json`), the bf16 one on the GPU, the issue's bars, the drift, any further
     `sections`, where it is worse than either, then `closing`."""
     label, previous = f"stage {stage}", f"stage {stage - 1}"
@@ -418,7 +414,7 @@ def later_stage(stage: int, previous_tag: str, intro: str, commands: list[str], 
                                              f"at {f}" for f in sorted(on_gpu)) + ".", "",
         f"### Stage {stage}: the issue's bars", "", *bars(reports[label]), "",
         *drift_lines(f"drift-vggt-tiny-long-s{stage}-256.json"), "", *sections,
-        f"Against the shipped stage 2, stage {stage} is worse in {places(worse2)}. Against stage {stage - 1}, in "
+        f"Against stage 2, stage {stage} is worse in {places(worse2)}. Against stage {stage - 1}, in "
         f"{places(worse_previous)}. " + closing]
 
 
@@ -444,7 +440,7 @@ STAGE7_COMMAND = (f"RUN=/root/s7 MINUTES=12 INIT={STAGE6_CHECKPOINT} MAX_FRAMES=
 
 def stage7() -> list[str]:
     """Stage 7: stage 6's weights trained on with its settings, a new seed and a lower peak learning rate, 12 min on
-    one H100; not shipped yet."""
+    one H100; not shipped."""
     first6 = held_out_evals(RESULTS / "train-vggt-tiny-long-s6.log")[0]
     first7 = held_out_evals(RESULTS / "train-vggt-tiny-long-s7.log")[0]
     return later_stage(7, "s6-cpu", (
@@ -457,27 +453,47 @@ def stage7() -> list[str]:
         ["### Stage 7: sensitivity at 32 frames", "", *sensitivity("profile-vggt-tiny-long-s7-32.json"), ""])
 
 
-STAGE8_CHECKPOINT = "benchmarks/checkpoints/vggt-tiny-long-stage8.safetensors"
 STAGE8_COMMAND = (f"RUN=/root/s8 MINUTES=11 INIT={STAGE7_CHECKPOINT} MAX_FRAMES=256 FRAMES_PER_STEP=1024 LR=1.5e-4 "
                   "WARMUP=100 SEED=8 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 RELATIVE_WEIGHT=5 "
                   "RELATIVE_OFFSETS=1,2,4,8,16,32,64,128 bash benchmarks/train_tiny_long.sh")
 
 
+SHIPPING_RERUNS = {"eval-vggt-tiny.json": "the 8-frame arcs evaluation", "length-schedules.json":
+                   "the long-clip schedule study (benchmarks/length_schedules.py)",
+                   "profile-screening-vggt-tiny-s8-32.json": "the level screens at 32 frames",
+                   "profile-screening-vggt-tiny-s8-256.json": "the level screens at 256 frames",
+                   "profile-vggt-tiny-long-s8-32.json": "the 32-frame profile",
+                   "profile-vggt-tiny-long-s8-256.json": "the 256-frame profile"}
+
+
+def rerun_on(evaluation: str) -> str:
+    """Which of SHIPPING_RERUNS' results measured the weights of `evaluation` (by weights_sha256), and which not yet."""
+    sha = json.loads((RESULTS / evaluation).read_text())["weights_sha256"]
+    done = {name: (RESULTS / name).is_file() and json.loads((RESULTS / name).read_text()).get("weights_sha256") == sha
+            for name in SHIPPING_RERUNS}
+    rerun = [f"{what} (`{name}`)" for name, what in SHIPPING_RERUNS.items() if done[name]]
+    left = [what for name, what in SHIPPING_RERUNS.items() if not done[name]]
+    return (f"Rerun on them: {'; '.join(rerun) or 'nothing yet'}."
+            + (f" Not yet rerun: {'; '.join(left)}." if left else ""))
+
+
 def stage8() -> list[str]:
     """Stage 8: stage 7's weights trained on with its settings, a new seed and a peak learning rate of 1.5e-4, 11 min
-    on one H100; not shipped yet."""
+    on one H100; shipped."""
     last7 = held_out_evals(RESULTS / "train-vggt-tiny-long-s7.log")[-1]
     return later_stage(8, "s7-cpu", (
         "Stage 8 trains stage 7's weights on with stage 7's settings, a new seed and a peak learning rate of 1.5e-4, "
         f"11 min on one NVIDIA H100 (commit a84dfe5): stage 7's held-out AUC@30 was still rising at its end "
         f"({last7['auc30']:.3f} at step {last7['step']})."),
         [STAGE8_COMMAND],
-        f"Not shipped yet: its weights are kept as `{STAGE8_CHECKPOINT}`; {SHIPPING}",
+        f"Shipped: from commit 7c096a7 `spark3r/weights/vggt-tiny.safetensors` holds stage 8's weights (sha256 "
+        f"{json.loads((RESULTS / 'eval-vggt-tiny-long-s8-cpu.json').read_text())['weights_sha256'][:12]}). "
+        + rerun_on("eval-vggt-tiny-long-s8-cpu.json"),
         ["### Stage 8: ATE against the size of the trajectory (not one of the issue's bars)", "",
          *spread_table(json.loads((RESULTS / "eval-vggt-tiny-long-s8-cpu.json").read_text())), "",
          "### Stage 8: sensitivity at 32 frames", "", *sensitivity("profile-vggt-tiny-long-s8-32.json"), "",
          "### Stage 8: sensitivity at 256 frames", "",
-         *sensitivity("profile-vggt-tiny-long-s8-256.json", STAGE8_CHECKPOINT), ""])
+         *sensitivity("profile-vggt-tiny-long-s8-256.json"), ""])
 
 
 def sensitivity(name: str, weights: str = "auto") -> list[str]:
@@ -504,9 +520,10 @@ def report() -> str:
     long = max(by_length(second))
     one, two = by_length(first)[long], by_length(second)[long]
     text = [
-        "# vggt-tiny for long clips (12 + 12 blocks): stage 1 on clips of 2-48 frames, stage 2 on 2-256 (shipped), "
-        "stages 3-8 on 2-256 with more arcs (not shipped)", "",
-        "Device: one NVIDIA H200 (torch 2.11), bf16 trunk. Commands (background, resumable; "
+        "# vggt-tiny for long clips (12 + 12 blocks): stage 1 on clips of 2-48 frames, stage 2 on 2-256, "
+        "stages 3-8 on 2-256 with more arcs; stage 8 shipped", "",
+        "Device: one NVIDIA H200 for stages 1-3, one NVIDIA H100 for stages 4-8 (torch 2.11), bf16 trunk. Commands "
+        "(background, resumable; "
         "`benchmarks/train_tiny_long.sh`):", "",
         "```bash", "# stage 1, code of commit 2d34547 with the vggt-tiny config at depth 12 (committed next)",
         "RUN=/root/tiny-long MINUTES=13 INIT=<the 6 + 6 weights of commit 189e6d8> bash benchmarks/train_tiny_long.sh",
@@ -519,8 +536,9 @@ def report() -> str:
         "(walks; arcs for half of the steps of at most 16 frames).",
         f"Stage 2 (log `train-vggt-tiny-long-256.log`: {trained(RESULTS / 'train-vggt-tiny-long-256.log')}, 1024 "
         "frames per step): stage 1's weights trained on clips of 2-256 frames (walks; arcs only for steps of at most 16 "
-        f"frames, {100 * arc_share(2, 256):.0f}% of them). Stage 2's weights are the shipped ones.", "",
-        f"## Held-out walks ({second['clips']}, never trained on), dense, shipped weights (stage 2)", "",
+        f"frames, {100 * arc_share(2, 256):.0f}% of them). Stage 2's weights were shipped from commit 7e0ab8b "
+        "until stage 8's replaced them (7c096a7).", "",
+        f"## Held-out walks ({second['clips']}, never trained on), dense, stage 2", "",
         *evaluation_table(second), "",
         "## The issue's bars (stage 2)", "", *bars(second), "",
         "## ATE against the size of the trajectory (stage 2; not one of the issue's bars)", "",
@@ -539,19 +557,19 @@ def report() -> str:
            "more arcs." if max(a for _, a in evals[1:]) - min(a for _, a in evals[1:]) < 0.03 else
            ": still moving at the end of the run."), "",
         f"## Held-out arcs ({arcs_second['clips']}, 8 frames, the 6 + 6 model's benchmark)", "",
-        "Stage 1:", "", *evaluation_table(arcs_first), "", "Stage 2 (shipped):", "", *evaluation_table(arcs_second), "",
+        "Stage 1:", "", *evaluation_table(arcs_first), "", "Stage 2:", "", *evaluation_table(arcs_second), "",
         f"Stage 2 trained on arcs in {100 * arc_share(2, 256):.0f}% of its steps: on 8-frame arcs its AUC@30 is "
         f"{by_length(arcs_second)[8]['auc30']:.3f} against stage 1's {by_length(arcs_first)[8]['auc30']:.3f}.", "",
-        "## Sensitivity of the shipped model at 32 and 256 frames (profile-layers)", "",
+        "## Stage 2's sensitivity at 32 and 256 frames (profile-layers)", "",
         "### 32 frames", "", *sensitivity("profile-vggt-tiny-long-32.json"), "",
         "### 256 frames", "", *sensitivity("profile-vggt-tiny-long-256.json"), "",
         "## Stage 3 (not shipped): 2 heads against 4 heads", "",
         *stage3({"stage 1": arcs_first, "stage 2": arcs_second}), "",
-        "## Stage 4 (not shipped yet): bf16 DPT heads and compiled blocks, 10 min on one H100", "", *stage4(), "",
-        "## Stage 5 (not shipped yet): the relative-pose loss, 7 min on one H100", "", *stage5(), "",
+        "## Stage 4 (not shipped): bf16 DPT heads and compiled blocks, 10 min on one H100", "", *stage4(), "",
+        "## Stage 5 (not shipped): the relative-pose loss, 7 min on one H100", "", *stage5(), "",
         "## Stage 6 (not shipped): relative pose 64 and 128 frames apart, 11.3 min on one H100", "", *stage6(), "",
         "## Stage 7 (not shipped): stage 6 trained on, 12 min on one H100", "", *stage7(), "",
-        "## Stage 8 (not shipped yet): stage 7 trained on, 11 min on one H100", "", *stage8(), "",
+        "## Stage 8 (shipped): stage 7 trained on, 11 min on one H100", "", *stage8(), "",
         "## Stage 1's sensitivity at 32 frames", "",
         f"`profile-vggt-tiny-long-48-32.json` (`{profile_first['command']}`, {profile_first['device_name']}).", "",
         *asymmetry(profile_first), ""]

@@ -41,8 +41,8 @@
 #       FRAMES_PER_STEP=1024 LR=2e-4 WARMUP=100 SEED=7 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
 #       RELATIVE_WEIGHT=5 RELATIVE_OFFSETS=1,2,4,8,16,32,64,128 bash benchmarks/train_tiny_long.sh
 # Stage 8: stage 7's weights trained on with its settings, a new seed and a peak learning rate of 1.5e-4, 11 min on
-# one H100 at commit a84dfe5 (results/train-vggt-tiny-long-s8.log; its weights are
-# benchmarks/checkpoints/vggt-tiny-long-stage8.safetensors; stage 6's left the tree, they are in commit 86b5d36's):
+# one H100 at commit a84dfe5 (results/train-vggt-tiny-long-s8.log; its weights are the shipped ones since 7c096a7,
+# spark3r/weights/vggt-tiny.safetensors; stage 6's left the tree, they are in commit 86b5d36's):
 #   RUN=/root/s8 MINUTES=11 INIT=benchmarks/checkpoints/vggt-tiny-long-stage7.safetensors MAX_FRAMES=256 \
 #       FRAMES_PER_STEP=1024 LR=1.5e-4 WARMUP=100 SEED=8 ARC_SHARE=0.25 HEAD_DTYPE=compute COMPILE=1 \
 #       RELATIVE_WEIGHT=5 RELATIVE_OFFSETS=1,2,4,8,16,32,64,128 bash benchmarks/train_tiny_long.sh

@@ -1,5 +1,6 @@
 """benchmarks/readme.py: the README's result sections are generated from benchmarks/results/*.json and agree with
 them."""
+import hashlib
 import json
 import re
 import shutil
@@ -95,9 +96,6 @@ def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path):
     small = json.loads((REPO / "benchmarks" / "results" / "length-schedules-cpu-small.json").read_text())
     (tmp_path / "length-schedules-cpu-small.json").write_text(json.dumps(small))
     assert "small CPU run" in readme.length_section(tmp_path)
-    (tmp_path / "length-schedules-96.json").write_text(json.dumps(small))
-    text = " ".join(readme.length_section(tmp_path).split())
-    assert "at 96 frames, where the shipped model's own pose is better than at 256" in text and "small CPU run" not in text
     for budget in small["budgets"]:
         for comparison in budget["versus"].values():
             comparison["score"]["ratio"] = 0.5
@@ -106,7 +104,13 @@ def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path):
     assert "0.500x the paper rule's and 0.500x the best uniform" in text and "is met here." in text
     assert "small CPU run" not in text and "`benchmarks/results/length-schedules.json`" in text
     assert "The dense model's own pose at 128 frames is weak (ATE 0.89, AUC@30 0.03;" in text  # the small run's dense
-    assert "At 128 frames, where the shipped model's own pose is better" in text  # the 96-frame file's line, beside it
+    assert "6-layer vggt-tiny (the 6 + 6 model) profiled" in text  # the weights its weights_sha256 names
+    bundled = hashlib.sha256((REPO / "spark3r" / "weights" / "vggt-tiny.safetensors").read_bytes()).hexdigest()
+    for sha, label in ((bundled, f"{readme.TINY_STAGES[bundled]}, shipped"), ("ab" * 32, "weights abababababab"),
+                       (None, "weights not recorded")):
+        small["weights_sha256"] = sha
+        (tmp_path / "length-schedules.json").write_text(json.dumps({k: v for k, v in small.items() if v is not None}))
+        assert f"6-layer vggt-tiny ({label}) profiled" in " ".join(readme.length_section(tmp_path).split())
     small["budgets"][0]["versus"]["searched vs paper"]["ate"]["verdict"] = "loss"
     (tmp_path / "length-schedules.json").write_text(json.dumps(small))
     text = " ".join(readme.length_section(tmp_path).split())
@@ -124,7 +128,7 @@ def test_length_section_says_nothing_of_dense_pose_where_it_holds(tmp_path):
     small["dense"]["auc30"] = 0.4
     (tmp_path / "length-schedules.json").write_text(json.dumps(small))
     text = " ".join(readme.length_section(tmp_path).split())
-    assert "own pose" not in text and "At 128 frames" not in text  # no 96-frame file here either
+    assert "own pose" not in text
 
 
 def test_length_section_states_the_1b_timing_ratio_from_its_file(tmp_path):
@@ -254,20 +258,36 @@ def test_autotuned_heads_say_whether_cudnn_benchmark_pays(tmp_path):
     assert "the outputs differ by at most 2.0e-07 (relative L2), so they could become the default." in text
 
 
-def test_screening_section_names_each_runs_weights_and_how_many_runs_hold_the_bar(tmp_path):
-    def run(frames, weights, spearman, seconds):
+def test_screening_section_names_each_runs_weights_and_how_many_runs_hold_the_bar(tmp_path, monkeypatch):
+    def run(frames, weights, spearman, seconds, **sha):
         rows = [{"kind": "kv", "level": 0.5, "resumed": True, "spearman": 1.0, "max_rel_diff": 0.0},
                 {"kind": "kv", "level": 0.25, "resumed": False, "spearman": spearman, "max_rel_diff": 0.5}]
         return json.dumps({"frames": frames, "device_name": "CPU", "all_s": 100.0, "all_wall_s": 120.0,
                            "profile_command": f"profile-layers --model vggt-tiny --weights {weights} --frames {frames}",
-                           "screens": [{"resume": "alternate", "seconds": seconds, "wall_s": 70.0, "rows": rows}]})
+                           "screens": [{"resume": "alternate", "seconds": seconds, "wall_s": 70.0, "rows": rows}],
+                           **sha})
 
-    for name, data in zip(readme.SCREENING_RUNS, (run(32, "auto", 0.993, 60.0), run(256, "auto", 0.995, 80.0),
-                                                  run(32, "ckpt/stage8.safetensors", 0.986, 50.0))):
+    bundled = hashlib.sha256((REPO / "spark3r" / "weights" / "vggt-tiny.safetensors").read_bytes()).hexdigest()
+    stage2 = "5099ea1298fc34029c023bc5073bbcb765f8716e72f7335664920a5fbcd561a7"  # bundled from 4376b5b to 7c096a7
+    runs = (run(32, "auto", 0.993, 60.0),  # a record without weights_sha256
+            run(256, "auto", 0.995, 80.0, weights_sha256=stage2),
+            run(32, "auto", 0.986, 50.0, weights_sha256=bundled),
+            run(256, "ckpt/other.safetensors", 0.97, 90.0))  # a file, and a record without its hash
+    monkeypatch.setattr(readme, "SCREENING_RUNS", tuple(f"run-{i}.json" for i in range(len(runs))))
+    for name, data in zip(readme.SCREENING_RUNS, runs, strict=True):
         (tmp_path / name).write_text(data)
     text = " ".join(readme.profile_screening_section(tmp_path).split())
-    assert "| | 32 frames, shipped weights, CPU | 256 frames, shipped weights, CPU | 32 frames, `stage8.safetensors`, " \
-           "CPU | how |" in text
-    assert ("Spearman 0.993 or more at 32 frames (shipped weights), 0.995 or more at 256 frames (shipped weights), "
-            "0.986 or more at 32 frames (`stage8.safetensors`) (at or above the bar of 0.99 in 2 of 3 runs)") in text
-    assert "saves 40% at 32 frames (shipped weights), 20% at 256 frames (shipped weights), 50% at 32 frames" in text
+    shipped = f"{readme.TINY_STAGES[bundled]}, shipped"
+    assert (f"| | 32 frames, weights not recorded, CPU | 256 frames, stage 2, CPU | 32 frames, {shipped}, CPU | 256 "
+            "frames, `other.safetensors`, CPU | how |") in text
+    assert ("Spearman 0.993 or more at 32 frames (weights not recorded), 0.995 or more at 256 frames (stage 2), "
+            f"0.986 or more at 32 frames ({shipped}), 0.970 or more at 256 frames (`other.safetensors`) (at or above "
+            "the bar of 0.99 in 2 of 4 runs)") in text
+    assert (f"saves 40% at 32 frames (weights not recorded), 20% at 256 frames (stage 2), 50% at 32 frames "
+            f"({shipped}), 10%") in text
+
+
+def test_the_readmes_tables_of_the_shipped_vggt_tiny_measured_the_bundled_weights():
+    bundled = hashlib.sha256((REPO / "spark3r" / "weights" / "vggt-tiny.safetensors").read_bytes()).hexdigest()
+    for name in ("eval-vggt-tiny.json", readme.SHIPPED_TINY_EVAL):  # the tiny-model and tiny-long sections
+        assert readme.load(readme.RESULTS, name).get("weights_sha256") == bundled, name
