@@ -209,7 +209,8 @@ def compute_heads_section(results: Path) -> str:
     """What `--head-dtype compute` costs in fidelity: each model's relative L2 distance from fp32 outputs with the
     trunk in bf16, and with the dense heads in bf16 too (block_profile's noise rows)."""
     data = load(results, HEADS_NOISE_FILE)
-    models = {"vggt-tiny": f"vggt-tiny ({tiny_weights(data)} weights)", "vggt-1b": "VGGT-1B (random weights)"}
+    models = {"vggt-tiny": f"vggt-tiny ({tiny_weights(data.get('weights_sha256'))} weights)",
+              "vggt-1b": "VGGT-1B (random weights)"}
     keys = ("depth", "points")
     lines = [prose(
         "`--head-dtype compute` (on `reconstruct` and `evaluate-schedule`; from Python `load_model(..., "
@@ -340,10 +341,9 @@ def bundled_tiny_sha() -> str:
     return hashlib.sha256(BUNDLED_TINY.read_bytes()).hexdigest()
 
 
-def tiny_weights(data: dict, weights: str = "auto") -> str:
-    """The trained vggt-tiny weights a result measured, by its weights_sha256 ("stage 8, shipped", "stage 2"); for a
-    record without one, the file `weights` it named, or "weights not recorded"."""
-    sha = data.get("weights_sha256")
+def tiny_weights(sha: str | None, weights: str = "auto") -> str:
+    """The trained vggt-tiny weights of sha256 `sha` ("stage 8, shipped", "stage 2"); for a result that recorded no
+    hash, the file `weights` it named, or "weights not recorded"."""
     if sha is None:
         return "weights not recorded" if weights == "auto" else f"`{Path(weights).name}`"
     name = TINY_STAGES.get(sha, f"weights {sha[:12]}")
@@ -353,7 +353,7 @@ def tiny_weights(data: dict, weights: str = "auto") -> str:
 def screened_weights(data: dict) -> str:
     """The weights a profile_screening run profiled (`tiny_weights` of the --weights its profile command names)."""
     words = data["profile_command"].split()
-    return tiny_weights(data, words[words.index("--weights") + 1])
+    return tiny_weights(data.get("weights_sha256"), words[words.index("--weights") + 1])
 
 
 @section("profile-screening")
@@ -418,8 +418,8 @@ def tiny_model_section(results: Path) -> str:
     frames = evaluation["frames"][0]
     length = evaluation["lengths"][str(frames)]
     scores = length["results"]
-    lines = [prose(f"vggt-tiny ({tiny_weights(evaluation)}) evaluated on {length['count']} held-out clips of {frames} "
-                   f"frames at {length['size'][0]} px, "
+    lines = [prose(f"vggt-tiny ({tiny_weights(evaluation.get('weights_sha256'))}) evaluated on {length['count']} "
+                   f"held-out clips of {frames} frames at {length['size'][0]} px, "
                    f"`{evaluation['clips']}` "
                    f"(`{evaluation['command']}`, {evaluation['device_name']}; "
                    "`benchmarks/results/eval-vggt-tiny.json`):"),
@@ -451,7 +451,7 @@ EARLIER_TINY_EVAL = "eval-vggt-tiny-long-s2-cpu.json"  # stage 2, bundled before
 @section("tiny-long")
 def tiny_long_section(results: Path) -> str:
     evaluation, earlier = load(results, SHIPPED_TINY_EVAL), load(results, EARLIER_TINY_EVAL)
-    lines = [prose(f"Dense quality by clip length of vggt-tiny ({tiny_weights(evaluation)}) on "
+    lines = [prose(f"Dense quality by clip length of vggt-tiny ({tiny_weights(evaluation['weights_sha256'])}) on "
                    f"{next(iter(evaluation['lengths'].values()))['count']} held-out walks `{evaluation['clips']}` "
                    f"(`{evaluation['command']}`, {evaluation['device_name']}; "
                    f"`benchmarks/results/{SHIPPED_TINY_EVAL}`, "
@@ -478,7 +478,8 @@ def tiny_long_section(results: Path) -> str:
         f"Depth AbsRel at {long} frames is {model[long]['abs_rel'] / model[short]['abs_rel']:.2f}x its {short}-frame "
         f"value. {pose}; AUC@30 at {long} frames is {model[long]['auc30']:.2f}. Frame-only global attention is at "
         f"least 3x worse in ATE at {_join([str(f) for f in carried]) or 'no length'} frames"
-        f"{' only' if carried and len(carried) < len(model) else ''}. {tiny_weights(earlier).capitalize()}, bundled "
+        f"{' only' if carried and len(carried) < len(model) else ''}. "
+        f"{tiny_weights(earlier['weights_sha256']).capitalize()}, bundled "
         f"before, had at {long} frames a rotation error of {before[long]['rotation_deg']:.1f} deg against "
         f"{model[long]['rotation_deg']:.1f} now, ATE {before[long]['ate']:.3f} against {model[long]['ate']:.3f} and "
         f"AUC@30 {before[long]['auc30']:.2f} against {model[long]['auc30']:.2f} (`{EARLIER_TINY_EVAL}`).")]
@@ -501,7 +502,8 @@ def length_section(results: Path) -> str:
     data = load(results, name)
     settings, fit, prediction = data["settings"], data["length_model"]["held_out"], data["prediction"]
     frames, clips = settings["frames"], data["budgets"][0]["versus"]["searched vs paper"]["score"]["clips"]
-    lines = [prose(f"{data['global_layers']}-layer {settings['model']} ({tiny_weights(data, settings['weights'])}) "
+    weights = tiny_weights(data.get("weights_sha256"), settings["weights"])
+    lines = [prose(f"{data['global_layers']}-layer {settings['model']} ({weights}) "
                    f"profiled at {settings['profile_frames']} "
                    f"frames, searched and measured at {frames} frames on {clips} held-out clips `{settings['held_out']}` "
                    f"(`{data['command']}`, {data['device_name']}; `benchmarks/results/{name}`, with the paired tests "
@@ -638,8 +640,9 @@ def _search_summary(data: dict) -> list[str]:
         sentences.append(f"Optuna's best equals the exact knapsack optimum of the predicted objective in all "
                          f"{len(searches)} searches (gap 0.00%).")
     else:
-        sentences.append(f"Optuna's best comes within {max(gaps):.2%} of the knapsack optimum of the predicted "
-                         f"objective in all {len(searches)} searches ({exact} of them proven exact).")
+        sentences.append(f"Optuna's own best (its knapsack warm start excluded) comes within {max(gaps):.2%} of the "
+                         f"knapsack optimum of the predicted objective in all {len(searches)} searches (the optimum "
+                         f"proven exact in {exact} of them).")
     return sentences
 
 
@@ -665,6 +668,8 @@ def search_section(results: Path) -> str:
                 f"{seconds['held-out']:.0f} s.")
     dense = data["held_out_dense"]
     lines = [
+        prose(f"Measured on vggt-tiny ({tiny_weights(data['weights']['sha256'])}, {len(data['probe']['ratio'])} "
+              f"global layers) at {settings['frames']} frames."), "",
         "```bash",
         f"OMP_NUM_THREADS={data['threads']} {data['command']}    "
         "# -> benchmarks/results/tiny-schedules.{md,json}",
