@@ -71,16 +71,24 @@ def asymmetry(profile: dict) -> list[str]:
     for factor, q, kv, ratio, worse in zip(summary["factors"], summary["query_mean"], summary["kv_mean"],
                                            summary["query_over_kv"], summary["layers_query_worse"]):
         lines.append(f"| {factor}x | {q:.4f} | {kv:.4f} | {ratio:.2f} | {worse} of {profile['global_layers']} |")
-    shows = all(ratio > 1 for ratio in summary["query_over_kv"])
-    lines += ["", ("The paper's asymmetry holds here: at every factor, merging queries costs more than pruning K/V "
-                   "by the same factor (mean over layers)." if shows else
-                   "The paper's asymmetry does not hold here: merging queries by a factor costs "
-                   + ", ".join(f"{ratio:.2f}x" for ratio in summary["query_over_kv"])
-                   + f" of what pruning K/V by the same factor ({', '.join(f'{f}x' for f in summary['factors'])}) "
-                   "costs, mean over layers; it costs more in only "
-                   + ", ".join(str(w) for w in summary["layers_query_worse"])
-                   + f" of {profile['global_layers']} layers.")]
-    return lines
+    layers, worse = profile["global_layers"], summary["layers_query_worse"]
+    if all(ratio > 1 for ratio in summary["query_over_kv"]):
+        return lines + ["", "The paper's asymmetry holds here: at every factor, merging queries costs more than pruning "
+                            "K/V by the same factor (mean over layers)."]
+    ratios = ", ".join(f"{ratio:.2f}x" for ratio in summary["query_over_kv"])
+    factors = ", ".join(f"{f}x" for f in summary["factors"])
+    text = (f"The paper's asymmetry does not hold on the mean over layers: merging queries by a factor costs {ratios} "
+            f"of what pruning K/V by the same factor ({factors}) costs. Per layer, query merging costs more in "
+            f"{', '.join(map(str, worse))} of {layers} layers")
+    if min(worse) * 2 <= layers:
+        return lines + ["", text + "."]
+    factor = summary["factors"][-1]  # most layers show it: name the K/V-sensitive ones that outweigh them
+    kv_at, query_at = [round(1 / k) for k in keep].index(factor), merge.index(factor)
+    heavy = sorted((layer for layer in range(layers) if score[layer][kv_at] > query[layer][query_at]),
+                   key=lambda layer: query[layer][query_at] - score[layer][kv_at])[:3]
+    named = f"layer{'s' if len(heavy) > 1 else ''} {', '.join(map(str, sorted(heavy)))}"
+    return lines + ["", text + f": most layers show the asymmetry, but the few where K/V pruning costs most ({named} "
+                                f"at {factor}x) outweigh them in the mean."]
 
 
 def spread_table(report: dict) -> list[str]:

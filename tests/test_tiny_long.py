@@ -44,3 +44,27 @@ def test_worse_than_names_every_metric_that_moved_the_wrong_way():
     assert bench.worse_than(new, old) == ["ATE at 8 (0.010 -> 0.012)", "AUC@30 at 256 (0.120 -> 0.100)",
                                           "frame-only / model ATE at 8 (3.00 -> 2.50)"]
     assert bench.worse_than(old, old) == []
+
+
+def profile_of(kv: list[float], query: list[float]) -> dict:
+    """A one-factor (2x) profile of len(kv) layers: K/V keep 1/2 and query merge 2 scores per layer."""
+    layers = len(kv)
+    query_mean, kv_mean = sum(query) / layers, sum(kv) / layers
+    return {"clips": [0], "frames": 256, "global_layers": layers,
+            "levels": {"kv_keep": [1.0, 0.5], "query_merge": [1, 2]},
+            "kv": {"score": {"mean": [[0.0, value] for value in kv]}},
+            "query": {"score": {"mean": [[0.0, value] for value in query]}},
+            "asymmetry": {"factors": [2], "query_mean": [query_mean], "kv_mean": [kv_mean],
+                          "query_over_kv": [query_mean / kv_mean],
+                          "layers_query_worse": [sum(q > k for q, k in zip(query, kv))]}}
+
+
+def test_asymmetry_says_when_most_layers_show_it_but_the_mean_does_not():
+    # layers 0-2: queries cost more (0.2 > 0.1); layer 3: K/V pruning costs 1.0 against 0.1, so the mean ratio is
+    # (0.2 * 3 + 0.1) / (0.1 * 3 + 1.0) = 0.7 / 1.3 = 0.54
+    text = bench.asymmetry(profile_of([0.1, 0.1, 0.1, 1.0], [0.2, 0.2, 0.2, 0.1]))[-1]
+    assert "costs 0.54x of what pruning K/V" in text and "more in 3 of 4 layers: most layers show" in text
+    assert "(layer 3 at 2x) outweigh them in the mean." in text
+    text = bench.asymmetry(profile_of([0.1, 0.1, 0.1, 1.0], [0.2, 0.05, 0.05, 0.1]))[-1]  # 1 of 4: no more said
+    assert text.endswith("more in 1 of 4 layers.")
+    assert "holds here" in bench.asymmetry(profile_of([0.1, 0.1], [0.2, 0.3]))[-1]
