@@ -537,7 +537,34 @@ def length_section(results: Path) -> str:
         + f". The issue's goal (at most 0.75x both at the tightest budget, "
         f"never significantly worse) is {'met' if goal else 'not met'} here"
         + LENGTH_FILES[name] + dense_pose_sentence(data))]
+    lines += ["", *(length_run_line(name, load(results, name)) for name in LENGTH_FURTHER_RUNS)]
     return "\n".join(lines + length_1b_lines(results))
+
+
+LENGTH_FURTHER_RUNS = ("length-schedules-s8-96.json",)  # length_schedules.py on other weights or at other lengths
+
+
+def length_run_line(name: str, data: dict) -> str:
+    """One paragraph on a further run of the length study: its weights and length, and the searched schedule's
+    deviation against the paper rule's and the best uniform schedule's at each budget below dense."""
+    settings = data["settings"]
+    shown = [budget for budget in data["budgets"] if budget["budget"] < 1]
+    capped = [f"{budget['scale']:g}x" for budget in data["budgets"] if budget["budget"] >= 1]
+    ratios = {budget["scale"]: {versus: budget["versus"][f"searched vs {versus}"]["score"]["ratio"]
+                                for versus in ("paper", "uniform")} for budget in shown}
+    losses = [f"{budget['scale']:g}x {comparison.removeprefix('searched vs ')} {metric}"
+              for budget in shown for comparison, metrics in budget["versus"].items()
+              for metric, test in metrics.items() if test["verdict"] == "loss"]
+    return prose(
+        f"On {settings['model']} ({tiny_weights(data.get('weights_sha256'), settings['weights'])}) profiled at "
+        f"{settings['profile_frames']} frames and measured at {settings['frames']} on `{settings['held_out']}` (dense "
+        f"ATE {data['dense']['ate']:.2f}, AUC@30 {data['dense']['auc30']:.2f}; `benchmarks/results/{name}`, "
+        f"{data['device_name']}), the searched schedule deviates "
+        + ", ".join(f"{ratios[scale]['paper']:.2f}x the paper rule's and {ratios[scale]['uniform']:.2f}x the best "
+                    f"uniform schedule's at {scale:g}x" for scale in sorted(ratios))
+        + f"; significantly worse (Wilcoxon, p < 0.05) in {_join(losses) if losses else 'no comparison'}"
+        + (f" (at {_join(capped)} the budget is the whole dense attention, so no uniform schedule is compared there)"
+           if capped else "") + ".")
 
 
 def dense_pose_sentence(data: dict) -> str:

@@ -92,7 +92,8 @@ def test_every_result_file_records_command_commit_and_device(name):
         assert data["command_note"], name  # says why there is none
 
 
-def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path):
+def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(readme, "LENGTH_FURTHER_RUNS", ())  # the main run alone
     small = json.loads((REPO / "benchmarks" / "results" / "length-schedules-cpu-small.json").read_text())
     (tmp_path / "length-schedules-cpu-small.json").write_text(json.dumps(small))
     assert "small CPU run" in readme.length_section(tmp_path)
@@ -123,7 +124,23 @@ def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path):
         in text
 
 
-def test_length_section_says_nothing_of_dense_pose_where_it_holds(tmp_path):
+def test_a_further_length_run_gets_its_weights_and_ratios_in_one_paragraph(tmp_path, monkeypatch):
+    small = json.loads((REPO / "benchmarks" / "results" / "length-schedules-cpu-small.json").read_text())
+    (tmp_path / "length-schedules.json").write_text(json.dumps(small))
+    small["budgets"][1]["versus"]["searched vs uniform"]["score"].update(ratio=1.25, verdict="loss")
+    (tmp_path / "further.json").write_text(json.dumps(small))
+    monkeypatch.setattr(readme, "LENGTH_FURTHER_RUNS", ("further.json",))
+    text = " ".join(readme.length_section(tmp_path).split())
+    paper = {budget["scale"]: budget["versus"]["searched vs paper"]["score"]["ratio"] for budget in small["budgets"]}
+    assert ("On vggt-tiny (the 6 + 6 model) profiled at 8,16,32 frames and measured at 128 on `synthetic:2:300:walk` "
+            "(dense ATE 0.89, AUC@30 0.03; `benchmarks/results/further.json`,") in text
+    assert (f"the searched schedule deviates {paper[0.5]:.2f}x the paper rule's and 1.25x the best uniform schedule's "
+            f"at 0.5x, {paper[1.0]:.2f}x the paper rule's and") in text  # budgets[1] is 0.5x; tightest first
+    assert "significantly worse (Wilcoxon, p < 0.05) in 0.5x uniform score." in text
+
+
+def test_length_section_says_nothing_of_dense_pose_where_it_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr(readme, "LENGTH_FURTHER_RUNS", ())  # the main run alone
     small = json.loads((REPO / "benchmarks" / "results" / "length-schedules-cpu-small.json").read_text())
     small["dense"]["auc30"] = 0.4
     (tmp_path / "length-schedules.json").write_text(json.dumps(small))
@@ -131,7 +148,8 @@ def test_length_section_says_nothing_of_dense_pose_where_it_holds(tmp_path):
     assert "own pose" not in text
 
 
-def test_length_section_states_the_1b_timing_ratio_from_its_file(tmp_path):
+def test_length_section_states_the_1b_timing_ratio_from_its_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(readme, "LENGTH_FURTHER_RUNS", ())  # the main run alone
     small = (REPO / "benchmarks" / "results" / "length-schedules-cpu-small.json").read_text()
     (tmp_path / "length-schedules-cpu-small.json").write_text(small)
     assert "vggt-1b" not in readme.length_section(tmp_path)  # no timing file, no sentence
