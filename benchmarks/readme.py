@@ -537,7 +537,8 @@ def length_section(results: Path) -> str:
         + f". The issue's goal (at most 0.75x both at the tightest budget, "
         f"never significantly worse) is {'met' if goal else 'not met'} here"
         + LENGTH_FILES[name] + dense_pose_sentence(data))]
-    lines += ["", *(length_run_line(name, load(results, name)) for name in LENGTH_FURTHER_RUNS)]
+    for further in LENGTH_FURTHER_RUNS:
+        lines += ["", length_run_line(further, load(results, further))]
     return "\n".join(lines + length_1b_lines(results))
 
 
