@@ -73,8 +73,8 @@ def asymmetry(profile: dict) -> list[str]:
         lines.append(f"| {factor}x | {q:.4f} | {kv:.4f} | {ratio:.2f} | {worse} of {profile['global_layers']} |")
     layers, worse = profile["global_layers"], summary["layers_query_worse"]
     if all(ratio > 1 for ratio in summary["query_over_kv"]):
-        return lines + ["", "The paper's asymmetry holds here: at every factor, merging queries costs more than pruning "
-                            "K/V by the same factor (mean over layers)."]
+        return lines + ["", "The paper's asymmetry holds here: at every factor, merging queries costs more than "
+                            "pruning K/V by the same factor (mean over layers)."]
     ratios = ", ".join(f"{ratio:.2f}x" for ratio in summary["query_over_kv"])
     factors = ", ".join(f"{f}x" for f in summary["factors"])
     text = (f"The paper's asymmetry does not hold on the mean over layers: merging queries by a factor costs {ratios} "
@@ -475,9 +475,8 @@ SHIPPING_RERUNS = {"eval-vggt-tiny.json": "the 8-frame arcs evaluation", "length
                    "profile-vggt-tiny-long-s8-256.json": "the 256-frame profile"}
 
 
-def rerun_on(evaluation: str) -> str:
-    """Which of SHIPPING_RERUNS' results measured the weights of `evaluation` (by weights_sha256), and which not yet."""
-    sha = json.loads((RESULTS / evaluation).read_text())["weights_sha256"]
+def rerun_on(sha: str) -> str:
+    """Which of SHIPPING_RERUNS' results measured the weights of sha256 `sha`, and which not yet."""
     done = {name: (RESULTS / name).is_file() and json.loads((RESULTS / name).read_text()).get("weights_sha256") == sha
             for name in SHIPPING_RERUNS}
     rerun = [f"{what} (`{name}`)" for name, what in SHIPPING_RERUNS.items() if done[name]]
@@ -490,14 +489,14 @@ def stage8() -> list[str]:
     """Stage 8: stage 7's weights trained on with its settings, a new seed and a peak learning rate of 1.5e-4, 11 min
     on one H100; shipped."""
     last7 = held_out_evals(RESULTS / "train-vggt-tiny-long-s7.log")[-1]
+    sha = json.loads((RESULTS / "eval-vggt-tiny-long-s8-cpu.json").read_text())["weights_sha256"]
     return later_stage(8, "s7-cpu", (
         "Stage 8 trains stage 7's weights on with stage 7's settings, a new seed and a peak learning rate of 1.5e-4, "
         f"11 min on one NVIDIA H100 (commit a84dfe5): stage 7's held-out AUC@30 was still rising at its end "
         f"({last7['auc30']:.3f} at step {last7['step']})."),
         [STAGE8_COMMAND],
         f"Shipped: from commit 7c096a7 `spark3r/weights/vggt-tiny.safetensors` holds stage 8's weights (sha256 "
-        f"{json.loads((RESULTS / 'eval-vggt-tiny-long-s8-cpu.json').read_text())['weights_sha256'][:12]}). "
-        + rerun_on("eval-vggt-tiny-long-s8-cpu.json"),
+        f"{sha[:12]}). " + rerun_on(sha),
         ["### Stage 8: ATE against the size of the trajectory (not one of the issue's bars)", "",
          *spread_table(json.loads((RESULTS / "eval-vggt-tiny-long-s8-cpu.json").read_text())), "",
          "### Stage 8: sensitivity at 32 frames", "", *sensitivity("profile-vggt-tiny-long-s8-32.json"), "",
