@@ -325,7 +325,7 @@ def head_dtype_section(results: Path) -> str:
 
 
 SCREENING_RUNS = ("profile-screening-vggt-tiny-32.json", "profile-screening-vggt-tiny-256.json",
-                  "profile-screening-vggt-tiny-s8-32.json")
+                  "profile-screening-vggt-tiny-s8-32.json", "profile-screening-vggt-tiny-s8-256.json")
 BUNDLED_TINY = REPO / "spark3r" / "weights" / "vggt-tiny.safetensors"
 TINY_STAGES = {  # vggt-tiny's trained weights by sha256 (stages: benchmarks/results/train-vggt-tiny-long.md)
     "ba992cafff3df7fe91d7a65af5515f098f0c1dc26998388b07d01ab92738cc09": "the 6 + 6 model",
@@ -356,6 +356,12 @@ def screened_weights(data: dict) -> str:
     return tiny_weights(data.get("weights_sha256"), words[words.index("--weights") + 1])
 
 
+def screened_calib(data: dict) -> str:
+    """The calibration clips a profile_screening run profiled (the --calib of its profile command)."""
+    words = data["profile_command"].split()
+    return words[words.index("--calib") + 1]
+
+
 @section("profile-screening")
 def profile_screening_section(results: Path) -> str:
     runs = [load(results, name) for name in SCREENING_RUNS]
@@ -363,8 +369,8 @@ def profile_screening_section(results: Path) -> str:
     how = "measured: profile-layers run on the same clips with every level resumed and screened"
     lines = [prose("On the trained vggt-tiny, against resuming every level (each column one run of "
                    "`benchmarks/profile_screening.py`; its markdown beside the JSON in `benchmarks/results/`):"), "",
-             "| | " + " | ".join(f"{data['frames']} frames, {screened_weights(data)}, {data['device_name']}"
-                                 for data in runs) + " | how |",
+             "| | " + " | ".join(f"{data['frames']} frames, `{screened_calib(data)}`, {screened_weights(data)}, "
+                                 f"{data['device_name']}" for data in runs) + " | how |",
              "|---|" + "---:|" * len(runs) + "---|"]
 
     def row(label: str, cell) -> str:

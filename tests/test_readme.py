@@ -281,7 +281,8 @@ def test_screening_section_names_each_runs_weights_and_how_many_runs_hold_the_ba
         rows = [{"kind": "kv", "level": 0.5, "resumed": True, "spearman": 1.0, "max_rel_diff": 0.0},
                 {"kind": "kv", "level": 0.25, "resumed": False, "spearman": spearman, "max_rel_diff": 0.5}]
         return json.dumps({"frames": frames, "device_name": "CPU", "all_s": 100.0, "all_wall_s": 120.0,
-                           "profile_command": f"profile-layers --model vggt-tiny --weights {weights} --frames {frames}",
+                           "profile_command": f"profile-layers --model vggt-tiny --weights {weights} --calib "
+                                              f"synthetic:{frames // 32}:2000:walk --frames {frames}",
                            "screens": [{"resume": "alternate", "seconds": seconds, "wall_s": 70.0, "rows": rows}],
                            **sha})
 
@@ -296,8 +297,9 @@ def test_screening_section_names_each_runs_weights_and_how_many_runs_hold_the_ba
         (tmp_path / name).write_text(data)
     text = " ".join(readme.profile_screening_section(tmp_path).split())
     shipped = f"{readme.TINY_STAGES[bundled]}, shipped"
-    assert (f"| | 32 frames, weights not recorded, CPU | 256 frames, stage 2, CPU | 32 frames, {shipped}, CPU | 256 "
-            "frames, `other.safetensors`, CPU | how |") in text
+    assert (f"| | 32 frames, `synthetic:1:2000:walk`, weights not recorded, CPU | 256 frames, `synthetic:8:2000:walk`, "
+            f"stage 2, CPU | 32 frames, `synthetic:1:2000:walk`, {shipped}, CPU | 256 frames, `synthetic:8:2000:walk`, "
+            "`other.safetensors`, CPU | how |") in text
     assert ("Spearman 0.993 or more at 32 frames (weights not recorded), 0.995 or more at 256 frames (stage 2), "
             f"0.986 or more at 32 frames ({shipped}), 0.970 or more at 256 frames (`other.safetensors`) (at or above "
             "the bar of 0.99 in 2 of 4 runs)") in text
