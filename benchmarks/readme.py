@@ -350,16 +350,15 @@ def tiny_weights(sha: str | None, weights: str = "auto") -> str:
     return f"{name}, shipped" if sha == bundled_tiny_sha() else name
 
 
+def profiled(data: dict, option: str) -> str:
+    """The value of `option` (e.g. "--calib") in the profile command of a profile_screening run."""
+    words = data["profile_command"].split()
+    return words[words.index(option) + 1]
+
+
 def screened_weights(data: dict) -> str:
     """The weights a profile_screening run profiled (`tiny_weights` of the --weights its profile command names)."""
-    words = data["profile_command"].split()
-    return tiny_weights(data.get("weights_sha256"), words[words.index("--weights") + 1])
-
-
-def screened_calib(data: dict) -> str:
-    """The calibration clips a profile_screening run profiled (the --calib of its profile command)."""
-    words = data["profile_command"].split()
-    return words[words.index("--calib") + 1]
+    return tiny_weights(data.get("weights_sha256"), profiled(data, "--weights"))
 
 
 @section("profile-screening")
@@ -369,7 +368,7 @@ def profile_screening_section(results: Path) -> str:
     how = "measured: profile-layers run on the same clips with every level resumed and screened"
     lines = [prose("On the trained vggt-tiny, against resuming every level (each column one run of "
                    "`benchmarks/profile_screening.py`; its markdown beside the JSON in `benchmarks/results/`):"), "",
-             "| | " + " | ".join(f"{data['frames']} frames, `{screened_calib(data)}`, {screened_weights(data)}, "
+             "| | " + " | ".join(f"{data['frames']} frames, `{profiled(data, '--calib')}`, {screened_weights(data)}, "
                                  f"{data['device_name']}" for data in runs) + " | how |",
              "|---|" + "---:|" * len(runs) + "---|"]
 
@@ -525,11 +524,8 @@ def length_section(results: Path) -> str:
                          + " | measured on the held-out clips (FLOPs and prediction: the models) |")
     tightest = min(data["budgets"], key=lambda budget: budget["budget"])
     ratios = {versus: tightest["versus"][f"searched vs {versus}"]["score"]["ratio"] for versus in ("paper", "uniform")}
-    losses = [f"{budget['scale']:g}x {comparison.removeprefix('searched vs ')} {metric}"
-              for budget in data["budgets"] for comparison, metrics in budget["versus"].items()
-              for metric, test in metrics.items() if test["verdict"] == "loss"]
+    losses, capped = length_losses(data["budgets"]), capped_budgets(data["budgets"])
     goal = all(ratio <= 0.75 for ratio in ratios.values()) and not losses
-    capped = [f"{budget['scale']:g}x" for budget in data["budgets"] if budget["budget"] >= 1]
     lines += ["", prose(
         f"Length model: fitted on {', '.join(map(str, fit['fitted_on']))} frames, Spearman {fit['all']['spearman']:.2f} "
         f"at the held-out {fit['frames']} frames; at {frames} frames its predictions rank "
@@ -548,6 +544,19 @@ def length_section(results: Path) -> str:
     return "\n".join(lines + length_1b_lines(results))
 
 
+def length_losses(budgets: list[dict]) -> list[str]:
+    """Each comparison of a length study's `budgets` where the searched schedule is significantly worse, as
+    "<scale>x <baseline> <metric>"."""
+    return [f"{budget['scale']:g}x {comparison.removeprefix('searched vs ')} {metric}"
+            for budget in budgets for comparison, metrics in budget["versus"].items()
+            for metric, test in metrics.items() if test["verdict"] == "loss"]
+
+
+def capped_budgets(budgets: list[dict]) -> list[str]:
+    """The scales ("2x") of a length study's budgets that reach the whole dense attention."""
+    return [f"{budget['scale']:g}x" for budget in budgets if budget["budget"] >= 1]
+
+
 LENGTH_FURTHER_RUNS = ("length-schedules-s8-96.json",)  # length_schedules.py on other weights or at other lengths
 
 
@@ -556,12 +565,9 @@ def length_run_line(name: str, data: dict) -> str:
     deviation against the paper rule's and the best uniform schedule's at each budget below dense."""
     settings = data["settings"]
     shown = [budget for budget in data["budgets"] if budget["budget"] < 1]
-    capped = [f"{budget['scale']:g}x" for budget in data["budgets"] if budget["budget"] >= 1]
+    capped, losses = capped_budgets(data["budgets"]), length_losses(shown)
     ratios = {budget["scale"]: {versus: budget["versus"][f"searched vs {versus}"]["score"]["ratio"]
                                 for versus in ("paper", "uniform")} for budget in shown}
-    losses = [f"{budget['scale']:g}x {comparison.removeprefix('searched vs ')} {metric}"
-              for budget in shown for comparison, metrics in budget["versus"].items()
-              for metric, test in metrics.items() if test["verdict"] == "loss"]
     return prose(
         f"On {settings['model']} ({tiny_weights(data.get('weights_sha256'), settings['weights'])}) profiled at "
         f"{settings['profile_frames']} frames and measured at {settings['frames']} on `{settings['held_out']}` (dense "

@@ -504,12 +504,12 @@ def stage8() -> list[str]:
          *sensitivity("profile-vggt-tiny-long-s8-256.json"), ""])
 
 
-def sensitivity(name: str, weights: str = "auto") -> list[str]:
-    """The per-layer scores and asymmetry of profile result `name`, or how to measure it with `weights`."""
+def sensitivity(name: str) -> list[str]:
+    """The per-layer scores and asymmetry of profile result `name`, or how to measure it on the bundled weights."""
     path = RESULTS / name
     if not path.is_file():
         frames = re.search(r"-(\d+)\.json$", name).group(1)
-        return [f"Not measured yet (`{name}`, on a GPU: `profile-layers --model vggt-tiny --weights {weights} --calib "
+        return [f"Not measured yet (`{name}`, on a GPU: `profile-layers --model vggt-tiny --weights auto --calib "
                 f"synthetic:4:2000:walk --frames {frames} --additivity 0 --device cuda`; on 2 CPU cores one clip "
                 "takes about half an hour at 256 frames)."]
     profile = json.loads(path.read_text())
