@@ -43,3 +43,35 @@ def test_markdown_has_one_table_per_screen_with_its_own_seconds():
     alternate, strongest = text.split("## --resume-levels alternate")[1].split("## --resume-levels strongest")
     assert "Resumed 1 of 1" in alternate and "6.0 s screened (0.60 of it)" in alternate and ", met)" in alternate
     assert "Resumed 0 of 1" in strongest and "2.5 s screened (0.25 of it)" in strongest and "not met" in strongest
+
+
+def test_a_full_profile_differs_from_a_screened_one_in_what_it_profiled_not_in_how():
+    def made(frames=4, resume="all", **options):
+        return SimpleNamespace(model="vggt-tiny", frames=frames, kv_keep=[1.0, 0.5], query_merge=[1, 2],
+                               clips=[{"name": "synthetic-0"}], options={"resume": resume, "seed": 0, **options})
+    assert bench.differing(made(), made(resume="strongest")) is None
+    assert bench.differing(made(), made(frames=8)) == "frames"
+    assert bench.differing(made(), made(seed=1)) == "options['seed']"
+    assert bench.differing(made(), made(dtype="bf16")) == "options['dtype']"
+
+
+PROFILE = ["--model", "vggt-tiny", "--weights", "none", "--calib", "synthetic:1", "--frames", "2"]
+SMALL = ["--kv-keep", "0.5", "--query-merge", "2", "--device", "cpu", "--dtype", "fp32"]
+
+
+def test_full_reuses_an_earlier_run_and_refuses_one_of_other_options(tmp_path, capsys):
+    from spark3r.commands import profile_layers
+    full = tmp_path / "full"
+    assert profile_layers.main([*PROFILE, *SMALL, "--additivity", "0", "--out", str(full)]) == 0
+    result = bench.main([*PROFILE, "--screens", "strongest", "--full", str(full), "--out", str(tmp_path / "s.json"),
+                         "--", *SMALL])
+    assert result["full_from"]["path"] == str(full)
+    assert result["all_wall_s"] == bench.load_profile(full).timings["wall"]
+    assert "an earlier one" in (tmp_path / "s.md").read_text()
+    with pytest.raises(SystemExit) as stop:
+        bench.main([*PROFILE, "--screens", "strongest", "--full", str(full), "--out", str(tmp_path / "t.json"),
+                    "--", *SMALL, "--seed", "1"])
+    assert stop.value.code == 2 and "profiled another options['seed']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        bench.main([*PROFILE, "--full", str(tmp_path / "missing"), "--out", str(tmp_path / "u.json")])
+    assert stop.value.code == 2 and "does not exist" in capsys.readouterr().err
