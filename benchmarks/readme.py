@@ -557,7 +557,8 @@ def capped_budgets(budgets: list[dict]) -> list[str]:
     return [f"{budget['scale']:g}x" for budget in budgets if budget["budget"] >= 1]
 
 
-LENGTH_FURTHER_RUNS = ("length-schedules-s8-96.json",)  # length_schedules.py on other weights or at other lengths
+LENGTH_FURTHER_RUNS = ("length-schedules-s8-96.json",  # length_schedules.py on other weights or at other lengths
+                       "length-schedules-s2-256.json")
 
 
 def length_run_line(name: str, data: dict) -> str:

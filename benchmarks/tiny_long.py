@@ -467,7 +467,7 @@ STAGE8_COMMAND = (f"RUN=/root/s8 MINUTES=11 INIT={STAGE7_CHECKPOINT} MAX_FRAMES=
 
 
 SHIPPING_RERUNS = {"eval-vggt-tiny.json": "the 8-frame arcs evaluation", "length-schedules.json":
-                   "the long-clip schedule study at 256 frames (benchmarks/length_schedules.py, GPU)",
+                   "the long-clip schedule study at 256 frames",
                    "length-schedules-s8-96.json": "the long-clip schedule study at 96 frames (2 CPU cores)",
                    "profile-screening-vggt-tiny-s8-32.json": "the level screens at 32 frames",
                    "profile-screening-vggt-tiny-s8-256.json": "the level screens at 256 frames",
