@@ -181,6 +181,23 @@ def test_search_schedule_frames_exports_a_schedule_within_budget_at_every_length
     assert "no schedule meets budget 0.0001" in capsys.readouterr().err
 
 
+def test_verify_of_a_length_aware_search_exports_the_uniform_schedule_when_it_measures_best(
+        tmp_path, monkeypatch, capsys):
+    from test_search import uniform_measures_best
+
+    monkeypatch.chdir(tmp_path)
+    save_profile(combine([length_profile(s, layers=12) for s in (8, 16, 32)]), tmp_path / "profiles" / "vggt-tiny")
+    uniform_measures_best(monkeypatch, frames=48)
+    assert search_main(["--budget", "0.1", "--frames", "48", "--verify", "2", "--calib", "synthetic:1:77",
+                        "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    uniform = result["uniform_best"]
+    assert uniform["measured_deviation"] == 0.5 and len(result["verified"]) == 3
+    assert {key: result["chosen"][key] for key in ("kv_frames", "query_merge")} == \
+        {key: uniform[key] for key in ("kv_frames", "query_merge")}
+    assert result["chosen"]["deviation"]["48"] > uniform["deviation"]["48"] - 1e-12  # measured, not predicted, won
+
+
 def test_one_length_profile_refuses_several_frames(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     save_profile(length_profile(8, layers=12), tmp_path / "profiles" / "vggt-tiny")
@@ -210,6 +227,9 @@ def test_profile_layers_at_several_lengths_then_verify_at_a_longer_one(tmp_path,
     assert search_main(["--budget", "0.5", "--frames", "12", "--verify", "2", "--calib", "synthetic:1:77",
                         "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert len(result["verified"]) == 2 and result["chosen"]["measured_deviation"] == \
+    uniform = result["uniform_best"]
+    assert len(result["verified"]) in (2, 3) and result["chosen"]["measured_deviation"] == \
         min(row["measured_deviation"] for row in result["verified"])
+    assert {"kv_frames": uniform["kv_frames"], "query_merge": uniform["query_merge"],
+            "measured_deviation": uniform["measured_deviation"]} in result["verified"]  # always measured
     assert load_schedule(result["schedule"]).provenance["verify_frames"] == 12

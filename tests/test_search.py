@@ -378,7 +378,9 @@ def test_verify_measures_candidates_and_exports_the_best_measured(tmp_path, monk
                  "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     verified = result["verified"]
-    assert len(verified) == 2 and all(row["flops_fraction"] <= 0.3 for row in verified)
+    assert result["uniform_best"] in verified  # always measured, beside the 2 best predicted
+    assert len(verified) == 2 + (result["uniform_best"]["deviation"] > sorted(r["deviation"] for r in verified)[1])
+    assert all(row["flops_fraction"] <= 0.3 for row in verified)
     assert all(np.isfinite(row["measured_deviation"]) and row["measured_deviation"] > 0 for row in verified)
     best = min(verified, key=lambda row: row["measured_deviation"])
     assert result["chosen"]["measured_deviation"] == best["measured_deviation"]
@@ -492,7 +494,7 @@ def test_verify_exports_the_best_measured_candidate_with_its_measurement(tmp_pat
                  "depth", "--json", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     verified, chosen = result["verified"], result["chosen"]
-    assert len(verified) == 3
+    assert len(verified) in (3, 4) and result["uniform_best"] in verified
     best = min(verified, key=lambda row: row["measured_deviation"])
     assert chosen == best
     assert chosen["deviation"] > min(row["deviation"] for row in verified)  # here measuring changes the choice
@@ -509,6 +511,28 @@ def test_verify_exports_the_best_measured_candidate_with_its_measurement(tmp_pat
     clip = open_clips("synthetic:1:77", preprocess=f"{entry.preprocess}:{entry.image_width}", frames=3)[0]
     measured, _ = relative_depth_l1(load_model("vggt-tiny"), clip.images[None], schedule)
     assert schedule.provenance["measured_deviation"] == pytest.approx(measured, rel=1e-5)
+
+
+def uniform_measures_best(monkeypatch, frames):
+    """spark3r.search.verify.measure replaced: 1.0 for every schedule, 0.5 for one that reduces all layers alike."""
+    import spark3r.search.verify
+
+    def measure(profile, schedules, clips, **_):
+        alike = [len({(r.kv_keep, r.query_merge) for r in s.reductions(frames)}) == 1 for s in schedules]
+        return np.where(alike, 0.5, 1.0)[:, None].repeat(len(clips), axis=1)
+    monkeypatch.setattr(spark3r.search.verify, "measure", measure)
+
+
+def test_verify_exports_the_uniform_schedule_when_it_measures_best(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_profile(tmp_path, weights="none", frames=3)
+    uniform_measures_best(monkeypatch, frames=3)
+    assert main(["--budget", "0.3", "--trials", "40", "--verify", "2", "--calib", "synthetic:1:77", "--json",
+                 "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    uniform = result["uniform_best"]
+    assert uniform["measured_deviation"] == 0.5 and result["chosen"] == uniform
+    assert result["chosen"]["deviation"] > min(row["deviation"] for row in result["verified"])  # not predicted best
 
 
 def test_a_profile_rewritten_from_its_cache_resumes_the_study(tmp_path, monkeypatch, capsys):

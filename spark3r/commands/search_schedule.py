@@ -48,8 +48,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--kv-extra-levels", type=int, default=0,
                         help="K/V keep levels offered between each pair of measured ones (interpolated)")
     parser.add_argument("--verify", type=int, default=0, metavar="K",
-                        help="measure the K best candidates on the --calib clips (cut to the longest --frames for a "
-                             "profile of several lengths) and export the best measured one")
+                        help="measure the K best candidates and the best uniform schedule on the --calib clips (cut "
+                             "to the longest --frames for a profile of several lengths) and export the best measured "
+                             "one")
     parser.add_argument("--calib", default=None,
                         help="held-out clips for --verify (folder, clip or synthetic:N[:SEED])")
     parser.add_argument("--size", type=int, default=None,

@@ -2,7 +2,8 @@
 at (e.g. `frames=(100, 300, 1000)`), exported as YAML.
 
 The search (spark3r.search.lengths) is exact per length and needs no Optuna study; `verify` K runs the K best
-candidates on held-out clips of the longest deployment length and exports the best measured one.
+candidates and the best uniform one on held-out clips of the longest deployment length and exports the best measured
+one.
 """
 from __future__ import annotations
 
@@ -54,17 +55,19 @@ def search_lengths(request, profile: Profile, profile_path: Path, flop_config: F
                              f"cheapest reaches {cheapest:.4g}): raise `budget` or profile higher query merge levels",
                              "budget")
     chosen, measured = ranked[0], {}
+    uniform = best_uniform(problem, request.budget)
     if request.verify:
-        chosen, measured = verify(request, profile, problem, ranked[: request.verify], max(lengths))
+        chosen, measured = verify(request, profile, problem, ranked[: request.verify], uniform, max(lengths))
     shown = sorted({*(entry["frames"] for entry in profile.by_length), *REPORT_LENGTHS, *lengths})
     schedule = problem.schedule(chosen)
     rows = {"chosen": {**levels(problem, chosen), **describe(schedule, model, flop_config, shown, request.budget_of)}}
     if chosen in measured:
         rows["chosen"]["measured_deviation"] = measured[chosen]
-    uniform = best_uniform(problem, request.budget)
     if uniform is not None:
         rows["uniform_best"] = {**levels(problem, uniform),
                                 **describe(problem.schedule(uniform), model, flop_config, shown, request.budget_of)}
+        if uniform in measured:
+            rows["uniform_best"]["measured_deviation"] = measured[uniform]
     if paper_rule is not None:
         rule = load_schedule(paper_rule)
         if rule.global_layers == profile.global_layers:
@@ -95,10 +98,12 @@ def profile_lengths(profile: Profile) -> list[int]:
 
 
 def verify(request, profile: Profile, problem: LengthProblem, candidates: list[LengthCandidate],
-           frames: int) -> tuple[LengthCandidate, dict]:
-    """Measure `candidates` on held-out clips of `frames` frames; the best measured one and every measurement."""
-    from spark3r.search.verify import held_out_clips, measure
+           uniform: LengthCandidate | None, frames: int) -> tuple[LengthCandidate, dict]:
+    """Measure `candidates` and the best uniform candidate on held-out clips of `frames` frames; the best measured
+    one and every measurement."""
+    from spark3r.search.verify import held_out_clips, measure, with_uniform
 
+    candidates = with_uniform(candidates, uniform)
     clips = held_out_clips(profile, request.calib, frames=frames)
     weights = request.weights if request.weights is not None else identified_weights(profile.options.get("weights", "auto"))
     deviations = measure(profile, [problem.schedule(c) for c in candidates], clips, device=request.device,

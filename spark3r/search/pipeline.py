@@ -49,9 +49,10 @@ profile of several clip lengths `frames` may name several deployment lengths (de
 is length-aware (spark3r.search.deploy).
 
     sampler / trials / seed: the Optuna study, kept in `storage` (default <out>.journal) under `study` (default
-    <model>-b<budget>-<digest>). verify: measure this many best candidates on the held-out clips `calib` with
-    `weights` (default: those the profile used), preprocessed as the profile's clips (or at `size`), `max_frames`
-    frames spread over each (default: the profile's frame count) or every `every`-th. model: refuse a profile made for another model. out: the schedule
+    <model>-b<budget>-<digest>). verify: measure this many best candidates and the best uniform one on the held-out
+    clips `calib` with `weights` (default: those the profile used), preprocessed as the profile's clips (or at
+    `size`), `max_frames` frames spread over each (default: the profile's frame count) or every `every`-th. model:
+    refuse a profile made for another model. out: the schedule
     YAML (default schedules/<model>-b<budget>.yaml). device / dtype / compiled: how `verify` runs the model
     (`load_model`; compiled: blocks and DPT heads through torch.compile).
     """
@@ -237,7 +238,7 @@ def search_schedule(request: SearchRequest) -> dict:
     ranked = [candidate for candidate, _, _ in ranked_candidates(study, problem)] or [knapsack.candidate]
     chosen, measured = ranked[0], {}
     if request.verify:
-        chosen, measured = verify_best(run, ranked[: request.verify])
+        chosen, measured = verify_best(run, ranked[: request.verify], best_uniform(problem)[0])
 
     result = summarize(run, chosen, measured)
     schedule = candidate_schedule(
@@ -255,11 +256,14 @@ def search_schedule(request: SearchRequest) -> dict:
     return result
 
 
-def verify_best(run: SearchRun, candidates: list[Candidate]) -> tuple[Candidate, dict[Candidate, float]]:
-    """Measure `candidates` on the held-out clips; the best measured one and every candidate's mean deviation."""
-    from spark3r.search.verify import held_out_clips, measure
+def verify_best(run: SearchRun, candidates: list[Candidate],
+                uniform: Candidate | None) -> tuple[Candidate, dict[Candidate, float]]:
+    """Measure `candidates` and the best uniform candidate on the held-out clips; the best measured one and every
+    candidate's mean deviation."""
+    from spark3r.search.verify import held_out_clips, measure, with_uniform
 
     request, profile = run.request, run.profile
+    candidates = with_uniform(candidates, uniform)
     clips = held_out_clips(profile, request.calib, request.size, request.every, request.max_frames)
     schedules = [candidate_schedule(run.problem, candidate) for candidate in candidates]
     weights = (request.weights if request.weights is not None

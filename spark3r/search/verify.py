@@ -1,4 +1,8 @@
-"""Verification: run the best candidates for real on held-out clips and measure their deviation from the dense model."""
+"""Verification: run the best candidates for real on held-out clips and measure their deviation from the dense model.
+
+The best uniform schedule within the budget is always among the candidates (`with_uniform`): the predicted deviation
+of a schedule that reduces every layer can be far off (per-layer deviations do not add up exactly, and a length model
+extrapolates), so a search never exports a schedule that measures worse than the uniform one on the verify clips."""
 from __future__ import annotations
 
 import sys
@@ -16,6 +20,12 @@ from spark3r.models.registry import get_entry
 from spark3r.profiler.format import Profile
 from spark3r.profiler.run import ProfileOptions, finite_outputs
 from spark3r.schedule import Schedule, check_model, reduced
+
+
+def with_uniform(candidates: list, uniform) -> list:
+    """`candidates` (the best predicted first) and the best uniform candidate `uniform` (None: none fits the budget)
+    after them when it is not among them already."""
+    return [*candidates, uniform] if uniform is not None and uniform not in candidates else list(candidates)
 
 
 def held_out_clips(profile: Profile, calib: str, size: int | None = None, every: int | None = None,
