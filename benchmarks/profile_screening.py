@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
             if profile_layers.main([*common, "--resume-levels", resume, "--out", str(out)]) != 0:
                 parser.error(f"profile-layers --resume-levels {resume} failed (its message is above)")
             profiles[resume] = load_profile(out)
-            if (mismatch := differing(profiles["all"], profiles[resume])) is not None:
+            if args.full is not None and (mismatch := differing(profiles["all"], profiles[resume])):
                 parser.error(f"--full {args.full} profiled another {mismatch} than these options do; pass the "
                              "folder of a run of the same profile-layers options")
     device = resolve_device(profile_layers.build_parser().parse_args(common).device)
