@@ -17,6 +17,10 @@ the best uniform schedule, on held-out clips with ground truth.
    when p < 0.05).
 4. Prediction at F: Spearman between the length model's predicted and the measured mean deviation of --random random
    length-aware schedules.
+5. With --deployment-profile (a profile-layers run at F frames on other clips), where the prediction errs: the length
+   model's single-layer deviations at F against that profile's, layer by layer, and the random schedules' measured
+   deviation against the sum of that profile's own single-layer laws (fitted at F alone), which shows how far
+   layers' deviations add up.
 """
 from __future__ import annotations
 
@@ -45,7 +49,9 @@ from spark3r.models.loading import load_model  # noqa: E402
 from spark3r.models.registry import resolve_model_name  # noqa: E402
 from spark3r.commands import profile_layers as profiler_cli  # noqa: E402
 from spark3r.profiler.aggregate import spearman  # noqa: E402
-from spark3r.profiler.format import load_profile  # noqa: E402
+from spark3r.profiler.format import Profile, load_profile  # noqa: E402
+from spark3r.profiler.length_model import LengthModel, fit_cells, fit_error  # noqa: E402
+from spark3r.profiler.lengths import cells, length_entry, mean_table  # noqa: E402
 from spark3r.reduce import global_attention_fraction  # noqa: E402
 from spark3r.schedule import KVSpec, LayerSpec, QuerySpec, Schedule, load_schedule, paper_schedule  # noqa: E402
 from spark3r.commands import search_schedule as search_cli  # noqa: E402
@@ -78,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--random", type=int, default=20, help="random schedules of the prediction check")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deployment-profile", default=None, metavar="PROFILE",
+                        help="a profile-layers run at --frames frames (profile.json, or a results JSON holding one): "
+                             "where the length model's prediction errs there")
     parser.add_argument("--work", default="runs/length-schedules")
     parser.add_argument("--out", default="benchmarks/results/length-schedules", help="writes OUT.md and OUT.json")
     args = parser.parse_args(argv)
@@ -172,6 +181,58 @@ def random_schedules(args, layers, merges, reduction, count: int) -> list[Schedu
     return schedules
 
 
+def deployment_profile(path: str | None, model: str, frames: int) -> Profile | None:
+    """The --deployment-profile (None without one), which must profile `model` at `frames` frames with the score."""
+    if path is None:
+        return None
+    at_length = load_profile(path)
+    if (at_length.model, at_length.frames) != (model, frames) or "score" not in at_length.kv:
+        raise Spark3rError(f"--deployment-profile {path} profiles {at_length.model} at {at_length.frames} frames: give "
+                           f"a profile-layers run of {model} at --frames {frames}")
+    return at_length
+
+
+def check_options(at_length: Profile, profile: Profile) -> None:
+    """The deployment profile must reduce and score as the study's profile does."""
+    differing = [key for key in ("kv_method", "keep_reference_frame", "group_frames", "score_weights")
+                 if at_length.options.get(key) != profile.options.get(key)]
+    if differing or at_length.global_layers != profile.global_layers:
+        raise Spark3rError(f"--deployment-profile was profiled with other {', '.join(differing) or 'layers'} than "
+                           "the length study's profile: profile it with the same options")
+
+
+def prediction_errors(length_model, at_length: Profile, schedules: list[Schedule], measured: list[float],
+                      flop_config, frames: int) -> dict:
+    """Where the length model errs at `frames`, against `at_length`, a profile there on other clips.
+
+    kv_ratio [L, K]: the model's predicted over the profiled single-layer deviation at each reduced K/V level
+    (kv_frames [K] kept); query_ratio [L, M] the same at each merge > 1 (query_merge [M]); kv, query: fit_error of
+    those cells. summed [n]: the sum over layers of the profile's own single-layer laws (fitted at `frames` alone) for
+    each of `schedules`, against their `measured` [n] deviation (measured_over_summed, summed_spearman).
+    """
+    entry = length_entry(at_length)
+    kept, merges = np.asarray(entry["kv_frames"]), np.asarray(entry["query_merge"])
+    kv_cells, query_cells = kept < frames, merges > 1
+    profiled_kv = mean_table(entry, "kv", "score")[:, kv_cells]
+    profiled_query = mean_table(entry, "query", "score")[:, query_cells]
+    predicted_kv = length_model.kv_deviation(frames, kept[kv_cells])
+    predicted_query = length_model.query_deviation(frames, merges[query_cells])
+    own = LengthModel("score", *fit_cells(*cells([entry], "score")), (frames,), {})
+    summed = [schedule_deviation(own, schedule, flop_config, frames) for schedule in schedules]
+    return {"clips": [clip["name"] for clip in at_length.clips], "sha256": at_length.sha256,
+            "kv_frames": kept[kv_cells].tolist(), "query_merge": merges[query_cells].tolist(),
+            "kv_ratio": ratios(predicted_kv, profiled_kv), "query_ratio": ratios(predicted_query, profiled_query),
+            "kv": fit_error(predicted_kv, profiled_kv), "query": fit_error(predicted_query, profiled_query),
+            "summed": summed, "measured_over_summed": ratios(np.asarray([measured]), np.asarray([summed]))[0],
+            "summed_spearman": spearman(measured, summed)}
+
+
+def ratios(numerator: np.ndarray, denominator: np.ndarray) -> list[list[float | None]]:
+    """numerator / denominator [L, K] as lists, None where the denominator is not positive."""
+    return [[float(a / b) if b > 0 else None for a, b in zip(top, bottom)]
+            for top, bottom in zip(numerator.tolist(), denominator.tolist())]
+
+
 def paired(first: list[float], second: list[float], lower_is_better: bool) -> dict:
     """Wilcoxon signed-rank test (two-sided) of per-clip values; ratio of means and clips where `first` is better."""
     first, second = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
@@ -208,6 +269,7 @@ def main(argv=None) -> dict:
         mark[0] = now
         print(f"length_schedules: {stage} {now - started:.0f} s from the start", file=sys.stderr)
 
+    at_length = deployment_profile(args.deployment_profile, args.model, args.frames)
     work = Path(args.work)
     profile_argv = ["--model", args.model, "--calib", args.calib, "--frames", args.profile_frames, "--kv-frames",
                     args.kv_frames, "--kv-keep", args.kv_keep, "--query-merge", args.query_merge, "--additivity",
@@ -224,6 +286,8 @@ def main(argv=None) -> dict:
     reduction = {key: profile.options[key] for key in ("keep_reference_frame", "group_frames") if key in profile.options}
     score_weights = profile.options.get("score_weights")
     length_model = profile_length_model(profile, "score")
+    if at_length is not None:
+        check_options(at_length, profile)
     rule = paper_rule(args.model, layers)
     rule_fraction = global_attention_fraction(flop_config, args.frames, rule)
     merges = [m for m in profile.query_merge]
@@ -291,12 +355,17 @@ def main(argv=None) -> dict:
                                        [r["predicted"] for r in random_rows]),
                   "schedules": [{key: r[key] for key in ("flops_fraction", "predicted")}
                                 | {"measured": r["measured"]["score"]} for r in random_rows]}
+    if at_length is not None:
+        prediction["deployment_profile"] = prediction_errors(length_model, at_length, randoms,
+                                                             [r["measured"]["score"] for r in random_rows],
+                                                             flop_config, args.frames)
     result = {
         **provenance.record(__file__, argv, device), **provenance.weights_identity(args.model, args.weights),
         "commands": commands,
         "settings": {key: getattr(args, key) for key in ("model", "weights", "profile_frames", "kv_frames", "kv_keep",
                                                           "query_merge", "calib", "replica", "held_out", "frames",
-                                                          "budget_scales", "verify", "random", "seed", "dtype")},
+                                                          "budget_scales", "verify", "random", "seed", "dtype",
+                                                          "deployment_profile")},
         "global_layers": layers, "paper_rule_fraction": rule_fraction, "paper_rule": rule.to_dict(),
         "length_model": {"form": profile.length_model["score"]["form"], "held_out": length_model.held_out},
         "dense": tiny.mean_rows(rows["dense"]), "budgets": budgets, "prediction": prediction,
@@ -361,9 +430,37 @@ def report(result: dict) -> str:
     prediction = result["prediction"]
     lines += ["", f"Prediction at {settings['frames']} frames: Spearman {_n(prediction['spearman'], 3)} between the "
               f"length model's predicted and the measured mean deviation of {len(prediction['schedules'])} random "
-              "length-aware schedules (bar 0.9).", "",
-              "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()) + ".", ""]
+              "length-aware schedules (bar 0.9).", ""]
+    if "deployment_profile" in prediction:
+        lines += [errors_paragraph(prediction, settings), ""]
+    lines += ["Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()) + ".", ""]
     return "\n".join(lines)
+
+
+def errors_paragraph(prediction: dict, settings: dict) -> str:
+    """Where the length model errs at the deployment length, from `prediction["deployment_profile"]`."""
+    check, frames = prediction["deployment_profile"], settings["frames"]
+
+    def by_level(levels, table, unit):
+        columns = [[row[j] for row in table if row[j] is not None] for j in range(len(levels))]
+        return ", ".join(f"{level:g}{unit}: {np.mean(column):.2f}" for level, column in zip(levels, columns) if column)
+
+    def extremes(table):
+        values = [(value, layer) for layer, row in enumerate(table) for value in row if value is not None]
+        (low, low_layer), (high, high_layer) = min(values), max(values)
+        return f"from {low:.2f} (layer {low_layer}) to {high:.2f} (layer {high_layer})"
+
+    share = [value for value in check["measured_over_summed"] if value is not None]
+    return (f"Where the prediction errs, against a profile at {frames} frames on {len(check['clips'])} other clips "
+            f"(`{settings['deployment_profile']}`): the length model's single-layer K/V deviation over the profiled "
+            f"one, mean over layers by frames kept, is {by_level(check['kv_frames'], check['kv_ratio'], '')} "
+            f"({extremes(check['kv_ratio'])}; Spearman over cells {_n(check['kv']['spearman'], 3)}); its query "
+            f"deviation by merge factor {by_level(check['query_merge'], check['query_ratio'], 'x')} "
+            f"({extremes(check['query_ratio'])}; Spearman {_n(check['query']['spearman'], 3)}). The sum over layers of "
+            f"that profile's own single-layer laws ranks the {len(share)} random schedules at Spearman "
+            f"{_n(check['summed_spearman'], 3)} (the length model: {_n(prediction['spearman'], 3)}); their measured "
+            f"deviation is {min(share):.2f} to {max(share):.2f} (median {np.median(share):.2f}) of that sum, so "
+            f"layers' deviations add up to {'less' if np.median(share) < 1 else 'more'} than their sum.")
 
 
 @command

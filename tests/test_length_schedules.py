@@ -1,7 +1,9 @@
 """benchmarks/length_schedules.py: the baselines at equal FLOPs, the paper's rule for other layer counts, the paired
 test."""
 import argparse
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,8 +64,17 @@ SMALL = ["--weights", "none", "--profile-frames", "4,8", "--frames", "12", "--kv
          "--held-out", "synthetic:2:300:walk", "--random", "3", "--verify", "1", "--budget-scales", "1"]
 
 
+def profile_at(frames: int, out) -> str:
+    assert bench.profiler_cli.main(["--model", "vggt-tiny", "--weights", "none", "--calib", "synthetic:1:400:walk",
+                                    "--frames", str(frames), "--kv-keep", "0.5,0.25", "--query-merge", "1,2",
+                                    "--additivity", "0", "--device", "cpu", "--out", str(out)]) == 0
+    return str(out)
+
+
 def test_whole_run_with_verify_records_provenance_and_a_rerun_searches_and_measures_nothing(tmp_path, monkeypatch):
-    argv = [*SMALL, "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out" / "small")]
+    deployed = profile_at(12, tmp_path / "at-12")
+    argv = [*SMALL, "--deployment-profile", deployed, "--work", str(tmp_path / "work"),
+            "--out", str(tmp_path / "out" / "small")]
     monkeypatch.setenv("SPARK3R_COMMIT", "0123abc")
     first = bench.main(argv)
     assert first["commit"] == "0123abc" and first["device_name"] and first["command"].startswith(
@@ -73,6 +84,7 @@ def test_whole_run_with_verify_records_provenance_and_a_rerun_searches_and_measu
     assert all(len(entry["per_clip"]["score"]) == 2 for entry in budget["schedules"].values())
     assert len(first["prediction"]["schedules"]) == 3
     assert "git 0123abc" in (tmp_path / "out" / "small.md").read_text()
+    check_deployment_profile(first, tmp_path / "work", deployed, (tmp_path / "out" / "small.md").read_text())
 
     def refuse(*args, **kwargs):
         raise AssertionError("the rerun ran a search or a forward")
@@ -81,3 +93,27 @@ def test_whole_run_with_verify_records_provenance_and_a_rerun_searches_and_measu
     monkeypatch.setattr(bench.tiny, "finite_outputs", refuse)  # every measured clip starts with the dense forward
     second = bench.main(argv)
     assert second["budgets"][0]["schedules"]["searched"]["measured"] == budget["schedules"]["searched"]["measured"]
+
+
+
+def check_deployment_profile(result: dict, work, deployed: str, report: str) -> None:
+    """The length model's single-layer error against the deployment profile, by hand, and the sum over layers."""
+    check = result["prediction"]["deployment_profile"]
+    assert check["kv_frames"] == [6, 3] and check["query_merge"] == [2]  # keep 1/2 and 1/4 of 12 frames
+    # the length model exp(a) S^b n^c (1 - n/S)^e of the study's profile, over the profiled table at 12 frames
+    coefficients = json.loads((work / "profile" / "profile.json").read_text())["length_model"]["score"]["kv"]
+    profiled = json.loads((Path(deployed) / "profile.json").read_text())["kv"]["score"]["mean"]
+    for layer, (a, b, c, e) in enumerate(coefficients):
+        for j, n in enumerate((6, 3)):
+            predicted = math.exp(a + b * math.log(12) + c * math.log(n) + e * math.log(1 - n / 12))
+            assert check["kv_ratio"][layer][j] == pytest.approx(predicted / profiled[layer][j + 1], rel=1e-9)
+    measured = [row["measured"] for row in result["prediction"]["schedules"]]
+    assert check["measured_over_summed"] == pytest.approx(np.divide(measured, check["summed"]))
+    assert check["summed_spearman"] == pytest.approx(stats.spearmanr(measured, check["summed"]).statistic)
+    assert "Where the prediction errs, against a profile at 12 frames on 1 other clips" in report
+
+
+def test_a_deployment_profile_of_another_length_is_refused_before_anything_runs(tmp_path, capsys):
+    deployed = profile_at(4, tmp_path / "at-4")
+    assert bench.run([*SMALL, "--deployment-profile", deployed, "--work", str(tmp_path / "work")]) == 2
+    assert "profiles vggt-tiny at 4 frames" in capsys.readouterr().err and not (tmp_path / "work").exists()
