@@ -28,6 +28,7 @@ import models  # noqa: E402  (its PAPER_SPEEDUP: the paper's own speed-ups)
 import speed_all  # noqa: E402  (its `setting`: what a results file was measured with)
 import block_profile  # noqa: E402  (its `kernel_shares`: device time per kernel class)
 import speed  # noqa: E402  (its END_TO_END: the stages that add up to end to end)
+import length_schedules  # noqa: E402  (its `errors_paragraph`: where a length study's prediction errs)
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -539,6 +540,8 @@ def length_section(results: Path) -> str:
         + f". The issue's goal (at most 0.75x both at the tightest budget, "
         f"never significantly worse) is {'met' if goal else 'not met'} here"
         + LENGTH_FILES[name] + dense_pose_sentence(data))]
+    if "deployment_profile" in prediction:
+        lines += ["", prose(length_schedules.errors_paragraph(prediction, settings))]
     for further in LENGTH_FURTHER_RUNS:
         lines += ["", length_run_line(further, load(results, further))]
     return "\n".join(lines + length_1b_lines(results))

@@ -122,6 +122,21 @@ def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path, monkeypatc
     text = " ".join(readme.length_section(tmp_path).split())
     assert "(at 1x the budget is the whole dense attention, so the uniform schedule there is the dense model itself)" \
         in text
+    assert "Where the prediction errs" not in text
+    small["settings"]["deployment_profile"] = "at-128.json"
+    small["prediction"]["deployment_profile"] = {
+        "clips": ["a", "b"], "kv_frames": [6, 3], "query_merge": [2], "kv_ratio": [[2.0, 4.0], [1.0, None]],
+        "query_ratio": [[0.5], [0.25]], "kv": {"spearman": 0.9}, "query": {"spearman": 0.8},
+        "measured_over_summed": [0.2, 0.4, None, 0.6], "summed_spearman": 0.95}
+    (tmp_path / "length-schedules.json").write_text(json.dumps(small))
+    text = " ".join(readme.length_section(tmp_path).split())
+    assert ("against a profile at 128 frames on 2 other clips (`at-128.json`): the length model's single-layer K/V "
+            "deviation over the profiled one, mean over layers by frames kept, is 6: 1.50, 3: 4.00 (from 1.00 (layer 1) "
+            "to 4.00 (layer 0); Spearman over cells 0.900); its query deviation by merge factor 2x: 0.38 (from 0.25 "
+            "(layer 1) to 0.50 (layer 0); Spearman 0.800)") in text
+    assert ("ranks the 3 random schedules at Spearman 0.950 (the length model: "
+            f"{small['prediction']['spearman']:.3f}); their measured deviation is 0.20 to 0.60 (median 0.40) of that "
+            "sum, so layers' deviations add up to less than their sum.") in text
 
 
 def test_a_further_length_run_gets_its_weights_and_ratios_in_one_paragraph(tmp_path, monkeypatch):
