@@ -102,14 +102,33 @@ def run_json(entry, argv: list[str], commands: list[str], name: str) -> dict:
     return tiny.run_json(name, entry, argv)
 
 
-def search_once(argv: list[str], out: Path, commands: list[str]) -> None:
-    """`search-schedule argv` writing `out`, unless an earlier run of the same argv wrote it (its summary beside it)."""
+def search_once(argv: list[str], out: Path, commands: list[str]) -> dict:
+    """`search-schedule argv` writing `out` -> its summary, unless an earlier run of the same argv wrote it (its summary
+    beside it, returned)."""
     summary = out.with_suffix(".search.json")
-    if out.is_file() and summary.is_file() and json.loads(summary.read_text())["argv"] == argv:
-        commands.append(shlex.join(["search-schedule", *argv]))
-        return
+    if out.is_file() and summary.is_file():
+        earlier = json.loads(summary.read_text())
+        if earlier["argv"] == argv:
+            commands.append(shlex.join(["search-schedule", *argv]))
+            return earlier["summary"]
     result = run_json(search_cli.main, argv, commands, "search-schedule")
     write_atomic(summary, (json.dumps({"argv": argv, "summary": result}, indent=1, default=str) + "\n").encode())
+    return json.loads(summary.read_text())["summary"]
+
+
+def verification(summary: dict) -> dict | None:
+    """What `search-schedule --verify` measured on the replica clips: the predicted best candidates and the best
+    uniform schedule (each kv_frames, query_merge, measured_deviation), and the deviation of the one it exported; None
+    without --verify."""
+    measured = summary.get("verified")
+    if not measured:
+        return None
+    uniform = summary["uniform_best"]
+    candidates = [entry for entry in measured if (entry["kv_frames"], entry["query_merge"])
+                  != (uniform["kv_frames"], uniform["query_merge"])]
+    return {"candidates": candidates, "uniform": {key: uniform[key] for key in ("kv_frames", "query_merge",
+                                                                              "measured_deviation")},
+            "exported": min(entry["measured_deviation"] for entry in measured)}
 
 
 def runtime(args) -> list[str]:
@@ -221,13 +240,14 @@ def prediction_errors(length_model, at_length: Profile, schedules: list[Schedule
     summed = [schedule_deviation(own, schedule, flop_config, frames) for schedule in schedules]
     return {"clips": [clip["name"] for clip in at_length.clips], "sha256": at_length.sha256,
             "kv_frames": kept[kv_cells].tolist(), "query_merge": merges[query_cells].tolist(),
-            "kv_ratio": ratios(predicted_kv, profiled_kv), "query_ratio": ratios(predicted_query, profiled_query),
+            "kv_ratio": ratio_table(predicted_kv, profiled_kv),
+            "query_ratio": ratio_table(predicted_query, profiled_query),
             "kv": fit_error(predicted_kv, profiled_kv), "query": fit_error(predicted_query, profiled_query),
-            "summed": summed, "measured_over_summed": ratios(np.asarray([measured]), np.asarray([summed]))[0],
+            "summed": summed, "measured_over_summed": ratio_table(np.asarray([measured]), np.asarray([summed]))[0],
             "summed_spearman": spearman(measured, summed)}
 
 
-def ratios(numerator: np.ndarray, denominator: np.ndarray) -> list[list[float | None]]:
+def ratio_table(numerator: np.ndarray, denominator: np.ndarray) -> list[list[float | None]]:
     """numerator / denominator [L, K] as lists, None where the denominator is not positive."""
     return [[float(a / b) if b > 0 else None for a, b in zip(top, bottom)]
             for top, bottom in zip(numerator.tolist(), denominator.tolist())]
@@ -307,7 +327,7 @@ def main(argv=None) -> dict:
                        "--out", str(out), *runtime(args)]
         if args.verify:
             search_argv += ["--verify", str(args.verify), "--calib", args.replica]
-        search_once(search_argv, out, commands)
+        summary = search_once(search_argv, out, commands)
         searched = load_schedule(out)
         target = global_attention_fraction(flop_config, args.frames, searched)
         clock("search")
@@ -324,7 +344,7 @@ def main(argv=None) -> dict:
         paper = rule if scale == 1 else rescaled_paper(rule, args.frames, merges, target, flop_config)
         plans.append({"scale": scale, "budget": budget,
                       "schedules": {"searched": searched, "uniform": uniform, "paper": paper},
-                      "uniform_options": len(options)})
+                      "uniform_options": len(options), "verification": verification(summary)})
         clock("baselines")
 
     randoms = random_schedules(args, layers, merges, reduction, args.random)
@@ -349,7 +369,7 @@ def main(argv=None) -> dict:
                                                           entries[other]["per_clip"][metric], LOWER_IS_BETTER[metric])
                                            for metric in METRICS} for other in ("uniform", "paper")}
         budgets.append({"scale": plan["scale"], "budget": plan["budget"], "uniform_options": plan["uniform_options"],
-                        "schedules": entries, "versus": versus})
+                        "verification": plan["verification"], "schedules": entries, "versus": versus})
     random_rows = [entry(f"random {i}", s) for i, s in enumerate(randoms)]
     prediction = {"spearman": spearman([r["measured"]["score"] for r in random_rows],
                                        [r["predicted"] for r in random_rows]),
@@ -420,6 +440,15 @@ def report(result: dict) -> str:
             for metric, v in metrics.items():
                 lines.append(f"| {entry['scale']:g}x | {pair} | {metric} | {_n(v['ratio'], 3)} | {v['better']} / "
                              f"{v['clips']} | {v['p']:.3g} | {v['verdict']} |")
+    verified = [entry for entry in result["budgets"] if entry.get("verification")]
+    if verified:
+        lines += ["", f"Verified (`--verify {settings['verify']}` on `{settings['replica']}`): measured deviation there "
+                  "of the predicted best candidates and of the best uniform schedule, and of the one exported:", ""]
+        lines += [f"- {entry['scale']:g}x: candidates "
+                  + (", ".join(f"{c['measured_deviation']:.4f}" for c in entry["verification"]["candidates"])
+                     or "none apart from the uniform")
+                  + f"; uniform {entry['verification']['uniform']['measured_deviation']:.4f}; exported "
+                  f"{entry['verification']['exported']:.4f}" for entry in verified]
     tightest = min(result["budgets"], key=lambda entry: entry["budget"])
     ratios = {pair: v["score"]["ratio"] for pair, v in tightest["versus"].items()}
     never_worse = all(v["score"]["verdict"] != "loss" for entry in result["budgets"] for v in entry["versus"].values())

@@ -539,12 +539,30 @@ def length_section(results: Path) -> str:
            "model itself)" if capped else "")
         + f". The issue's goal (at most 0.75x both at the tightest budget, "
         f"never significantly worse) is {'met' if goal else 'not met'} here"
-        + LENGTH_FILES[name] + dense_pose_sentence(data))]
+        + LENGTH_FILES[name] + dense_pose_sentence(data) + verify_sentence(data))]
     if "deployment_profile" in prediction:
         lines += ["", prose(length_schedules.errors_paragraph(prediction, settings))]
     for further in LENGTH_FURTHER_RUNS:
         lines += ["", length_run_line(further, load(results, further))]
     return "\n".join(lines + length_1b_lines(results))
+
+
+def verify_sentence(data: dict) -> str:
+    """Where a length study's `search-schedule --verify` exported the best uniform schedule, and where the held-out
+    clips reverse the order it measured ("" for a study without verification)."""
+    verified = [budget for budget in data["budgets"] if budget.get("verification")]
+    if not verified:
+        return ""
+    settings = data["settings"]
+    uniform = [f"{b['scale']:g}x" for b in verified
+               if b["verification"]["exported"] == b["verification"]["uniform"]["measured_deviation"]]
+    reversed_ = [b for b in verified if b["verification"]["exported"] < b["verification"]["uniform"]["measured_deviation"]
+                 and b["versus"]["searched vs uniform"]["score"]["verdict"] == "loss"]
+    return (f" Verification (`--verify {settings['verify']}` on `{settings['replica']}`) measured the best uniform "
+            f"schedule beside the predicted best and exported it at {_join(uniform) or 'no budget'}"
+            + "".join(f"; at {b['scale']:g}x it measured the searched {b['verification']['exported']:.3f} there "
+                      f"against the uniform's {b['verification']['uniform']['measured_deviation']:.3f}, an order the "
+                      "held-out clips reverse" for b in reversed_) + ".")
 
 
 def length_losses(budgets: list[dict]) -> list[str]:

@@ -84,6 +84,8 @@ def test_whole_run_with_verify_records_provenance_and_a_rerun_searches_and_measu
     assert all(len(entry["per_clip"]["score"]) == 2 for entry in budget["schedules"].values())
     assert len(first["prediction"]["schedules"]) == 3
     assert "git 0123abc" in (tmp_path / "out" / "small.md").read_text()
+    check_verification(budget["verification"])
+    assert "Verified (`--verify 1` on `synthetic:1:200:walk`)" in (tmp_path / "out" / "small.md").read_text()
     check_deployment_profile(first, tmp_path / "work", deployed, (tmp_path / "out" / "small.md").read_text())
 
     def refuse(*args, **kwargs):
@@ -93,6 +95,17 @@ def test_whole_run_with_verify_records_provenance_and_a_rerun_searches_and_measu
     monkeypatch.setattr(bench.tiny, "finite_outputs", refuse)  # every measured clip starts with the dense forward
     second = bench.main(argv)
     assert second["budgets"][0]["schedules"]["searched"]["measured"] == budget["schedules"]["searched"]["measured"]
+    assert second["budgets"][0]["verification"] == budget["verification"]  # the earlier search's summary
+
+
+def check_verification(verification: dict) -> None:
+    """--verify 1 measured the predicted best candidate (none apart when it is the uniform one) and the best uniform
+    schedule, and exported the better."""
+    assert len(verification["candidates"]) <= 1
+    measured = [c["measured_deviation"] for c in verification["candidates"]]
+    measured.append(verification["uniform"]["measured_deviation"])
+    assert verification["exported"] == min(measured)
+    assert len(set(verification["uniform"]["kv_frames"])) == 1  # one K/V level on every layer
 
 
 

@@ -123,6 +123,18 @@ def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path, monkeypatc
     assert "(at 1x the budget is the whole dense attention, so the uniform schedule there is the dense model itself)" \
         in text
     assert "Where the prediction errs" not in text
+    assert "Verification (" not in text  # the small run predates it
+    uniform = {"kv_frames": [4] * 6, "query_merge": {"12": 2}}
+    small["budgets"][0]["verification"] = {"candidates": [{"measured_deviation": 0.5}], "exported": 0.25,
+                                           "uniform": {**uniform, "measured_deviation": 0.25}}
+    small["budgets"][1]["verification"] = {"candidates": [{"measured_deviation": 0.5}], "exported": 0.5,
+                                           "uniform": {**uniform, "measured_deviation": 0.75}}
+    small["budgets"][1]["versus"]["searched vs uniform"]["score"]["verdict"] = "loss"
+    (tmp_path / "length-schedules.json").write_text(json.dumps(small))
+    text = " ".join(readme.length_section(tmp_path).split())
+    assert ("Verification (`--verify 2` on `synthetic:1:200:walk`) measured the best uniform schedule beside the "
+            "predicted best and exported it at 1x; at 0.5x it measured the searched 0.500 there against the "
+            "uniform's 0.750, an order the held-out clips reverse.") in text
     small["settings"]["deployment_profile"] = "at-128.json"
     small["prediction"]["deployment_profile"] = {
         "clips": ["a", "b"], "kv_frames": [6, 3], "query_merge": [2], "kv_ratio": [[2.0, 4.0], [1.0, None]],
