@@ -559,7 +559,7 @@ def verify_sentence(data: dict) -> str:
     reversed_ = [b for b in verified if b["verification"]["exported"] < b["verification"]["uniform"]["measured_deviation"]
                  and b["versus"]["searched vs uniform"]["score"]["verdict"] == "loss"]
     return (f" Verification (`--verify {settings['verify']}` on `{settings['replica']}`) measured the best uniform "
-            f"schedule beside the predicted best and exported it at {_join(uniform) or 'no budget'}"
+            f"schedule beside the predicted best and exported it at {_join(uniform) if uniform else 'no budget'}"
             + "".join(f"; at {b['scale']:g}x it measured the searched {b['verification']['exported']:.3f} there "
                       f"against the uniform's {b['verification']['uniform']['measured_deviation']:.3f}, an order the "
                       "held-out clips reverse" for b in reversed_) + ".")

@@ -135,6 +135,9 @@ def test_length_section_reads_the_gpu_run_when_there_is_one(tmp_path, monkeypatc
     assert ("Verification (`--verify 2` on `synthetic:1:200:walk`) measured the best uniform schedule beside the "
             "predicted best and exported it at 1x; at 0.5x it measured the searched 0.500 there against the "
             "uniform's 0.750, an order the held-out clips reverse.") in text
+    small["budgets"][0]["verification"]["exported"] = 0.2  # a candidate measured better than the uniform
+    (tmp_path / "length-schedules.json").write_text(json.dumps(small))
+    assert "and exported it at no budget; at 0.5x" in " ".join(readme.length_section(tmp_path).split())
     small["settings"]["deployment_profile"] = "at-128.json"
     small["prediction"]["deployment_profile"] = {
         "clips": ["a", "b"], "kv_frames": [6, 3], "query_merge": [2], "kv_ratio": [[2.0, 4.0], [1.0, None]],
