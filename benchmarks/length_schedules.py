@@ -220,7 +220,7 @@ def check_options(at_length: Profile, profile: Profile) -> None:
                            "the length study's profile: profile it with the same options")
 
 
-def prediction_errors(length_model, at_length: Profile, schedules: list[Schedule], measured: list[float],
+def prediction_errors(length_model: LengthModel, at_length: Profile, schedules: list[Schedule], measured: list[float],
                       flop_config, frames: int) -> dict:
     """Where the length model errs at `frames`, against `at_length`, a profile there on other clips.
 
@@ -442,8 +442,9 @@ def report(result: dict) -> str:
                              f"{v['clips']} | {v['p']:.3g} | {v['verdict']} |")
     verified = [entry for entry in result["budgets"] if entry.get("verification")]
     if verified:
-        lines += ["", f"Verified (`--verify {settings['verify']}` on `{settings['replica']}`): measured deviation there "
-                  "of the predicted best candidates and of the best uniform schedule, and of the one exported:", ""]
+        lines += ["", f"Verified (`--verify {settings['verify']}` on `{settings['replica']}`): measured deviation "
+                  "there of the predicted best candidates and of the best uniform schedule, and of the one exported:",
+                  ""]
         lines += [f"- {entry['scale']:g}x: candidates "
                   + (", ".join(f"{c['measured_deviation']:.4f}" for c in entry["verification"]["candidates"])
                      or "none apart from the uniform")

@@ -556,7 +556,8 @@ def verify_sentence(data: dict) -> str:
     settings = data["settings"]
     uniform = [f"{b['scale']:g}x" for b in verified
                if b["verification"]["exported"] == b["verification"]["uniform"]["measured_deviation"]]
-    reversed_ = [b for b in verified if b["verification"]["exported"] < b["verification"]["uniform"]["measured_deviation"]
+    reversed_ = [b for b in verified
+                 if b["verification"]["exported"] < b["verification"]["uniform"]["measured_deviation"]
                  and b["versus"]["searched vs uniform"]["score"]["verdict"] == "loss"]
     return (f" Verification (`--verify {settings['verify']}` on `{settings['replica']}`) measured the best uniform "
             f"schedule beside the predicted best and exported it at {_join(uniform) if uniform else 'no budget'}"
